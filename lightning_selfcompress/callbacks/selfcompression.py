@@ -1,0 +1,170 @@
+"""Lightning adapter for self-compression: attach quantizers, add the size term's gradient, log, checkpoint."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from ..core.optim import HyperparameterOverride
+from ..core.quant import QuantizationConfig, attach_quantizers, quantized_layers, quantizer_parameters
+from ..core.size import GammaSchedule, SizeModel, SizeReport
+from ..report import print_size_table
+
+__all__ = ["SelfCompression"]
+
+
+class SelfCompression(Callback):
+    """Every selected Conv/Linear layer learns a bit depth and an exponent per output channel, while a size term
+    (gamma x average bits per original weight) pulls the bit depths down. The LightningModule is not changed.
+
+    Args:
+        gamma: weight of the size term (the paper's compression factor). 0 trains the quantizers without pressure.
+        target_bits_per_weight: if set, gamma adapts (a log-space integral controller) to reach this average.
+        gamma_warmup_steps: ramp gamma linearly from 0 over this many optimizer steps.
+        gamma_adapt_rate: speed of the target controller (per step, in log-gamma per unit relative error).
+        layer_types, include, exclude: which layers to quantize (class names; glob patterns on module names).
+        init_bits: starting bit depth (8: the quantized network starts within round-off of the float one).
+        init_exponent: starting exponent; None picks per channel the smallest that holds the channel.
+        quantizer_lr: learning rate of b and e at the start of the LR schedule (None: that of their param group).
+        quantizer_weight_decay: weight decay of b and e (0 unless asked: decay would drag e towards 1.0 scales).
+    """
+
+    def __init__(
+        self,
+        gamma: float = 0.01,
+        *,
+        target_bits_per_weight: float | None = None,
+        gamma_warmup_steps: int = 0,
+        gamma_adapt_rate: float = 0.01,
+        layer_types: Sequence[str] = ("Conv1d", "Conv2d", "Conv3d", "Linear"),
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        init_bits: float = 8.0,
+        init_exponent: float | None = None,
+        quantizer_lr: float | None = None,
+        quantizer_weight_decay: float = 0.0,
+    ) -> None:
+        self.schedule = GammaSchedule(
+            gamma, gamma_warmup_steps, target_bits_per_weight=target_bits_per_weight, rate=gamma_adapt_rate
+        )
+        self.config = QuantizationConfig(tuple(layer_types), tuple(include), tuple(exclude), init_bits, init_exponent)
+        if quantizer_lr is not None and not (math.isfinite(quantizer_lr) and quantizer_lr > 0):
+            raise ValueError(f"quantizer_lr={quantizer_lr} must be a finite number > 0, or None to use the group's.")
+        if not (math.isfinite(quantizer_weight_decay) and quantizer_weight_decay >= 0):
+            raise ValueError(f"quantizer_weight_decay={quantizer_weight_decay} must be a finite number >= 0.")
+        self.quantizer_lr = quantizer_lr
+        self.quantizer_weight_decay = quantizer_weight_decay
+        self.size: SizeModel | None = None
+        self.last_report: SizeReport | None = None
+        self._overrides: list[HyperparameterOverride] = []
+        self._bits_per_weight = float("nan")
+        self._size_loss = float("nan")
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before configure_optimizers (so the user's optimizer holds b and e) and before a checkpoint's weights load.
+        attach_quantizers(pl_module, self.config)
+        if self.size is None or set(self.size.layers) != set(quantized_layers(pl_module)):
+            self.size = SizeModel(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        missing = [names[id(p)] for p in quantizer_parameters(pl_module) if id(p) not in held]
+        if missing:
+            raise RuntimeError(
+                f"No optimizer holds the quantizer parameters {missing[:4]}{' ...' if len(missing) > 4 else ''}. "
+                "SelfCompression adds them in setup(), before configure_optimizers(); build the optimizer from "
+                "self.parameters() (or include every '*.weight_quantizer.*' parameter) so they are trained."
+            )
+        ours = quantizer_parameters(pl_module)
+        self._overrides = [
+            HyperparameterOverride(opt, ours, self.quantizer_lr, self.quantizer_weight_decay) for opt in trainer.optimizers
+        ]
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Called once per optimizer step, after the accumulated backward passes and after AMP unscaling.
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        bits = [m.weight_quantizer.bits for m in self.size.layers.values() if id(m.weight_quantizer.bits) in held]
+        if not bits:
+            return
+        self._check_finite(pl_module)
+        with torch.enable_grad(), torch.autocast(bits[0].device.type, enabled=False):
+            bits_per_weight = self.size.bits_per_weight()
+            loss = self.schedule.value * bits_per_weight
+            grads = torch.autograd.grad(loss, bits, allow_unused=True)
+        for b, g in zip(bits, grads):
+            if g is not None:
+                b.grad = g if b.grad is None else b.grad.add_(g)
+        self._bits_per_weight = bits_per_weight.item()
+        self._size_loss = loss.item()
+        self.schedule.update(self._bits_per_weight)
+
+    def _check_finite(self, pl_module: pl.LightningModule) -> None:
+        params = quantizer_parameters(pl_module)
+        if all(torch.stack([p.detach().isfinite().all() for p in params]).tolist()):
+            return
+        bad = [n for n, p in pl_module.named_parameters() if "weight_quantizer" in n and not p.isfinite().all()]
+        raise FloatingPointError(
+            f"Non-finite quantizer parameters: {bad}. Lower quantizer_lr or the learning rate, or check the data."
+        )
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if math.isnan(self._bits_per_weight):
+            return
+        pl_module.log_dict(
+            {
+                "selfcompress/bits_per_weight": self._bits_per_weight,
+                "selfcompress/size_loss": self._size_loss,
+                "selfcompress/gamma": self.schedule.value,
+            },
+            on_step=True,
+            on_epoch=False,
+        )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report = self.size.report()
+        pl_module.log_dict(
+            {
+                "selfcompress/channels_alive": float(report.channels_alive),
+                "selfcompress/weights_kept": float(report.weights_kept),
+                "selfcompress/size_bytes": float(report.size_bytes),
+                "selfcompress/percent_of_float32": report.percent_of_float32,
+            }
+        )
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last_report = self.size.report()
+        self._print(self.last_report)
+
+    @rank_zero_only
+    def _print(self, report: SizeReport) -> None:
+        print_size_table(report, title="Self-compression: size per layer")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for override_ in self._overrides:
+            override_.remove()
+        self._overrides = []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state_dict["schedule"])

@@ -1,0 +1,186 @@
+"""The differentiable quantizer of Self-Compressing Neural Networks (Csefalvay & Imber, 2023).
+
+Each output channel i of a Conv/Linear weight learns a bit depth b_i and an exponent e_i:
+
+    q(w) = 2^e * round(clamp(2^-e * w, -2^(b-1), 2^(b-1) - 1))
+
+Rounding is straight-through, so gradients reach the weight (inside the clamp range), e and b. Two traps of the
+literal formula are closed here: b is clamped at 0 inside the bounds (for b < 0 `torch.clamp` would return -2^e),
+and a channel with b <= 0 is masked to exact zeros, with no gradient reaching its b, e or weights.
+
+Attaching swaps a layer's class in place for a quantized subclass (the trick `torch.nn.utils.parametrize` uses),
+so the module, its Parameters and every reference to them stay the same objects, `isinstance(m, nn.Conv2d)` still
+holds, and the state_dict keeps the float master weight under its own name next to `weight_quantizer.bits` and
+`weight_quantizer.exponent`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ChannelQuantizer",
+    "QuantizationConfig",
+    "QuantizedConv1d",
+    "QuantizedConv2d",
+    "QuantizedConv3d",
+    "QuantizedLinear",
+    "attach_quantizers",
+    "quantize",
+    "quantized_layers",
+    "quantizer_parameters",
+]
+
+
+def _ste_round(x: Tensor) -> Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize(weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:
+    """Quantize `weight` per slice along dim 0 with real-valued `bits` and `exponent` (one value per slice)."""
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    b = bits.relu().reshape(shape)
+    e = exponent.reshape(shape)
+    high = torch.exp2(b - 1)
+    scaled = torch.clamp(torch.exp2(-e) * weight, -high, high - 1)
+    q = torch.exp2(e) * _ste_round(scaled)
+    return torch.where(b > 0, q, torch.zeros((), dtype=q.dtype, device=q.device))
+
+
+def initial_exponent(weight: Tensor, bits: float) -> Tensor:
+    """Smallest integer exponent per output channel whose range at `bits` bits holds the channel without clipping."""
+    absmax = weight.detach().flatten(1).abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny)
+    levels = max(2.0 ** (bits - 1) - 1, 2.0 ** (bits - 1))  # b < 1 still holds -2^e (see module docstring)
+    return torch.ceil(torch.log2(absmax / levels))
+
+
+class ChannelQuantizer(nn.Module):
+    """Learned bit depth and exponent, one of each per output channel."""
+
+    def __init__(self, channels: int, bits: float | Tensor, exponent: float | Tensor) -> None:
+        super().__init__()
+        self.bits = nn.Parameter(torch.as_tensor(bits, dtype=torch.float32).expand(channels).clone())
+        self.exponent = nn.Parameter(torch.as_tensor(exponent, dtype=torch.float32).expand(channels).clone())
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return quantize(weight, self.bits.to(weight.dtype), self.exponent.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.bits.numel()}"
+
+
+class _QuantizedWeight:
+    """Mixin for Conv layers: run the layer's own convolution with the quantized weight."""
+
+    weight: Tensor
+    bias: Tensor | None
+    weight_quantizer: ChannelQuantizer
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight_quantizer(self.weight), self.bias)  # type: ignore[attr-defined]
+
+
+class QuantizedConv1d(_QuantizedWeight, nn.Conv1d):
+    """`nn.Conv1d` whose weight passes through a `ChannelQuantizer`."""
+
+
+class QuantizedConv2d(_QuantizedWeight, nn.Conv2d):
+    """`nn.Conv2d` whose weight passes through a `ChannelQuantizer`."""
+
+
+class QuantizedConv3d(_QuantizedWeight, nn.Conv3d):
+    """`nn.Conv3d` whose weight passes through a `ChannelQuantizer`."""
+
+
+class QuantizedLinear(_QuantizedWeight, nn.Linear):
+    """`nn.Linear` whose weight passes through a `ChannelQuantizer`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.weight_quantizer(self.weight), self.bias)
+
+
+QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QuantizedConv1d,
+    nn.Conv2d: QuantizedConv2d,
+    nn.Conv3d: QuantizedConv3d,
+    nn.Linear: QuantizedLinear,
+}
+_BY_NAME = {cls.__name__: cls for cls in QUANTIZED_CLASS}
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Which layers get quantizers, and how they start.
+
+    `layer_types` names the float classes to quantize (exact types: a subclass may read its weight elsewhere, as
+    MultiheadAttention's out_proj does, and would silently stay float). `include`/`exclude` are glob patterns
+    on module names (`layer3.*`, `fc`). `init_bits` is where b starts; `init_exponent=None` picks, per channel,
+    the smallest integer exponent that holds the channel's largest weight, so at 8 bits the quantized network
+    starts within round-off of the float one.
+    """
+
+    layer_types: Sequence[str] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+    include: Sequence[str] = ("*",)
+    exclude: Sequence[str] = ()
+    init_bits: float = 8.0
+    init_exponent: float | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.layer_types if t not in _BY_NAME]
+        if unknown:
+            raise ValueError(f"layer_types {unknown} are not supported; choose from {sorted(_BY_NAME)}.")
+        for name in ("init_bits", "init_exponent"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name}={value} is not a finite number.")
+        if self.init_bits <= 0:
+            raise ValueError(f"init_bits={self.init_bits} would start every channel dead; use a value > 0 (8 is lossless).")
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        return (
+            type(module) in {_BY_NAME[t] for t in self.layer_types}
+            and any(fnmatch.fnmatchcase(name, p) for p in self.include)
+            and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+        )
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The quantized Conv/Linear layers of `model` by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _QuantizedWeight)}
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every b and e Parameter in `model`."""
+    return [p for m in quantized_layers(model).values() for p in m.weight_quantizer.parameters()]
+
+
+def attach_quantizers(model: nn.Module, config: QuantizationConfig = QuantizationConfig()) -> dict[str, nn.Module]:
+    """Quantize the selected layers in place; layers already quantized are kept as they are. Returns all quantized layers."""
+    candidates = [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZED_CLASS]
+    chosen = [(n, m) for n, m in candidates if config.selects(n, m)]
+    if not chosen and not quantized_layers(model):
+        if not candidates:
+            raise ValueError(
+                f"{type(model).__name__} has no Conv1d/Conv2d/Conv3d/Linear layer to quantize; "
+                "self-compression needs at least one."
+            )
+        raise ValueError(
+            f"The layer filter (layer_types={list(config.layer_types)}, include={list(config.include)}, "
+            f"exclude={list(config.exclude)}) selects none of the layers {[n for n, _ in candidates]}."
+        )
+    for _, module in chosen:
+        weight = module.weight
+        exponent = config.init_exponent
+        if exponent is None:
+            exponent = initial_exponent(weight, config.init_bits)
+        quantizer = ChannelQuantizer(weight.shape[0], config.init_bits, exponent).to(weight.device)
+        module.__class__ = QUANTIZED_CLASS[type(module)]
+        module.add_module("weight_quantizer", quantizer)
+    return quantized_layers(model)

@@ -1,0 +1,222 @@
+"""Bits of the quantized network, as a differentiable function of the bit depths, and the size loss.
+
+bits(layer) = sum over output channels i of max(b_i, 0) * (live inputs of i's group) * kernel size.
+
+An input channel is live while some producer of it still has b > 0 (or it comes from something that is not
+quantized). A dead producer emits a constant, which the next layer can fold into its bias, so that slice of the
+next layer's weights costs nothing: the paper's refinement, followed through the channel graph.
+
+The loss is gamma * bits / (weights of the original float network): gamma times the average bits per weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from .graph import input_sources
+from .quant import quantized_layers
+
+__all__ = ["GammaSchedule", "LayerSize", "SizeModel", "SizeReport", "float_size_report"]
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    name: str
+    channels: int
+    channels_alive: int
+    weights: int
+    weights_kept: int
+    bits: float
+    storage_bits: int  # with each bit depth rounded up to a whole number, as a file stores it
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.weights if self.weights else 0.0
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    layers: list[LayerSize]
+    float_weights: int
+    bits: float = field(init=False)
+    storage_bits: int = field(init=False)
+    weights_kept: int = field(init=False)
+    channels: int = field(init=False)
+    channels_alive: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "storage_bits", "weights_kept", "channels", "channels_alive"):
+            object.__setattr__(self, name, sum(getattr(layer, name) for layer in self.layers))
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.float_weights
+
+    @property
+    def size_bytes(self) -> int:
+        return math.ceil(self.bits / 8)
+
+    @property
+    def storage_bytes(self) -> int:
+        return math.ceil(self.storage_bits / 8)
+
+    @property
+    def float32_bytes(self) -> int:
+        return 4 * self.float_weights
+
+    @property
+    def percent_of_float32(self) -> float:
+        return 100.0 * self.bits / (32 * self.float_weights)
+
+    def to_dict(self) -> dict:
+        summary = {
+            name: getattr(self, name)
+            for name in (
+                "bits", "bits_per_weight", "size_bytes", "storage_bits", "storage_bytes", "float32_bytes",
+                "percent_of_float32", "float_weights", "weights_kept", "channels", "channels_alive",
+            )
+        }
+        summary["layers"] = [asdict(layer) | {"bits_per_weight": layer.bits_per_weight} for layer in self.layers]
+        return summary
+
+
+def _geometry(module: nn.Module) -> tuple[int, int, int]:
+    """(input features, groups, kernel size) of a Conv or Linear layer."""
+    if isinstance(module, _ConvNd):
+        return module.in_channels, module.groups, math.prod(module.kernel_size)
+    return module.in_features, 1, 1
+
+
+def float_size_report(model: nn.Module) -> SizeReport:
+    """The same report for a float32 network: every Conv/Linear weight at 32 bits."""
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, (_ConvNd, nn.Linear)):
+            n, channels = m.weight.numel(), m.weight.shape[0]
+            layers.append(LayerSize(name, channels, channels, n, n, 32.0 * n, 32 * n))
+    return SizeReport(layers, sum(layer.weights for layer in layers))
+
+
+class SizeModel:
+    """Size accounting for the quantized layers of one model. The channel graph is traced once, here."""
+
+    def __init__(self, model: nn.Module, float_weights: int | None = None) -> None:
+        self.layers = quantized_layers(model)
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no quantized layer; attach quantizers first.")
+        self.float_weights = float_weights or sum(m.weight.numel() for m in self.layers.values())
+        names = list(self.layers)
+        sources = input_sources(model)
+        self._plans = []
+        for name, module in self.layers.items():
+            in_features, groups, kernel = _geometry(module)
+            channel_map = sources.get(name)
+            always_live = torch.ones(in_features, dtype=torch.bool)
+            edges: dict[int, tuple[list[int], list[int]]] = {}  # producer index -> (input indices, producer channels)
+            if channel_map is not None:
+                for i, producers in enumerate(channel_map):
+                    quantized = [(names.index(p), ch) for p, ch in producers if p in self.layers]
+                    if producers and len(quantized) == len(producers):
+                        always_live[i] = False
+                        for p, ch in quantized:
+                            edges.setdefault(p, ([], []))[0].append(i)
+                            edges[p][1].append(ch)
+            edge_tensors = [(p, torch.tensor(ins), torch.tensor(chs)) for p, (ins, chs) in edges.items()]
+            self._plans.append((always_live, edge_tensors, groups, kernel))
+
+    def _live_inputs(self, alive: list[Tensor]) -> list[Tensor]:
+        """Per layer, the number of live input weights behind each output channel (live inputs x kernel)."""
+        counts = []
+        for (always_live, edges, groups, kernel), b in zip(self._plans, alive):
+            live = always_live.to(b.device, torch.float32)
+            for producer, inputs, channels in edges:
+                live = live.index_add(0, inputs.to(b.device), alive[producer][channels.to(b.device)].float())
+            per_group = (live > 0).float().view(groups, -1).sum(1) * kernel
+            counts.append(per_group.repeat_interleave(b.numel() // groups))
+        return counts
+
+    def _bits(self) -> list[Tensor]:
+        return [m.weight_quantizer.bits for m in self.layers.values()]
+
+    def bits(self) -> Tensor:
+        """Total bits of the quantized weights; differentiable in every b."""
+        bits = self._bits()
+        counts = self._live_inputs([b.detach() > 0 for b in bits])
+        return sum((b.float().relu() * c).sum() for b, c in zip(bits, counts))
+
+    def bits_per_weight(self) -> Tensor:
+        return self.bits() / self.float_weights
+
+    @torch.no_grad()
+    def report(self) -> SizeReport:
+        bits = [b.detach().float() for b in self._bits()]
+        counts = self._live_inputs([b > 0 for b in bits])
+        layers = []
+        for (name, module), b, c in zip(self.layers.items(), bits, counts):
+            alive = b > 0
+            layers.append(
+                LayerSize(
+                    name=name,
+                    channels=b.numel(),
+                    channels_alive=int(alive.sum()),
+                    weights=module.weight.numel(),
+                    weights_kept=int((c * alive).sum()),
+                    bits=float((b.relu() * c).sum()),
+                    storage_bits=int((b.relu().ceil() * c).sum()),
+                )
+            )
+        return SizeReport(layers, self.float_weights)
+
+
+@dataclass
+class GammaSchedule:
+    """The weight of the size term: optional linear warm-up, optionally steered to a target bits-per-weight.
+
+    The target mode is an integral controller on log(gamma): each optimizer step, gamma is multiplied by
+    exp(rate * (bits_per_weight / target - 1)), within [min_gamma, max_gamma]. Too many bits raises gamma.
+    """
+
+    gamma: float
+    warmup_steps: int = 0
+    target_bits_per_weight: float | None = None
+    rate: float = 0.01
+    min_gamma: float = 1e-6
+    max_gamma: float = 100.0
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise ValueError(f"gamma={self.gamma} must be a finite number >= 0 (0 turns the size term off).")
+        if self.warmup_steps < 0:
+            raise ValueError(f"gamma_warmup_steps={self.warmup_steps} must be >= 0.")
+        if self.target_bits_per_weight is not None and not self.target_bits_per_weight > 0:
+            raise ValueError(f"target_bits_per_weight={self.target_bits_per_weight} must be > 0 (or None to keep gamma fixed).")
+        if self.target_bits_per_weight is not None and self.gamma == 0:
+            raise ValueError("target_bits_per_weight needs a starting gamma > 0 to adapt from.")
+        if not 0 < self.min_gamma <= self.max_gamma:
+            raise ValueError(f"need 0 < min_gamma ({self.min_gamma}) <= max_gamma ({self.max_gamma}).")
+
+    @property
+    def value(self) -> float:
+        """Gamma for the current step, warm-up included."""
+        if self.warmup_steps and self.step < self.warmup_steps:
+            return self.gamma * (self.step + 1) / self.warmup_steps
+        return self.gamma
+
+    def update(self, bits_per_weight: float) -> None:
+        """Advance one optimizer step, steering gamma towards the target if there is one."""
+        if self.target_bits_per_weight is not None and self.step >= self.warmup_steps:
+            error = bits_per_weight / self.target_bits_per_weight - 1.0
+            self.gamma = min(max(self.gamma * math.exp(self.rate * error), self.min_gamma), self.max_gamma)
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"gamma": self.gamma, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gamma, self.step = float(state["gamma"]), int(state["step"])

@@ -1,0 +1,5 @@
+"""Datamodules the recipes use."""
+
+from .fashion_mnist import FashionMNISTDataModule
+
+__all__ = ["FashionMNISTDataModule"]

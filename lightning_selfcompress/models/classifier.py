@@ -1,0 +1,67 @@
+"""A plain image-classification LightningModule: the kind of unchanged user module our callbacks attach to."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULES = ("constant", "cosine")
+
+
+class ImageClassifier(pl.LightningModule):
+    """Cross-entropy training of `net`, with accuracy on the validation and test sets.
+
+    `schedule="cosine"` decays the learning rate to 0 over the trainer's `max_steps` (or estimated steps).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int = 10,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        schedule: str = "constant",
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}.")
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_accuracy(self(x), y)
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_accuracy(self(x), y)
+        self.log("test/accuracy", self.test_accuracy)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        kwargs = {"momentum": 0.9, "nesterov": True} if hp.optimizer == "sgd" else {}
+        optimizer = OPTIMIZERS[hp.optimizer](self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, **kwargs)
+        if hp.schedule == "constant":
+            return optimizer
+        steps = self.trainer.estimated_stepping_batches
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(steps), 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

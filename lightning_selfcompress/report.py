@@ -1,0 +1,60 @@
+"""Human-readable and JSON forms of a size report. Files are written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .core.size import SizeReport
+
+__all__ = ["print_size_table", "write_json"]
+
+
+def print_size_table(report: SizeReport, title: str, console: Console | None = None) -> None:
+    table = Table(title=title)
+    for column in ("layer", "channels alive", "weights kept", "bits", "bits/weight"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in report.layers:
+        table.add_row(
+            layer.name,
+            f"{layer.channels_alive}/{layer.channels}",
+            f"{layer.weights_kept}/{layer.weights}",
+            f"{layer.bits:,.0f}",
+            f"{layer.bits_per_weight:.2f}",
+        )
+    table.add_section()
+    table.add_row(
+        "total",
+        f"{report.channels_alive}/{report.channels}",
+        f"{report.weights_kept}/{report.float_weights}",
+        f"{report.bits:,.0f}",
+        f"{report.bits_per_weight:.2f}",
+    )
+    console = console or Console()
+    console.print(table)
+    console.print(
+        f"{report.size_bytes:,} bytes ({report.storage_bytes:,} with whole-bit storage) vs "
+        f"{report.float32_bytes:,} float32 bytes: {report.percent_of_float32:.2f}% of float32 bits"
+    )
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write `data` as JSON via a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
