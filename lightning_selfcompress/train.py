@@ -1,0 +1,71 @@
+"""`lsc-train`: train a reference network with self-compression and write a JSON report. Hydra entry point."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from .callbacks import SelfCompression
+from .core.size import float_size_report
+from .models import ImageClassifier
+from .report import print_size_table, write_json
+
+_PACKAGED = Path(__file__).parent / "conf"
+CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else Path(__file__).parent.parent / "conf")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fit, test, and report; returns the report that is also written to `cfg.report_path`."""
+    pl.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.report_path).parent
+    datamodule = instantiate(cfg.data)
+    module = ImageClassifier(instantiate(cfg.model), **cfg.optim)
+    compression: SelfCompression | None = instantiate(cfg.compression) if cfg.compression else None
+    trainer = pl.Trainer(
+        **cfg.trainer,
+        callbacks=[compression] if compression else [],
+        logger=CSVLogger(out_dir, name="", version=""),
+        default_root_dir=out_dir,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule)
+    train_seconds = time.perf_counter() - start
+    (test,) = trainer.test(module, datamodule, verbose=False)
+    size = compression.size.report() if compression else float_size_report(module)
+    report = {
+        "name": cfg.name,
+        "test_accuracy": test["test/accuracy"],
+        **size.to_dict(),
+        "train_steps": trainer.global_step,
+        "train_seconds": round(train_seconds, 1),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if trainer.is_global_zero:
+        path = write_json(cfg.report_path, report)
+        console = Console()
+        if not compression:
+            print_size_table(size, title="Float32 network: size per layer", console=console)
+        console.print(
+            f"[bold]{cfg.name}[/]: test accuracy {100 * report['test_accuracy']:.2f}%, "
+            f"{size.bits_per_weight:.3f} bits per weight ({size.percent_of_float32:.2f}% of float32 bits), "
+            f"{size.size_bytes:,} bytes vs {size.float32_bytes:,} float32 bytes, "
+            f"{size.channels_alive}/{size.channels} channels alive, {train_seconds:.0f} s of training.\n"
+            f"Report: {path}"
+        )
+    return report
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

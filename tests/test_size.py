@@ -1,0 +1,165 @@
+"""Size accounting against hand-counted models, the live-input refinement, and the gamma schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_selfcompress.core.quant import attach_quantizers
+from lightning_selfcompress.core.size import GammaSchedule, SizeModel, float_size_report
+from lightning_selfcompress.models import BaselineCNN, ResNet9
+
+
+class Small(nn.Module):
+    """conv 2->4 3x3, grouped conv 4->6 3x3 (2 groups), flatten 6x2x2 into a Linear 24->3, on 6x6 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3)
+        self.conv2 = nn.Conv2d(4, 6, 3, groups=2)
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(1))
+
+
+def set_bits(model, **bits):
+    for name, values in bits.items():
+        model.get_submodule(name).weight_quantizer.bits.data = torch.tensor(values)
+
+
+def test_hand_counted_grouped_model_with_live_inputs():
+    model = Small()
+    attach_quantizers(model)
+    set_bits(model, conv1=[2.0, 0.0, 3.0, -1.0], conv2=[1.0, 2.0, 0.0, 4.0, 1.5, 2.0], fc=[3.0, 1.0, 2.0])
+    report = SizeModel(model).report()
+    by_name = {layer.name: layer for layer in report.layers}
+    # conv1: every input live, 2 inputs x 9 = 18 weights per channel; channels 1 and 3 are dead
+    assert by_name["conv1"].bits == (2 + 3) * 18 and by_name["conv1"].weights_kept == 2 * 18
+    # conv2: each group sees one live input channel (conv1's 0 in group 0, 2 in group 1): 9 weights per channel
+    assert by_name["conv2"].bits == (1 + 2 + 0 + 4 + 1.5 + 2) * 9 and by_name["conv2"].weights_kept == 5 * 9
+    # fc: conv2's dead channel 2 removes its 2x2 = 4 flattened features: 20 live inputs
+    assert by_name["fc"].bits == (3 + 1 + 2) * 20 and by_name["fc"].weights_kept == 3 * 20
+    assert by_name["conv2"].storage_bits == (1 + 2 + 0 + 4 + 2 + 2) * 9
+    assert report.bits == 90 + 94.5 + 120
+    assert report.float_weights == 72 + 108 + 72
+    assert report.bits_per_weight == pytest.approx(304.5 / 252)
+    assert report.size_bytes == math.ceil(304.5 / 8) and report.float32_bytes == 4 * 252
+    assert report.channels_alive == 2 + 5 + 3 and report.channels == 13
+    assert report.percent_of_float32 == pytest.approx(100 * 304.5 / (32 * 252))
+
+
+def test_size_gradient_is_the_live_weight_count_per_channel():
+    model = Small()
+    attach_quantizers(model)
+    set_bits(model, conv1=[2.0, 0.0, 3.0, -1.0], conv2=[1.0, 2.0, 0.0, 4.0, 1.5, 2.0], fc=[3.0, 1.0, 2.0])
+    SizeModel(model).bits().backward()
+    assert model.conv1.weight_quantizer.bits.grad.tolist() == [18.0, 0.0, 18.0, 0.0]
+    assert model.conv2.weight_quantizer.bits.grad.tolist() == [9.0, 9.0, 0.0, 9.0, 9.0, 9.0]
+    assert model.fc.weight_quantizer.bits.grad.tolist() == [20.0, 20.0, 20.0]
+
+
+def test_baseline_cnn_flatten_into_1x1_conv_counts_nine_features_per_channel():
+    model = BaselineCNN(width=4)
+    attach_quantizers(model)
+    size = SizeModel(model)
+    full = size.report()
+    model.features[8].weight_quantizer.bits.data[3] = 0.0
+    cut = {layer.name: layer for layer in size.report().layers}
+    assert cut["classifier"].weights_kept == 10 * (72 - 9)
+    assert cut["features.8"].weights_kept == 7 * 8 * 9
+    assert full.weights_kept - size.report().weights_kept == 10 * 9 + 8 * 9
+
+
+def test_resnet9_residual_input_is_dead_only_when_both_producers_are():
+    model = ResNet9(in_channels=1, width=4)
+    attach_quantizers(model)
+    size = SizeModel(model)
+    kept = lambda: {layer.name: layer.weights_kept for layer in size.report().layers}["layer2.0.0"]  # noqa: E731
+    full = kept()
+    model.get_submodule("layer1.0.0").weight_quantizer.bits.data[5] = 0.0
+    assert kept() == full, "the residual branch still feeds channel 5"
+    model.get_submodule("layer1.2.res2.0").weight_quantizer.bits.data[5] = -1.0
+    assert kept() == full - 16 * 9
+
+
+def test_concat_offsets_and_unquantized_producers():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(1, 3, 1), nn.Conv2d(1, 2, 1), nn.Conv2d(5, 4, 1)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+
+    model = Cat()
+    attach_quantizers(model, __import__("lightning_selfcompress").QuantizationConfig(exclude=("a",)))
+    size = SizeModel(model)
+    model.b.weight_quantizer.bits.data[1] = 0.0  # channel 3 + 1 = 4 of c's input
+    assert {layer.name: layer.weights_kept for layer in size.report().layers}["c"] == 4 * 4
+
+
+def test_untraceable_model_counts_every_input_as_live():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h if h.sum() > 0 else -h)
+
+    model = Branchy()
+    attach_quantizers(model)
+    with pytest.warns(UserWarning, match="could not trace Branchy.*upper bound"):
+        size = SizeModel(model)
+    model.a.weight_quantizer.bits.data[:] = 0.0
+    assert {layer.name: layer.weights_kept for layer in size.report().layers}["b"] == 8
+
+
+def test_float_report_counts_32_bits_per_weight():
+    report = float_size_report(BaselineCNN())
+    assert report.float_weights == 800 + 25600 + 18432 + 36864 + 5760
+    assert report.bits_per_weight == 32 and report.percent_of_float32 == 100
+
+
+def test_size_model_needs_quantizers():
+    with pytest.raises(ValueError, match="no quantized layer"):
+        SizeModel(Small())
+
+
+def test_gamma_warmup_and_target_controller():
+    schedule = GammaSchedule(0.1, warmup_steps=4)
+    values = []
+    for _ in range(6):
+        values.append(schedule.value)
+        schedule.update(5.0)
+    assert values == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+
+    above = GammaSchedule(0.1, target_bits_per_weight=2.0, rate=0.1)
+    above.update(4.0)
+    assert above.gamma == pytest.approx(0.1 * math.exp(0.1))
+    below = GammaSchedule(0.1, target_bits_per_weight=2.0, rate=0.1)
+    below.update(1.0)
+    assert below.gamma == pytest.approx(0.1 * math.exp(-0.05))
+    restored = GammaSchedule(0.1, target_bits_per_weight=2.0)
+    restored.load_state_dict(above.state_dict())
+    assert restored.gamma == above.gamma and restored.step == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(gamma=-0.1), "gamma=-0.1 must be a finite number >= 0"),
+        (dict(gamma=float("nan")), "gamma=nan"),
+        (dict(gamma=0.1, warmup_steps=-1), "gamma_warmup_steps=-1"),
+        (dict(gamma=0.1, target_bits_per_weight=0.0), "target_bits_per_weight=0.0 must be > 0"),
+        (dict(gamma=0.0, target_bits_per_weight=2.0), "needs a starting gamma > 0"),
+    ],
+)
+def test_bad_schedules_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GammaSchedule(**kwargs)
