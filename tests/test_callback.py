@@ -1,0 +1,177 @@
+"""SelfCompression inside real Lightning runs on real Fashion-MNIST batches."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from conftest import trainer_kwargs
+from lightning_selfcompress import SelfCompression
+from lightning_selfcompress.core.quant import quantized_layers
+from lightning_selfcompress.models import BaselineCNN, ImageClassifier
+
+
+def classifier(**kwargs) -> ImageClassifier:
+    return ImageClassifier(BaselineCNN(width=4), **kwargs)
+
+
+def bits_of(module) -> dict[str, torch.Tensor]:
+    return {n: m.weight_quantizer.bits.detach().clone() for n, m in quantized_layers(module).items()}
+
+
+class GradSpy(Callback):
+    """Records every b's gradient in on_before_optimizer_step; placed before and after SelfCompression."""
+
+    def __init__(self) -> None:
+        self.grads: list[list[torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads.append(
+            [
+                torch.zeros_like(m.weight_quantizer.bits) if m.weight_quantizer.bits.grad is None
+                else m.weight_quantizer.bits.grad.detach().clone()
+                for m in quantized_layers(pl_module).values()
+            ]
+        )
+
+
+def test_quantizers_train_inside_the_users_optimizer(tiny_fmnist, tmp_path):
+    module = classifier(lr=1e-3)
+    compression = SelfCompression(gamma=0.05, quantizer_lr=0.05)
+    trainer = pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=6))
+    trainer.fit(module, tiny_fmnist)
+    assert type(module) is ImageClassifier, "the user's LightningModule class is untouched"
+    (optimizer,) = trainer.optimizers
+    assert len(optimizer.param_groups) == 1, "the user's param groups are left as built"
+    held = {id(p) for p in optimizer.param_groups[0]["params"]}
+    after = bits_of(module)
+    for name, layer in quantized_layers(module).items():
+        assert id(layer.weight_quantizer.bits) in held and id(layer.weight_quantizer.exponent) in held
+        assert not torch.equal(after[name], torch.full_like(after[name], 8.0)), f"{name}: b must be trained"
+    assert "selfcompress/bits_per_weight" in trainer.callback_metrics
+    assert compression.schedule.step == 6
+    assert compression.last_report is not None and compression.last_report.bits_per_weight < 8.0, "pulled down"
+
+
+def size_gradients(tiny_fmnist, tmp_path, **trainer_overrides):
+    before, after = GradSpy(), GradSpy()
+    compression = SelfCompression(gamma=0.5)
+    trainer = pl.Trainer(callbacks=[before, compression, after], **trainer_kwargs(tmp_path, **trainer_overrides))
+    trainer.fit(classifier(), tiny_fmnist)
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None:
+        assert scaler.get_scale() > 1, "fp16 must really scale the loss for this test to mean anything"
+    return [[a - b for a, b in zip(post, pre)] for pre, post in zip(before.grads, after.grads)]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(accumulate_grad_batches=2),
+        dict(precision="bf16-mixed"),
+        pytest.param(
+            dict(precision="16-mixed", accelerator="cuda"),
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="fp16 AMP with a GradScaler needs CUDA; on CPU Lightning uses bf16"
+            ),
+        ),
+    ],
+    ids=["accumulate2", "bf16-mixed", "fp16-mixed"],
+)
+def test_size_gradient_is_added_once_per_optimizer_step_and_unscaled(tiny_fmnist, tmp_path, overrides):
+    plain = size_gradients(tiny_fmnist, tmp_path, max_steps=2)
+    other = size_gradients(tiny_fmnist, tmp_path, max_steps=2, **overrides)
+    assert len(plain) == len(other) == 2, "one size-term gradient per optimizer step"
+    for layer_plain, layer_other in zip(plain[0], other[0]):  # identical b at the first step
+        torch.testing.assert_close(layer_other, layer_plain, rtol=1e-6, atol=1e-8)  # measured as a difference
+        assert layer_plain.abs().sum() > 0
+
+
+def test_checkpoint_restores_bits_exponents_and_schedule(tiny_fmnist, tmp_path):
+    module = classifier()
+    compression = SelfCompression(gamma=0.05, target_bits_per_weight=2.0, gamma_adapt_rate=0.5, quantizer_lr=0.1)
+    trainer = pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=5))
+    trainer.fit(module, tiny_fmnist)
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    assert compression.schedule.gamma > 0.05, "bits are above the target, so gamma must have grown"
+
+    restored_module, restored = classifier(), SelfCompression(gamma=0.05, target_bits_per_weight=2.0)
+    resumed = pl.Trainer(callbacks=[restored], **trainer_kwargs(tmp_path, max_steps=5))
+    resumed.fit(restored_module, tiny_fmnist, ckpt_path=path)
+    assert restored.schedule.state_dict() == compression.schedule.state_dict()
+    for (name, a), b in zip(quantized_layers(module).items(), quantized_layers(restored_module).values()):
+        assert torch.equal(a.weight_quantizer.bits, b.weight_quantizer.bits), name
+        assert torch.equal(a.weight_quantizer.exponent, b.weight_quantizer.exponent), name
+        assert torch.equal(a.weight, b.weight), name
+
+    longer = pl.Trainer(callbacks=[restored], **trainer_kwargs(tmp_path, max_steps=7))
+    longer.fit(restored_module, tiny_fmnist, ckpt_path=path)
+    assert restored.schedule.step == 7
+
+
+class ZeroGrads(Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for p in pl_module.parameters():
+            p.grad = torch.zeros_like(p)
+
+
+def test_quantizers_get_no_weight_decay_unless_asked(tiny_fmnist, tmp_path):
+    """gamma=0 and zeroed data gradients: under AdamW's decay only the float weights may move."""
+    module = classifier(weight_decay=0.5, lr=0.1)
+    weight = module.net.features[0].weight.detach().clone()
+    callbacks = [ZeroGrads(), SelfCompression(gamma=0.0)]
+    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=3)).fit(module, tiny_fmnist)
+    assert all((b == 8.0).all() for b in bits_of(module).values()), "b started at 8 and must not decay"
+    assert module.net.features[0].weight.norm() < 0.99 * weight.norm(), "the float weights do decay"
+
+    decayed = classifier(weight_decay=0.5, lr=0.1)
+    callbacks = [ZeroGrads(), SelfCompression(gamma=0.0, quantizer_weight_decay=0.5)]
+    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=3)).fit(decayed, tiny_fmnist)
+    assert all((b < 8.0).all() for b in bits_of(decayed).values()), "asked-for decay must shrink b"
+
+
+class OnlyWeights(ImageClassifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for n, p in self.named_parameters() if "quantizer" not in n], lr=0.1)
+
+
+def test_an_optimizer_without_the_quantizers_is_refused(tiny_fmnist, tmp_path):
+    trainer = pl.Trainer(callbacks=[SelfCompression()], **trainer_kwargs(tmp_path))
+    with pytest.raises(RuntimeError, match=r"No optimizer holds the quantizer parameters \['net.features.0"):
+        trainer.fit(OnlyWeights(BaselineCNN(width=4)), tiny_fmnist)
+
+
+class PoisonBits(Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 1:
+            pl_module.net.features[6].weight_quantizer.bits.data[0] = float("nan")
+
+
+def test_non_finite_quantizer_parameters_are_named(tiny_fmnist, tmp_path):
+    trainer = pl.Trainer(callbacks=[PoisonBits(), SelfCompression()], **trainer_kwargs(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"\['net.features.6.weight_quantizer.bits'\]"):
+        trainer.fit(classifier(), tiny_fmnist)
+
+
+def test_filter_that_selects_nothing_is_named_at_setup(tiny_fmnist, tmp_path):
+    trainer = pl.Trainer(callbacks=[SelfCompression(include=["backbone.*"])], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=r"selects none of the layers \['net.features.0'"):
+        trainer.fit(classifier(), tiny_fmnist)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(gamma=-1.0), "gamma=-1.0 must be a finite number >= 0"),
+        (dict(quantizer_lr=0.0), "quantizer_lr=0.0"),
+        (dict(quantizer_weight_decay=float("nan")), "quantizer_weight_decay=nan"),
+        (dict(init_bits=float("inf")), "init_bits=inf"),
+        (dict(layer_types=["Conv2D"]), "layer_types.*'Conv2D'"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SelfCompression(**kwargs)
