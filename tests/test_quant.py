@@ -179,3 +179,15 @@ def test_quantized_layers_finds_attached_layers_only():
     assert quantized_layers(net) == {}
     attach_quantizers(net, QuantizationConfig(include=("1",)))
     assert list(quantized_layers(net)) == ["1"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_gradients_equal_autograd_through_the_composite_formula(seed):
+    w, b, e = random_case((16, 8, 3, 3), seed)  # b in [-2, 9): dead, fractional and clipped channels
+    probe = torch.randn_like(w)
+    ours = [t.clone().requires_grad_() for t in (w, b, e)]
+    (quantize(*ours) * probe).sum().backward()
+    composite = [t.clone().requires_grad_() for t in (w, b, e)]
+    (surrogate(*composite, rounding_residual(w, b, e)) * probe).sum().backward()
+    for mine, theirs in zip(ours, composite):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-12)

@@ -39,19 +39,54 @@ __all__ = [
 ]
 
 
-def _ste_round(x: Tensor) -> Tensor:
-    return x + (torch.round(x) - x).detach()
+_LN2 = math.log(2.0)
+
+
+class _Quantize(torch.autograd.Function):
+    """The quantizer with its straight-through gradients written out, in a few fused passes over the weight.
+
+    With rounding passed straight through, per element (channel alive, x = 2^-e w, bounds lo = -2^(b-1),
+    hi = 2^(b-1) - 1):  inside [lo, hi]: dq/dw = 1, dq/de = ln2 (q - w), dq/db = 0;  below lo / above hi:
+    dq/dw = 0, dq/de = ln2 q, dq/db = -/+ ln2 2^e 2^(b-1).  A dead channel (b <= 0) gets no gradient at all.
+    Autograd on the composite formula gives the same numbers (tests check both) at several times the cost.
+    """
+
+    @staticmethod
+    def _bounds(weight: Tensor, bits: Tensor, exponent: Tensor):
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        high = torch.exp2(bits.relu() - 1)
+        scaled = weight * torch.exp2(-exponent).view(shape)
+        return shape, high, scaled, (-high).view(shape), (high - 1).view(shape)
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:
+        shape, _, scaled, low, top = _Quantize._bounds(weight, bits, exponent)
+        scale = torch.exp2(exponent) * (bits > 0)  # a dead channel's scale is 0: exact zeros
+        q = torch.clamp(scaled, low, top).round_().mul_(scale.view(shape))
+        ctx.save_for_backward(weight, bits, exponent, q)
+        return q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        weight, bits, exponent, q = ctx.saved_tensors
+        shape, high, scaled, low, top = _Quantize._bounds(weight, bits, exponent)
+        grad = grad * (bits > 0).to(grad.dtype).view(shape)
+        below, above = scaled < low, scaled > top
+        grad_weight = grad.masked_fill(below | above, 0)
+        per_channel = lambda t: t.flatten(1).sum(1) if t.dim() > 1 else t  # noqa: E731
+        grad_exponent = grad_bits = None
+        if ctx.needs_input_grad[2]:
+            grad_exponent = _LN2 * (per_channel(grad * q) - per_channel(grad_weight * weight))
+        if ctx.needs_input_grad[1]:
+            pull = per_channel(grad.masked_fill(~above, 0)) - per_channel(grad.masked_fill(~below, 0))
+            grad_bits = _LN2 * torch.exp2(exponent) * high * pull
+        return (grad_weight if ctx.needs_input_grad[0] else None), grad_bits, grad_exponent
 
 
 def quantize(weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:
     """Quantize `weight` per slice along dim 0 with real-valued `bits` and `exponent` (one value per slice)."""
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    b = bits.relu().reshape(shape)
-    e = exponent.reshape(shape)
-    high = torch.exp2(b - 1)
-    scaled = torch.clamp(torch.exp2(-e) * weight, -high, high - 1)
-    q = torch.exp2(e) * _ste_round(scaled)
-    return torch.where(b > 0, q, torch.zeros((), dtype=q.dtype, device=q.device))
+    return _Quantize.apply(weight, bits, exponent)
 
 
 def initial_exponent(weight: Tensor, bits: float) -> Tensor:

@@ -1,0 +1,32 @@
+"""The reference networks: shapes, parameter counts of the published layouts, and the width knob."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_selfcompress.models import BaselineCNN, ResNet9
+
+
+def test_baseline_cnn_layout_and_output():
+    net = BaselineCNN()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (1, 32, (5, 5)), (32, 32, (5, 5)), (32, 64, (3, 3)), (64, 64, (3, 3)), (576, 10, (1, 1)),
+    ]
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_resnet9_layout_and_output():
+    net = ResNet9()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 128, 128, 256, 512, 512, 512]
+    assert net.linear.in_features == 512 and net.linear.bias is None and net.scale == 0.125
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert ResNet9(in_channels=1, width=4)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("cls", [BaselineCNN, ResNet9])
+def test_width_must_be_positive(cls):
+    with pytest.raises(ValueError, match="width=0"):
+        cls(width=0)
