@@ -175,3 +175,39 @@ def test_filter_that_selects_nothing_is_named_at_setup(tiny_fmnist, tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SelfCompression(**kwargs)
+
+
+class TwoOptimizers(ImageClassifier):
+    """Manual optimization with the features and the classifier in separate optimizers."""
+
+    def __init__(self) -> None:
+        super().__init__(BaselineCNN(width=4))
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        features, head = self.optimizers()
+        loss = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        features.zero_grad()
+        head.zero_grad()
+        self.manual_backward(loss)
+        features.step()
+        head.step()
+
+    def configure_optimizers(self):
+        return (
+            torch.optim.Adam(self.net.features.parameters(), lr=1e-3),
+            torch.optim.Adam(self.net.classifier.parameters(), lr=1e-3),
+        )
+
+
+def test_each_optimizer_gets_the_size_gradient_of_its_own_quantizers(tiny_fmnist, tmp_path):
+    before, after = GradSpy(), GradSpy()
+    module = TwoOptimizers()
+    trainer = pl.Trainer(callbacks=[before, SelfCompression(gamma=0.5), after], **trainer_kwargs(tmp_path, max_steps=4))
+    trainer.fit(module, tiny_fmnist)
+    assert len(after.grads) == 4, "two optimizer steps per batch (Lightning counts max_steps per optimizer step)"
+    added = [[a - b for a, b in zip(post, pre)] for pre, post in zip(before.grads, after.grads)]
+    features_step, head_step = added[0], added[1]
+    assert all(g.abs().sum() > 0 for g in features_step[:4]) and features_step[4].abs().sum() == 0
+    assert all(g.abs().sum() == 0 for g in head_step[:4]) and head_step[4].abs().sum() > 0
+    assert all((b < 8.0).any() for b in bits_of(module).values())
