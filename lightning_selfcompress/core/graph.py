@@ -12,7 +12,6 @@ import operator
 import warnings
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
