@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = pl.Trainer(
         **cfg.trainer,
         callbacks=[compression] if compression else [],
-        logger=CSVLogger(out_dir, name="", version=""),
+        logger=CSVLogger(out_dir, name="csv", version=""),
         default_root_dir=out_dir,
     )
     start = time.perf_counter()
