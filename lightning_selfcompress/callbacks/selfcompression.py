@@ -77,8 +77,7 @@ class SelfCompression(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        missing = [names[id(p)] for p in quantizer_parameters(pl_module) if id(p) not in held]
+        missing = [n for n, p in pl_module.named_parameters() if ".weight_quantizer." in n and id(p) not in held]
         if missing:
             raise RuntimeError(
                 f"No optimizer holds the quantizer parameters {missing[:4]}{' ...' if len(missing) > 4 else ''}. "
@@ -112,10 +111,9 @@ class SelfCompression(Callback):
         self.schedule.update(self._bits_per_weight)
 
     def _check_finite(self, pl_module: pl.LightningModule) -> None:
-        params = quantizer_parameters(pl_module)
-        if all(torch.stack([p.detach().isfinite().all() for p in params]).tolist()):
+        if torch.stack([p.detach().isfinite().all() for p in quantizer_parameters(pl_module)]).all():
             return
-        bad = [n for n, p in pl_module.named_parameters() if "weight_quantizer" in n and not p.isfinite().all()]
+        bad = [n for n, p in pl_module.named_parameters() if ".weight_quantizer." in n and not p.isfinite().all()]
         raise FloatingPointError(
             f"Non-finite quantizer parameters: {bad}. Lower quantizer_lr or the learning rate, or check the data."
         )
