@@ -91,17 +91,16 @@ def test_size_gradient_is_added_once_per_optimizer_step_and_unscaled(tiny_fmnist
 
 def test_checkpoint_restores_bits_exponents_and_schedule(tiny_fmnist, tmp_path):
     module = classifier()
-    compression = SelfCompression(gamma=0.05, target_bits_per_weight=2.0, gamma_adapt_rate=0.5, quantizer_lr=0.1)
+    compression = SelfCompression(gamma=0.05, gamma_warmup_steps=10, quantizer_lr=0.1)
     trainer = pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=5))
     trainer.fit(module, tiny_fmnist)
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
-    assert compression.schedule.gamma > 0.05, "bits are above the target, so gamma must have grown"
 
-    restored_module, restored = classifier(), SelfCompression(gamma=0.05, target_bits_per_weight=2.0)
+    restored_module, restored = classifier(), SelfCompression(gamma=0.05, gamma_warmup_steps=10)
     resumed = pl.Trainer(callbacks=[restored], **trainer_kwargs(tmp_path, max_steps=5))
     resumed.fit(restored_module, tiny_fmnist, ckpt_path=path)
-    assert restored.schedule.state_dict() == compression.schedule.state_dict()
+    assert restored.schedule.step == compression.schedule.step == 5, "the warm-up resumes where it was"
     for (name, a), b in zip(quantized_layers(module).items(), quantized_layers(restored_module).values()):
         assert torch.equal(a.weight_quantizer.bits, b.weight_quantizer.bits), name
         assert torch.equal(a.weight_quantizer.exponent, b.weight_quantizer.exponent), name
@@ -211,3 +210,14 @@ def test_each_optimizer_gets_the_size_gradient_of_its_own_quantizers(tiny_fmnist
     assert all(g.abs().sum() > 0 for g in features_step[:4]) and features_step[4].abs().sum() == 0
     assert all(g.abs().sum() == 0 for g in head_step[:4]) and head_step[4].abs().sum() > 0
     assert all((b < 8.0).any() for b in bits_of(module).values())
+
+
+def test_a_budget_stops_the_size_pull_once_reached(tiny_fmnist, tmp_path):
+    before, after = GradSpy(), GradSpy()
+    compression = SelfCompression(gamma=0.5, target_bits_per_weight=7.99, quantizer_lr=0.5)
+    trainer = pl.Trainer(callbacks=[before, compression, after], **trainer_kwargs(tmp_path, max_steps=4))
+    trainer.fit(classifier(), tiny_fmnist)
+    added = [sum((a - b).abs().sum() for a, b in zip(post, pre)) for pre, post in zip(before.grads, after.grads)]
+    assert added[0] > 0, "at 8 bits per weight the network is above budget: the size term pulls"
+    assert added[-1] == 0, "one step at lr 0.5 takes it below 7.99: no more pull"
+    assert compression.last_report.bits_per_weight <= 7.99

@@ -26,9 +26,8 @@ class SelfCompression(Callback):
 
     Args:
         gamma: weight of the size term (the paper's compression factor). 0 trains the quantizers without pressure.
-        target_bits_per_weight: if set, gamma adapts (a log-space integral controller) to reach this average.
+        target_bits_per_weight: a budget: the size term acts only while the average is above it.
         gamma_warmup_steps: ramp gamma linearly from 0 over this many optimizer steps.
-        gamma_adapt_rate: speed of the target controller (per step, in log-gamma per unit relative error).
         layer_types, include, exclude: which layers to quantize (class names; glob patterns on module names).
         init_bits: starting bit depth (8: the quantized network starts within round-off of the float one).
         init_exponent: starting exponent; None picks per channel the smallest that holds the channel.
@@ -42,7 +41,6 @@ class SelfCompression(Callback):
         *,
         target_bits_per_weight: float | None = None,
         gamma_warmup_steps: int = 0,
-        gamma_adapt_rate: float = 0.01,
         layer_types: Sequence[str] = ("Conv1d", "Conv2d", "Conv3d", "Linear"),
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
@@ -51,9 +49,7 @@ class SelfCompression(Callback):
         quantizer_lr: float | None = None,
         quantizer_weight_decay: float = 0.0,
     ) -> None:
-        self.schedule = GammaSchedule(
-            gamma, gamma_warmup_steps, target_bits_per_weight=target_bits_per_weight, rate=gamma_adapt_rate
-        )
+        self.schedule = GammaSchedule(gamma, gamma_warmup_steps, target_bits_per_weight)
         self.config = QuantizationConfig(tuple(layer_types), tuple(include), tuple(exclude), init_bits, init_exponent)
         if quantizer_lr is not None and not (math.isfinite(quantizer_lr) and quantizer_lr > 0):
             raise ValueError(f"quantizer_lr={quantizer_lr} must be a finite number > 0, or None to use the group's.")
@@ -66,6 +62,7 @@ class SelfCompression(Callback):
         self._overrides: list[HyperparameterOverride] = []
         self._bits_per_weight = float("nan")
         self._size_loss = float("nan")
+        self._gamma = float("nan")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -101,14 +98,15 @@ class SelfCompression(Callback):
         self._check_finite(pl_module)
         with torch.enable_grad(), torch.autocast(bits[0].device.type, enabled=False):
             bits_per_weight = self.size.bits_per_weight()
-            loss = self.schedule.value * bits_per_weight
+            self._bits_per_weight = bits_per_weight.item()
+            self._gamma = self.schedule.value(self._bits_per_weight)
+            loss = self._gamma * bits_per_weight
             grads = torch.autograd.grad(loss, bits, allow_unused=True)
         for b, g in zip(bits, grads):
             if g is not None:
                 b.grad = g if b.grad is None else b.grad.add_(g)
-        self._bits_per_weight = bits_per_weight.item()
         self._size_loss = loss.item()
-        self.schedule.update(self._bits_per_weight)
+        self.schedule.step += 1
 
     def _check_finite(self, pl_module: pl.LightningModule) -> None:
         if torch.stack([p.detach().isfinite().all() for p in quantizer_parameters(pl_module)]).all():
@@ -126,7 +124,7 @@ class SelfCompression(Callback):
             {
                 "selfcompress/bits_per_weight": self._bits_per_weight,
                 "selfcompress/size_loss": self._size_loss,
-                "selfcompress/gamma": self.schedule.value,
+                "selfcompress/gamma": self._gamma,
             },
             on_step=True,
             on_epoch=False,

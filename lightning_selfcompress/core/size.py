@@ -175,18 +175,17 @@ class SizeModel:
 
 @dataclass
 class GammaSchedule:
-    """The weight of the size term: optional linear warm-up, optionally steered to a target bits-per-weight.
+    """The weight of the size term: optional linear warm-up, optionally a budget of bits per weight.
 
-    The target mode is an integral controller on log(gamma): each optimizer step, gamma is multiplied by
-    exp(rate * (bits_per_weight / target - 1)), within [min_gamma, max_gamma]. Too many bits raises gamma.
+    With a target, gamma switches on while the network is above it and off once it is at or below it (a
+    bang-bang controller; the size term becomes gamma * max(bits_per_weight - target, 0)). Below the target the
+    task gradient alone moves the bit depths, so the run settles at the budget instead of overshooting it, which
+    an integrating controller does once Adam's moments carry the bit depths past the target.
     """
 
     gamma: float
     warmup_steps: int = 0
     target_bits_per_weight: float | None = None
-    rate: float = 0.01
-    min_gamma: float = 1e-6
-    max_gamma: float = 100.0
     step: int = 0
 
     def __post_init__(self) -> None:
@@ -194,29 +193,20 @@ class GammaSchedule:
             raise ValueError(f"gamma={self.gamma} must be a finite number >= 0 (0 turns the size term off).")
         if self.warmup_steps < 0:
             raise ValueError(f"gamma_warmup_steps={self.warmup_steps} must be >= 0.")
-        if self.target_bits_per_weight is not None and not self.target_bits_per_weight > 0:
-            raise ValueError(f"target_bits_per_weight={self.target_bits_per_weight} must be > 0 (or None to keep gamma fixed).")
-        if self.target_bits_per_weight is not None and self.gamma == 0:
-            raise ValueError("target_bits_per_weight needs a starting gamma > 0 to adapt from.")
-        if not 0 < self.min_gamma <= self.max_gamma:
-            raise ValueError(f"need 0 < min_gamma ({self.min_gamma}) <= max_gamma ({self.max_gamma}).")
+        target = self.target_bits_per_weight
+        if target is not None and not (math.isfinite(target) and target > 0):
+            raise ValueError(f"target_bits_per_weight={target} must be a finite number > 0 (or None for no budget).")
 
-    @property
-    def value(self) -> float:
-        """Gamma for the current step, warm-up included."""
+    def value(self, bits_per_weight: float) -> float:
+        """Gamma for the current step, given the network's bits per weight now."""
+        if self.target_bits_per_weight is not None and bits_per_weight <= self.target_bits_per_weight:
+            return 0.0
         if self.warmup_steps and self.step < self.warmup_steps:
             return self.gamma * (self.step + 1) / self.warmup_steps
         return self.gamma
 
-    def update(self, bits_per_weight: float) -> None:
-        """Advance one optimizer step, steering gamma towards the target if there is one."""
-        if self.target_bits_per_weight is not None and self.step >= self.warmup_steps:
-            error = bits_per_weight / self.target_bits_per_weight - 1.0
-            self.gamma = min(max(self.gamma * math.exp(self.rate * error), self.min_gamma), self.max_gamma)
-        self.step += 1
-
     def state_dict(self) -> dict:
-        return {"gamma": self.gamma, "step": self.step}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.gamma, self.step = float(state["gamma"]), int(state["step"])
+        self.step = int(state["step"])
