@@ -191,3 +191,24 @@ def test_fused_gradients_equal_autograd_through_the_composite_formula(seed):
     (surrogate(*composite, rounding_residual(w, b, e)) * probe).sum().backward()
     for mine, theirs in zip(ours, composite):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.Conv1d(4, 6, 3, padding=1), torch.randn(2, 4, 9)),
+        (nn.Conv2d(6, 6, 3, groups=6), torch.randn(2, 6, 7, 7)),  # depthwise
+        (nn.Conv2d(8, 4, 1, groups=2), torch.randn(2, 8, 5, 5)),  # grouped
+        (nn.Conv3d(2, 3, 2), torch.randn(1, 2, 4, 4, 4)),
+        (nn.Linear(5, 7), torch.randn(3, 5)),
+    ],
+    ids=["conv1d", "depthwise", "grouped", "conv3d", "linear"],
+)
+def test_every_layer_kind_computes_with_its_quantized_weight(layer, x):
+    float_layer = copy.deepcopy(layer)
+    attach_quantizers(nn.Sequential(layer), QuantizationConfig(init_bits=3))
+    q = layer.weight_quantizer
+    assert q.bits.shape == q.exponent.shape == (layer.weight.shape[0],)
+    float_layer.weight.data = quantize(layer.weight, q.bits, q.exponent).detach()
+    torch.testing.assert_close(layer(x), float_layer(x), rtol=0, atol=0)
+    assert not torch.equal(layer.weight, float_layer.weight), "3 bits must change the weights"
