@@ -29,7 +29,7 @@ class SelfCompression(Callback):
         target_bits_per_weight: a budget: the size term acts only while the average is above it.
         gamma_warmup_steps: ramp gamma linearly from 0 over this many optimizer steps.
         layer_types, include, exclude: which layers to quantize (class names; glob patterns on module names).
-        init_bits: starting bit depth (8: the quantized network starts within round-off of the float one).
+        init_bits: starting bit depth (8: the quantized network starts within about 1% of the float one).
         init_exponent: starting exponent; None picks per channel the smallest that holds the channel.
         quantizer_lr: learning rate of b and e at the start of the LR schedule (None: that of their param group).
         quantizer_weight_decay: weight decay of b and e (0 unless asked: decay would drag e towards 1.0 scales).

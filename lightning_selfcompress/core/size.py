@@ -105,12 +105,12 @@ def float_size_report(model: nn.Module) -> SizeReport:
 class SizeModel:
     """Size accounting for the quantized layers of one model. The channel graph is traced once, here."""
 
-    def __init__(self, model: nn.Module, float_weights: int | None = None) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.layers = quantized_layers(model)
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no quantized layer; attach quantizers first.")
-        self.float_weights = float_weights or sum(m.weight.numel() for m in self.layers.values())
-        names = list(self.layers)
+        self.float_weights = sum(m.weight.numel() for m in self.layers.values())
+        index = {name: i for i, name in enumerate(self.layers)}
         sources = input_sources(model)
         self._plans = []
         for name, module in self.layers.items():
@@ -120,7 +120,7 @@ class SizeModel:
             edges: dict[int, tuple[list[int], list[int]]] = {}  # producer index -> (input indices, producer channels)
             if channel_map is not None:
                 for i, producers in enumerate(channel_map):
-                    quantized = [(names.index(p), ch) for p, ch in producers if p in self.layers]
+                    quantized = [(index[p], ch) for p, ch in producers if p in index]
                     if producers and len(quantized) == len(producers):
                         always_live[i] = False
                         for p, ch in quantized:
