@@ -90,10 +90,12 @@ def quantize(weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:
 
 
 def initial_exponent(weight: Tensor, bits: float) -> Tensor:
-    """Per output channel, the exponent whose grid at `bits` bits just holds the channel's largest weight."""
+    """Per output channel, the exponent at which `bits` bits span the channel's largest magnitude: 2^e 2^(b-1) = max|w|.
+
+    The negative end of the range reaches it exactly; a positive weight that large rounds one level down.
+    """
     absmax = weight.detach().flatten(1).abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny)
-    levels = max(2.0 ** (bits - 1) - 1, 2.0 ** (bits - 1))  # b < 1 still holds -2^e (see module docstring)
-    return torch.log2(absmax / levels)
+    return torch.log2(absmax / 2.0 ** (bits - 1))
 
 
 class ChannelQuantizer(nn.Module):
@@ -157,8 +159,8 @@ class QuantizationConfig:
     `layer_types` names the float classes to quantize (exact types: a subclass may read its weight elsewhere, as
     MultiheadAttention's out_proj does, and would silently stay float). `include`/`exclude` are glob patterns
     on module names (`layer3.*`, `fc`). `init_bits` is where b starts; `init_exponent=None` picks, per channel,
-    the exponent whose grid just holds the channel's largest weight, so at 8 bits the quantized network starts
-    within about 1% of the float one.
+    the exponent at which the bit range spans the channel's largest magnitude, so at 8 bits the quantized network
+    starts within about 1% of the float one.
     """
 
     layer_types: Sequence[str] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
