@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_selfcompress.core.quant import attach_quantizers
+from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers
 from lightning_selfcompress.core.size import GammaSchedule, SizeModel, float_size_report
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 
@@ -96,7 +96,7 @@ def test_concat_offsets_and_unquantized_producers():
             return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
 
     model = Cat()
-    attach_quantizers(model, __import__("lightning_selfcompress").QuantizationConfig(exclude=("a",)))
+    attach_quantizers(model, QuantizationConfig(exclude=("a",)))
     size = SizeModel(model)
     model.b.weight_quantizer.bits.data[1] = 0.0  # channel 3 + 1 = 4 of c's input
     assert {layer.name: layer.weights_kept for layer in size.report().layers}["c"] == 4 * 4

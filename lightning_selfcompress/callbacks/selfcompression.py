@@ -105,11 +105,12 @@ class SelfCompression(Callback):
         for b, g in zip(bits, grads):
             if g is not None:
                 b.grad = g if b.grad is None else b.grad.add_(g)
-        self._size_loss = loss.item()
+        self._size_loss = self._gamma * self._bits_per_weight
         self.schedule.step += 1
 
     def _check_finite(self, pl_module: pl.LightningModule) -> None:
-        if torch.stack([p.detach().isfinite().all() for p in quantizer_parameters(pl_module)]).all():
+        quantizers = [m.weight_quantizer for m in self.size.layers.values()]
+        if torch.stack([p.detach().isfinite().all() for q in quantizers for p in (q.bits, q.exponent)]).all():
             return
         bad = [n for n, p in pl_module.named_parameters() if ".weight_quantizer." in n and not p.isfinite().all()]
         raise FloatingPointError(

@@ -61,8 +61,8 @@ class _Quantize(torch.autograd.Function):
         scaled = weight * torch.exp2(-exponent).view(shape)
         clamped = torch.clamp(scaled, (-high).view(shape), (high - 1).view(shape))
         inside = torch.eq(clamped, scaled).logical_and_(alive)
-        scale = torch.exp2(exponent) * (bits > 0)  # a dead channel's scale is 0: exact zeros
-        q = clamped.round_().mul_(scale.view(shape))
+        scale = torch.exp2(exponent).view(shape) * alive  # a dead channel's scale is 0: exact zeros
+        q = clamped.round_().mul_(scale)
         ctx.save_for_backward(weight, bits, exponent, q, inside)
         return q
 
