@@ -29,5 +29,5 @@ class BaselineCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)
-        x = x.reshape(x.shape[0], self.flat_features, 1, 1)
+        x = x.reshape(x.shape[0], -1, 1, 1)  # -1, not a fixed count: channels may be removed
         return self.classifier(x).flatten(1)

@@ -1,0 +1,578 @@
+"""Groups of coupled channels: which channels must be removed together, and where each one is produced, normalised
+and consumed. Traced once with torch.fx on an example input; strict: what it cannot follow is an error.
+
+Every channel that flows through the network is a slot. A Conv/Linear output creates slots; a residual add, an
+elementwise product or a depthwise convolution ties slots together (removing one means removing the other); a
+concatenation lines them up; a flatten repeats a channel's slot once per feature it becomes. Tied slots form a
+group, the unit of removal. Per module the graph records the group of each position: output channel of a producer
+(Conv/Linear), input feature of a consumer (Conv/Linear), channel of a per-channel module sliced with the group
+(BatchNorm, InstanceNorm, PReLU). Groups that reach the model's input or output, a grouped convolution or a
+normalisation across channels are pinned: never removed.
+
+The graph keeps describing the model as traced: groups removed since are a mask, so the history stays in original
+indexing and the constants a dead channel carries are followed through the original graph (`constants`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["ChannelGraph", "GraphError"]
+
+
+class GraphError(ValueError):
+    """The channel graph cannot follow the model, or the model no longer matches the graph."""
+
+
+_PRODUCERS = (_ConvNd, nn.Linear)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+)  # fmt: skip
+_CONSTANT_PRESERVING_MODULES = (  # a constant channel stays the same constant
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample, nn.Identity,
+)  # fmt: skip
+_ACTIVATION_OPS = {
+    "relu", "relu_", "relu6", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
+    "leaky_relu", "elu", "softplus", "clamp", "clamp_min", "clamp_max", "neg",
+}  # fmt: skip
+_CONSTANT_PRESERVING_OPS = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate",
+    "contiguous", "clone", "float", "to", "type_as", "detach",
+}  # fmt: skip
+_AVG_POOL_OPS = {"avg_pool1d", "avg_pool2d", "avg_pool3d"}  # padding may be counted: only zeros stay exact
+_DROPOUT_OPS = {"dropout", "dropout1d", "dropout2d", "dropout3d"}
+_ELEMENTWISE = {
+    "add": operator.add, "iadd": operator.add, "add_": operator.add, "sub": operator.sub, "isub": operator.sub,
+    "mul": operator.mul, "imul": operator.mul, "mul_": operator.mul, "truediv": operator.truediv,
+    "div": operator.truediv,
+}  # fmt: skip
+# Ops that move values without mixing channels: followed exactly by running them on a tensor of channel ids.
+_LAYOUT_OPS = {
+    "flatten", "view", "reshape", "squeeze", "unsqueeze", "getitem", "split", "chunk", "mean", "amax", "amin",
+    "expand", "permute", "transpose",
+}  # fmt: skip
+_NON_TENSOR_OPS = {"size", "dim", "numel", "getattr"}
+
+
+@dataclass
+class _Step:
+    """How one node maps its channel inputs' positions to its output's; replayed to follow constants."""
+
+    node: str
+    kind: str  # new | produce | norm | apply | opaque | keep | zeros_only | dropout | elementwise | cat | gather
+    sources: list[str]
+    slots: list[int]
+    payload: object = None
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    inside = f" inside module '{list(stack)[-1]}'" if stack else ""
+    return f"node '{node.name}' ({node.op} '{_op_name(node)}'){inside}"
+
+
+def channels_of(m: nn.Module) -> int:
+    """The channel count of a per-channel module."""
+    for attr in ("num_features", "num_parameters", "num_channels"):
+        if hasattr(m, attr):
+            return int(getattr(m, attr))
+    raise TypeError(f"{type(m).__name__} has no channel count")
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, _ConvNd) and m.groups > 1 and m.groups == m.in_channels
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _PRODUCERS) or super().is_leaf_module(m, qualname)
+
+
+class ChannelGraph:
+    """The coupled channel groups of `model`, traced once on `example_input` (one or two samples are enough).
+
+    `outputs`, `inputs`, `members`: per module name, the group of each original position (output channel, input
+    feature, channel). `pinned`: groups never removed, with the reason. `removed`: groups removed since tracing.
+    `consumers`: per Conv/Linear, the nodes whose output it reads. `spatial`: per Conv/Linear, output positions per
+    channel for one sample (for multiply-accumulate counts).
+    """
+
+    def __init__(self, model: nn.Module, example_input: Tensor) -> None:
+        self.model = model
+        try:
+            self.fx_graph = _LeafTracer().trace(model)
+        except Exception as error:  # noqa: BLE001 - any tracing failure is reported with its cause
+            raise GraphError(
+                f"torch.fx cannot trace {type(model).__name__}: {type(error).__name__}: {error}. Channel surgery "
+                "needs a traceable forward (no data-dependent Python control flow on tensors)."
+            ) from error
+        self._parent: list[int] = []
+        self._pins: dict[int, str] = {}
+        self._tables: dict[str, dict[str, list[int]]] = {"outputs": {}, "inputs": {}, "members": {}}
+        self.steps: list[_Step] = []
+        self.consumers: dict[str, list[str]] = {}
+        self.spatial: dict[str, int] = {}
+        modes = {m: m.training for m in model.modules()}
+        model.eval()  # the trace needs shapes only: no running-statistics update, no dropout
+        try:
+            with torch.no_grad():
+                _Walker(self).run(example_input)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        self._finalize()
+
+    # ---- building ------------------------------------------------------------------------------------------------
+
+    def new_slots(self, n: int, pin: str | None = None) -> list[int]:
+        start = len(self._parent)
+        self._parent.extend(range(start, start + n))
+        if pin:
+            self._pins.update(dict.fromkeys(range(start, start + n), pin))
+        return list(range(start, start + n))
+
+    def pin(self, slots: list[int], reason: str) -> None:
+        for s in slots:
+            self._pins.setdefault(s, reason)
+
+    def _find(self, s: int) -> int:
+        while self._parent[s] != s:
+            self._parent[s] = self._parent[self._parent[s]]
+            s = self._parent[s]
+        return s
+
+    def tie(self, a: list[int], b: list[int]) -> None:
+        for x, y in zip(a, b, strict=True):
+            rx, ry = self._find(x), self._find(y)
+            if rx != ry:
+                self._parent[max(rx, ry)] = min(rx, ry)
+
+    def record(self, table: str, module: str, slots: list[int]) -> None:
+        known = self._tables[table]
+        if module in known:  # a module called twice: its weights serve both calls, so the channels are tied
+            self.tie(known[module], slots)
+        else:
+            known[module] = list(slots)
+
+    def _finalize(self) -> None:
+        roots = [self._find(s) for s in range(len(self._parent))]
+        number = {root: i for i, root in enumerate(dict.fromkeys(roots))}
+        self._group = torch.tensor([number[r] for r in roots], dtype=torch.long)
+        self.num_groups = len(number)
+        self.pinned: dict[int, str] = {}
+        for slot, reason in self._pins.items():
+            self.pinned.setdefault(int(self._group[slot]), reason)
+        self.outputs, self.inputs, self.members = (
+            {name: self.groups_of(slots) for name, slots in self._tables[t].items()}
+            for t in ("outputs", "inputs", "members")
+        )
+        self.removed = torch.zeros(self.num_groups, dtype=torch.bool)
+        self.pinned_mask = torch.zeros(self.num_groups, dtype=torch.bool)
+        self.pinned_mask[list(self.pinned)] = True
+
+    def groups_of(self, slots: list[int]) -> Tensor:
+        return self._group[torch.tensor(slots, dtype=torch.long)] if slots else torch.zeros(0, dtype=torch.long)
+
+    # ---- queries -------------------------------------------------------------------------------------------------
+
+    def tables(self, module: str) -> dict[str, Tensor]:
+        """The module's positions by role: any of 'outputs', 'inputs', 'members'."""
+        return {role: t[module] for role, t in (("outputs", self.outputs), ("inputs", self.inputs),
+                                                ("members", self.members)) if module in t}  # fmt: skip
+
+    def modules(self) -> list[str]:
+        return list(dict.fromkeys([*self.outputs, *self.inputs, *self.members]))
+
+    def width(self, groups: Tensor) -> int:
+        """How many of these positions are still there."""
+        return int((~self.removed[groups]).sum())
+
+    def kept(self, groups: Tensor, remove: Tensor) -> Tensor | None:
+        """Of a module's current positions (original `groups`), the indices that stay when `remove` goes; None: all."""
+        going = remove[groups[~self.removed[groups]]]
+        return (~going).nonzero().flatten() if going.any() else None
+
+    def expected_shape(self, module: str) -> dict[str, int]:
+        return {role: self.width(groups) for role, groups in self.tables(module).items()}
+
+    def check_unchanged(self) -> None:
+        """Raise if a module's channel counts differ from what the graph expects (the model changed after tracing)."""
+        for name in self.modules():
+            try:
+                module = self.model.get_submodule(name)
+            except AttributeError as error:
+                raise GraphError(f"Module '{name}' is gone since the channel graph was traced; rebuild the graph.") from error
+            expected = self.expected_shape(name)
+            actual = {role: module_width(module, role) for role in expected}
+            if actual != expected:
+                raise GraphError(
+                    f"Module '{name}' ({type(module).__name__}) has {actual} positions but the channel graph expects "
+                    f"{expected}: the model changed after tracing. Rebuild the ChannelGraph."
+                )
+
+    def macs(self) -> int:
+        """Multiply-accumulates of one sample through every Conv/Linear at the model's current widths."""
+        return sum(self.model.get_submodule(n).weight.numel() * s for n, s in self.spatial.items())
+
+    def producers(self, group: int) -> list[tuple[str, int]]:
+        """(module, original output channel) of each producer of `group`."""
+        return [(n, int(i)) for n, g in self.outputs.items() for i in (g == group).nonzero().flatten()]
+
+    def group_of(self, module: str, channel: int) -> int:
+        if module not in self.outputs or not 0 <= channel < len(self.outputs[module]):
+            raise GraphError(f"The traced model has no output channel {channel} in module '{module}'.")
+        return int(self.outputs[module][channel])
+
+    # ---- constants -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def constants(self, training: bool, dead: Callable[[str], Tensor | None]) -> dict[str, Tensor]:
+        """Per node (by name), the constant each original position carries in train or eval mode; NaN: not constant.
+
+        `dead(module)` gives, per original output channel of a producer, whether its weights are all zero (then the
+        channel emits its bias). Removed positions count as zeros: they no longer contribute anything.
+        """
+        env: dict[str, Tensor] = {}
+        for step in self.steps:
+            inputs = [env[s] for s in step.sources]
+            value = _constant_step(self, step, inputs, training, dead)
+            value[self.removed[self.groups_of(step.slots)]] = 0.0
+            env[step.node] = value
+        return env
+
+
+def module_width(module: nn.Module, role: str) -> int:
+    if role == "members":
+        return channels_of(module)
+    if isinstance(module, _ConvNd):
+        return module.out_channels if role == "outputs" else module.in_channels
+    return module.out_features if role == "outputs" else module.in_features
+
+
+def _expand(values: Tensor, groups: Tensor, removed: Tensor) -> Tensor:
+    """A module's current per-channel values placed at their original positions (removed ones 0)."""
+    out = torch.zeros(len(groups), dtype=torch.float32)
+    out[~removed[groups]] = values.detach().float().cpu()
+    return out
+
+
+def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], training: bool, dead) -> Tensor:
+    nan = torch.full((len(step.slots),), float("nan"))
+    kind, payload = step.kind, step.payload
+    if kind in ("new", "opaque"):
+        return nan
+    if kind == "produce":
+        mask = dead(payload)
+        if mask is None:
+            return nan
+        module = graph.model.get_submodule(payload)
+        groups = graph.outputs[payload]
+        bias = _expand(module.bias, groups, graph.removed) if module.bias is not None else torch.zeros(len(groups))
+        return torch.where(mask, bias, nan)
+    x = inputs[0] if inputs else None
+    if kind == "norm":
+        module, groups = graph.model.get_submodule(payload), graph.members[payload]
+        weight = _expand(module.weight, groups, graph.removed) if module.weight is not None else torch.ones(len(x))
+        bias = _expand(module.bias, groups, graph.removed) if module.bias is not None else torch.zeros(len(x))
+        if training or module.running_mean is None:  # batch statistics of a constant: mean c, variance 0
+            return torch.where(x.isfinite(), bias, nan)
+        mean = _expand(module.running_mean, groups, graph.removed)
+        var = _expand(module.running_var, groups, graph.removed)
+        return (x - mean) / torch.sqrt(var + module.eps) * weight + bias
+    if kind == "apply":
+        fn = graph.model.get_submodule(payload) if isinstance(payload, str) else payload
+        if isinstance(fn, nn.PReLU) and fn.num_parameters > 1:
+            weight = _expand(fn.weight, graph.members[payload], graph.removed)
+            return torch.where(x >= 0, x, weight * x)
+        return fn(x.view(1, -1)).view(-1).float()
+    if kind == "keep":
+        return x.clone()
+    if kind == "zeros_only" or (kind == "dropout" and training and payload > 0):
+        return torch.where(x == 0, x, nan)
+    if kind == "dropout":
+        return x.clone()
+    if kind == "gather":
+        return x[torch.tensor(payload, dtype=torch.long)]
+    if kind == "cat":
+        return torch.cat(inputs)
+    if kind == "cat_other":
+        return torch.where((torch.stack(inputs) == x).all(0), x, nan)
+    if kind == "elementwise":
+        op, args = payload
+        values = [None if a is None else inputs[a[1]] if a[0] == "operand" else a[1] for a in args]
+        if any(v is None for v in values):
+            return nan
+        return op(*values) if len(values) == 2 else nan
+    raise AssertionError(f"unknown step kind {kind}")
+
+
+class _Value:
+    """A node's real output, and for channel tensors the slot of each position along dim 1 (or, for the tuple a
+    split returns, the positions of each piece)."""
+
+    __slots__ = ("pieces", "real", "slots", "source")
+
+    def __init__(self, real: object, slots=None, pieces=None, source: fx.Node | None = None) -> None:
+        self.real, self.slots, self.pieces, self.source = real, slots, pieces, source
+
+
+class _Walker:
+    """Runs the traced graph once on the example input, mapping channels node by node."""
+
+    def __init__(self, graph: ChannelGraph) -> None:
+        self.g = graph
+        self.env: dict[fx.Node, _Value] = {}
+        self.modules = dict(graph.model.named_modules())
+
+    def run(self, example_input: Tensor) -> None:
+        nodes = list(self.g.fx_graph.nodes)
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        if len(placeholders) != 1 or not isinstance(example_input, Tensor) or example_input.dim() < 2:
+            raise GraphError(
+                f"The channel graph needs a forward(x) of one tensor input [batch, channels, ...]; this model takes "
+                f"{len(placeholders)} inputs and the example input is {type(example_input).__name__}."
+            )
+        for node in nodes:
+            self.env[node] = self.visit(node, example_input)
+
+    def real(self, arg: object) -> object:
+        return fx.node.map_arg(arg, lambda n: self.env[n].real)
+
+    def tracked(self, node: fx.Node) -> list[fx.Node]:
+        """The node's arguments that carry channels (or pieces of them)."""
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), found.append)
+        return [n for n in dict.fromkeys(found) if self.env[n].slots is not None or self.env[n].pieces is not None]
+
+    def fail(self, node: fx.Node, why: str) -> GraphError:
+        return GraphError(
+            f"The channel graph cannot follow {_where(node)}: {why}. Surgery refuses the model rather than risk a "
+            "wrong slice; wrap that part in a module the tracer keeps whole, or leave this model out of surgery."
+        )
+
+    def add_step(self, node: fx.Node, kind: str, sources: list[fx.Node], slots: list[int], payload=None) -> list[int]:
+        self.g.steps.append(_Step(node.name, kind, [s.name for s in sources], slots, payload))
+        return slots
+
+    def visit(self, node: fx.Node, example_input: Tensor) -> _Value:
+        if node.op == "placeholder":
+            slots = self.g.new_slots(example_input.shape[1], pin="reaches the model's input")
+            self.add_step(node, "new", [], slots)
+            return _Value(example_input, slots)
+        if node.op == "get_attr":
+            value = self.g.model
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            return _Value(value)
+        if node.op == "output":
+            for n in self.tracked(node):
+                self.g.pin(self.env[n].slots or [], "reaches the model's output")
+            return _Value(None)
+        args, kwargs = self.real(node.args), self.real(node.kwargs)
+        if node.op == "call_module":
+            real = self.modules[node.target](*args, **kwargs)
+        elif node.op == "call_function":
+            real = node.target(*args, **kwargs)
+        else:
+            real = getattr(args[0], node.target)(*args[1:], **kwargs)
+        tracked = self.tracked(node)
+        if not tracked or _op_name(node) in _NON_TENSOR_OPS:
+            return _Value(real)
+        if node.op == "call_module":
+            return _Value(real, self.module(node, self.modules[node.target], real, tracked))
+        return self.function(node, real, tracked)
+
+    def single(self, node: fx.Node, tracked: list[fx.Node]) -> fx.Node:
+        if len(tracked) > 1 or not node.args or node.args[0] is not tracked[0]:
+            raise self.fail(node, "channels reach it through an argument other than the first")
+        return tracked[0]
+
+    def module(self, node: fx.Node, module: nn.Module, real: object, tracked: list[fx.Node]) -> list[int]:
+        g, source = self.g, self.single(node, tracked)
+        slots = self.env[source].slots
+        if slots is None:
+            raise self.fail(node, "a module applied to a tuple of tensors")
+        if isinstance(module, _PRODUCERS):
+            return self.produce(node, module, source, real)
+        if isinstance(module, (*_NORMS, nn.GroupNorm)) or (isinstance(module, nn.PReLU) and module.num_parameters > 1):
+            if channels_of(module) != len(slots):
+                raise self.fail(node, f"{channels_of(module)} channels in the module, {len(slots)} reach it")
+            g.record("members", node.target, slots)
+        if isinstance(module, _NORMS):
+            return self.add_step(node, "norm", [source], slots, node.target)
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            mixes = (
+                module.num_groups != module.num_channels
+                if isinstance(module, nn.GroupNorm)
+                else len(module.normalized_shape) >= real.dim() - 1
+            )
+            if isinstance(module, nn.LayerNorm) and mixes and module.elementwise_affine:
+                raise self.fail(node, "a LayerNorm with parameters over the channel dimension")
+            if mixes:
+                g.pin(slots, f"normalised across channels by '{node.target}'")
+            return self.add_step(node, "opaque", [source], slots)
+        if isinstance(module, _ACTIVATION_MODULES):
+            return self.add_step(node, "apply", [source], slots, node.target)
+        if isinstance(module, _CONSTANT_PRESERVING_MODULES):
+            return self.add_step(node, "keep", [source], slots)
+        if isinstance(module, nn.modules.pooling._AvgPoolNd):
+            padded = any(p != 0 for p in _as_tuple(module.padding)) and module.count_include_pad
+            return self.add_step(node, "zeros_only" if padded else "keep", [source], slots)
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            return self.add_step(node, "dropout", [source], slots, module.p)
+        if isinstance(module, nn.Flatten):
+            return self.layout(node, source, module)
+        raise self.fail(node, f"it does not know how {type(module).__name__} treats channels")
+
+    def produce(self, node: fx.Node, module: nn.Module, source: fx.Node, real: Tensor) -> list[int]:
+        g, x, slots = self.g, self.env[source].real, self.env[source].slots
+        if isinstance(module, nn.Linear):
+            if x.dim() != 2:
+                raise self.fail(node, f"a Linear on a {x.dim()}-D input (the graph follows dim 1 of [batch, features])")
+            in_features, out_features = module.in_features, module.out_features
+        else:
+            in_features, out_features = module.in_channels, module.out_channels
+        if len(slots) != in_features:
+            raise self.fail(node, f"{len(slots)} channels reach a layer with {in_features} inputs")
+        outputs = g.new_slots(out_features)
+        g.record("inputs", node.target, slots)
+        g.record("outputs", node.target, outputs)
+        g.consumers.setdefault(node.target, []).append(source.name)
+        g.spatial[node.target] = g.spatial.get(node.target, 0) + real[0].numel() // out_features
+        if isinstance(module, _ConvNd) and module.groups > 1:
+            if is_depthwise(module):  # output channel j reads input channel j // multiplier alone
+                multiplier = out_features // in_features
+                g.tie([slots[j // multiplier] for j in range(out_features)], outputs)
+            else:
+                g.pin(slots + outputs, f"feeds or leaves grouped convolution '{node.target}' (groups={module.groups})")
+        return self.add_step(node, "produce", [source], outputs, node.target)
+
+    def function(self, node: fx.Node, real: object, tracked: list[fx.Node]) -> _Value:
+        name = _op_name(node)
+        if name == "getitem" and self.env[tracked[0]].pieces is not None:  # one piece of a split/chunk
+            split = self.env[tracked[0]]
+            return _Value(real, self.gather(node, split.source, split.pieces[node.args[1]]))
+        if name in ("cat", "concat"):
+            return _Value(real, self.concat(node, real))
+        if name in _ELEMENTWISE:
+            return _Value(real, self.elementwise(node, real, tracked))
+        source = self.single(node, tracked)
+        slots = self.env[source].slots
+        if slots is None:
+            raise self.fail(node, "an op applied to a tuple of tensors")
+        if name in _ACTIVATION_OPS:
+            target = node.target if node.op == "call_function" else getattr(torch.Tensor, name)
+            rest = self.real(node.args[1:])
+            kwargs = {k: v for k, v in self.real(node.kwargs).items() if k != "inplace"}
+            return _Value(real, self.add_step(node, "apply", [source], slots, lambda c: target(c, *rest, **kwargs)))
+        if name in _CONSTANT_PRESERVING_OPS:
+            return _Value(real, self.add_step(node, "keep", [source], slots))
+        if name in _AVG_POOL_OPS:
+            return _Value(real, self.add_step(node, "zeros_only", [source], slots))
+        if name in _DROPOUT_OPS:
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+            return _Value(real, self.add_step(node, "dropout", [source], slots, p))
+        if name in _LAYOUT_OPS:
+            if name in ("mean", "amax", "amin") and 1 in _reduced_dims(node, self.env[source].real):
+                raise self.fail(node, "a reduction over the channel dimension")
+            if name in ("split", "chunk"):
+                pieces = [self.positions(node, p) for p in self.run_on_ids(node, source)]
+                return _Value(real, pieces=pieces, source=source)
+            return _Value(real, self.layout(node, source))
+        raise self.fail(node, f"'{name}' is not an op it knows")
+
+    def elementwise(self, node: fx.Node, real: object, tracked: list[fx.Node]) -> list[int]:
+        if not isinstance(real, Tensor) or real.dim() < 2:
+            raise self.fail(node, "an elementwise op without a channel dimension in its result")
+        if node.kwargs:
+            raise self.fail(node, f"an elementwise op with keyword arguments {sorted(node.kwargs)}")
+        width, operands, payload = real.shape[1], [], []
+        for arg in node.args:
+            if isinstance(arg, fx.Node) and arg in tracked:
+                slots = self.env[arg].slots
+                if slots is None or len(slots) not in (width, 1) or (len(slots) == 1 and width != 1):
+                    if slots is not None and len(slots) == 1:  # one channel broadcast over all: keep it whole
+                        self.g.pin(slots, f"broadcast over channels at node '{node.name}'")
+                        payload.append(None)
+                        continue
+                    raise self.fail(node, f"operands of {len(slots or [])} and {width} channels")
+                payload.append(("operand", len(operands)))
+                operands.append(arg)
+                continue
+            other = self.real(arg)
+            channel_dim = 1 - (real.dim() - other.dim()) if isinstance(other, Tensor) else -1
+            if channel_dim >= 0 and other.shape[channel_dim] != 1:
+                raise self.fail(node, "a per-channel tensor that is not a parameter of a module it can slice")
+            payload.append(("value", other) if isinstance(other, (int, float)) else None)
+        slots = self.env[operands[0]].slots
+        for other in operands[1:]:
+            self.g.tie(slots, self.env[other].slots)
+        return self.add_step(node, "elementwise", operands, list(slots), (_ELEMENTWISE[_op_name(node)], payload))
+
+    def concat(self, node: fx.Node, real: Tensor) -> list[int]:
+        parts = node.args[0] if node.args else node.kwargs["tensors"]
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % real.dim()
+        if any(not isinstance(t, fx.Node) or self.env[t].slots is None for t in parts):
+            raise self.fail(node, "a concatenation of channel tensors with other tensors")
+        if dim == 1:
+            return self.add_step(node, "cat", list(parts), [s for t in parts for s in self.env[t].slots])
+        first = self.env[parts[0]].slots
+        for t in parts[1:]:
+            if len(self.env[t].slots) != len(first):
+                raise self.fail(node, "a concatenation along another dimension of tensors with different channels")
+            self.g.tie(first, self.env[t].slots)
+        return self.add_step(node, "cat_other", list(parts), list(first))
+
+    def run_on_ids(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None) -> object:
+        """Run the node's op on a tensor of the source's shape whose every element is its channel index."""
+        x = self.env[source].real
+        ids = torch.arange(x.shape[1], dtype=torch.float64).view([1, -1] + [1] * (x.dim() - 2)).expand(x.shape)
+        if module is not None:
+            return module(ids)
+        args, kwargs = (fx.node.map_arg(a, lambda n: ids if n is source else self.env[n].real) for a in (node.args, node.kwargs))
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    def layout(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None) -> list[int]:
+        return self.gather(node, source, self.positions(node, self.run_on_ids(node, source, module)))
+
+    def gather(self, node: fx.Node, source: fx.Node, positions: list[int]) -> list[int]:
+        slots = [self.env[source].slots[p] for p in positions]
+        return self.add_step(node, "gather", [source], slots, positions)
+
+    def positions(self, node: fx.Node, out: object) -> list[int]:
+        if not isinstance(out, Tensor) or out.dim() < 2:
+            raise self.fail(node, "its result has no channel dimension (dim 1)")
+        per_position = out.movedim(1, 0).flatten(1)
+        low, high = per_position.amin(1), per_position.amax(1)
+        if not torch.equal(low, high):
+            raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
+        return [int(p) for p in low]
+
+
+def _reduced_dims(node: fx.Node, x: Tensor) -> set[int]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return set(range(x.dim()))
+    return {d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)}
+
+
+def _as_tuple(value: object) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)

@@ -1,0 +1,325 @@
+"""Removing channel groups from a model in place, optimizer state included, and deciding which groups are dead.
+
+A removal is planned in full (every new tensor computed) before anything is assigned, so a surgery either completes
+or leaves the model and the optimizers as they were. Parameters keep their identity (`param.data = ...`), so the
+optimizer, LR schedulers and user references stay valid; every optimizer state tensor of a parameter's old shape is
+sliced the way the parameter is (momentum, Adam moments, max_exp_avg_sq, ...), scalar state such as `step` stays,
+and gradients are sliced too.
+
+The dead-channel rule (Self-Compressing Neural Networks, section 3): a group may go when every producer's channel is
+at 0 bits (its weights are exact zeros, so it emits its bias) and what that constant becomes on the way to each
+consumer, in train mode and in eval mode, is zero, or is one and the same constant that the consumer folds exactly
+into its bias (a Linear, or a convolution without padding, so that every output sees the whole kernel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from .groups import ChannelGraph, GraphError, channels_of, is_depthwise
+
+__all__ = ["Removal", "Surgeon", "SurgeryRecord"]
+
+
+@dataclass
+class Removal:
+    """Groups chosen for removal, and the bias corrections that keep the function exact (per consumer module)."""
+
+    groups: Tensor  # bool mask over the graph's groups
+    folds: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return int(self.groups.sum())
+
+
+@dataclass(frozen=True)
+class SurgeryRecord:
+    """One surgery, in original indexing: each removed group named by its first producer's (module, channel)."""
+
+    step: int
+    groups: list[tuple[str, int]]
+    channels: dict[str, int]  # output channels removed per producer module
+    weights_removed: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "groups": [list(g) for g in self.groups],
+            "channels": dict(self.channels),
+            "weights_removed": self.weights_removed,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SurgeryRecord:
+        return cls(int(d["step"]), [(str(m), int(c)) for m, c in d["groups"]], dict(d["channels"]),
+                   int(d["weights_removed"]), float(d["seconds"]))  # fmt: skip
+
+
+def _quantized_bits(module: nn.Module) -> Tensor | None:
+    quantizer = getattr(module, "weight_quantizer", None)
+    return None if quantizer is None else quantizer.bits
+
+
+def _effective_weight(module: nn.Module) -> Tensor:
+    quantizer = getattr(module, "weight_quantizer", None)
+    return module.weight if quantizer is None else quantizer(module.weight)
+
+
+def _folds_into_bias(module: nn.Module) -> bool:
+    """A constant input channel adds the same amount to every output of this layer."""
+    if module.bias is None:
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    padding = module.padding if isinstance(module.padding, tuple) else (module.padding,)
+    return module.groups == 1 and not isinstance(module.padding, str) and all(p == 0 for p in padding)
+
+
+class Surgeon:
+    """Finds dead channel groups of a traced model and removes them, in place, from the model and its optimizers."""
+
+    def __init__(self, graph: ChannelGraph, atol: float = 0.0) -> None:
+        if not atol >= 0:
+            raise ValueError(f"atol={atol} must be >= 0 (0: constants must be exactly zero or exactly foldable).")
+        self.graph = graph
+        self.atol = atol
+        self.history: list[SurgeryRecord] = []
+
+    # ---- the dead-channel rule -----------------------------------------------------------------------------------
+
+    def _dead_outputs(self, name: str) -> Tensor | None:
+        """Per original output channel of a producer: are its weights exact zeros (bits <= 0)?"""
+        bits = _quantized_bits(self.graph.model.get_submodule(name))
+        if bits is None:
+            return None
+        groups = self.graph.outputs[name]
+        dead = torch.ones(len(groups), dtype=torch.bool)
+        dead[~self.graph.removed[groups]] = bits.detach().cpu() <= 0
+        return dead
+
+    def dead_groups(self) -> Tensor:
+        """Groups not yet removed whose every producer channel is at 0 bits (the L1 pull acts on these)."""
+        g = self.graph
+        alive = g.removed.clone()
+        has_producer = torch.zeros(g.num_groups, dtype=torch.bool)
+        for name, groups in g.outputs.items():
+            has_producer[groups] = True
+            dead = self._dead_outputs(name)
+            alive[groups[~dead] if dead is not None else groups] = True
+        return has_producer & ~alive & ~g.removed & ~g.pinned_mask
+
+    @torch.no_grad()
+    def find(self) -> Removal:
+        """The dead groups whose removal provably leaves the network's function unchanged, in both modes."""
+        g = self.graph
+        g.check_unchanged()
+        candidates = self.dead_groups()
+        if not candidates.any():
+            return Removal(candidates)
+        train = g.constants(True, self._dead_outputs)
+        evaluation = g.constants(False, self._dead_outputs)
+        blocked = torch.zeros(g.num_groups, dtype=torch.bool)
+        folds: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, sources in g.consumers.items():
+            module = g.model.get_submodule(name)
+            groups = g.inputs[name]
+            if is_depthwise(module):  # input j goes with output j, whose weights are zero: nothing reaches further
+                continue
+            for source in sources:
+                t, e = train[source], evaluation[source]
+                zero = (t.abs() <= self.atol) & (e.abs() <= self.atol)
+                same = t.isfinite() & e.isfinite() & ((t - e).abs() <= self.atol)
+                foldable = same & _folds_into_bias(module) & (len(sources) == 1)
+                blocked[groups[~(zero | foldable)]] = True
+                fold = candidates[groups] & ~zero & foldable
+                if fold.any():
+                    folds[name] = (fold, t)
+        removable = candidates & ~blocked
+        corrections = {}
+        for name, (fold, value) in folds.items():
+            fold &= removable[g.inputs[name]]
+            if fold.any():
+                corrections[name] = self._bias_correction(name, fold, value)
+        return Removal(removable, corrections)
+
+    def _bias_correction(self, name: str, fold: Tensor, value: Tensor) -> Tensor:
+        g = self.graph
+        module = g.model.get_submodule(name)
+        groups = g.inputs[name]
+        present = ~g.removed[groups]
+        current = fold[present].nonzero().flatten()  # positions in the module's current input dimension
+        constants = value[present][current].to(module.weight.device, module.weight.dtype)
+        weight = _effective_weight(module).detach().index_select(1, current.to(module.weight.device))
+        return weight.flatten(2).sum(2) @ constants if weight.dim() > 2 else weight @ constants
+
+    # ---- removal -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def remove(
+        self,
+        removal: Removal,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        step: int = 0,
+        seconds: float = 0.0,
+        extra_modules: Iterable[nn.Module] = (),
+    ) -> SurgeryRecord:
+        """Remove the groups in place from the model and every optimizer's state; append the record to the history."""
+        g = self.graph
+        g.check_unchanged()
+        remove = removal.groups
+        bad = remove & (g.removed | g.pinned_mask)
+        if bad.any():
+            group = int(bad.nonzero()[0])
+            why = "was removed before" if g.removed[group] else f"is pinned: {g.pinned.get(group)}"
+            raise GraphError(f"Cannot remove the group of {g.producers(group)[:3]}: it {why}.")
+        plan = _Plan()
+        weights_before = sum(m.weight.numel() for m in _layers(g))
+        channels = {}
+        for name in g.modules():
+            module = g.model.get_submodule(name)
+            keep = {role: g.kept(groups, remove) for role, groups in g.tables(name).items()}
+            if all(k is None for k in keep.values()):
+                continue
+            if "outputs" in keep and keep["outputs"] is not None:
+                channels[name] = int(g.width(g.outputs[name]) - len(keep["outputs"]))
+            plan.module(name, module, keep, removal.folds.get(name))
+        plan.optimizer_state(optimizers)
+        plan.apply()
+        g.removed |= remove
+        record = SurgeryRecord(
+            step=step,
+            groups=[g.producers(int(i))[0] for i in remove.nonzero().flatten()],
+            channels={k: v for k, v in channels.items() if v},
+            weights_removed=weights_before - sum(m.weight.numel() for m in _layers(g)),
+            seconds=seconds,
+        )
+        self.history.append(record)
+        return record
+
+    def replay(self, history: Iterable[SurgeryRecord | dict]) -> None:
+        """Re-apply recorded removals to a freshly built model (values come from its checkpoint afterwards)."""
+        for entry in history:
+            record = entry if isinstance(entry, SurgeryRecord) else SurgeryRecord.from_dict(entry)
+            mask = torch.zeros(self.graph.num_groups, dtype=torch.bool)
+            for module, channel in record.groups:
+                try:
+                    mask[self.graph.group_of(module, channel)] = True
+                except GraphError as error:
+                    raise GraphError(f"The surgery history does not fit this model: {error}") from error
+            try:
+                self.remove(Removal(mask), step=record.step, seconds=record.seconds)
+            except GraphError as error:
+                raise GraphError(f"The surgery history does not fit this model: {error}") from error
+
+
+def _layers(graph: ChannelGraph) -> list[nn.Module]:
+    return [graph.model.get_submodule(n) for n in graph.spatial]
+
+
+class _Plan:
+    """Every new tensor of a surgery, computed before any is assigned."""
+
+    def __init__(self) -> None:
+        self.params: list[tuple[nn.Parameter, Tensor, object]] = []  # (param, new data, slicer)
+        self.buffers: list[tuple[nn.Module, str, Tensor]] = []
+        self.attributes: list[tuple[nn.Module, str, int]] = []
+        self.state: list[tuple[dict, str, Tensor]] = []
+        self.grads: list[tuple[nn.Parameter, Tensor]] = []
+
+    def module(self, name: str, module: nn.Module, keep: dict[str, Tensor | None], fold: Tensor | None) -> None:
+        out_keep, in_keep, member_keep = keep.get("outputs"), keep.get("inputs"), keep.get("members")
+        if isinstance(module, (_ConvNd, nn.Linear)):
+            weight_shape = module.weight.shape
+            depthwise = is_depthwise(module)
+            out_count = weight_shape[0]
+
+            def slicer(t: Tensor) -> Tensor | None:
+                if t.shape == weight_shape:
+                    if out_keep is not None:
+                        t = t.index_select(0, out_keep.to(t.device))
+                    if in_keep is not None and not depthwise:
+                        t = t.index_select(1, in_keep.to(t.device))
+                    return t
+                if t.dim() == 1 and t.shape[0] == out_count:
+                    return t if out_keep is None else t.index_select(0, out_keep.to(t.device))
+                return None
+
+            if fold is not None:  # fold constants into the bias before its outputs are sliced
+                bias = module.bias
+                self.params.append((bias, slicer(bias.detach() + fold.to(bias.dtype)), slicer))
+                self._tensors(module, slicer, skip={id(bias)})
+            else:
+                self._tensors(module, slicer)
+            new_out = out_count if out_keep is None else len(out_keep)
+            new_in = (module.in_channels if isinstance(module, _ConvNd) else module.in_features)
+            if in_keep is not None:
+                new_in = len(in_keep)
+            if isinstance(module, _ConvNd):
+                if depthwise:
+                    self.attributes.append((module, "groups", new_in))
+                self.attributes += [(module, "out_channels", new_out), (module, "in_channels", new_in)]
+            else:
+                self.attributes += [(module, "out_features", new_out), (module, "in_features", new_in)]
+        elif member_keep is not None:
+            count = channels_of(module)
+
+            def slicer(t: Tensor) -> Tensor | None:
+                return t.index_select(0, member_keep.to(t.device)) if t.dim() >= 1 and t.shape[0] == count else None
+
+            self._tensors(module, slicer)
+            for attr in ("num_features", "num_parameters", "num_channels"):
+                if hasattr(module, attr):
+                    self.attributes.append((module, attr, len(member_keep)))
+        else:
+            raise GraphError(f"Module '{name}' ({type(module).__name__}) has channels to remove but no known layout.")
+
+    def _tensors(self, module: nn.Module, slicer, skip: set[int] = frozenset()) -> None:
+        for owner in module.modules():
+            for pname, p in owner._parameters.items():
+                if p is None or id(p) in skip:
+                    continue
+                new = slicer(p.detach())
+                if new is None:
+                    if p.dim() > 0:
+                        raise GraphError(f"Cannot tell how to slice parameter '{pname}' {tuple(p.shape)} of {owner}.")
+                    continue
+                self.params.append((p, new, slicer))
+            for bname, b in owner._buffers.items():
+                if b is None or b.dim() == 0:
+                    continue
+                new = slicer(b)
+                if new is None:
+                    raise GraphError(f"Cannot tell how to slice buffer '{bname}' {tuple(b.shape)} of {owner}.")
+                self.buffers.append((owner, bname, new))
+
+    def optimizer_state(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        for p, _, slicer in self.params:
+            if p.grad is not None:
+                self.grads.append((p, slicer(p.grad)))
+            for optimizer in optimizers:
+                state = optimizer.state.get(p)
+                if not state:
+                    continue
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0:
+                        self.state.append((state, key, slicer(value)))
+
+    def apply(self) -> None:
+        for state, key, value in self.state:
+            state[key] = value
+        for p, new, _ in self.params:
+            p.data = new.contiguous()
+        for p, grad in self.grads:
+            p.grad = grad.contiguous()
+        for module, name, value in self.buffers:
+            module._buffers[name] = value.contiguous()
+        for module, name, value in self.attributes:
+            setattr(module, name, value)
