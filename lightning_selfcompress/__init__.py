@@ -1,7 +1,17 @@
 """A network that compresses itself while it trains: learned per-channel bit depths inside a Lightning run."""
 
-from .callbacks import SelfCompression
-from .core import QuantizationConfig, SizeModel, attach_quantizers, quantize
+from .callbacks import ChannelSurgeon, SelfCompression
+from .core import ChannelGraph, QuantizationConfig, SizeModel, Surgeon, attach_quantizers, load_compressed, quantize
 
-__all__ = ["QuantizationConfig", "SelfCompression", "SizeModel", "attach_quantizers", "quantize"]
+__all__ = [
+    "ChannelGraph",
+    "ChannelSurgeon",
+    "QuantizationConfig",
+    "SelfCompression",
+    "SizeModel",
+    "Surgeon",
+    "attach_quantizers",
+    "load_compressed",
+    "quantize",
+]
 __version__ = "0.1.0"

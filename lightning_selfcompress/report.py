@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .core.size import SizeReport
 
-__all__ = ["print_size_table", "write_json"]
+__all__ = ["print_size_table", "print_surgery_table", "write_json"]
 
 
 def print_size_table(report: SizeReport, title: str, console: Console | None = None) -> None:
@@ -42,6 +42,24 @@ def print_size_table(report: SizeReport, title: str, console: Console | None = N
         f"{report.size_bytes:,} bytes ({report.storage_bytes:,} with whole-bit storage) vs "
         f"{report.float32_bytes:,} float32 bytes: {report.percent_of_float32:.2f}% of float32 bits"
     )
+
+
+def print_surgery_table(rows: list[dict[str, Any]], history: list, console: Console | None = None) -> None:
+    """Per layer, output channels and weights before and after the surgeries of this run."""
+    table = Table(title=f"Channel surgery: {len(history)} surgeries")
+    for column in ("layer", "channels", "weights"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for row in rows:
+        table.add_row(
+            row["layer"],
+            f"{row['channels_after']}/{row['channels_before']}",
+            f"{row['weights_after']:,}/{row['weights_before']:,}",
+        )
+    table.add_section()
+    total = {k: sum(r[k] for r in rows) for k in ("channels_before", "channels_after", "weights_before", "weights_after")}
+    table.add_row("total", f"{total['channels_after']}/{total['channels_before']}",
+                  f"{total['weights_after']:,}/{total['weights_before']:,}")  # fmt: skip
+    (console or Console()).print(table)
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:

@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule)
     train_seconds = time.perf_counter() - start
     (test,) = trainer.test(module, datamodule, verbose=False)
-    size = compression.size.report() if compression else float_size_report(module)
+    size = compression.report(module) if compression else float_size_report(module)
     report = {
         "name": cfg.name,
         "test_accuracy": test["test/accuracy"],

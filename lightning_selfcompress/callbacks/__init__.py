@@ -1,5 +1,6 @@
 """Thin Lightning adapters over the core."""
 
 from .selfcompression import SelfCompression
+from .surgeon import ChannelSurgeon
 
-__all__ = ["SelfCompression"]
+__all__ = ["ChannelSurgeon", "SelfCompression"]

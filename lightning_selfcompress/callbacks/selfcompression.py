@@ -68,8 +68,18 @@ class SelfCompression(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before configure_optimizers (so the user's optimizer holds b and e) and before a checkpoint's weights load.
         attach_quantizers(pl_module, self.config)
-        if self.size is None or set(self.size.layers) != set(quantized_layers(pl_module)):
-            self.size = SizeModel(pl_module)
+        if self.size is None or set(self.size.layers) != set(quantized_layers(pl_module)) or self.size.stale():
+            self.size = SizeModel(pl_module, self.size.float_weights if self.size else None)
+
+    def report(self, pl_module: pl.LightningModule) -> SizeReport:
+        """The size of `pl_module` now."""
+        return self._current_size(pl_module).report()
+
+    def _current_size(self, pl_module: pl.LightningModule) -> SizeModel:
+        """The size model, rebuilt after a surgeon (ChannelSurgeon) changed layer shapes."""
+        if self.size.stale():
+            self.size = SizeModel(pl_module, self.size.float_weights)
+        return self.size
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -92,12 +102,13 @@ class SelfCompression(Callback):
     ) -> None:
         # Called once per optimizer step, after the accumulated backward passes and after AMP unscaling.
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        bits = [m.weight_quantizer.bits for m in self.size.layers.values() if id(m.weight_quantizer.bits) in held]
+        size = self._current_size(pl_module)
+        bits = [m.weight_quantizer.bits for m in size.layers.values() if id(m.weight_quantizer.bits) in held]
         if not bits:
             return
         self._check_finite(pl_module)
         with torch.enable_grad(), torch.autocast(bits[0].device.type, enabled=False):
-            bits_per_weight = self.size.bits_per_weight()
+            bits_per_weight = size.bits_per_weight()
             self._bits_per_weight = bits_per_weight.item()
             self._gamma = self.schedule.value(self._bits_per_weight)
             loss = self._gamma * bits_per_weight
@@ -133,7 +144,7 @@ class SelfCompression(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        report = self.size.report()
+        report = self._current_size(pl_module).report()
         pl_module.log_dict(
             {
                 "selfcompress/channels_alive": float(report.channels_alive),
@@ -145,7 +156,7 @@ class SelfCompression(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.last_report = self.size.report()
+        self.last_report = self._current_size(pl_module).report()
         self._print(self.last_report)
 
     @rank_zero_only
@@ -160,8 +171,11 @@ class SelfCompression(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": self.schedule.state_dict()}
+        return {"schedule": self.schedule.state_dict(), "float_weights": self.size.float_weights if self.size else None}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Restored after setup(): the weight count of the float network, which the model no longer has after surgery.
         self.schedule.load_state_dict(state_dict["schedule"])
+        if self.size is not None and state_dict.get("float_weights"):
+            self.size.float_weights = int(state_dict["float_weights"])

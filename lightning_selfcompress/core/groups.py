@@ -182,6 +182,10 @@ class ChannelGraph:
             {name: self.groups_of(slots) for name, slots in self._tables[t].items()}
             for t in ("outputs", "inputs", "members")
         )
+        self._keys: dict[int, tuple[str, int]] = {}
+        for name, groups in self.outputs.items():
+            for channel, group in enumerate(groups.tolist()):
+                self._keys.setdefault(group, (name, channel))
         self.removed = torch.zeros(self.num_groups, dtype=torch.bool)
         self.pinned_mask = torch.zeros(self.num_groups, dtype=torch.bool)
         self.pinned_mask[list(self.pinned)] = True
@@ -233,6 +237,10 @@ class ChannelGraph:
     def producers(self, group: int) -> list[tuple[str, int]]:
         """(module, original output channel) of each producer of `group`."""
         return [(n, int(i)) for n, g in self.outputs.items() for i in (g == group).nonzero().flatten()]
+
+    def key(self, group: int) -> tuple[str, int]:
+        """The group's name: its first producer's (module, original output channel)."""
+        return self._keys[group]
 
     def group_of(self, module: str, channel: int) -> int:
         if module not in self.outputs or not 0 <= channel < len(self.outputs[module]):

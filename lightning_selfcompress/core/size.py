@@ -103,13 +103,18 @@ def float_size_report(model: nn.Module) -> SizeReport:
 
 
 class SizeModel:
-    """Size accounting for the quantized layers of one model. The channel graph is traced once, here."""
+    """Size accounting for the quantized layers of one model. The channel graph is traced once, here.
 
-    def __init__(self, model: nn.Module) -> None:
+    `float_weights` is the weight count of the float network the size is measured against; it defaults to the
+    model's now, and is passed on when channels have been removed since.
+    """
+
+    def __init__(self, model: nn.Module, float_weights: int | None = None) -> None:
         self.layers = quantized_layers(model)
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no quantized layer; attach quantizers first.")
-        self.float_weights = sum(m.weight.numel() for m in self.layers.values())
+        self.float_weights = float_weights or sum(m.weight.numel() for m in self.layers.values())
+        self._shapes = [m.weight.shape for m in self.layers.values()]
         index = {name: i for i, name in enumerate(self.layers)}
         sources = input_sources(model)
         self._plans = []
@@ -128,6 +133,10 @@ class SizeModel:
                             edges[p][1].append(ch)
             edge_tensors = [(p, torch.tensor(ins), torch.tensor(chs)) for p, (ins, chs) in edges.items()]
             self._plans.append((always_live, edge_tensors, groups, kernel))
+
+    def stale(self) -> bool:
+        """Whether a layer changed shape since this was built (channels were removed): then build it anew."""
+        return any(m.weight.shape != shape for m, shape in zip(self.layers.values(), self._shapes))
 
     def _live_inputs(self, alive: list[Tensor]) -> list[Tensor]:
         """Per layer, the number of live input weights behind each output channel (live inputs x kernel)."""

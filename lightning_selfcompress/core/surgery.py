@@ -14,16 +14,21 @@ into its bias (a Linear, or a convolution without padding, so that every output 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .groups import ChannelGraph, GraphError, channels_of, is_depthwise
+from .quant import QuantizationConfig, attach_quantizers
 
-__all__ = ["Removal", "Surgeon", "SurgeryRecord"]
+__all__ = ["Removal", "Surgeon", "SurgeryRecord", "load_compressed", "SURGEON_STATE_KEY"]
+
+SURGEON_STATE_KEY = "ChannelSurgeon"  # where a Lightning checkpoint keeps the surgeon's state
 
 
 @dataclass
@@ -38,7 +43,7 @@ class Removal:
         return int(self.groups.sum())
 
 
-@dataclass(frozen=True)
+@dataclass
 class SurgeryRecord:
     """One surgery, in original indexing: each removed group named by its first producer's (module, channel)."""
 
@@ -115,6 +120,59 @@ class Surgeon:
             dead = self._dead_outputs(name)
             alive[groups[~dead] if dead is not None else groups] = True
         return has_producer & ~alive & ~g.removed & ~g.pinned_mask
+
+    @torch.no_grad()
+    def pull_constants(self, amount: float) -> int:
+        """The paper's L1 pull on what a dead channel still emits, as a proximal step: shrink producer biases and
+        norm shifts of dead groups by `amount` towards zero, stopping at zero. Returns how many groups are dead."""
+        g = self.graph
+        dead = self.dead_groups()
+        if dead.any():
+            for table in (g.outputs, g.members):
+                for name, where in self._positions(table, dead):
+                    bias = getattr(g.model.get_submodule(name), "bias", None)
+                    if isinstance(bias, Tensor) and bias.dim() == 1 and len(bias) == len(where):
+                        where = where.to(bias.device)
+                        chosen = bias.data[where]
+                        bias.data[where] = chosen.sign() * (chosen.abs() - amount).clamp_min(0)
+        return int(dead.sum())
+
+    @torch.no_grad()
+    def settle_statistics(self) -> int:
+        """Set the running statistics of dead channels to the limits their running averages approach: the
+        channel's constant as the mean, zero variance. In eval mode such a channel then emits the norm's shift, as
+        in train mode, so the two modes agree and the constant can be removed or folded exactly. This changes the
+        eval-mode output slightly (as the running averages would have, given time); run it before a surgery, not
+        inside one. Returns the number of channels settled."""
+        g = self.graph
+        dead = self.dead_groups()
+        if not dead.any():
+            return 0
+        train = g.constants(True, self._dead_outputs)
+        settled = 0
+        for step in g.steps:
+            if step.kind != "norm":
+                continue
+            module = g.model.get_submodule(step.payload)
+            if getattr(module, "running_mean", None) is None:
+                continue
+            groups = g.members[step.payload]
+            present = ~g.removed[groups]
+            value = train[step.sources[0]][present]
+            where = dead[groups[present]] & value.isfinite()
+            if where.any():
+                device = module.running_mean.device
+                module.running_mean[where.to(device)] = value[where].to(device, module.running_mean.dtype)
+                module.running_var[where.to(device)] = 0.0
+                settled += int(where.sum())
+        return settled
+
+    def _positions(self, table: dict[str, Tensor], groups: Tensor):
+        """Per module of `table`: a mask over its current positions of those in `groups` (modules with none skipped)."""
+        for name, original in table.items():
+            where = groups[original[~self.graph.removed[original]]]
+            if where.any():
+                yield name, where
 
     @torch.no_grad()
     def find(self) -> Removal:
@@ -196,7 +254,7 @@ class Surgeon:
         g.removed |= remove
         record = SurgeryRecord(
             step=step,
-            groups=[g.producers(int(i))[0] for i in remove.nonzero().flatten()],
+            groups=[g.key(i) for i in remove.nonzero().flatten().tolist()],
             channels={k: v for k, v in channels.items() if v},
             weights_removed=weights_before - sum(m.weight.numel() for m in _layers(g)),
             seconds=seconds,
@@ -323,3 +381,32 @@ class _Plan:
             module._buffers[name] = value.contiguous()
         for module, name, value in self.attributes:
             setattr(module, name, value)
+
+
+def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any], strict: bool = True) -> nn.Module:
+    """Rebuild a compressed model for inference from a freshly built `model` (the module the callbacks trained,
+    e.g. the LightningModule) and a checkpoint written during or after compression: replay the surgery history,
+    attach quantizers where the checkpoint has them, then load the weights. Returns `model`, in eval mode.
+    """
+    if not isinstance(checkpoint, Mapping):
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    surgeon_state = checkpoint.get("callbacks", {}).get(SURGEON_STATE_KEY, {})
+    if surgeon_state.get("history"):
+        example = torch.zeros(surgeon_state["input_shape"], dtype=getattr(torch, surgeon_state["input_dtype"]))
+        Surgeon(ChannelGraph(model, example)).replay(surgeon_state["history"])
+    quantized = sorted(k.removesuffix(".weight_quantizer.bits") for k in state_dict if k.endswith(".weight_quantizer.bits"))
+    if quantized:
+        config = QuantizationConfig(include=tuple(quantized))
+        attach_quantizers(model, config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            f"The checkpoint does not fit {type(model).__name__} after replaying its history: missing keys "
+            f"{missing[:5]}, unexpected keys {unexpected[:5]}. Build the model with the same class and arguments "
+            "as the one that was trained."
+        )
+    return model.eval()

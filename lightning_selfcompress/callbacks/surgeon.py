@@ -1,0 +1,230 @@
+"""Lightning adapter for the structural surgeon: remove dead channels while training, keep the history in checkpoints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from typing_extensions import override
+
+from ..core.groups import ChannelGraph
+from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord
+from ..report import print_surgery_table
+
+__all__ = ["ChannelSurgeon"]
+
+
+class ChannelSurgeon(Callback):
+    """Physically removes channel groups whose bit depth reached 0 and whose constant output is provably harmless,
+    from every layer that produces, normalises or consumes them, optimizer state included. Pairs with
+    `SelfCompression`; the LightningModule is not changed.
+
+    Args:
+        every_n_steps: run a surgery after every this many optimizer steps (None: never by steps).
+        on_epoch_end: also run one at the end of every training epoch.
+        constant_pull: per step, how far the biases and norm scales/shifts of dead channels are pulled towards
+            zero (the paper's L1 pull, as a proximal step), so that their constant output can be removed. 0: off.
+        atol: how far from zero (or from train/eval agreement, for folding) a dead channel's constant may be.
+            0 (the default) removes only what provably leaves the function unchanged.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = 100,
+        *,
+        on_epoch_end: bool = False,
+        constant_pull: float = 1e-3,
+        atol: float = 0.0,
+    ) -> None:
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer, or None.")
+        if every_n_steps is None and not on_epoch_end:
+            raise ValueError("ChannelSurgeon would never run: set every_n_steps or on_epoch_end=True.")
+        if not constant_pull >= 0:
+            raise ValueError(f"constant_pull={constant_pull} must be >= 0 (0 turns the pull off).")
+        if not atol >= 0:
+            raise ValueError(f"atol={atol} must be >= 0.")
+        self.every_n_steps = every_n_steps
+        self.on_epoch_end = on_epoch_end
+        self.constant_pull = constant_pull
+        self.atol = atol
+        self.surgeon: Surgeon | None = None
+        self.example_input: Tensor | None = None
+        self.original: dict[str, tuple[int, int]] = {}  # module -> (output channels, weights) as first traced
+        self._restore = None
+        self._last_step = -1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return SURGEON_STATE_KEY
+
+    @property
+    def history(self) -> list[SurgeryRecord]:
+        return self.surgeon.history if self.surgeon else []
+
+    # ---- set-up and resume ---------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                f"ChannelSurgeon runs on one device for now (this trainer has {trainer.world_size} processes): "
+                "surgery changes parameter shapes, which a DistributedDataParallel wrapper cannot follow."
+            )
+        averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, (StochasticWeightAveraging, WeightAveraging))]
+        if averaging:
+            raise RuntimeError(
+                f"ChannelSurgeon cannot be combined with {averaging}: the averaged copy of the weights would keep "
+                "the removed channels. Drop one of the two callbacks."
+            )
+        if self.surgeon is not None and self.surgeon.graph.model is not pl_module:
+            self.surgeon = None  # a different module than the one traced
+        # Lightning restores weights after setup() and before callback state, via the strategy: the history in the
+        # checkpoint must reshape the model just before the weights load, so wrap that one call.
+        strategy = trainer.strategy
+        load = strategy.load_model_state_dict
+
+        def replay_then_load(checkpoint: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+            self._replay(pl_module, checkpoint.get("callbacks", {}).get(self.state_key), trainer)
+            return load(checkpoint, *args, **kwargs)
+
+        strategy.load_model_state_dict = replay_then_load
+        self._restore = (strategy, load)
+
+    def _replay(self, pl_module: pl.LightningModule, state: Mapping[str, Any] | None, trainer: pl.Trainer) -> None:
+        if not state or not state.get("history"):
+            return
+        if self.surgeon is not None and self.surgeon.history:
+            if [r.to_dict() for r in self.surgeon.history] == list(state["history"]):
+                return  # this module was cut in this process already
+            raise RuntimeError("ChannelSurgeon: the module was already cut differently from the checkpoint's history.")
+        example = torch.zeros(state["input_shape"], dtype=getattr(torch, state["input_dtype"]))
+        self._trace(pl_module, example)
+        self.surgeon.replay(state["history"])
+        self.surgeon.graph.check_unchanged()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._restore is not None:
+            strategy, load = self._restore
+            strategy.load_model_state_dict = load
+            self._restore = None
+
+    def _trace(self, pl_module: pl.LightningModule, example: Tensor) -> None:
+        device = next(pl_module.parameters()).device
+        self.example_input = example.detach()[:2].to(device)
+        graph = ChannelGraph(pl_module, self.example_input)
+        self.surgeon = Surgeon(graph, self.atol)
+        self.original = {
+            name: (len(groups), pl_module.get_submodule(name).weight.numel()) for name, groups in graph.outputs.items()
+        }
+
+    # ---- training ------------------------------------------------------------------------------------------------
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.surgeon is None:
+            example = pl_module.example_input_array
+            example = example if isinstance(example, Tensor) else _first_tensor(batch)
+            if example is None:
+                raise RuntimeError(
+                    "ChannelSurgeon needs an example input to trace the model: the batch holds no tensor. Set "
+                    "`example_input_array` on the LightningModule."
+                )
+            self._trace(pl_module, example)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # within a gradient-accumulation window: act once per optimizer step
+            return
+        self._last_step = step
+        if self.constant_pull:
+            dead = self.surgeon.pull_constants(self.constant_pull)
+            pl_module.log("surgeon/dead_groups", float(dead), on_step=True, on_epoch=False)
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+            self.operate(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_epoch_end and self.surgeon is not None:
+            self.operate(trainer, pl_module)
+
+    def operate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SurgeryRecord | None:
+        """One surgery now: find the removable groups and remove them from the model and the optimizers."""
+        self.surgeon.settle_statistics()  # a training-time step, like the pull; the surgery itself changes nothing
+        start = time.perf_counter()
+        removal = self.surgeon.find()
+        if not removal.count:
+            return None
+        record = self.surgeon.remove(removal, trainer.optimizers, step=trainer.global_step)
+        seconds = time.perf_counter() - start
+        record.seconds = round(seconds, 4)
+        pl_module.log_dict(
+            {
+                "surgeon/channels_removed": float(sum(record.channels.values())),
+                "surgeon/weights_removed": float(record.weights_removed),
+                "surgeon/seconds": seconds,
+                "surgeon/macs": float(self.surgeon.graph.macs()),
+            },
+            on_step=True,
+            on_epoch=False,
+        )
+        return record
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.surgeon is not None:
+            self._print(pl_module)
+
+    def summary(self, pl_module: pl.LightningModule) -> list[dict[str, Any]]:
+        """Per producer layer: output channels and weights as first traced, and now."""
+        rows = []
+        for name, (channels, weights) in self.original.items():
+            module = pl_module.get_submodule(name)
+            rows.append(
+                {
+                    "layer": name,
+                    "channels_before": channels,
+                    "channels_after": int(module.weight.shape[0]),
+                    "weights_before": weights,
+                    "weights_after": module.weight.numel(),
+                }
+            )
+        return rows
+
+    @rank_zero_only
+    def _print(self, pl_module: pl.LightningModule) -> None:
+        print_surgery_table(self.summary(pl_module), self.history)
+
+    # ---- checkpoint ----------------------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.surgeon is None:
+            return {"history": []}
+        return {
+            "history": [r.to_dict() for r in self.history],
+            "input_shape": list(self.example_input.shape),
+            "input_dtype": str(self.example_input.dtype).removeprefix("torch."),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The history was replayed before the weights loaded (see setup); here it only has to agree.
+        if state_dict.get("history") and [r.to_dict() for r in self.history] != list(state_dict["history"]):
+            raise RuntimeError("ChannelSurgeon: the checkpoint's surgery history was not replayed on this model.")
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    if isinstance(batch, Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else ()
+    return next((v for v in values if isinstance(v, Tensor)), None)
