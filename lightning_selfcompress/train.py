@@ -12,13 +12,37 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from .callbacks import SelfCompression
+from .callbacks import ChannelSurgeon, SelfCompression
 from .core.size import float_size_report
 from .models import ImageClassifier
 from .report import print_size_table, write_json
 
 _PACKAGED = Path(__file__).parent / "conf"
 CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else Path(__file__).parent.parent / "conf")
+
+
+def _surgery_summary(surgeon: ChannelSurgeon | None, module: pl.LightningModule) -> dict | None:
+    if surgeon is None or surgeon.surgeon is None:
+        return None
+    rows = surgeon.summary(module)
+    total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+    return {
+        "surgeries": len(surgeon.history),
+        "channels_before": total("channels_before"),
+        "channels_after": total("channels_after"),
+        "weights_before": total("weights_before"),
+        "weights_after": total("weights_after"),
+        "macs_after": surgeon.surgeon.graph.macs(),
+        "layers": rows,
+        "history": [r.to_dict() for r in surgeon.history],
+    }
+
+
+def _surgery_line(s: dict) -> str:
+    return (
+        f"Surgery: {s['surgeries']} cuts, {s['channels_after']}/{s['channels_before']} channels and "
+        f"{s['weights_after']:,}/{s['weights_before']:,} weights left.\n"
+    )
 
 
 def run(cfg: DictConfig) -> dict:
@@ -28,9 +52,10 @@ def run(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     module = ImageClassifier(instantiate(cfg.model), **cfg.optim)
     compression: SelfCompression | None = instantiate(cfg.compression) if cfg.compression else None
+    surgeon: ChannelSurgeon | None = instantiate(cfg.surgery) if cfg.get("surgery") else None
     trainer = pl.Trainer(
         **cfg.trainer,
-        callbacks=[compression] if compression else [],
+        callbacks=[c for c in (compression, surgeon) if c],
         logger=CSVLogger(out_dir, name="csv", version=""),
         default_root_dir=out_dir,
     )
@@ -43,6 +68,7 @@ def run(cfg: DictConfig) -> dict:
         "name": cfg.name,
         "test_accuracy": test["test/accuracy"],
         **size.to_dict(),
+        "surgery": _surgery_summary(surgeon, module),
         "train_steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -57,7 +83,8 @@ def run(cfg: DictConfig) -> dict:
             f"{size.bits_per_weight:.3f} bits per weight ({size.percent_of_float32:.2f}% of float32 bits), "
             f"{size.size_bytes:,} bytes vs {size.float32_bytes:,} float32 bytes, "
             f"{size.channels_alive}/{size.channels} channels alive, {train_seconds:.0f} s of training.\n"
-            f"Report: {path}"
+            + (_surgery_line(report["surgery"]) if report["surgery"] else "")
+            + f"Report: {path}"
         )
     return report
 
