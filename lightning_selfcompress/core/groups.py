@@ -275,13 +275,13 @@ def module_width(module: nn.Module, role: str) -> int:
 
 def _expand(values: Tensor, groups: Tensor, removed: Tensor) -> Tensor:
     """A module's current per-channel values placed at their original positions (removed ones 0)."""
-    out = torch.zeros(len(groups), dtype=torch.float32)
-    out[~removed[groups]] = values.detach().float().cpu()
+    out = torch.zeros(len(groups), dtype=torch.float64)
+    out[~removed[groups]] = values.detach().double().cpu()
     return out
 
 
 def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], training: bool, dead) -> Tensor:
-    nan = torch.full((len(step.slots),), float("nan"))
+    nan = torch.full((len(step.slots),), float("nan"), dtype=torch.float64)
     kind, payload = step.kind, step.payload
     if kind in ("new", "opaque"):
         return nan
@@ -291,13 +291,13 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
             return nan
         module = graph.model.get_submodule(payload)
         groups = graph.outputs[payload]
-        bias = _expand(module.bias, groups, graph.removed) if module.bias is not None else torch.zeros(len(groups))
+        bias = _expand(module.bias, groups, graph.removed) if module.bias is not None else torch.zeros(len(groups), dtype=torch.float64)
         return torch.where(mask, bias, nan)
     x = inputs[0] if inputs else None
     if kind == "norm":
         module, groups = graph.model.get_submodule(payload), graph.members[payload]
-        weight = _expand(module.weight, groups, graph.removed) if module.weight is not None else torch.ones(len(x))
-        bias = _expand(module.bias, groups, graph.removed) if module.bias is not None else torch.zeros(len(x))
+        weight = _expand(module.weight, groups, graph.removed) if module.weight is not None else torch.ones_like(x)
+        bias = _expand(module.bias, groups, graph.removed) if module.bias is not None else torch.zeros_like(x)
         if training or module.running_mean is None:  # batch statistics of a constant: mean c, variance 0
             return torch.where(x.isfinite(), bias, nan)
         mean = _expand(module.running_mean, groups, graph.removed)
@@ -308,7 +308,7 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
         if isinstance(fn, nn.PReLU) and fn.num_parameters > 1:
             weight = _expand(fn.weight, graph.members[payload], graph.removed)
             return torch.where(x >= 0, x, weight * x)
-        return fn(x.view(1, -1)).view(-1).float()
+        return fn(x.view(1, -1)).view(-1).double()
     if kind == "keep":
         return x.clone()
     if kind == "zeros_only" or (kind == "dropout" and training and payload > 0):

@@ -1,0 +1,196 @@
+"""The channel graph, and function preservation of surgery on a zoo of real architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from lightning_selfcompress.core.groups import ChannelGraph, GraphError
+from lightning_selfcompress.core.quant import attach_quantizers
+from lightning_selfcompress.core.surgery import Surgeon
+from lightning_selfcompress.models import BaselineCNN, ResNet9
+
+from surgery_helpers import SmallNet, choose, freeze_statistics, hold_at_zero
+
+
+def test_groups_follow_residual_adds_flatten_and_pins():
+    net = SmallNet(width=8)
+    graph = ChannelGraph(net, torch.randn(2, 3, 8, 8))
+    # the residual add ties the stem's channel i to the branch's channel i
+    assert torch.equal(graph.outputs["stem"], graph.outputs["branch.0"])
+    assert torch.equal(graph.members["bn"], graph.outputs["stem"])
+    # flatten after a 2x2 pool: each of mid's channels becomes 4 consecutive features of the head
+    assert torch.equal(graph.inputs["head"], graph.outputs["mid"].repeat_interleave(4))
+    assert all(int(g) in graph.pinned for g in graph.outputs["head"]), "the model's outputs are pinned"
+    assert graph.macs() == sum(m.weight.numel() * s for m, s in (
+        (net.stem, 64), (net.branch[0], 64), (net.mid, 64), (net.head, 1)))  # fmt: skip
+
+
+def test_grouped_convolution_channels_are_pinned_with_the_reason():
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
+    graph = ChannelGraph(net, torch.randn(1, 3, 8, 8))
+    reasons = {graph.pinned[int(g)] for g in graph.outputs["0"]}
+    assert reasons == {"feeds or leaves grouped convolution '2' (groups=2)"}
+
+
+def test_depthwise_convolution_ties_input_and_output_channels():
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), nn.Conv2d(6, 12, 3, groups=6), nn.Conv2d(12, 2, 1))
+    graph = ChannelGraph(net, torch.randn(1, 3, 8, 8))
+    assert torch.equal(graph.outputs["1"], graph.outputs["0"].repeat_interleave(2))
+
+
+def test_split_and_cat_map_channels_by_offset():
+    class SplitCat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(2, 3, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            left, right = self.a(x).split([4, 2], dim=1)
+            return self.c(torch.cat([left[:, 1:], self.b(right), x[:, :0]], 1))
+
+    graph = ChannelGraph(SplitCat(), torch.randn(1, 3, 4, 4))
+    a, b = graph.outputs["a"], graph.outputs["b"]
+    assert torch.equal(graph.inputs["b"], a[4:6])
+    assert torch.equal(graph.inputs["c"], torch.cat([a[1:4], b]))
+    assert int(a[0]) not in graph.pinned, "a channel nobody reads is free to go"
+
+
+def test_untraceable_model_is_a_clear_error():
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(GraphError, match="torch.fx cannot trace DataDependent"):
+        ChannelGraph(DataDependent(), torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("forward", "message"),
+    [
+        (lambda self, x: self.b(torch.softmax(self.a(x), dim=1)), "'softmax' is not an op it knows"),
+        (lambda self, x: self.b(self.a(x).sum(1, keepdim=True).expand(-1, 4, -1, -1)), "'sum' is not an op"),
+        (lambda self, x: self.b(self.a(x).permute(0, 2, 1, 3)), "channels are moved out of dim 1"),
+        (lambda self, x: self.b(self.a(x) * self.scale), "per-channel tensor that is not a parameter"),
+    ],
+    ids=["softmax", "sum-over-channels", "permute", "free-parameter"],
+)
+def test_an_op_it_cannot_follow_is_a_clear_error_naming_the_node(forward, message):
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+            self.scale = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+    Odd.forward = forward
+    with pytest.raises(GraphError, match=message) as error:
+        ChannelGraph(Odd(), torch.randn(1, 3, 4, 4))
+    assert "node '" in str(error.value)
+
+
+def test_a_model_changed_after_tracing_is_refused():
+    net = SmallNet()
+    surgeon = Surgeon(ChannelGraph(net, torch.randn(2, 3, 8, 8)))
+    net.mid = nn.Conv2d(8, 12, 1)
+    with pytest.raises(GraphError, match="Module 'mid' .* changed after tracing"):
+        surgeon.find()
+
+
+# ---- function preservation on a zoo ------------------------------------------------------------------------------
+
+ZOO = {
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32)),
+    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
+    "resnext50_32x4d": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), (3, 32, 32)),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 32, 32)),
+    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (3, 32, 32)),
+    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32, 32)),
+    "resnet9": (lambda: ResNet9(3, 10, width=16), (3, 32, 32)),
+    "baseline_cnn": (lambda: BaselineCNN(1, 10), (1, 28, 28)),
+}
+LARGE = {"resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO]
+)
+def test_surgery_preserves_the_function_in_train_and_eval_mode(name):
+    make, shape = ZOO[name]
+    net = make().double()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    with torch.no_grad():  # running statistics that are not the initial ones
+        net.train()(x)
+    freeze_statistics(net)
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # a dropout mask is drawn per element: with fewer channels it would be a different draw
+    attach_quantizers(net)
+    graph = ChannelGraph(net, x[:2])
+    surgeon = Surgeon(graph)
+    killed = choose(graph, 0.3)
+    hold_at_zero(graph, killed, bits=True)
+    before = {mode: net.train(mode)(x).detach() for mode in (True, False)}
+
+    removal = surgeon.find()
+    assert torch.equal(removal.groups, killed), "exactly the killed groups are found removable"
+    record = surgeon.remove(removal)
+    assert record.weights_removed > 0
+
+    for mode in (True, False):
+        after = net.train(mode)(x).detach()
+        torch.testing.assert_close(after, before[mode], rtol=1e-5, atol=1e-5 * before[mode].abs().max().item())
+    graph.check_unchanged()
+
+
+def test_a_dead_constant_is_folded_into_the_next_bias_exactly():
+    """BaselineCNN: conv -> ReLU -> BN -> max-pool -> reshape -> 1x1 conv classifier. A dead channel of the last
+    feature conv emits BN's shift in train mode and, with settled statistics, in eval mode too: it folds into the
+    classifier's bias."""
+    net = BaselineCNN(1, 10, width=4).double()
+    attach_quantizers(net)
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    graph = ChannelGraph(net, x[:2])
+    surgeon = Surgeon(graph)
+    last, bn = net.features[8], net.features[10]
+    with torch.no_grad():
+        last.weight_quantizer.bits[[1, 5]] = 0.0
+        last.bias[[1, 5]] = 0.3  # after ReLU 0.3, which eval mode normalises with running statistics (0, 1)
+        bn.bias.copy_(torch.linspace(-0.5, 0.5, 8, dtype=torch.float64))
+    freeze_statistics(net)
+    assert not surgeon.find().count, "train (shift) and eval (running statistics) constants differ: not yet"
+    assert surgeon.settle_statistics() == 2
+    before = {mode: net.train(mode)(x).detach() for mode in (True, False)}
+    removal = surgeon.find()
+    assert removal.count == 2 and set(removal.folds) == {"classifier"}
+    surgeon.remove(removal)
+    assert last.out_channels == 6 and bn.num_features == 6 and net.classifier.in_channels == 6 * 9
+    for mode in (True, False):
+        torch.testing.assert_close(net.train(mode)(x).detach(), before[mode], rtol=1e-10, atol=1e-10)
+
+
+def test_a_constant_that_relu_zeroes_is_removed_and_a_positive_one_waits_for_the_pull():
+    net = ResNet9(3, 10, width=8)
+    attach_quantizers(net)
+    x = torch.randn(4, 3, 32, 32)
+    surgeon = Surgeon(ChannelGraph(net, x[:2]))
+    conv, bn = net.layer2[0][0], net.layer2[0][1]  # conv (padding 1, no bias) -> BN -> ReLU
+    with torch.no_grad():
+        conv.weight_quantizer.bits[[0, 1]] = 0.0
+        bn.bias[0], bn.bias[1] = -0.2, 0.003
+    surgeon.settle_statistics()
+    removal = surgeon.find()
+    assert removal.count == 1 and not removal.folds, "beta <= 0: ReLU maps the constant to 0"
+    surgeon.remove(removal)
+    assert conv.out_channels == 31
+    assert surgeon.pull_constants(0.002) == 1 and bn.bias[0].item() == pytest.approx(0.001)
+    assert not surgeon.find().count
+    surgeon.pull_constants(0.002)
+    assert bn.bias[0].item() == 0.0, "the proximal pull stops at exactly zero"
+    assert surgeon.find().count == 1
