@@ -10,21 +10,21 @@ from lightning_selfcompress.core.groups import ChannelGraph
 
 
 class SmallNet(nn.Module):
-    """Conv-BN-ReLU stem, a residual branch (coupled producers), pooling and a flatten into a Linear."""
+    """Conv-BN-ReLU stem, a residual branch (coupled producers), a conv with a bias, pooling and a flatten into a
+    Linear. (No bias right before a BatchNorm: its gradient is round-off noise there, which Adam would amplify.)"""
 
     def __init__(self, width: int = 8, classes: int = 5) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(width)
-        self.branch = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.mid = nn.Conv2d(width, 2 * width, 1)
-        self.mid_bn = nn.BatchNorm2d(2 * width)
         self.head = nn.Linear(2 * width * 4, classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn(self.stem(x)))
         x = x + self.branch(x)
-        x = F.relu(self.mid_bn(self.mid(x)))
+        x = F.relu(self.mid(x))
         return self.head(F.adaptive_avg_pool2d(x, 2).flatten(1))
 
 

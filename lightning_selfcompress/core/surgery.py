@@ -402,11 +402,12 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
     if quantized:
         config = QuantizationConfig(include=tuple(quantized))
         attach_quantizers(model, config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if strict and (missing or unexpected):
+    try:
+        model.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as error:
         raise RuntimeError(
-            f"The checkpoint does not fit {type(model).__name__} after replaying its history: missing keys "
-            f"{missing[:5]}, unexpected keys {unexpected[:5]}. Build the model with the same class and arguments "
-            "as the one that was trained."
-        )
+            f"The checkpoint does not fit {type(model).__name__} after replaying its surgery history "
+            f"({len(surgeon_state.get('history', []))} surgeries). Build the model with the same class and arguments "
+            f"as the one that was trained. {error}"
+        ) from error
     return model.eval()

@@ -1,0 +1,179 @@
+"""Surgery in place: optimizer state, gradients, frozen parameters, atomicity, history replay, load_compressed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_selfcompress.core.groups import ChannelGraph, GraphError
+from lightning_selfcompress.core.quant import attach_quantizers
+from lightning_selfcompress.core.surgery import Removal, Surgeon, load_compressed
+
+from surgery_helpers import SmallNet, choose, hold_at_zero
+
+OPTIMIZERS = {
+    "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+    "sgd-nesterov-wd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    "sgd-fused": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, fused=True)),
+    "adam": (torch.optim.Adam, dict(lr=0.01)),
+    "adam-amsgrad-foreach": (torch.optim.Adam, dict(lr=0.01, amsgrad=True, foreach=True)),
+    "adam-fused": (torch.optim.Adam, dict(lr=0.01, fused=True)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
+    "adamw-fused-amsgrad": (torch.optim.AdamW, dict(lr=0.01, amsgrad=True, fused=True)),
+    "nadam": (torch.optim.NAdam, dict(lr=0.01)),
+    "radam": (torch.optim.RAdam, dict(lr=0.01)),
+    "adamax": (torch.optim.Adamax, dict(lr=0.01)),
+    "rmsprop-centered-momentum": (torch.optim.RMSprop, dict(lr=0.003, momentum=0.5, centered=True)),
+    "adagrad": (torch.optim.Adagrad, dict(lr=0.05)),
+    "adagrad-foreach": (torch.optim.Adagrad, dict(lr=0.05, foreach=True)),
+}
+
+
+def train_steps(net, optimizer, batches, after_step=None) -> list[float]:
+    losses = []
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        if after_step:
+            after_step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_training_on_after_a_cut_equals_holding_the_channels_at_zero(name):
+    """Train a few steps, cut, train on: the losses and every kept weight equal a reference run in which the same
+    channels were merely held at zero throughout. Proves that optimizer state was sliced right, not just to shape."""
+    cls, kwargs = OPTIMIZERS[name]
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 8, 8, generator=generator, dtype=torch.float64),
+                torch.randint(0, 5, (8,), generator=generator)) for _ in range(8)]  # fmt: skip
+    cut = SmallNet().double()
+    graph = ChannelGraph(cut, batches[0][0][:2])
+    killed = choose(graph, 0.4, seed=3)
+    hold_at_zero(graph, killed)
+    reference = copy.deepcopy(cut)
+    reference_graph = ChannelGraph(reference, batches[0][0][:2])
+    opt_cut, opt_ref = cls(cut.parameters(), **kwargs), cls(reference.parameters(), **kwargs)
+
+    hold = lambda: hold_at_zero(reference_graph, killed)  # noqa: E731
+    losses_ref = train_steps(reference, opt_ref, batches, hold)
+    losses_cut = train_steps(cut, opt_cut, batches[:4], lambda: hold_at_zero(graph, killed))
+    names = {p: n for n, p in cut.named_parameters()}
+    state_before = {names[p]: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt_cut.state.items()}
+
+    Surgeon(graph).remove(Removal(killed), [opt_cut])
+    assert {k: int(v["step"]) for k, v in state_before.items() if "step" in v} == {
+        names[p]: int(s["step"]) for p, s in opt_cut.state.items() if "step" in s
+    }, "scalar state is kept"
+    losses_cut += train_steps(cut, opt_cut, batches[4:])
+
+    torch.testing.assert_close(torch.tensor(losses_cut), torch.tensor(losses_ref), rtol=1e-10, atol=1e-12)
+    kept = {name: reference_graph.kept(groups, killed) for name, groups in reference_graph.outputs.items()}
+    ref_params = dict(reference.named_parameters())
+    for pname, p in cut.named_parameters():
+        expected = ref_params[pname].detach()
+        module = pname.rsplit(".", 1)[0]
+        if module in reference_graph.outputs and kept[module] is not None:
+            expected = expected.index_select(0, kept[module])
+        if p.dim() > 1 and module in reference_graph.inputs:
+            inputs = reference_graph.kept(reference_graph.inputs[module], killed)
+            expected = expected if inputs is None else expected.index_select(1, inputs)
+        if module in reference_graph.members and p.dim() == 1:
+            members = reference_graph.kept(reference_graph.members[module], killed)
+            expected = expected if members is None else expected.index_select(0, members)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-12, msg=f"{pname} after the cut")
+
+
+def test_parameters_keep_identity_gradients_are_sliced_and_frozen_stay_frozen():
+    net = SmallNet()
+    x = torch.randn(4, 3, 8, 8)
+    graph = ChannelGraph(net, x[:2])
+    net.bn.weight.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    net(x).sum().backward()
+    optimizer.step()
+    ids = {n: id(p) for n, p in net.named_parameters()}
+    killed = choose(graph, 0.5)
+    record = Surgeon(graph).remove(Removal(killed), [optimizer])
+
+    assert {n: id(p) for n, p in net.named_parameters()} == ids
+    assert not net.bn.weight.requires_grad and net.bn.weight.grad is None
+    for p in net.parameters():
+        if p.grad is not None:
+            assert p.grad.shape == p.shape
+        if p in optimizer.state:
+            assert optimizer.state[p]["momentum_buffer"].shape == p.shape
+    removed = sum(record.channels.values())
+    assert removed == int(killed.sum()) * 2 - int(killed[graph.outputs["mid"]].sum()), "stem+branch are coupled"
+    assert net.stem.out_channels == net.bn.num_features == net.branch[0].in_channels == net.mid.in_channels
+    assert net.head.in_features == net.mid.out_channels * 4
+    net(x).sum().backward()  # and the network still trains
+    optimizer.step()
+
+
+def test_a_failing_surgery_leaves_model_and_optimizer_untouched():
+    net = SmallNet()
+    x = torch.randn(4, 3, 8, 8)
+    graph = ChannelGraph(net, x[:2])
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    net(x).sum().backward()
+    optimizer.step()
+    net.bn.register_buffer("odd", torch.zeros(3))  # a buffer the surgeon cannot slice, met late in the plan
+    snapshot = copy.deepcopy((net.state_dict(), optimizer.state_dict()))
+    with pytest.raises(GraphError, match="Cannot tell how to slice buffer 'odd'"):
+        Surgeon(graph).remove(Removal(choose(graph, 0.5)), [optimizer])
+    after = net.state_dict(), optimizer.state_dict()
+    torch.testing.assert_close(after, snapshot)
+    assert not graph.removed.any()
+
+
+def test_history_replays_on_a_fresh_model_and_a_mismatched_history_is_refused():
+    net = SmallNet()
+    attach_quantizers(net)
+    x = torch.randn(4, 3, 8, 8)
+    surgeon = Surgeon(ChannelGraph(net, x[:2]))
+    first, second = choose(surgeon.graph, 0.3, seed=1), None
+    surgeon.remove(Removal(first), step=10)
+    second = choose(surgeon.graph, 0.3, seed=2)
+    surgeon.remove(Removal(second), step=20)
+
+    fresh = SmallNet()
+    attach_quantizers(fresh)
+    replayed = Surgeon(ChannelGraph(fresh, x[:2]))
+    replayed.replay([r.to_dict() for r in surgeon.history])
+    assert {n: p.shape for n, p in fresh.named_parameters()} == {n: p.shape for n, p in net.named_parameters()}
+    assert [r.step for r in replayed.history] == [10, 20]
+
+    other = SmallNet(width=6)
+    with pytest.raises(GraphError, match="history does not fit this model"):
+        Surgeon(ChannelGraph(other, x[:2])).replay([r.to_dict() for r in surgeon.history])
+    with pytest.raises(GraphError, match="history does not fit this model: .*removed before"):
+        replayed.replay([surgeon.history[0].to_dict()])
+
+
+def test_load_compressed_rebuilds_the_model_from_a_checkpoint(tmp_path):
+    net = SmallNet()
+    attach_quantizers(net)
+    x = torch.randn(4, 3, 8, 8)
+    surgeon = Surgeon(ChannelGraph(net, x[:2]))
+    surgeon.remove(Removal(choose(surgeon.graph, 0.4)))
+    checkpoint = {
+        "state_dict": net.state_dict(),
+        "callbacks": {"ChannelSurgeon": {"history": [r.to_dict() for r in surgeon.history],
+                                         "input_shape": [2, 3, 8, 8], "input_dtype": "float32"}},
+    }  # fmt: skip
+    torch.save(checkpoint, tmp_path / "run.ckpt")
+    loaded = load_compressed(SmallNet(), tmp_path / "run.ckpt")
+    torch.testing.assert_close(loaded(x), net.eval()(x), rtol=0, atol=0)
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_compressed(SmallNet(), tmp_path / "missing.ckpt")
+    with pytest.raises(RuntimeError, match="does not fit SmallNet"):
+        load_compressed(SmallNet(), {"state_dict": net.state_dict()})
