@@ -200,13 +200,27 @@ class Surgeon:
                 fold = candidates[groups] & ~zero & foldable
                 if fold.any():
                     folds[name] = (fold, t)
-        removable = candidates & ~blocked
+        removable = self._keep_one_per_layer(candidates & ~blocked)
         corrections = {}
         for name, (fold, value) in folds.items():
             fold &= removable[g.inputs[name]]
             if fold.any():
                 corrections[name] = self._bias_correction(name, fold, value)
         return Removal(removable, corrections)
+
+    def _keep_one_per_layer(self, removable: Tensor) -> Tensor:
+        """PyTorch has no zero-width layers: where a module would lose every position, keep its first one."""
+        g = self.graph
+        changed = True
+        while changed:
+            changed = False
+            for table in (g.outputs, g.inputs, g.members):
+                for groups in table.values():
+                    present = groups[~g.removed[groups]]
+                    if len(present) and removable[present].all():
+                        removable[present[0]] = False
+                        changed = True
+        return removable
 
     def _bias_correction(self, name: str, fold: Tensor, value: Tensor) -> Tensor:
         g = self.graph

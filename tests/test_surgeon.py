@@ -1,0 +1,107 @@
+"""ChannelSurgeon in real Lightning runs on Fashion-MNIST: cutting while training, resume, load_compressed, errors."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
+
+from lightning_selfcompress import ChannelSurgeon, SelfCompression, load_compressed
+from lightning_selfcompress.models import BaselineCNN, ImageClassifier
+
+from conftest import trainer_kwargs
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = outputs["loss"].item()
+
+
+def module() -> ImageClassifier:
+    pl.seed_everything(0, verbose=False)
+    return ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
+
+
+def callbacks(every: int = 8) -> list[Callback]:
+    # a strong size term so that channels die within a few steps
+    return [SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3), ChannelSurgeon(every_n_steps=every, constant_pull=0.01)]
+
+
+def test_the_surgeon_cuts_while_training_and_the_optimizer_follows(tiny_fmnist, tmp_path):
+    net_module = module()
+    compression, surgeon = callbacks()
+    trainer = pl.Trainer(callbacks=[compression, surgeon], **trainer_kwargs(tmp_path, max_steps=32))
+    trainer.fit(net_module, tiny_fmnist)
+    assert surgeon.history, "channels were removed"
+    rows = surgeon.summary(net_module)
+    assert sum(r["channels_after"] for r in rows) < sum(r["channels_before"] for r in rows)
+    optimizer = trainer.optimizers[0]
+    for p in net_module.parameters():
+        for value in optimizer.state[p].values():
+            assert value.dim() == 0 or value.shape == p.shape
+    report = compression.report(net_module)
+    assert report.float_weights == sum(r["weights_before"] for r in rows), "size stays measured against the float net"
+    assert report.weights_kept <= sum(r["weights_after"] for r in rows)
+
+
+def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(tiny_fmnist, tmp_path):
+    """512 images in batches of 32: 16 steps an epoch; the run stops after epoch 2 (step 32) and resumes to 48."""
+    whole = LossRecorder()
+    first_surgeon = callbacks()
+    pl.Trainer(callbacks=[*first_surgeon, whole], **trainer_kwargs(tmp_path / "a", max_steps=48)).fit(module(), tiny_fmnist)
+
+    first = LossRecorder()
+    part = callbacks()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=32, save_top_k=-1)
+    trainer = pl.Trainer(callbacks=[*part, first, saver], **trainer_kwargs(tmp_path / "b", max_steps=32, enable_checkpointing=True))
+    trainer.fit(module(), tiny_fmnist)
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert part[1].history, "the checkpoint is taken after a surgery"
+
+    resumed = LossRecorder()
+    fresh_callbacks = callbacks()
+    pl.Trainer(callbacks=[*fresh_callbacks, resumed], **trainer_kwargs(tmp_path / "c", max_steps=48)).fit(
+        module(), tiny_fmnist, ckpt_path=path
+    )
+    cuts = lambda surgeon: [(r.step, r.groups) for r in surgeon.history]  # noqa: E731
+    assert cuts(fresh_callbacks[1]) == cuts(first_surgeon[1])
+    later = sorted(resumed.losses)
+    assert later[0] == 33
+    assert [resumed.losses[s] for s in later] == pytest.approx([whole.losses[s] for s in later], rel=1e-6)
+
+
+def test_load_compressed_rebuilds_a_trained_module_from_its_checkpoint(tiny_fmnist, tmp_path):
+    net_module = module()
+    trainer = pl.Trainer(callbacks=callbacks(), **trainer_kwargs(tmp_path, max_steps=16))
+    trainer.fit(net_module, tiny_fmnist)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = load_compressed(module(), tmp_path / "last.ckpt")
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), net_module.eval()(x), rtol=0, atol=0)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in module().parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(every_n_steps=0), "every_n_steps=0 must be a positive integer"),
+        (dict(every_n_steps=None), "would never run"),
+        (dict(constant_pull=-1.0), "constant_pull=-1.0 must be >= 0"),
+        (dict(atol=float("nan")), "atol=nan must be >= 0"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ChannelSurgeon(**kwargs)
+
+
+def test_weight_averaging_is_refused_with_a_clear_message(tiny_fmnist, tmp_path):
+    trainer = pl.Trainer(
+        callbacks=[*callbacks(), StochasticWeightAveraging(swa_lrs=0.01)], **trainer_kwargs(tmp_path, max_steps=2)
+    )
+    with pytest.raises(RuntimeError, match="cannot be combined with \\['StochasticWeightAveraging'\\]"):
+        trainer.fit(module(), tiny_fmnist)
