@@ -1,12 +1,10 @@
-"""Shared by the surgery tests: a small model with every coupling kind, and 'killing' channel groups."""
+"""Shared by the surgery tests: a small model with every coupling kind."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_selfcompress.core.groups import ChannelGraph
 
 
 class SmallNet(nn.Module):
@@ -26,44 +24,6 @@ class SmallNet(nn.Module):
         x = x + self.branch(x)
         x = F.relu(self.mid(x))
         return self.head(F.adaptive_avg_pool2d(x, 2).flatten(1))
-
-
-def removable_groups(graph: ChannelGraph) -> Tensor:
-    """Groups with a producer that are not pinned."""
-    has_producer = torch.zeros(graph.num_groups, dtype=torch.bool)
-    for groups in graph.outputs.values():
-        has_producer[groups] = True
-    return has_producer & ~graph.pinned_mask & ~graph.removed
-
-
-def choose(graph: ChannelGraph, fraction: float, seed: int = 0) -> Tensor:
-    """A random `fraction` of the removable groups, as a mask."""
-    candidates = removable_groups(graph).nonzero().flatten()
-    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
-    mask = torch.zeros(graph.num_groups, dtype=torch.bool)
-    mask[candidates[order[: int(fraction * len(candidates))]]] = True
-    return mask
-
-
-@torch.no_grad()
-def hold_at_zero(graph: ChannelGraph, mask: Tensor, bits: bool = False) -> None:
-    """Make the chosen groups emit exact zeros everywhere: producer weights (or bit depths) and biases, and the
-    shift and running mean of every per-channel module they pass through."""
-    model = graph.model
-    for name, groups in graph.outputs.items():
-        module, where = model.get_submodule(name), mask[groups[~graph.removed[groups]]]
-        if bits:
-            module.weight_quantizer.bits[where] = 0.0
-        else:
-            module.weight[where] = 0.0
-        if module.bias is not None:
-            module.bias[where] = 0.0
-    for name, groups in graph.members.items():
-        module, where = model.get_submodule(name), mask[groups[~graph.removed[groups]]]
-        if getattr(module, "bias", None) is not None:
-            module.bias[where] = 0.0
-        if getattr(module, "running_mean", None) is not None:
-            module.running_mean[where] = 0.0
 
 
 def freeze_statistics(net: nn.Module) -> None:

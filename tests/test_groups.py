@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -13,7 +12,9 @@ from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 
-from surgery_helpers import SmallNet, choose, freeze_statistics, hold_at_zero
+from lightning_selfcompress.testing import choose_groups, kill_groups
+
+from surgery_helpers import SmallNet, freeze_statistics
 
 
 def test_groups_follow_residual_adds_flatten_and_pins():
@@ -134,8 +135,8 @@ def test_surgery_preserves_the_function_in_train_and_eval_mode(name):
     attach_quantizers(net)
     graph = ChannelGraph(net, x[:2])
     surgeon = Surgeon(graph)
-    killed = choose(graph, 0.3)
-    hold_at_zero(graph, killed, bits=True)
+    killed = choose_groups(graph, 0.3)
+    kill_groups(graph, killed)
     before = {mode: net.train(mode)(x).detach() for mode in (True, False)}
 
     removal = surgeon.find()

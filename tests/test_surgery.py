@@ -7,13 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lightning_selfcompress.core.groups import ChannelGraph, GraphError
 from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Removal, Surgeon, load_compressed
 
-from surgery_helpers import SmallNet, choose, hold_at_zero
+from lightning_selfcompress.testing import choose_groups, kill_groups
+
+from surgery_helpers import SmallNet
 
 OPTIMIZERS = {
     "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
@@ -56,15 +57,15 @@ def test_training_on_after_a_cut_equals_holding_the_channels_at_zero(name):
                 torch.randint(0, 5, (8,), generator=generator)) for _ in range(8)]  # fmt: skip
     cut = SmallNet().double()
     graph = ChannelGraph(cut, batches[0][0][:2])
-    killed = choose(graph, 0.4, seed=3)
-    hold_at_zero(graph, killed)
+    killed = choose_groups(graph, 0.4, seed=3)
+    kill_groups(graph, killed, bits=False)
     reference = copy.deepcopy(cut)
     reference_graph = ChannelGraph(reference, batches[0][0][:2])
     opt_cut, opt_ref = cls(cut.parameters(), **kwargs), cls(reference.parameters(), **kwargs)
 
-    hold = lambda: hold_at_zero(reference_graph, killed)  # noqa: E731
+    hold = lambda: kill_groups(reference_graph, killed, bits=False)  # noqa: E731
     losses_ref = train_steps(reference, opt_ref, batches, hold)
-    losses_cut = train_steps(cut, opt_cut, batches[:4], lambda: hold_at_zero(graph, killed))
+    losses_cut = train_steps(cut, opt_cut, batches[:4], lambda: kill_groups(graph, killed, bits=False))
     names = {p: n for n, p in cut.named_parameters()}
     state_before = {names[p]: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt_cut.state.items()}
 
@@ -100,7 +101,7 @@ def test_parameters_keep_identity_gradients_are_sliced_and_frozen_stay_frozen():
     net(x).sum().backward()
     optimizer.step()
     ids = {n: id(p) for n, p in net.named_parameters()}
-    killed = choose(graph, 0.5)
+    killed = choose_groups(graph, 0.5)
     record = Surgeon(graph).remove(Removal(killed), [optimizer])
 
     assert {n: id(p) for n, p in net.named_parameters()} == ids
@@ -128,7 +129,7 @@ def test_a_failing_surgery_leaves_model_and_optimizer_untouched():
     net.bn.register_buffer("odd", torch.zeros(3))  # a buffer the surgeon cannot slice, met late in the plan
     snapshot = copy.deepcopy((net.state_dict(), optimizer.state_dict()))
     with pytest.raises(GraphError, match="Cannot tell how to slice buffer 'odd'"):
-        Surgeon(graph).remove(Removal(choose(graph, 0.5)), [optimizer])
+        Surgeon(graph).remove(Removal(choose_groups(graph, 0.5)), [optimizer])
     after = net.state_dict(), optimizer.state_dict()
     torch.testing.assert_close(after, snapshot)
     assert not graph.removed.any()
@@ -139,9 +140,9 @@ def test_history_replays_on_a_fresh_model_and_a_mismatched_history_is_refused():
     attach_quantizers(net)
     x = torch.randn(4, 3, 8, 8)
     surgeon = Surgeon(ChannelGraph(net, x[:2]))
-    first, second = choose(surgeon.graph, 0.3, seed=1), None
+    first, second = choose_groups(surgeon.graph, 0.3, seed=1), None
     surgeon.remove(Removal(first), step=10)
-    second = choose(surgeon.graph, 0.3, seed=2)
+    second = choose_groups(surgeon.graph, 0.3, seed=2)
     surgeon.remove(Removal(second), step=20)
 
     fresh = SmallNet()
@@ -163,7 +164,7 @@ def test_load_compressed_rebuilds_the_model_from_a_checkpoint(tmp_path):
     attach_quantizers(net)
     x = torch.randn(4, 3, 8, 8)
     surgeon = Surgeon(ChannelGraph(net, x[:2]))
-    surgeon.remove(Removal(choose(surgeon.graph, 0.4)))
+    surgeon.remove(Removal(choose_groups(surgeon.graph, 0.4)))
     checkpoint = {
         "state_dict": net.state_dict(),
         "callbacks": {"ChannelSurgeon": {"history": [r.to_dict() for r in surgeon.history],

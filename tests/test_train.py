@@ -13,10 +13,13 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import requires_fashion_mnist
-from lightning_selfcompress import SelfCompression
+from lightning_selfcompress import ChannelSurgeon, SelfCompression
 from lightning_selfcompress.train import CONFIG_DIR, run
 
-GROUPS = {group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml")) for group in ("model", "data", "compression")}
+GROUPS = {
+    group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+    for group in ("model", "data", "compression", "surgery")
+}
 
 
 def compose_job(overrides: list[str]):
@@ -28,15 +31,20 @@ def compose_job(overrides: list[str]):
         return cfg
 
 
-@pytest.mark.parametrize("model, data, compression", list(itertools.product(*GROUPS.values())))
-def test_every_config_composes_and_instantiates(model, data, compression):
-    cfg = compose_job([f"model={model}", f"data={data}", f"compression={compression}"])
+@pytest.mark.parametrize("model, data, compression, surgery", list(itertools.product(*GROUPS.values())))
+def test_every_config_composes_and_instantiates(model, data, compression, surgery):
+    cfg = compose_job([f"model={model}", f"data={data}", f"compression={compression}", f"surgery={surgery}"])
     assert instantiate(cfg.model) is not None and instantiate(cfg.data) is not None
     if cfg.compression:
         assert isinstance(instantiate(cfg.compression), SelfCompression)
+    if cfg.surgery:
+        assert isinstance(instantiate(cfg.surgery), ChannelSurgeon)
 
 
-TINY = ["trainer.max_steps=30", "trainer.val_check_interval=15", "model.width=8", "data.batch_size=64", "+data.limit_train=1024"]
+TINY = [
+    "trainer.max_steps=30", "trainer.val_check_interval=15", "model.width=8", "data.batch_size=64",
+    "+data.limit_train=1024", "surgery.every_n_steps=10",
+]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -56,3 +64,5 @@ def test_main_job_writes_its_report(tmp_path, compression):
     else:
         assert 1 < on_disk["bits_per_weight"] < 8
     assert not list(tmp_path.glob(".report.json.*")), "no temporary file left behind"
+    surgery = on_disk["surgery"]
+    assert surgery["channels_after"] <= surgery["channels_before"] == 8 + 8 + 16 + 16 + 10 and len(surgery["layers"]) == 5
