@@ -32,6 +32,7 @@ def _surgery_summary(surgeon: ChannelSurgeon | None, module: pl.LightningModule)
         "channels_after": total("channels_after"),
         "weights_before": total("weights_before"),
         "weights_after": total("weights_after"),
+        "macs_before": surgeon.original_macs,
         "macs_after": surgeon.surgeon.graph.macs(),
         "layers": rows,
         "history": [r.to_dict() for r in surgeon.history],
@@ -41,7 +42,8 @@ def _surgery_summary(surgeon: ChannelSurgeon | None, module: pl.LightningModule)
 def _surgery_line(s: dict) -> str:
     return (
         f"Surgery: {s['surgeries']} cuts, {s['channels_after']}/{s['channels_before']} channels and "
-        f"{s['weights_after']:,}/{s['weights_before']:,} weights left.\n"
+        f"{s['weights_after']:,}/{s['weights_before']:,} weights and {s['macs_after']:,}/{s['macs_before']:,} "
+        "multiply-accumulates per sample left.\n"
     )
 
 

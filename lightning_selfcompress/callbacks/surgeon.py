@@ -57,6 +57,7 @@ class ChannelSurgeon(Callback):
         self.surgeon: Surgeon | None = None
         self.example_input: Tensor | None = None
         self.original: dict[str, tuple[int, int]] = {}  # module -> (output channels, weights) as first traced
+        self.original_macs = 0
         self._restore = None
         self._last_step = -1
 
@@ -125,6 +126,7 @@ class ChannelSurgeon(Callback):
         self.original = {
             name: (len(groups), pl_module.get_submodule(name).weight.numel()) for name, groups in graph.outputs.items()
         }
+        self.original_macs = graph.macs()
 
     # ---- training ------------------------------------------------------------------------------------------------
 
