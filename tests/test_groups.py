@@ -60,6 +60,19 @@ def test_split_and_cat_map_channels_by_offset():
     assert int(a[0]) not in graph.pinned, "a channel nobody reads is free to go"
 
 
+def test_a_width_written_into_the_code_pins_its_channels():
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x).reshape(x.shape[0], 16))  # a literal 16: fewer channels would break it
+
+    graph = ChannelGraph(Fixed(), torch.randn(1, 3, 2, 2))
+    assert {graph.pinned[int(g)] for g in graph.outputs["a"]} == {"given a fixed width (16) by node 'reshape'"}
+
+
 def test_untraceable_model_is_a_clear_error():
     class DataDependent(nn.Module):
         def __init__(self) -> None:

@@ -559,7 +559,13 @@ class _Walker:
         return node.target(*args, **kwargs)
 
     def layout(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None) -> list[int]:
-        return self.gather(node, source, self.positions(node, self.run_on_ids(node, source, module)))
+        slots = self.gather(node, source, self.positions(node, self.run_on_ids(node, source, module)))
+        width = len(slots)
+        literals: list[object] = []
+        fx.node.map_aggregate(node.args[1:], literals.append)
+        if width > 1 and width in [v for v in literals if type(v) is int]:  # e.g. x.view(n, 576): fixed width
+            self.g.pin(slots, f"given a fixed width ({width}) by node '{node.name}'")
+        return slots
 
     def gather(self, node: fx.Node, source: fx.Node, positions: list[int]) -> list[int]:
         slots = [self.env[source].slots[p] for p in positions]
