@@ -22,11 +22,11 @@ from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.testing import choose_groups, kill_groups
 
 
-def make(name: str) -> tuple[torch.nn.Module, Surgeon]:
+def make(name: str, round_to: int = 1) -> tuple[torch.nn.Module, Surgeon]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).cuda()
     attach_quantizers(model)
-    surgeon = Surgeon(ChannelGraph(model, torch.randn(2, 3, 32, 32, device="cuda")))
+    surgeon = Surgeon(ChannelGraph(model, torch.randn(2, 3, 32, 32, device="cuda")), round_to=round_to)
     return model, surgeon
 
 
@@ -48,12 +48,12 @@ def step_ms(model, optimizer, x, y, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def speed(name: str, batch: int, steps: int, compiled: bool) -> tuple[float, float, float]:
+def speed(name: str, batch: int, steps: int, compiled: bool, round_to: int) -> tuple[float, float, float]:
     """(ms before, ms after, MACs before / after): the cut model keeps its optimizer and goes on training."""
     x = torch.randn(batch, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (batch,), device="cuda")
     whole, _ = make(name)
-    cut, surgeon = make(name)
+    cut, surgeon = make(name, round_to)
     kill_groups(surgeon.graph, choose_groups(surgeon.graph, 0.5))
     kill_groups(ChannelGraph(whole, x[:2]), choose_groups(surgeon.graph, 0.5))  # same values on both sides
     opt_whole, opt_cut = torch.optim.Adam(whole.parameters()), torch.optim.Adam(cut.parameters())
@@ -108,13 +108,14 @@ def main() -> None:
         console.print(f"torch.compile: {key}: {value}")
     steps = 10 if args.quick else 30
     table = Table(title=f"Training step before/after cutting 50% of channel groups ({torch.cuda.get_device_name()})")
-    for column in ("model", "mode", "batch", "ms before", "ms after", "speed-up", "MACs ratio", "efficiency"):
+    for column in ("model", "mode", "round_to", "batch", "ms before", "ms after", "speed-up", "MACs ratio", "efficiency"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
-    cases = [("resnet18", False), ("resnet18", True)] + ([] if args.quick else [("resnet50", False)])
-    for name, compiled in cases:
+    cases = [("resnet18", False, 1), ("resnet18", False, 8), ("resnet18", True, 1), ("resnet18", True, 8)]
+    cases += [] if args.quick else [("resnet50", False, 1), ("resnet50", False, 8)]
+    for name, compiled, round_to in cases:
         batch = 256
-        before, after, ratio = speed(name, batch, steps, compiled)
-        row = (name, "compiled" if compiled else "eager", str(batch), f"{before:.2f}", f"{after:.2f}",
+        before, after, ratio = speed(name, batch, steps, compiled, round_to)
+        row = (name, "compiled" if compiled else "eager", str(round_to), str(batch), f"{before:.2f}", f"{after:.2f}",
                f"{before / after:.2f}x", f"{ratio:.2f}x", f"{before / after / ratio:.2f}")  # fmt: skip
         console.print(" | ".join(row))  # as it comes, in case the run is cut short
         table.add_row(*row)

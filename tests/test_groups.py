@@ -208,3 +208,15 @@ def test_a_constant_that_relu_zeroes_is_removed_and_a_positive_one_waits_for_the
     surgeon.pull_constants(0.002)
     assert bn.bias[0].item() == 0.0, "the proximal pull stops at exactly zero"
     assert surgeon.find().count == 1
+
+
+@pytest.mark.parametrize(("dead", "removed"), [(5, 0), (9, 8), (16, 8)])
+def test_round_to_keeps_widths_a_multiple_and_never_zero(dead, removed):
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    attach_quantizers(net)
+    with torch.no_grad():
+        net[0].weight_quantizer.bits[:dead] = 0.0
+        net[0].bias[:dead] = -1.0  # ReLU maps the constant to 0
+    surgeon = Surgeon(ChannelGraph(net, torch.randn(1, 3, 4, 4)), round_to=8)
+    surgeon.remove(surgeon.find())
+    assert net[0].out_channels == 16 - removed

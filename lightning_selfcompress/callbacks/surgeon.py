@@ -32,6 +32,8 @@ class ChannelSurgeon(Callback):
             zero (the paper's L1 pull, as a proximal step), so that their constant output can be removed. 0: off.
         atol: how far from zero (or from train/eval agreement, for folding) a dead channel's constant may be.
             0 (the default) removes only what provably leaves the function unchanged.
+        round_to: keep every layer whose width is a multiple of this a multiple of it (8 for GPU tensor cores),
+            leaving some dead channels in place until enough have died.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class ChannelSurgeon(Callback):
         on_epoch_end: bool = False,
         constant_pull: float = 1e-3,
         atol: float = 0.0,
+        round_to: int = 1,
     ) -> None:
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer, or None.")
@@ -50,10 +53,13 @@ class ChannelSurgeon(Callback):
             raise ValueError(f"constant_pull={constant_pull} must be >= 0 (0 turns the pull off).")
         if not atol >= 0:
             raise ValueError(f"atol={atol} must be >= 0.")
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to={round_to!r} must be a positive integer (8 suits GPU tensor cores).")
         self.every_n_steps = every_n_steps
         self.on_epoch_end = on_epoch_end
         self.constant_pull = constant_pull
         self.atol = atol
+        self.round_to = round_to
         self.surgeon: Surgeon | None = None
         self.example_input: Tensor | None = None
         self.original: dict[str, tuple[int, int]] = {}  # module -> (output channels, weights) as first traced
@@ -122,7 +128,7 @@ class ChannelSurgeon(Callback):
         device = next(pl_module.parameters()).device
         self.example_input = example.detach()[:2].to(device)
         graph = ChannelGraph(pl_module, self.example_input)
-        self.surgeon = Surgeon(graph, self.atol)
+        self.surgeon = Surgeon(graph, self.atol, self.round_to)
         self.original = {
             name: (len(groups), pl_module.get_submodule(name).weight.numel()) for name, groups in graph.outputs.items()
         }

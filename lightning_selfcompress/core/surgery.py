@@ -91,11 +91,14 @@ def _folds_into_bias(module: nn.Module) -> bool:
 class Surgeon:
     """Finds dead channel groups of a traced model and removes them, in place, from the model and its optimizers."""
 
-    def __init__(self, graph: ChannelGraph, atol: float = 0.0) -> None:
+    def __init__(self, graph: ChannelGraph, atol: float = 0.0, round_to: int = 1) -> None:
         if not atol >= 0:
             raise ValueError(f"atol={atol} must be >= 0 (0: constants must be exactly zero or exactly foldable).")
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to={round_to!r} must be a positive integer (8 suits tensor cores, 1: any width).")
         self.graph = graph
         self.atol = atol
+        self.round_to = round_to
         self.history: list[SurgeryRecord] = []
 
     # ---- the dead-channel rule -----------------------------------------------------------------------------------
@@ -200,7 +203,7 @@ class Surgeon:
                 fold = candidates[groups] & ~zero & foldable
                 if fold.any():
                     folds[name] = (fold, t)
-        removable = self._keep_one_per_layer(candidates & ~blocked)
+        removable = self._fit_widths(candidates & ~blocked)
         corrections = {}
         for name, (fold, value) in folds.items():
             fold &= removable[g.inputs[name]]
@@ -208,17 +211,20 @@ class Surgeon:
                 corrections[name] = self._bias_correction(name, fold, value)
         return Removal(removable, corrections)
 
-    def _keep_one_per_layer(self, removable: Tensor) -> Tensor:
-        """PyTorch has no zero-width layers: where a module would lose every position, keep its first one."""
+    def _fit_widths(self, removable: Tensor) -> Tensor:
+        """Give groups back until every layer keeps at least one position (PyTorch has no zero-width layers) and
+        every producer whose width is a multiple of `round_to` stays one (tensor cores want multiples of 8)."""
         g = self.graph
         changed = True
         while changed:
             changed = False
-            for table in (g.outputs, g.inputs, g.members):
+            for role, table in (("outputs", g.outputs), ("inputs", g.inputs), ("members", g.members)):
                 for groups in table.values():
                     present = groups[~g.removed[groups]]
-                    if len(present) and removable[present].all():
-                        removable[present[0]] = False
+                    step = self.round_to if role == "outputs" and len(present) % self.round_to == 0 else 1
+                    going = present[removable[present]].tolist()
+                    while going and ((left := int((~removable[present]).sum())) == 0 or left % step):
+                        removable[going.pop()] = False
                         changed = True
         return removable
 
