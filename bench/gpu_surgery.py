@@ -22,11 +22,14 @@ from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.testing import choose_groups, kill_groups
 
 
+SIZE = 32  # input height and width; --size changes it
+
+
 def make(name: str, round_to: int = 1) -> tuple[torch.nn.Module, Surgeon]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).cuda()
     attach_quantizers(model)
-    surgeon = Surgeon(ChannelGraph(model, torch.randn(2, 3, 32, 32, device="cuda")), round_to=round_to)
+    surgeon = Surgeon(ChannelGraph(model, torch.randn(2, 3, SIZE, SIZE, device="cuda")), round_to=round_to)
     return model, surgeon
 
 
@@ -50,7 +53,7 @@ def step_ms(model, optimizer, x, y, steps: int) -> float:
 
 def speed(name: str, batch: int, steps: int, compiled: bool, round_to: int) -> tuple[float, float, float]:
     """(ms before, ms after, MACs before / after): the cut model keeps its optimizer and goes on training."""
-    x = torch.randn(batch, 3, 32, 32, device="cuda")
+    x = torch.randn(batch, 3, SIZE, SIZE, device="cuda")
     y = torch.randint(0, 10, (batch,), device="cuda")
     whole, _ = make(name)
     cut, surgeon = make(name, round_to)
@@ -100,20 +103,31 @@ def compile_across_surgery() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", type=int, default=32, help="input height and width")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50"])
+    parser.add_argument("--eager-only", action="store_true", help="skip torch.compile")
     args = parser.parse_args()
+    global SIZE
+    SIZE = args.size
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_surgery.py needs a CUDA GPU; bench/surgery.py measures the CPU.")
     console = Console()
-    for key, value in compile_across_surgery().items():
-        console.print(f"torch.compile: {key}: {value}")
+    if not args.eager_only:
+        for key, value in compile_across_surgery().items():
+            console.print(f"torch.compile: {key}: {value}")
     steps = 10 if args.quick else 30
-    table = Table(title=f"Training step before/after cutting 50% of channel groups ({torch.cuda.get_device_name()})")
+    table = Table(
+        title=f"Training step before/after cutting 50% of channel groups, {SIZE}x{SIZE} inputs "
+        f"({torch.cuda.get_device_name()})"
+    )
     for column in ("model", "mode", "round_to", "batch", "ms before", "ms after", "speed-up", "MACs ratio", "efficiency"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
-    cases = [("resnet18", False, 1), ("resnet18", False, 8), ("resnet18", True, 1), ("resnet18", True, 8)]
-    cases += [] if args.quick else [("resnet50", False, 1), ("resnet50", False, 8)]
+    models = args.models[:1] if args.quick else args.models
+    modes = (False,) if args.eager_only else (False, True)
+    cases = [(m, c, r) for m in models for c in modes for r in (1, 8) if not (c and m != models[0])]
     for name, compiled, round_to in cases:
-        batch = 256
+        batch = args.batch
         before, after, ratio = speed(name, batch, steps, compiled, round_to)
         row = (name, "compiled" if compiled else "eager", str(round_to), str(batch), f"{before:.2f}", f"{after:.2f}",
                f"{before / after:.2f}x", f"{ratio:.2f}x", f"{before / after / ratio:.2f}")  # fmt: skip
