@@ -30,11 +30,25 @@ def test_groups_follow_residual_adds_flatten_and_pins():
         (net.stem, 64), (net.branch[0], 64), (net.mid, 64), (net.head, 1)))  # fmt: skip
 
 
-def test_grouped_convolution_channels_are_pinned_with_the_reason():
-    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
-    graph = ChannelGraph(net, torch.randn(1, 3, 8, 8))
-    reasons = {graph.pinned[int(g)] for g in graph.outputs["0"]}
-    assert reasons == {"feeds or leaves grouped convolution '2' (groups=2)"}
+def test_a_grouped_convolution_ties_each_groups_inputs_and_outputs_and_loses_whole_groups():
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 12, 3, groups=4), nn.Conv2d(12, 4, 1))
+    attach_quantizers(net)
+    x = torch.randn(2, 3, 8, 8)
+    graph = ChannelGraph(net, x[:1])
+    assert torch.equal(graph.outputs["0"], graph.outputs["2"][::3].repeat_interleave(2))  # 2 in, 3 out per group
+    group = int(graph.outputs["2"][3])  # the second convolution group
+    with torch.no_grad():
+        net[0].weight_quantizer.bits[2:4] = 0.0
+        net[0].bias[2:4] = -1.0
+        net[2].weight_quantizer.bits[3:6] = 0.0
+        net[2].bias[3:6] = 0.0
+    before = net(x)
+    surgeon = Surgeon(graph)
+    removal = surgeon.find()
+    assert removal.groups.nonzero().flatten().tolist() == [group]
+    surgeon.remove(removal)
+    assert (net[0].out_channels, net[2].in_channels, net[2].out_channels, net[2].groups) == (6, 6, 9, 3)
+    torch.testing.assert_close(net(x), before)
 
 
 def test_depthwise_convolution_ties_input_and_output_channels():

@@ -1,13 +1,14 @@
 """Groups of coupled channels: which channels must be removed together, and where each one is produced, normalised
 and consumed. Traced once with torch.fx on an example input; strict: what it cannot follow is an error.
 
-Every channel that flows through the network is a slot. A Conv/Linear output creates slots; a residual add, an
-elementwise product or a depthwise convolution ties slots together (removing one means removing the other); a
-concatenation lines them up; a flatten repeats a channel's slot once per feature it becomes. Tied slots form a
-group, the unit of removal. Per module the graph records the group of each position: output channel of a producer
+Every channel that flows through the network is a slot. A Conv/Linear output creates slots; a residual add or an
+elementwise product ties slots together (removing one means removing the other), and so does a grouped convolution
+for the inputs and outputs of each of its groups (depthwise: input j with its outputs); a concatenation lines
+slots up; a flatten repeats a channel's slot once per feature it becomes. Tied slots form a group, the
+unit of removal. Per module the graph records the group of each position: output channel of a producer
 (Conv/Linear), input feature of a consumer (Conv/Linear), channel of a per-channel module sliced with the group
-(BatchNorm, InstanceNorm, PReLU). Groups that reach the model's input or output, a grouped convolution or a
-normalisation across channels are pinned: never removed.
+(BatchNorm, InstanceNorm, PReLU). Groups that reach the model's input or output or a normalisation across
+channels are pinned: never removed.
 
 The graph keeps describing the model as traced: groups removed since are a mask, so the history stays in original
 indexing and the constants a dead channel carries are followed through the original graph (`constants`).
@@ -95,8 +96,9 @@ def channels_of(m: nn.Module) -> int:
     raise TypeError(f"{type(m).__name__} has no channel count")
 
 
-def is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, _ConvNd) and m.groups > 1 and m.groups == m.in_channels
+def is_grouped(m: nn.Module) -> bool:
+    """A grouped (or depthwise) convolution: its input and output channels go together, a whole group at a time."""
+    return isinstance(m, _ConvNd) and m.groups > 1
 
 
 class _LeafTracer(fx.Tracer):
@@ -463,12 +465,11 @@ class _Walker:
         g.record("outputs", node.target, outputs)
         g.consumers.setdefault(node.target, []).append(source.name)
         g.spatial[node.target] = g.spatial.get(node.target, 0) + real[0].numel() // out_features
-        if isinstance(module, _ConvNd) and module.groups > 1:
-            if is_depthwise(module):  # output channel j reads input channel j // multiplier alone
-                multiplier = out_features // in_features
-                g.tie([slots[j // multiplier] for j in range(out_features)], outputs)
-            else:
-                g.pin(slots + outputs, f"feeds or leaves grouped convolution '{node.target}' (groups={module.groups})")
+        if is_grouped(module):  # the inputs and outputs of one convolution group go together (depthwise: 1 input)
+            in_per, out_per = in_features // module.groups, out_features // module.groups
+            for k in range(module.groups):
+                members = slots[k * in_per : (k + 1) * in_per] + outputs[k * out_per : (k + 1) * out_per]
+                g.tie(members[:1] * (len(members) - 1), members[1:])
         return self.add_step(node, "produce", [source], outputs, node.target)
 
     def function(self, node: fx.Node, real: object, tracked: list[fx.Node]) -> _Value:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .groups import ChannelGraph, GraphError, channels_of, is_depthwise
+from .groups import ChannelGraph, GraphError, channels_of, is_grouped
 from .quant import QuantizationConfig, attach_quantizers
 
 __all__ = ["Removal", "Surgeon", "SurgeryRecord", "load_compressed", "SURGEON_STATE_KEY"]
@@ -192,7 +192,7 @@ class Surgeon:
         for name, sources in g.consumers.items():
             module = g.model.get_submodule(name)
             groups = g.inputs[name]
-            if is_depthwise(module):  # input j goes with output j, whose weights are zero: nothing reaches further
+            if is_grouped(module):  # a group's inputs go with its outputs, whose weights are zero: nothing reaches further
                 continue
             for source in sources:
                 t, e = train[source], evaluation[source]
@@ -316,14 +316,14 @@ class _Plan:
         out_keep, in_keep, member_keep = keep.get("outputs"), keep.get("inputs"), keep.get("members")
         if isinstance(module, (_ConvNd, nn.Linear)):
             weight_shape = module.weight.shape
-            depthwise = is_depthwise(module)
+            grouped = is_grouped(module)  # whole convolution groups go: the weight's dim 1 (inputs per group) stays
             out_count = weight_shape[0]
 
             def slicer(t: Tensor) -> Tensor | None:
                 if t.shape == weight_shape:
                     if out_keep is not None:
                         t = t.index_select(0, out_keep.to(t.device))
-                    if in_keep is not None and not depthwise:
+                    if in_keep is not None and not grouped:
                         t = t.index_select(1, in_keep.to(t.device))
                     return t
                 if t.dim() == 1 and t.shape[0] == out_count:
@@ -341,8 +341,8 @@ class _Plan:
             if in_keep is not None:
                 new_in = len(in_keep)
             if isinstance(module, _ConvNd):
-                if depthwise:
-                    self.attributes.append((module, "groups", new_in))
+                if grouped:
+                    self.attributes.append((module, "groups", new_in // weight_shape[1]))
                 self.attributes += [(module, "out_channels", new_out), (module, "in_channels", new_in)]
             else:
                 self.attributes += [(module, "out_features", new_out), (module, "in_features", new_in)]
