@@ -188,6 +188,7 @@ class ChannelGraph:
         for name, groups in self.outputs.items():
             for channel, group in enumerate(groups.tolist()):
                 self._keys.setdefault(group, (name, channel))
+        self._step_groups = [self.groups_of(step.slots) for step in self.steps]
         self.removed = torch.zeros(self.num_groups, dtype=torch.bool)
         self.pinned_mask = torch.zeros(self.num_groups, dtype=torch.bool)
         self.pinned_mask[list(self.pinned)] = True
@@ -236,13 +237,9 @@ class ChannelGraph:
         """Multiply-accumulates of one sample through every Conv/Linear at the model's current widths."""
         return sum(self.model.get_submodule(n).weight.numel() * s for n, s in self.spatial.items())
 
-    def producers(self, group: int) -> list[tuple[str, int]]:
-        """(module, original output channel) of each producer of `group`."""
-        return [(n, int(i)) for n, g in self.outputs.items() for i in (g == group).nonzero().flatten()]
-
     def key(self, group: int) -> tuple[str, int]:
-        """The group's name: its first producer's (module, original output channel)."""
-        return self._keys[group]
+        """The group's name: its first producer's (module, original output channel); the model's input has none."""
+        return self._keys.get(group, ("<model input>", -1))
 
     def group_of(self, module: str, channel: int) -> int:
         if module not in self.outputs or not 0 <= channel < len(self.outputs[module]):
@@ -259,10 +256,10 @@ class ChannelGraph:
         channel emits its bias). Removed positions count as zeros: they no longer contribute anything.
         """
         env: dict[str, Tensor] = {}
-        for step in self.steps:
+        for step, groups in zip(self.steps, self._step_groups):
             inputs = [env[s] for s in step.sources]
             value = _constant_step(self, step, inputs, training, dead)
-            value[self.removed[self.groups_of(step.slots)]] = 0.0
+            value[self.removed[groups]] = 0.0
             env[step.node] = value
         return env
 

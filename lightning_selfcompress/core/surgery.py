@@ -257,7 +257,7 @@ class Surgeon:
         if bad.any():
             group = int(bad.nonzero()[0])
             why = "was removed before" if g.removed[group] else f"is pinned: {g.pinned.get(group)}"
-            raise GraphError(f"Cannot remove the group of {g.producers(group)[:3]}: it {why}.")
+            raise GraphError(f"Cannot remove the group of {g.key(group)} (module, output channel): it {why}.")
         plan = _Plan()
         weights_before = sum(m.weight.numel() for m in _layers(g))
         channels = {}
