@@ -105,3 +105,17 @@ def test_weight_averaging_is_refused_with_a_clear_message(tiny_fmnist, tmp_path)
     )
     with pytest.raises(RuntimeError, match="cannot be combined with \\['StochasticWeightAveraging'\\]"):
         trainer.fit(module(), tiny_fmnist)
+
+
+def test_a_checkpoint_from_before_later_cuts_cannot_be_loaded_into_the_cut_module(tiny_fmnist, tmp_path):
+    net_module, chosen = module(), callbacks(every=8)
+    first = pl.Trainer(callbacks=chosen, **trainer_kwargs(tmp_path, max_steps=8))
+    first.fit(net_module, tiny_fmnist)
+    first.save_checkpoint(tmp_path / "early.ckpt")
+    later = pl.Trainer(callbacks=chosen, **trainer_kwargs(tmp_path, max_steps=32))
+    later.fit(net_module, tiny_fmnist, ckpt_path=tmp_path / "early.ckpt")
+    assert len(chosen[1].history) > 1, "cut again after the early checkpoint"
+    with pytest.raises(RuntimeError, match="cut channels cannot be put back"):
+        later.test(net_module, tiny_fmnist, ckpt_path=tmp_path / "early.ckpt", verbose=False)
+    fresh = pl.Trainer(callbacks=callbacks(), **trainer_kwargs(tmp_path))
+    fresh.test(module(), tiny_fmnist, ckpt_path=tmp_path / "early.ckpt", verbose=False)  # a fresh module works

@@ -99,19 +99,23 @@ class ChannelSurgeon(Callback):
         load = strategy.load_model_state_dict
 
         def replay_then_load(checkpoint: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-            self._replay(pl_module, checkpoint.get("callbacks", {}).get(self.state_key), trainer)
+            self._replay(pl_module, checkpoint.get("callbacks", {}).get(self.state_key))
             return load(checkpoint, *args, **kwargs)
 
         strategy.load_model_state_dict = replay_then_load
         self._restore = (strategy, load)
 
-    def _replay(self, pl_module: pl.LightningModule, state: Mapping[str, Any] | None, trainer: pl.Trainer) -> None:
+    def _replay(self, pl_module: pl.LightningModule, state: Mapping[str, Any] | None) -> None:
         if not state or not state.get("history"):
             return
         if self.surgeon is not None and self.surgeon.history:
             if [r.to_dict() for r in self.surgeon.history] == list(state["history"]):
                 return  # this module was cut in this process already
-            raise RuntimeError("ChannelSurgeon: the module was already cut differently from the checkpoint's history.")
+            raise RuntimeError(
+                f"ChannelSurgeon: this module has been cut {len(self.surgeon.history)} times in this process, the "
+                f"checkpoint's model {len(state['history'])} times, and cut channels cannot be put back. Evaluate "
+                "that checkpoint on a freshly built module (or `load_compressed(fresh_module, path)`)."
+            )
         example = torch.zeros(state["input_shape"], dtype=getattr(torch, state["input_dtype"]))
         self._trace(pl_module, example)
         self.surgeon.replay(state["history"])
