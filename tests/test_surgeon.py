@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -119,3 +124,16 @@ def test_a_checkpoint_from_before_later_cuts_cannot_be_loaded_into_the_cut_modul
         later.test(net_module, tiny_fmnist, ckpt_path=tmp_path / "early.ckpt", verbose=False)
     fresh = pl.Trainer(callbacks=callbacks(), **trainer_kwargs(tmp_path))
     fresh.test(module(), tiny_fmnist, ckpt_path=tmp_path / "early.ckpt", verbose=False)  # a fresh module works
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_cuts_the_same_channels_and_training_goes_on(tiny_fmnist, tmp_path):
+    """Two CPU processes (gloo): rank 0's decision is broadcast, DDP is wrapped anew after each cut."""
+    script = Path(__file__).parent / "scripts" / "ddp_surgery.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["cuts"], "channels were cut"
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 16
+    assert ranks[0]["cuts"] == ranks[1]["cuts"] and ranks[0]["shapes"] == ranks[1]["shapes"]
+    assert ranks[0]["digest"] == pytest.approx(ranks[1]["digest"], rel=1e-6), "replicas stayed in sync"

@@ -9,8 +9,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from ..core.groups import ChannelGraph
@@ -80,10 +82,10 @@ class ChannelSurgeon(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise RuntimeError(
-                f"ChannelSurgeon runs on one device for now (this trainer has {trainer.world_size} processes): "
-                "surgery changes parameter shapes, which a DistributedDataParallel wrapper cannot follow."
+                f"ChannelSurgeon supports one device or the DDP strategy; {type(trainer.strategy).__name__} shards or "
+                "wraps parameters in ways a surgery cannot follow. Use strategy='ddp'."
             )
         averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, (StochasticWeightAveraging, WeightAveraging))]
         if averaging:
@@ -173,10 +175,14 @@ class ChannelSurgeon(Callback):
         """One surgery now: find the removable groups and remove them from the model and the optimizers."""
         self.surgeon.settle_statistics()  # a training-time step, like the pull; the surgery itself changes nothing
         start = time.perf_counter()
-        removal = self.surgeon.find()
+        removal = trainer.strategy.broadcast(self.surgeon.find(), src=0)  # every rank takes rank 0's decision
         if not removal.count:
             return None
         record = self.surgeon.remove(removal, trainer.optimizers, step=trainer.global_step)
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            # DDP's gradient buckets were sized for the old shapes: wrap the module anew, as the strategy did
+            trainer.strategy.model = pl_module
+            trainer.strategy.configure_ddp()
         seconds = time.perf_counter() - start
         record.seconds = round(seconds, 4)
         pl_module.log_dict(
