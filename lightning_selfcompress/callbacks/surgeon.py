@@ -53,10 +53,7 @@ class ChannelSurgeon(Callback):
             raise ValueError("ChannelSurgeon would never run: set every_n_steps or on_epoch_end=True.")
         if not constant_pull >= 0:
             raise ValueError(f"constant_pull={constant_pull} must be >= 0 (0 turns the pull off).")
-        if not atol >= 0:
-            raise ValueError(f"atol={atol} must be >= 0.")
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to={round_to!r} must be a positive integer (8 suits GPU tensor cores).")
+        Surgeon.check_options(atol, round_to)
         self.every_n_steps = every_n_steps
         self.on_epoch_end = on_epoch_end
         self.constant_pull = constant_pull

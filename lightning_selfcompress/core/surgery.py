@@ -92,14 +92,18 @@ class Surgeon:
     """Finds dead channel groups of a traced model and removes them, in place, from the model and its optimizers."""
 
     def __init__(self, graph: ChannelGraph, atol: float = 0.0, round_to: int = 1) -> None:
-        if not atol >= 0:
-            raise ValueError(f"atol={atol} must be >= 0 (0: constants must be exactly zero or exactly foldable).")
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to={round_to!r} must be a positive integer (8 suits tensor cores, 1: any width).")
+        self.check_options(atol, round_to)
         self.graph = graph
         self.atol = atol
         self.round_to = round_to
         self.history: list[SurgeryRecord] = []
+
+    @staticmethod
+    def check_options(atol: float, round_to: int) -> None:
+        if not atol >= 0:
+            raise ValueError(f"atol={atol} must be >= 0 (0: constants must be exactly zero or exactly foldable).")
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to={round_to!r} must be a positive integer (8 suits tensor cores, 1: any width).")
 
     # ---- the dead-channel rule -----------------------------------------------------------------------------------
 

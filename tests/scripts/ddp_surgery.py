@@ -7,7 +7,6 @@ import json
 import sys
 
 import lightning.pytorch as pl
-import torch
 
 from lightning_selfcompress import ChannelSurgeon, SelfCompression
 from lightning_selfcompress.data import FashionMNISTDataModule
