@@ -1,0 +1,120 @@
+"""2:4 structured sparsity masks, along the axis where TensorRT's sparse tensor cores look for them.
+
+A weight is 2:4 sparse when, in every group of 4 consecutive input channels, at most 2 weights are non-zero: for a
+Linear [out, in], groups of 4 consecutive inputs in each row; for a convolution [K, C, R, S], groups of 4
+consecutive input channels c at each (k, r, s). Both views are the matrix `as_rows(weight)`: rows (r, s, k), columns
+c (a Linear is its own matrix), so that every mask here is computed on and checked against one layout.
+
+Two ways to choose the kept weights by magnitude (NVIDIA ASP's calculators):
+- `mask_1d` (ASP's m4n2_1d): in each group of 4, keep the 2 largest magnitudes (the best of the 6 patterns).
+- `mask_2d` (ASP's m4n2_2d_best): in each 4x4 block of the matrix (4 rows by 4 input channels), the pattern with
+  2 kept per row and 2 per column that keeps the most magnitude, of the 90 such patterns. The transposed weight
+  that the backward pass multiplies with is then 2:4 too.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["as_rows", "from_rows", "ineligible_reason", "is_24", "kept_magnitude", "mask_1d", "mask_2d"]
+
+
+def as_rows(weight: Tensor) -> Tensor:
+    """The weight as a matrix whose rows hold the input channels: Linear [out, in]; conv [K, C, *k] -> [*k K, C]."""
+    if weight.dim() == 2:
+        return weight
+    if weight.dim() < 3:
+        raise ValueError(f"a weight of shape {tuple(weight.shape)} is neither a Linear's nor a convolution's")
+    return weight.movedim(1, -1).movedim(0, -2).reshape(-1, weight.shape[1])
+
+
+def from_rows(matrix: Tensor, shape: torch.Size) -> Tensor:
+    """Undo `as_rows` for a weight of `shape`."""
+    if len(shape) == 2:
+        return matrix
+    kernel = tuple(shape[2:])
+    return matrix.reshape(*kernel, shape[0], shape[1]).movedim(-2, 0).movedim(-1, 1).contiguous()
+
+
+def _check_groups(matrix: Tensor, shape: torch.Size) -> None:
+    if matrix.shape[1] % 4:
+        raise ValueError(
+            f"a weight of shape {tuple(shape)} has {matrix.shape[1]} input channels, not a multiple of 4: it cannot "
+            "hold a 2:4 pattern along its input channels"
+        )
+
+
+def mask_1d(weight: Tensor) -> Tensor:
+    """Keep the 2 largest magnitudes in every group of 4 consecutive input channels. Same shape as `weight`, bool."""
+    matrix = as_rows(weight.detach())
+    _check_groups(matrix, weight.shape)
+    groups = matrix.abs().reshape(-1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.topk(2, dim=1).indices, True)
+    return from_rows(keep.reshape(matrix.shape), weight.shape)
+
+
+def _patterns_2d() -> Tensor:
+    """The 90 4x4 binary patterns with exactly 2 ones in every row and every column, flattened: [90, 16]."""
+    rows = [r for r in itertools.product((0, 1), repeat=4) if sum(r) == 2]
+    found = [p for p in itertools.product(rows, repeat=4) if all(sum(col) == 2 for col in zip(*p))]
+    return torch.tensor(found, dtype=torch.float32).reshape(len(found), 16)
+
+
+_PATTERNS_2D = _patterns_2d()
+
+
+def mask_2d(weight: Tensor) -> Tensor:
+    """In every 4x4 block (4 rows of `as_rows`, 4 input channels), the 2-per-row, 2-per-column pattern that keeps
+    the most magnitude. Needs the rows (for a conv, the output channels K) to be a multiple of 4 too."""
+    matrix = as_rows(weight.detach())
+    _check_groups(matrix, weight.shape)
+    out_channels = weight.shape[0]
+    if out_channels % 4:
+        raise ValueError(
+            f"a weight of shape {tuple(weight.shape)} has {out_channels} output channels, not a multiple of 4: the "
+            "2-D calculator needs 4x4 blocks; use mask_1d"
+        )
+    rows, cols = matrix.shape
+    blocks = matrix.abs().float().reshape(rows // 4, 4, cols // 4, 4).transpose(1, 2).reshape(-1, 16)
+    patterns = _PATTERNS_2D.to(blocks.device)
+    best = patterns[(blocks @ patterns.T).argmax(1)]
+    keep = best.reshape(rows // 4, cols // 4, 4, 4).transpose(1, 2).reshape(rows, cols).bool()
+    return from_rows(keep, weight.shape)
+
+
+def is_24(weight: Tensor) -> bool:
+    """Whether every group of 4 consecutive input channels holds at most 2 non-zeros (what TensorRT checks)."""
+    matrix = as_rows(weight.detach())
+    if matrix.shape[1] % 4:
+        return False
+    return bool(((matrix != 0).reshape(-1, 4).sum(1) <= 2).all())
+
+
+def kept_magnitude(weight: Tensor, mask: Tensor) -> float:
+    """The fraction of the weight's total magnitude that `mask` keeps."""
+    magnitude = weight.detach().abs().float()
+    return float((magnitude * mask).sum() / magnitude.sum().clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def ineligible_reason(module: nn.Module) -> str | None:
+    """Why TensorRT would not run this layer 2:4-sparse (None: it can). Stated rules: a Linear or an ungrouped
+    convolution whose input channels are a multiple of 4, and more than 4 of them (a 3-channel stem or a depthwise
+    convolution stays dense: too few inputs per output for a sparse kernel to pay)."""
+    if isinstance(module, _ConvNd):
+        if module.groups > 1:
+            return f"grouped convolution (groups={module.groups}): TensorRT runs it dense"
+        inputs = module.in_channels
+    elif isinstance(module, nn.Linear):
+        inputs = module.in_features
+    else:
+        return f"{type(module).__name__} is neither a convolution nor a Linear"
+    if inputs % 4:
+        return f"{inputs} input channels, not a multiple of 4"
+    if inputs <= 4:
+        return f"only {inputs} input channels: a 2:4 kernel does not pay"
+    return None

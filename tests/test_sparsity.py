@@ -1,0 +1,100 @@
+"""2:4 masks along TensorRT's axis: the 1-D and 2-D calculators, the checker, eligibility."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_selfcompress.core.sparsity import (
+    as_rows, from_rows, ineligible_reason, is_24, kept_magnitude, mask_1d, mask_2d,
+)  # fmt: skip
+
+SHAPES = [(8, 16), (8, 12, 3, 3), (4, 8, 1, 1), (12, 4, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rows_hold_the_input_channels_of_each_output_and_kernel_position(shape):
+    weight = torch.randn(shape)
+    matrix = as_rows(weight)
+    assert matrix.shape[1] == shape[1]
+    assert torch.equal(from_rows(matrix, weight.shape), weight)
+    if len(shape) == 4:  # row (r, s, k) holds weight[k, :, r, s]
+        k, r, s = shape[0] - 1, shape[2] - 1, shape[3] - 1
+        row = (r * shape[3] + s) * shape[0] + k
+        assert torch.equal(matrix[row], weight[k, :, r, s])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mask_1d_keeps_the_two_largest_of_every_group_of_four_input_channels(shape):
+    weight = torch.randn(shape)
+    mask = mask_1d(weight)
+    assert mask.shape == weight.shape and mask.dtype == torch.bool
+    assert is_24(weight * mask)
+    groups, kept = as_rows(weight).abs().reshape(-1, 4), as_rows(mask).reshape(-1, 4)
+    assert (kept.sum(1) == 2).all()
+    assert torch.equal(groups[kept].reshape(-1, 2).min(1).values >= groups[~kept].reshape(-1, 2).max(1).values,
+                       torch.ones(len(groups), dtype=torch.bool))  # fmt: skip
+
+
+def test_there_are_90_patterns_with_two_per_row_and_column():
+    from lightning_selfcompress.core.sparsity import _PATTERNS_2D
+
+    assert _PATTERNS_2D.shape == (90, 16)
+    blocks = _PATTERNS_2D.reshape(90, 4, 4)
+    assert (blocks.sum(1) == 2).all() and (blocks.sum(2) == 2).all()
+    assert len({tuple(p.tolist()) for p in _PATTERNS_2D}) == 90
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (8, 12, 3, 3), (4, 4, 2, 2)])
+def test_mask_2d_is_two_four_both_ways_and_the_best_such_pattern_per_block(shape):
+    weight = torch.randn(shape)
+    mask = mask_2d(weight)
+    assert is_24(weight * mask)
+    matrix, keep = as_rows(weight).abs(), as_rows(mask)
+    rows, cols = matrix.shape
+    assert ((keep.reshape(rows // 4, 4, cols) != 0).sum(1) == 2).all(), "the transposed weight is 2:4 too"
+    legal = [p for p in itertools.product((0, 1), repeat=16)
+             if all(sum(p[4 * i: 4 * i + 4]) == 2 for i in range(4)) and all(sum(p[j::4]) == 2 for j in range(4))]  # fmt: skip
+    block = matrix[:4, :4]
+    best = max(sum(v * b for v, b in zip(block.flatten().tolist(), p)) for p in legal)
+    assert (block * keep[:4, :4]).sum().item() == pytest.approx(best, rel=1e-6)
+    assert kept_magnitude(weight, mask) <= kept_magnitude(weight, mask_1d(weight)) + 1e-6, "1-D is optimal per group"
+
+
+def test_the_checker_sees_three_non_zeros_in_a_group():
+    weight = torch.zeros(2, 8)
+    weight[0, :2] = 1.0
+    assert is_24(weight)
+    weight[0, 2] = 1.0
+    assert not is_24(weight)
+    assert not is_24(torch.zeros(2, 6)), "6 input channels cannot be grouped by 4"
+
+
+def test_weights_that_cannot_hold_the_pattern_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"\(8, 6, 3, 3\) has 6 input channels, not a multiple of 4"):
+        mask_1d(torch.randn(8, 6, 3, 3))
+    with pytest.raises(ValueError, match="6 output channels, not a multiple of 4: .* use mask_1d"):
+        mask_2d(torch.randn(6, 8))
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [
+        (nn.Conv2d(3, 16, 3), "only 3 input channels|not a multiple of 4"),
+        (nn.Conv2d(16, 16, 3, groups=16), "grouped convolution \\(groups=16\\)"),
+        (nn.Linear(10, 4), "10 input channels, not a multiple of 4"),
+        (nn.Conv2d(4, 8, 1), "only 4 input channels"),
+        (nn.BatchNorm2d(8), "neither a convolution nor a Linear"),
+    ],
+)
+def test_ineligible_layers_say_why(module, reason):
+    assert ineligible_reason(module) is not None
+    assert re.search(reason, ineligible_reason(module))
+
+
+def test_eligible_layers_have_no_reason():
+    assert ineligible_reason(nn.Conv2d(16, 32, 3)) is None and ineligible_reason(nn.Linear(64, 10)) is None
