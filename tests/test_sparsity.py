@@ -98,3 +98,73 @@ def test_ineligible_layers_say_why(module, reason):
 
 def test_eligible_layers_have_no_reason():
     assert ineligible_reason(nn.Conv2d(16, 32, 3)) is None and ineligible_reason(nn.Linear(64, 10)) is None
+
+
+# ---- enforcement ------------------------------------------------------------------------------------------------
+
+def small_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kwargs"),
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+        (torch.optim.Adam, dict(lr=0.01)),
+        (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    ],
+    ids=["sgd-momentum", "adam", "adamw"],
+)
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_pruned_weights_stay_exactly_zero_through_training(optimizer, kwargs, bf16):
+    from lightning_selfcompress.core.sparsity import MaskEnforcer, attach_masks
+
+    net = small_net()
+    opt = optimizer(net.parameters(), **kwargs)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(3):  # dense training first: the optimizer has state everywhere, as in ASP's one-shot prune
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    masked, skipped = attach_masks(net)
+    assert set(masked) == {"2", "7"} and "3 input channels" in skipped["0"]
+    enforcer = MaskEnforcer(opt, masked)
+    for step in range(6):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(net(x), y) / 2
+        loss.backward()
+        if step % 2:  # gradient accumulation over two micro-batches
+            opt.step()
+            opt.zero_grad()
+    for module in masked.values():
+        assert is_24(module.weight), "2:4 holds after training"
+        assert (module.weight[~module.weight_mask] == 0).all()
+        for value in opt.state[module.weight].values():
+            if value.shape == module.weight.shape:
+                assert (value[~module.weight_mask] == 0).all(), "no optimizer state where a weight is pruned"
+    enforcer.remove()
+
+
+def test_masks_are_buffers_in_the_state_dict_and_a_stale_mask_is_refused():
+    from lightning_selfcompress.core.sparsity import apply_masks, attach_masks
+
+    net = small_net()
+    masked, _ = attach_masks(net, "2d")
+    assert "2.weight_mask" in net.state_dict() and "7.weight_mask" not in net.state_dict()  # 10 outputs: no 4x4
+    fresh = small_net()
+    fresh[2].register_buffer("weight_mask", torch.ones_like(fresh[2].weight, dtype=torch.bool))
+    fresh.load_state_dict(net.state_dict(), strict=False)
+    assert torch.equal(fresh[2].weight_mask, net[2].weight_mask)
+    net[2].weight_mask = net[2].weight_mask[:, :8]
+    with pytest.raises(ValueError, match="no longer fits the weight"):
+        apply_masks(masked)
+
+
+def test_a_model_with_no_eligible_layer_names_every_layer_and_why():
+    from lightning_selfcompress.core.sparsity import attach_masks
+
+    with pytest.raises(ValueError, match="No layer of Sequential can hold a 2:4 pattern: 0: .*3 input channels"):
+        attach_masks(nn.Sequential(nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)))

@@ -20,7 +20,22 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["as_rows", "from_rows", "ineligible_reason", "is_24", "kept_magnitude", "mask_1d", "mask_2d"]
+__all__ = [
+    "MaskEnforcer",
+    "apply_masks",
+    "as_rows",
+    "attach_masks",
+    "from_rows",
+    "ineligible_reason",
+    "is_24",
+    "kept_magnitude",
+    "mask_1d",
+    "mask_2d",
+    "masked_layers",
+]
+
+MASK = "weight_mask"  # the buffer's name: masks live in the state_dict and in checkpoints
+CALCULATORS: dict = {}  # name -> mask function, filled below
 
 
 def as_rows(weight: Tensor) -> Tensor:
@@ -118,3 +133,84 @@ def ineligible_reason(module: nn.Module) -> str | None:
     if inputs <= 4:
         return f"only {inputs} input channels: a 2:4 kernel does not pay"
     return None
+
+
+CALCULATORS.update({"1d": mask_1d, "2d": mask_2d})
+
+
+def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of `model` that hold a 2:4 mask, by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, MASK, None), Tensor)}
+
+
+@torch.no_grad()
+def attach_masks(model: nn.Module, calculator: str = "1d") -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Give every eligible Conv/Linear a 2:4 mask by magnitude (a `weight_mask` buffer) and zero what it drops.
+
+    Returns (masked layers, {skipped layer: why}). A layer that already has a mask gets a new one from its weights.
+    """
+    if calculator not in CALCULATORS:
+        raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
+    masked, skipped = {}, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (_ConvNd, nn.Linear)):
+            continue
+        reason = ineligible_reason(module)
+        if reason is None and calculator == "2d" and module.weight.shape[0] % 4:
+            reason = f"{module.weight.shape[0]} output channels, not a multiple of 4 (the 2-D calculator's blocks)"
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        mask = CALCULATORS[calculator](module.weight)
+        module.register_buffer(MASK, mask)
+        module.weight.mul_(mask)
+        masked[name] = module
+    if not masked:
+        raise ValueError(
+            f"No layer of {type(model).__name__} can hold a 2:4 pattern: "
+            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+        )
+    return masked, skipped
+
+
+@torch.no_grad()
+def apply_masks(layers: dict[str, nn.Module], optimizers=()) -> None:
+    """Zero the masked weights, and every optimizer state tensor of the weight's shape at the masked positions."""
+    for module in layers.values():
+        mask = getattr(module, MASK)
+        if mask.shape != module.weight.shape:
+            raise ValueError(
+                f"The 2:4 mask {tuple(mask.shape)} no longer fits the weight {tuple(module.weight.shape)} of "
+                f"{type(module).__name__}: re-derive it (attach_masks) after changing the layer."
+            )
+        module.weight.mul_(mask)
+        for optimizer in optimizers:
+            for value in optimizer.state.get(module.weight, {}).values():
+                if isinstance(value, Tensor) and value.shape == mask.shape:
+                    value.mul_(mask)
+
+
+class MaskEnforcer:
+    """Keeps masked weights exactly zero through `optimizer.step()`: gradients are masked before the step (so no
+    momentum or Adam moment builds up where a weight is pruned), weights and state after it (weight decay and state
+    from before the mask cannot leak either)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, layers: dict[str, nn.Module]) -> None:
+        self.optimizer, self.layers = optimizer, layers
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._weights = {name: m for name, m in layers.items() if id(m.weight) in held}
+        apply_masks(self._weights, [optimizer])
+        self._handles = [
+            optimizer.register_step_pre_hook(lambda *_: self._mask_grads()),
+            optimizer.register_step_post_hook(lambda *_: apply_masks(self._weights, [self.optimizer])),
+        ]
+
+    @torch.no_grad()
+    def _mask_grads(self) -> None:
+        for module in self._weights.values():
+            if module.weight.grad is not None:
+                module.weight.grad.mul_(getattr(module, MASK))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
