@@ -1,6 +1,6 @@
 """A network that compresses itself while it trains: learned per-channel bit depths inside a Lightning run."""
 
-from .callbacks import ChannelSurgeon, SelfCompression
+from .callbacks import ChannelSurgeon, SelfCompression, Sparsity24
 from .core import ChannelGraph, QuantizationConfig, SizeModel, Surgeon, attach_quantizers, load_compressed, quantize
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "QuantizationConfig",
     "SelfCompression",
     "SizeModel",
+    "Sparsity24",
     "Surgeon",
     "attach_quantizers",
     "load_compressed",

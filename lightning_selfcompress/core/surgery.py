@@ -25,6 +25,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .groups import ChannelGraph, GraphError, channels_of, is_grouped
 from .quant import QuantizationConfig, attach_quantizers
+from .sparsity import MASK
 
 __all__ = ["Removal", "Surgeon", "SurgeryRecord", "load_compressed", "SURGEON_STATE_KEY"]
 
@@ -410,7 +411,8 @@ class _Plan:
 def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any], strict: bool = True) -> nn.Module:
     """Rebuild a compressed model for inference from a freshly built `model` (the module the callbacks trained,
     e.g. the LightningModule) and a checkpoint written during or after compression: replay the surgery history,
-    attach quantizers where the checkpoint has them, then load the weights. Returns `model`, in eval mode.
+    attach quantizers and 2:4 masks where the checkpoint has them, then load the weights. Returns `model`, in eval
+    mode.
     """
     if not isinstance(checkpoint, Mapping):
         path = Path(checkpoint)
@@ -426,6 +428,10 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
     if quantized:
         config = QuantizationConfig(include=tuple(quantized))
         attach_quantizers(model, config)
+    for key in (k for k in state_dict if k.endswith(f".{MASK}")):  # 2:4 masks: buffers the fresh model lacks
+        owner = model.get_submodule(key.removesuffix(f".{MASK}"))
+        if not isinstance(getattr(owner, MASK, None), torch.Tensor):
+            owner.register_buffer(MASK, torch.ones(state_dict[key].shape, dtype=torch.bool))
     try:
         model.load_state_dict(state_dict, strict=strict)
     except RuntimeError as error:

@@ -1,0 +1,137 @@
+"""Lightning adapter for 2:4 structured sparsity: prune once by magnitude, then keep the pattern through training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from ..core.sparsity import CALCULATORS, MASK, MaskEnforcer, apply_masks, ineligible_reason, is_24, kept_magnitude
+
+__all__ = ["Sparsity24"]
+
+
+class Sparsity24(Callback):
+    """NVIDIA ASP's workflow as a callback: at `start_step` (0: sparse from the start) or at the start of
+    `start_epoch`, every eligible Conv/Linear gets a 2:4 magnitude mask along its input channels, and from then on
+    the masked weights, their gradients and their optimizer state stay exactly zero. The masks are buffers
+    (`<layer>.weight_mask`), so checkpoints carry them; they exist, all ones, from `setup()` on, so that a checkpoint
+    taken before or after pruning loads into a freshly built model. When a surgery removes input channels of a
+    masked layer, the groups of 4 shift: that layer's mask is derived anew by magnitude from its kept weights.
+
+    Args:
+        start_step: optimizer step at which to prune (None: use start_epoch).
+        start_epoch: epoch at whose start to prune (None: use start_step).
+        calculator: "1d" (best 2 of every 4, ASP's m4n2_1d) or "2d" (4x4 blocks 2:4 along rows and columns, so
+            the transposed weight is sparse too; ASP's m4n2_2d_best).
+    """
+
+    def __init__(self, start_step: int | None = 0, *, start_epoch: int | None = None, calculator: str = "1d") -> None:
+        if (start_step is None) == (start_epoch is None):
+            raise ValueError("Give exactly one of start_step (0: sparse from the start) and start_epoch.")
+        for name, value in (("start_step", start_step), ("start_epoch", start_epoch)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}={value!r} must be an integer >= 0.")
+        if calculator not in CALCULATORS:
+            raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
+        self.start_step, self.start_epoch, self.calculator = start_step, start_epoch, calculator
+        self.pruned = False
+        self.layers: dict[str, torch.nn.Module] = {}
+        self.skipped: dict[str, str] = {}
+        self.kept_magnitude: dict[str, float] = {}
+        self.rederived = 0  # masks derived anew after surgeries shifted their groups of 4
+        self._enforcers: list[MaskEnforcer] = []
+        self._shapes: dict[str, torch.Size] = {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # All-ones masks now, before the optimizer is built and before a checkpoint's weights (and masks) load.
+        self.layers, self.skipped = {}, {}
+        for name, module in pl_module.named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+                continue
+            reason = ineligible_reason(module)
+            if reason is None and self.calculator == "2d" and module.weight.shape[0] % 4:
+                reason = f"{module.weight.shape[0]} output channels, not a multiple of 4 (the 2-D calculator's blocks)"
+            if reason is not None:
+                self.skipped[name] = reason
+                continue
+            if not isinstance(getattr(module, MASK, None), torch.Tensor):
+                module.register_buffer(MASK, torch.ones_like(module.weight, dtype=torch.bool))
+            self.layers[name] = module
+        if not self.layers:
+            raise ValueError(
+                f"Sparsity24: no layer of {type(pl_module).__name__} can hold a 2:4 pattern: "
+                + "; ".join(f"{n}: {r}" for n, r in self.skipped.items())
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for name, reason in self.skipped.items():
+            rank_zero_info(f"Sparsity24: {name} stays dense: {reason}")
+        self._enforcers = [MaskEnforcer(opt, self.layers) for opt in trainer.optimizers]
+        self._shapes = {name: m.weight.shape for name, m in self.layers.items()}
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.pruned and self.start_epoch is not None and trainer.current_epoch >= self.start_epoch:
+            self.prune(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not self.pruned and self.start_step is not None and trainer.global_step >= self.start_step:
+            self.prune(trainer, pl_module)
+        if self.pruned:
+            self._follow_surgery(trainer, pl_module)
+
+    @torch.no_grad()
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str] | None = None) -> None:
+        """Derive masks by magnitude (for `names`, default every eligible layer) and zero what they drop."""
+        for name in names or list(self.layers):
+            module = self.layers[name]
+            mask = CALCULATORS[self.calculator](module.weight)
+            self.kept_magnitude[name] = kept_magnitude(module.weight, mask)
+            getattr(module, MASK).copy_(mask)
+        apply_masks(self.layers, trainer.optimizers)
+        self.pruned = True
+
+    def _follow_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A surgery sliced a masked layer: keep its mask 2:4 on the new groups of 4, or let it go dense."""
+        changed = [name for name, m in self.layers.items() if m.weight.shape != self._shapes.get(name)]
+        if not changed:
+            return
+        dense = {n: r for n in changed if (r := ineligible_reason(self.layers[n])) is not None}
+        for name in dense:
+            getattr(self.layers[name], MASK).fill_(True)
+        rederive = [n for n in changed if n not in dense and not is_24(getattr(self.layers[n], MASK))]
+        if rederive:
+            self.prune(trainer, pl_module, rederive)
+        for name, reason in dense.items():
+            rank_zero_info(f"Sparsity24: {name} goes dense after a surgery: {reason}")
+        self.rederived += len(rederive)
+        self._shapes = {name: m.weight.shape for name, m in self.layers.items()}
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.pruned and self.kept_magnitude:
+            kept = sum(self.kept_magnitude.values()) / len(self.kept_magnitude)
+            pl_module.log_dict({"sparsity/kept_magnitude": kept, "sparsity/masks_rederived": float(self.rederived)})
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for enforcer in self._enforcers:
+            enforcer.remove()
+        self._enforcers = []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"pruned": self.pruned, "kept_magnitude": dict(self.kept_magnitude)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.pruned = bool(state_dict["pruned"])
+        self.kept_magnitude = dict(state_dict.get("kept_magnitude", {}))
