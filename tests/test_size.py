@@ -162,3 +162,23 @@ def test_budget_switches_the_size_term_off_at_or_below_the_target():
 def test_bad_schedules_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GammaSchedule(**kwargs)
+
+
+def test_a_two_four_sparse_layer_counts_kept_weights_and_their_two_bit_indices():
+    from lightning_selfcompress.core.sparsity import attach_masks
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 4))
+    net(torch.randn(1, 3, 8, 8))
+    attach_quantizers(net, QuantizationConfig(init_bits=4.0))
+    dense = SizeModel(net).report()
+    attach_masks(net)  # layers 2 and 4 (8 and 256 inputs); the 3-input stem stays dense
+    size = SizeModel(net)
+    sparse = size.report()
+    conv = {layer.name: layer for layer in sparse.layers}["2"]
+    assert conv.weights_kept == 16 * 8 * 9 // 2
+    assert conv.bits == pytest.approx((4 + 2) * conv.weights_kept), "b bits and a 2-bit index per kept weight"
+    assert {layer.name: layer for layer in sparse.layers}["0"] == {layer.name: layer for layer in dense.layers}["0"]
+    assert size.bits().item() == pytest.approx(sparse.bits)
+    with torch.no_grad():
+        net[2].weight_quantizer.bits[:4] = 0.0  # dead channels store nothing, not even indices
+    assert {layer.name: layer for layer in size.report().layers}["2"].bits == pytest.approx(6 * 12 * 8 * 9 / 2)

@@ -2,6 +2,10 @@
 
 bits(layer) = sum over output channels i of max(b_i, 0) * (live inputs of i's group) * kernel size.
 
+A 2:4-sparse layer (one with a `weight_mask` that drops weights) stores only the kept weights, each with a 2-bit
+index of its position in its group of 4 (TensorRT's compressed format: 2 values and 2 indices per group):
+bits(layer) = sum over alive output channels i of (max(b_i, 0) + 2) * (kept weights of i on live inputs).
+
 An input channel is live while some producer of it still has b > 0 (or it comes from something that is not
 quantized). A dead producer emits a constant, which the next layer can fold into its bias, so that slice of the
 next layer's weights costs nothing: the paper's refinement, followed through the channel graph.
@@ -138,16 +142,23 @@ class SizeModel:
         """Whether a layer changed shape since this was built (channels were removed): then build it anew."""
         return any(m.weight.shape != shape for m, shape in zip(self.layers.values(), self._shapes))
 
-    def _live_inputs(self, alive: list[Tensor]) -> list[Tensor]:
-        """Per layer, the number of live input weights behind each output channel (live inputs x kernel)."""
-        counts = []
-        for (always_live, edges, groups, kernel), b in zip(self._plans, alive):
+    def _live_inputs(self, alive: list[Tensor]) -> tuple[list[Tensor], list[bool]]:
+        """Per layer, the number of weights kept behind each output channel on live inputs (live inputs x kernel,
+        or the mask's count for a 2:4-sparse layer), and whether the layer is 2:4-sparse."""
+        counts, sparse = [], []
+        for (always_live, edges, groups, kernel), b, module in zip(self._plans, alive, self.layers.values()):
             live = always_live.to(b.device, torch.float32)
             for producer, inputs, channels in edges:
                 live = live.index_add(0, inputs.to(b.device), alive[producer][channels.to(b.device)].float())
+            mask = getattr(module, "weight_mask", None)
+            if isinstance(mask, Tensor) and not bool(mask.all()):
+                counts.append(mask.flatten(1).view(mask.shape[0], mask.shape[1], -1).sum(2).float() @ (live > 0).float())
+                sparse.append(True)
+                continue
             per_group = (live > 0).float().view(groups, -1).sum(1) * kernel
             counts.append(per_group.repeat_interleave(b.numel() // groups))
-        return counts
+            sparse.append(False)
+        return counts, sparse
 
     def _bits(self) -> list[Tensor]:
         return [m.weight_quantizer.bits for m in self.layers.values()]
@@ -155,8 +166,8 @@ class SizeModel:
     def bits(self) -> Tensor:
         """Total bits of the quantized weights; differentiable in every b."""
         bits = self._bits()
-        counts = self._live_inputs([b.detach() > 0 for b in bits])
-        return sum((b.float().relu() * c).sum() for b, c in zip(bits, counts))
+        counts, sparse = self._live_inputs([b.detach() > 0 for b in bits])
+        return sum((b.float().relu() * c).sum() + _index_bits(b, c, s) for b, c, s in zip(bits, counts, sparse))
 
     def bits_per_weight(self) -> Tensor:
         return self.bits() / self.float_weights
@@ -164,10 +175,11 @@ class SizeModel:
     @torch.no_grad()
     def report(self) -> SizeReport:
         bits = [b.detach().float() for b in self._bits()]
-        counts = self._live_inputs([b > 0 for b in bits])
+        counts, sparse = self._live_inputs([b > 0 for b in bits])
         layers = []
-        for (name, module), b, c in zip(self.layers.items(), bits, counts):
+        for (name, module), b, c, s in zip(self.layers.items(), bits, counts, sparse):
             alive = b > 0
+            index = float(_index_bits(b, c, s))
             layers.append(
                 LayerSize(
                     name=name,
@@ -175,11 +187,16 @@ class SizeModel:
                     channels_alive=int(alive.sum()),
                     weights=module.weight.numel(),
                     weights_kept=int((c * alive).sum()),
-                    bits=float((b.relu() * c).sum()),
-                    storage_bits=int((b.relu().ceil() * c).sum()),
+                    bits=float((b.relu() * c).sum()) + index,
+                    storage_bits=int((b.relu().ceil() * c).sum()) + int(index),
                 )
             )
         return SizeReport(layers, self.float_weights)
+
+
+def _index_bits(b: Tensor, kept: Tensor, sparse: bool) -> Tensor:
+    """2 bits of position per kept weight of the alive channels of a 2:4-sparse layer."""
+    return 2 * (kept * (b.detach() > 0)).sum() if sparse else torch.zeros((), device=b.device)
 
 
 @dataclass
