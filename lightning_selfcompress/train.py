@@ -6,13 +6,14 @@ import time
 from pathlib import Path
 
 import hydra
+import torch
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from .callbacks import ChannelSurgeon, SelfCompression
+from .callbacks import ChannelSurgeon, SelfCompression, Sparsity24
 from .core.size import float_size_report
 from .models import ImageClassifier
 from .report import print_size_table, write_json
@@ -47,17 +48,33 @@ def _surgery_line(s: dict) -> str:
     )
 
 
+def _load_weights(module: pl.LightningModule, path: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init_from={path!r} does not exist: give the path of a Lightning checkpoint (.ckpt).")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    module.load_state_dict(state.get("state_dict", state))
+
+
+def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
+    if sparsity is None:
+        return None
+    return {"pruned": sparsity.pruned, "kept_magnitude": sparsity.kept_magnitude, "dense_layers": sparsity.skipped}
+
+
 def run(cfg: DictConfig) -> dict:
     """Fit, test, and report; returns the report that is also written to `cfg.report_path`."""
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.report_path).parent
     datamodule = instantiate(cfg.data)
     module = ImageClassifier(instantiate(cfg.model), **cfg.optim)
+    if cfg.get("init_from"):
+        _load_weights(module, cfg.init_from)
     compression: SelfCompression | None = instantiate(cfg.compression) if cfg.compression else None
     surgeon: ChannelSurgeon | None = instantiate(cfg.surgery) if cfg.get("surgery") else None
+    sparsity: Sparsity24 | None = instantiate(cfg.sparsity) if cfg.get("sparsity") else None
     trainer = pl.Trainer(
         **cfg.trainer,
-        callbacks=[c for c in (compression, surgeon) if c],
+        callbacks=[c for c in (compression, surgeon, sparsity) if c],
         logger=CSVLogger(out_dir, name="csv", version=""),
         default_root_dir=out_dir,
     )
@@ -71,6 +88,8 @@ def run(cfg: DictConfig) -> dict:
         "test_accuracy": test["test/accuracy"],
         **size.to_dict(),
         "surgery": _surgery_summary(surgeon, module),
+        "sparsity": _sparsity_summary(sparsity),
+        "checkpoint": trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,
         "train_steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
         "config": OmegaConf.to_container(cfg, resolve=True),

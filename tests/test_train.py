@@ -13,12 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import requires_fashion_mnist
-from lightning_selfcompress import ChannelSurgeon, SelfCompression
+from lightning_selfcompress import ChannelSurgeon, SelfCompression, Sparsity24
 from lightning_selfcompress.train import CONFIG_DIR, run
 
 GROUPS = {
     group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
-    for group in ("model", "data", "compression", "surgery")
+    for group in ("model", "data", "compression", "surgery", "sparsity")
 }
 
 
@@ -31,14 +31,17 @@ def compose_job(overrides: list[str]):
         return cfg
 
 
-@pytest.mark.parametrize("model, data, compression, surgery", list(itertools.product(*GROUPS.values())))
-def test_every_config_composes_and_instantiates(model, data, compression, surgery):
-    cfg = compose_job([f"model={model}", f"data={data}", f"compression={compression}", f"surgery={surgery}"])
+@pytest.mark.parametrize("model, data, compression, surgery, sparsity", list(itertools.product(*GROUPS.values())))
+def test_every_config_composes_and_instantiates(model, data, compression, surgery, sparsity):
+    cfg = compose_job([f"model={model}", f"data={data}", f"compression={compression}", f"surgery={surgery}",
+                       f"sparsity={sparsity}"])  # fmt: skip
     assert instantiate(cfg.model) is not None and instantiate(cfg.data) is not None
     if cfg.compression:
         assert isinstance(instantiate(cfg.compression), SelfCompression)
     if cfg.surgery:
         assert isinstance(instantiate(cfg.surgery), ChannelSurgeon)
+    if cfg.sparsity:
+        assert isinstance(instantiate(cfg.sparsity), Sparsity24)
 
 
 TINY = [
