@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
         **size.to_dict(),
         "surgery": _surgery_summary(surgeon, module),
         "sparsity": _sparsity_summary(sparsity),
-        "checkpoint": trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,
+        "checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
         "train_steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -69,3 +69,18 @@ def test_main_job_writes_its_report(tmp_path, compression):
     assert not list(tmp_path.glob(".report.json.*")), "no temporary file left behind"
     surgery = on_disk["surgery"]
     assert surgery["channels_after"] <= surgery["channels_before"] == 8 + 8 + 16 + 16 + 10 and len(surgery["layers"]) == 5
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_the_asp_workflow_prunes_a_dense_checkpoint_and_retrains(tmp_path):
+    base = [*(o for o in TINY if not o.startswith("surgery.")), "model=resnet9", "model.width=8", "compression=float",
+            "surgery=none"]  # fmt: skip
+    dense = run(compose_job([*base, f"report_path={tmp_path}/dense/report.json"]))
+    assert dense["checkpoint"] and dense["sparsity"] is None
+    sparse = run(compose_job([*base, "sparsity=asp", f"init_from='{dense['checkpoint']}'",
+                              f"report_path={tmp_path}/asp/report.json"]))  # fmt: skip
+    assert sparse["sparsity"]["pruned"] and "net.prep.0" in sparse["sparsity"]["dense_layers"]
+    assert 0.5 < min(sparse["sparsity"]["kept_magnitude"].values()) < 1.0 and sparse["test_accuracy"] > 0.5
+    with pytest.raises(FileNotFoundError, match="init_from='missing.ckpt' does not exist"):
+        run(compose_job([*base, "init_from=missing.ckpt", f"report_path={tmp_path}/x/report.json"]))
