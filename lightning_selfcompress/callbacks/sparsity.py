@@ -54,9 +54,7 @@ class Sparsity24(Callback):
         for name, module in pl_module.named_modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
                 continue
-            reason = ineligible_reason(module)
-            if reason is None and self.calculator == "2d" and module.weight.shape[0] % 4:
-                reason = f"{module.weight.shape[0]} output channels, not a multiple of 4 (the 2-D calculator's blocks)"
+            reason = ineligible_reason(module, self.calculator)
             if reason is not None:
                 self.skipped[name] = reason
                 continue
@@ -104,7 +102,7 @@ class Sparsity24(Callback):
         changed = [name for name, m in self.layers.items() if m.weight.shape != self._shapes.get(name)]
         if not changed:
             return
-        dense = {n: r for n in changed if (r := ineligible_reason(self.layers[n])) is not None}
+        dense = {n: r for n in changed if (r := ineligible_reason(self.layers[n], self.calculator)) is not None}
         for name in dense:
             getattr(self.layers[name], MASK).fill_(True)
         rederive = [n for n in changed if n not in dense and not is_24(getattr(self.layers[n], MASK))]

@@ -116,10 +116,11 @@ def kept_magnitude(weight: Tensor, mask: Tensor) -> float:
     return float((magnitude * mask).sum() / magnitude.sum().clamp_min(torch.finfo(torch.float32).tiny))
 
 
-def ineligible_reason(module: nn.Module) -> str | None:
-    """Why TensorRT would not run this layer 2:4-sparse (None: it can). Stated rules: a Linear or an ungrouped
-    convolution whose input channels are a multiple of 4, and more than 4 of them (a 3-channel stem or a depthwise
-    convolution stays dense: too few inputs per output for a sparse kernel to pay)."""
+def ineligible_reason(module: nn.Module, calculator: str = "1d") -> str | None:
+    """Why this layer cannot be 2:4-sparse the way TensorRT runs it (None: it can). Stated rules: a Linear or an
+    ungrouped convolution whose input channels are a multiple of 4, and more than 4 of them (a 3-channel stem or a
+    depthwise convolution stays dense: too few inputs per output for a sparse kernel to pay); the 2-D calculator
+    also needs the output channels to be a multiple of 4."""
     if isinstance(module, _ConvNd):
         if module.groups > 1:
             return f"grouped convolution (groups={module.groups}): TensorRT runs it dense"
@@ -132,6 +133,8 @@ def ineligible_reason(module: nn.Module) -> str | None:
         return f"{inputs} input channels, not a multiple of 4"
     if inputs <= 4:
         return f"only {inputs} input channels: a 2:4 kernel does not pay"
+    if calculator == "2d" and module.weight.shape[0] % 4:
+        return f"{module.weight.shape[0]} output channels, not a multiple of 4 (the 2-D calculator's blocks)"
     return None
 
 
@@ -155,9 +158,7 @@ def attach_masks(model: nn.Module, calculator: str = "1d") -> tuple[dict[str, nn
     for name, module in model.named_modules():
         if not isinstance(module, (_ConvNd, nn.Linear)):
             continue
-        reason = ineligible_reason(module)
-        if reason is None and calculator == "2d" and module.weight.shape[0] % 4:
-            reason = f"{module.weight.shape[0]} output channels, not a multiple of 4 (the 2-D calculator's blocks)"
+        reason = ineligible_reason(module, calculator)
         if reason is not None:
             skipped[name] = reason
             continue
