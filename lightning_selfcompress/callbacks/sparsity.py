@@ -10,7 +10,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from ..core.sparsity import CALCULATORS, MASK, MaskEnforcer, apply_masks, ineligible_reason, is_24, kept_magnitude
+from ..core.sparsity import (
+    CALCULATORS, MASK, MaskEnforcer, apply_masks, eligible_layers, ineligible_reason, is_24, kept_magnitude,
+)  # fmt: skip
 
 __all__ = ["Sparsity24"]
 
@@ -50,22 +52,10 @@ class Sparsity24(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # All-ones masks now, before the optimizer is built and before a checkpoint's weights (and masks) load.
-        self.layers, self.skipped = {}, {}
-        for name, module in pl_module.named_modules():
-            if not isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
-                continue
-            reason = ineligible_reason(module, self.calculator)
-            if reason is not None:
-                self.skipped[name] = reason
-                continue
+        self.layers, self.skipped = eligible_layers(pl_module, self.calculator)
+        for module in self.layers.values():
             if not isinstance(getattr(module, MASK, None), torch.Tensor):
                 module.register_buffer(MASK, torch.ones_like(module.weight, dtype=torch.bool))
-            self.layers[name] = module
-        if not self.layers:
-            raise ValueError(
-                f"Sparsity24: no layer of {type(pl_module).__name__} can hold a 2:4 pattern: "
-                + "; ".join(f"{n}: {r}" for n, r in self.skipped.items())
-            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -25,6 +25,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .graph import _PRODUCERS, _LeafTracer, _op_name  # the same tracing as the size accounting's lenient graph
+
 __all__ = ["ChannelGraph", "GraphError"]
 
 
@@ -32,7 +34,6 @@ class GraphError(ValueError):
     """The channel graph cannot follow the model, or the model no longer matches the graph."""
 
 
-_PRODUCERS = (_ConvNd, nn.Linear)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
@@ -77,11 +78,6 @@ class _Step:
     payload: object = None
 
 
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
 def _where(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     inside = f" inside module '{list(stack)[-1]}'" if stack else ""
@@ -99,11 +95,6 @@ def channels_of(m: nn.Module) -> int:
 def is_grouped(m: nn.Module) -> bool:
     """A grouped (or depthwise) convolution: its input and output channels go together, a whole group at a time."""
     return isinstance(m, _ConvNd) and m.groups > 1
-
-
-class _LeafTracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _PRODUCERS) or super().is_leaf_module(m, qualname)
 
 
 class ChannelGraph:

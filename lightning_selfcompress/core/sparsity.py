@@ -25,6 +25,7 @@ __all__ = [
     "apply_masks",
     "as_rows",
     "attach_masks",
+    "eligible_layers",
     "from_rows",
     "ineligible_reason",
     "is_24",
@@ -146,31 +147,37 @@ def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(getattr(m, MASK, None), Tensor)}
 
 
+def eligible_layers(model: nn.Module, calculator: str = "1d") -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """(the Conv/Linear layers that can hold a 2:4 pattern, {the others: why not}); an error if none can."""
+    if calculator not in CALCULATORS:
+        raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
+    eligible, skipped = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, (_ConvNd, nn.Linear)):
+            reason = ineligible_reason(module, calculator)
+            if reason is None:
+                eligible[name] = module
+            else:
+                skipped[name] = reason
+    if not eligible:
+        raise ValueError(
+            f"No layer of {type(model).__name__} can hold a 2:4 pattern: "
+            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+        )
+    return eligible, skipped
+
+
 @torch.no_grad()
 def attach_masks(model: nn.Module, calculator: str = "1d") -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Give every eligible Conv/Linear a 2:4 mask by magnitude (a `weight_mask` buffer) and zero what it drops.
 
     Returns (masked layers, {skipped layer: why}). A layer that already has a mask gets a new one from its weights.
     """
-    if calculator not in CALCULATORS:
-        raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
-    masked, skipped = {}, {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (_ConvNd, nn.Linear)):
-            continue
-        reason = ineligible_reason(module, calculator)
-        if reason is not None:
-            skipped[name] = reason
-            continue
+    masked, skipped = eligible_layers(model, calculator)
+    for module in masked.values():
         mask = CALCULATORS[calculator](module.weight)
         module.register_buffer(MASK, mask)
         module.weight.mul_(mask)
-        masked[name] = module
-    if not masked:
-        raise ValueError(
-            f"No layer of {type(model).__name__} can hold a 2:4 pattern: "
-            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
-        )
     return masked, skipped
 
 
