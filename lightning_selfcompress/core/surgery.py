@@ -108,25 +108,31 @@ class Surgeon:
 
     # ---- the dead-channel rule -----------------------------------------------------------------------------------
 
-    def _dead_outputs(self, name: str) -> Tensor | None:
-        """Per original output channel of a producer: are its weights exact zeros (bits <= 0)?"""
-        bits = _quantized_bits(self.graph.model.get_submodule(name))
-        if bits is None:
-            return None
-        groups = self.graph.outputs[name]
-        dead = torch.ones(len(groups), dtype=torch.bool)
-        dead[~self.graph.removed[groups]] = bits.detach().cpu() <= 0
+    def _dead_outputs(self) -> dict[str, Tensor | None]:
+        """Per producer, per original output channel: are its weights exact zeros (bits <= 0)? None for a producer
+        that is not quantized. One transfer from the device for all layers."""
+        g = self.graph
+        bits = {name: _quantized_bits(g.model.get_submodule(name)) for name in g.outputs}
+        quantized = {name: b for name, b in bits.items() if b is not None}
+        dead: dict[str, Tensor | None] = dict.fromkeys(bits)
+        if not quantized:
+            return dead
+        flat = torch.cat([b.detach().reshape(-1) for b in quantized.values()]).cpu() <= 0
+        for (name, b), part in zip(quantized.items(), flat.split([b.numel() for b in quantized.values()])):
+            groups = g.outputs[name]
+            dead[name] = torch.ones(len(groups), dtype=torch.bool)
+            dead[name][~g.removed[groups]] = part
         return dead
 
-    def dead_groups(self) -> Tensor:
+    def dead_groups(self, dead: dict[str, Tensor | None] | None = None) -> Tensor:
         """Groups not yet removed whose every producer channel is at 0 bits (the L1 pull acts on these)."""
         g = self.graph
+        dead = self._dead_outputs() if dead is None else dead
         alive = g.removed.clone()
         has_producer = torch.zeros(g.num_groups, dtype=torch.bool)
         for name, groups in g.outputs.items():
             has_producer[groups] = True
-            dead = self._dead_outputs(name)
-            alive[groups[~dead] if dead is not None else groups] = True
+            alive[groups[~dead[name]] if dead[name] is not None else groups] = True
         return has_producer & ~alive & ~g.removed & ~g.pinned_mask
 
     @torch.no_grad()
@@ -153,10 +159,11 @@ class Surgeon:
         eval-mode output slightly (as the running averages would have, given time); run it before a surgery, not
         inside one. Returns the number of channels settled."""
         g = self.graph
-        dead = self.dead_groups()
+        outputs = self._dead_outputs()
+        dead = self.dead_groups(outputs)
         if not dead.any():
             return 0
-        train = g.constants(True, self._dead_outputs)
+        train = g.constants(True, outputs.get)
         settled = 0
         for step in g.steps:
             if step.kind != "norm":
@@ -187,11 +194,12 @@ class Surgeon:
         """The dead groups whose removal provably leaves the network's function unchanged, in both modes."""
         g = self.graph
         g.check_unchanged()
-        candidates = self.dead_groups()
+        outputs = self._dead_outputs()
+        candidates = self.dead_groups(outputs)
         if not candidates.any():
             return Removal(candidates)
-        train = g.constants(True, self._dead_outputs)
-        evaluation = g.constants(False, self._dead_outputs)
+        train = g.constants(True, outputs.get)
+        evaluation = g.constants(False, outputs.get)
         blocked = torch.zeros(g.num_groups, dtype=torch.bool)
         folds: dict[str, tuple[Tensor, Tensor]] = {}
         for name, sources in g.consumers.items():
