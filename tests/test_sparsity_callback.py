@@ -72,3 +72,11 @@ def test_bad_arguments_are_named():
         Sparsity24(None)
     with pytest.raises(ValueError, match="calculator='3d'"):
         Sparsity24(0, calculator="3d")
+
+
+def test_start_epoch_prunes_at_the_start_of_that_epoch(tiny_fmnist, tmp_path):
+    net, sparsity = module(), Sparsity24(None, start_epoch=1)  # 512 images, batches of 32: 16 steps an epoch
+    pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=16)).fit(net, tiny_fmnist)
+    assert not sparsity.pruned and not sparse_layers(net)
+    pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=18)).fit(net, tiny_fmnist)
+    assert sparsity.pruned and all(is_24(m.weight) for m in sparse_layers(net).values()) and sparse_layers(net)
