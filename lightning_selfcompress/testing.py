@@ -4,11 +4,11 @@ self-compression leaves them (bit depth 0, constant output zero)."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .core.groups import ChannelGraph
 
-__all__ = ["choose_groups", "kill_groups", "removable_groups"]
+__all__ = ["choose_branch_channels", "choose_groups", "kill_branch_channels", "kill_groups", "removable_groups"]
 
 
 def removable_groups(graph: ChannelGraph) -> Tensor:
@@ -32,19 +32,36 @@ def choose_groups(graph: ChannelGraph, fraction: float, seed: int = 0) -> Tensor
 def kill_groups(graph: ChannelGraph, mask: Tensor, bits: bool = True) -> None:
     """Make the chosen groups emit exact zeros: producer bit depths (`bits=True`, quantized layers) or weights set to
     0, producer biases 0, and the shift and running mean of every per-channel module they pass through 0."""
-    model = graph.model
-    for name, groups in graph.outputs.items():
-        module = model.get_submodule(name)
-        where = mask[groups[~graph.removed[groups]]].to(module.weight.device)
-        if bits:
-            module.weight_quantizer.bits[where] = 0.0
-        else:
-            module.weight[where] = 0.0
-        if module.bias is not None:
-            module.bias[where] = 0.0
-    for name, groups in graph.members.items():
-        module = model.get_submodule(name)
-        for attr in ("bias", "running_mean"):
-            tensor = getattr(module, attr, None)
-            if tensor is not None:
-                tensor[mask[groups[~graph.removed[groups]]].to(tensor.device)] = 0.0
+    for role in ("outputs", "members"):
+        for name, groups in getattr(graph, role).items():
+            _kill(graph.model.get_submodule(name), role, mask[groups[graph.present(name, role)]], bits)
+
+
+def choose_branch_channels(graph: ChannelGraph, fraction: float, seed: int = 0, spare: Tensor | None = None) -> dict[str, Tensor]:
+    """Per residual branch, a random `fraction` of its channels still there (and not in the groups `spare`), to
+    remove from that branch alone; as masks over the producer's original positions."""
+    generator = torch.Generator().manual_seed(seed)
+    cuts = {}
+    for producer in graph.branches:
+        groups = graph.outputs[producer]
+        candidates = (graph.present(producer, "outputs") & ~(spare[groups] if spare is not None else False)).nonzero()
+        chosen = candidates.flatten()[torch.randperm(len(candidates), generator=generator)[: int(fraction * len(candidates))]]
+        if len(chosen) and len(chosen) < len(candidates):
+            cuts[producer] = torch.zeros(len(groups), dtype=torch.bool)
+            cuts[producer][chosen] = True
+    return cuts
+
+
+@torch.no_grad()
+def kill_branch_channels(graph: ChannelGraph, cuts: dict[str, Tensor], bits: bool = True) -> None:
+    """Make the chosen channels of each branch add exact zeros: as `kill_groups`, on the branch's own modules."""
+    for producer, cut in cuts.items():
+        for name, role in ((producer, "outputs"), *((m, "members") for m in graph.branches[producer].members)):
+            _kill(graph.model.get_submodule(name), role, cut[graph.present(name, role)], bits)
+
+
+def _kill(module: nn.Module, role: str, where: Tensor, bits: bool) -> None:
+    tensors = [module.weight_quantizer.bits if bits else module.weight] if role == "outputs" else []
+    tensors += [t for t in (getattr(module, "bias", None), getattr(module, "running_mean", None)) if t is not None]
+    for tensor in tensors:
+        tensor[where.to(tensor.device)] = 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -12,7 +14,7 @@ from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 
-from lightning_selfcompress.testing import choose_groups, kill_groups
+from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups, removable_groups
 
 from surgery_helpers import SmallNet, freeze_statistics
 
@@ -144,12 +146,21 @@ ZOO = {
     "baseline_cnn": (lambda: BaselineCNN(1, 10), (1, 28, 28)),
 }
 LARGE = {"resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn"}
+RESIDUAL = {"resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "resnet9"}
+
+
+def assert_same_outputs(net: nn.Module, x: torch.Tensor, before: dict[bool, torch.Tensor]) -> None:
+    for mode in (True, False):
+        after = net.train(mode)(x).detach()
+        torch.testing.assert_close(after, before[mode], rtol=1e-5, atol=1e-5 * before[mode].abs().max().item())
 
 
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO]
 )
 def test_surgery_preserves_the_function_in_train_and_eval_mode(name):
+    """Cut 30% of the groups and 30% of what is left of each residual branch from that branch alone, then more groups,
+    some of them already gone from a branch; replay the history on a fresh copy. Outputs stay the uncut ones."""
     make, shape = ZOO[name]
     net = make().double()
     x = torch.randn(4, *shape, dtype=torch.float64)
@@ -160,21 +171,36 @@ def test_surgery_preserves_the_function_in_train_and_eval_mode(name):
         if isinstance(m, nn.Dropout):
             m.p = 0.0  # a dropout mask is drawn per element: with fewer channels it would be a different draw
     attach_quantizers(net)
+    fresh = copy.deepcopy(net)
     graph = ChannelGraph(net, x[:2])
     surgeon = Surgeon(graph)
     killed = choose_groups(graph, 0.3)
+    cuts = choose_branch_channels(graph, 0.3, spare=killed)
+    assert bool(cuts) == (name in RESIDUAL)
     kill_groups(graph, killed)
+    kill_branch_channels(graph, cuts)
     before = {mode: net.train(mode)(x).detach() for mode in (True, False)}
 
+    alive = torch.zeros(graph.num_groups, dtype=torch.bool)  # a group goes whole once all its producers are dead
+    for producer, groups in graph.outputs.items():
+        alive[groups[~(killed[groups] | cuts.get(producer, torch.zeros(len(groups), dtype=torch.bool)))]] = True
+    expected = removable_groups(graph) & ~alive
+    assert (expected & killed).equal(killed)
     removal = surgeon.find()
-    assert torch.equal(removal.groups, killed), "exactly the killed groups are found removable"
-    record = surgeon.remove(removal)
-    assert record.weights_removed > 0
-
-    for mode in (True, False):
-        after = net.train(mode)(x).detach()
-        torch.testing.assert_close(after, before[mode], rtol=1e-5, atol=1e-5 * before[mode].abs().max().item())
+    assert torch.equal(removal.groups, expected), "exactly the dead groups are found removable"
+    assert {p: c.nonzero().flatten().tolist() for p, c in removal.cuts.items()} == {
+        p: (c & ~expected[graph.outputs[p]]).nonzero().flatten().tolist() for p, c in cuts.items()
+    }, "and the other killed branch channels are cut from their branches"
+    assert surgeon.remove(removal).weights_removed > 0
+    assert_same_outputs(net, x, before)
+    kill_groups(graph, choose_groups(graph, 0.3, seed=1))
+    before = {mode: net.train(mode)(x).detach() for mode in (True, False)}
+    surgeon.remove(surgeon.find())
+    assert_same_outputs(net, x, before)
     graph.check_unchanged()
+    Surgeon(ChannelGraph(fresh, x[:2])).replay(surgeon.history)
+    fresh.load_state_dict(net.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), net.eval()(x), rtol=0, atol=0)
 
 
 def test_a_dead_constant_is_folded_into_the_next_bias_exactly():

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers
 from lightning_selfcompress.core.size import GammaSchedule, SizeModel, float_size_report
+from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 
 
@@ -84,6 +86,24 @@ def test_resnet9_residual_input_is_dead_only_when_both_producers_are():
     assert kept() == full, "the residual branch still feeds channel 5"
     model.get_submodule("layer1.2.res2.0").weight_quantizer.bits.data[5] = -1.0
     assert kept() == full - 16 * 9
+
+
+def test_a_channel_cut_from_a_residual_branch_alone_leaves_the_size_as_it_was():
+    model = ResNet9(in_channels=1, width=4)  # layer1: 8 channels, the residual's res2 adds into them
+    attach_quantizers(model)
+    branch, bn, stream, stream_bn = (model.get_submodule(n) for n in ("layer1.2.res2.0", "layer1.2.res2.1", "layer1.0.0", "layer1.0.1"))
+    with torch.no_grad():
+        branch.weight_quantizer.bits[[6, 7]] = 0.0
+        bn.bias[[6, 7]] = 0.0  # the branch adds relu(0) = 0 for them
+        stream.weight_quantizer.bits[7] = 0.0
+        stream_bn.bias[7] = 0.5  # channel 7 is dead (a constant) but not zero: it stays in the stream
+    surgeon = Surgeon(ChannelGraph(model, torch.randn(2, 1, 28, 28)))
+    surgeon.settle_statistics()
+    before = SizeModel(model).report()
+    surgeon.remove(surgeon.find())
+    assert branch.out_channels == 6 and stream.out_channels == 8
+    after = SizeModel(model).report()
+    assert (after.weights_kept, after.bits) == (before.weights_kept, before.bits)
 
 
 def test_concat_offsets_and_unquantized_producers():

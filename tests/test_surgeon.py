@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 
 from lightning_selfcompress import ChannelSurgeon, SelfCompression, load_compressed
-from lightning_selfcompress.models import BaselineCNN, ImageClassifier
+from lightning_selfcompress.models import BaselineCNN, ImageClassifier, ResNet9
 
 from conftest import trainer_kwargs
 
@@ -26,9 +26,12 @@ class LossRecorder(Callback):
         self.losses[trainer.global_step] = outputs["loss"].item()
 
 
-def module() -> ImageClassifier:
+NETS = {"baseline_cnn": lambda: BaselineCNN(1, 10, width=8), "resnet9": lambda: ResNet9(1, 10, width=4)}
+
+
+def module(net: str = "baseline_cnn") -> ImageClassifier:
     pl.seed_everything(0, verbose=False)
-    return ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
+    return ImageClassifier(NETS[net](), optimizer="adam", lr=0.003)
 
 
 def callbacks(every: int = 8) -> list[Callback]:
@@ -53,41 +56,45 @@ def test_the_surgeon_cuts_while_training_and_the_optimizer_follows(tiny_fmnist, 
     assert report.weights_kept <= sum(r["weights_after"] for r in rows)
 
 
-def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(tiny_fmnist, tmp_path):
-    """512 images in batches of 32: 16 steps an epoch; the run stops after epoch 2 (step 32) and resumes to 48."""
+@pytest.mark.parametrize("net", list(NETS))
+def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(tiny_fmnist, tmp_path, net):
+    """512 images in batches of 32: 16 steps an epoch; the run stops after epoch 2 (step 32) and resumes to 48.
+    ResNet-9 also loses channels from its residual branch alone (re-embedded), which the resume must replay."""
     whole = LossRecorder()
     first_surgeon = callbacks()
-    pl.Trainer(callbacks=[*first_surgeon, whole], **trainer_kwargs(tmp_path / "a", max_steps=48)).fit(module(), tiny_fmnist)
+    pl.Trainer(callbacks=[*first_surgeon, whole], **trainer_kwargs(tmp_path / "a", max_steps=48)).fit(module(net), tiny_fmnist)
 
     first = LossRecorder()
     part = callbacks()
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=32, save_top_k=-1)
     trainer = pl.Trainer(callbacks=[*part, first, saver], **trainer_kwargs(tmp_path / "b", max_steps=32, enable_checkpointing=True))
-    trainer.fit(module(), tiny_fmnist)
+    trainer.fit(module(net), tiny_fmnist)
     (path,) = (tmp_path / "ckpt").glob("*.ckpt")
     assert part[1].history, "the checkpoint is taken after a surgery"
+    assert any(r.branches for r in part[1].history) == (net == "resnet9")
 
     resumed = LossRecorder()
     fresh_callbacks = callbacks()
     pl.Trainer(callbacks=[*fresh_callbacks, resumed], **trainer_kwargs(tmp_path / "c", max_steps=48)).fit(
-        module(), tiny_fmnist, ckpt_path=path
+        module(net), tiny_fmnist, ckpt_path=path
     )
-    cuts = lambda surgeon: [(r.step, r.groups) for r in surgeon.history]  # noqa: E731
+    cuts = lambda surgeon: [(r.step, r.groups, r.branches) for r in surgeon.history]  # noqa: E731
     assert cuts(fresh_callbacks[1]) == cuts(first_surgeon[1])
     later = sorted(resumed.losses)
     assert later[0] == 33
     assert [resumed.losses[s] for s in later] == pytest.approx([whole.losses[s] for s in later], rel=1e-6)
 
 
-def test_load_compressed_rebuilds_a_trained_module_from_its_checkpoint(tiny_fmnist, tmp_path):
-    net_module = module()
+@pytest.mark.parametrize("net", list(NETS))
+def test_load_compressed_rebuilds_a_trained_module_from_its_checkpoint(tiny_fmnist, tmp_path, net):
+    net_module = module(net)
     trainer = pl.Trainer(callbacks=callbacks(), **trainer_kwargs(tmp_path, max_steps=16))
     trainer.fit(net_module, tiny_fmnist)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
-    loaded = load_compressed(module(), tmp_path / "last.ckpt")
+    loaded = load_compressed(module(net), tmp_path / "last.ckpt")
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(loaded(x), net_module.eval()(x), rtol=0, atol=0)
-    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in module().parameters())
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in module(net).parameters())
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from lightning_selfcompress.core.groups import ChannelGraph, GraphError
 from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Removal, Surgeon, load_compressed
 
-from lightning_selfcompress.testing import choose_groups, kill_groups
+from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups
 
 from surgery_helpers import SmallNet
 
@@ -49,8 +49,9 @@ def train_steps(net, optimizer, batches, after_step=None) -> list[float]:
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_training_on_after_a_cut_equals_holding_the_channels_at_zero(name):
-    """Train a few steps, cut, train on: the losses and every kept weight equal a reference run in which the same
-    channels were merely held at zero throughout. Proves that optimizer state was sliced right, not just to shape."""
+    """Train a few steps, cut (whole groups, and channels of the residual branch alone), train on: the losses and
+    every kept weight equal a reference run in which the same channels were merely held at zero throughout. Proves
+    that optimizer state was sliced right, not just to shape."""
     cls, kwargs = OPTIMIZERS[name]
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 8, 8, generator=generator, dtype=torch.float64),
@@ -58,37 +59,39 @@ def test_training_on_after_a_cut_equals_holding_the_channels_at_zero(name):
     cut = SmallNet().double()
     graph = ChannelGraph(cut, batches[0][0][:2])
     killed = choose_groups(graph, 0.4, seed=3)
-    kill_groups(graph, killed, bits=False)
+    branch_cuts = choose_branch_channels(graph, 0.5, seed=3, spare=killed)
+    assert set(branch_cuts) == {"branch.0"}
+
+    def hold(g: ChannelGraph) -> None:
+        kill_groups(g, killed, bits=False)
+        kill_branch_channels(g, branch_cuts, bits=False)
+
+    hold(graph)
     reference = copy.deepcopy(cut)
     reference_graph = ChannelGraph(reference, batches[0][0][:2])
     opt_cut, opt_ref = cls(cut.parameters(), **kwargs), cls(reference.parameters(), **kwargs)
 
-    hold = lambda: kill_groups(reference_graph, killed, bits=False)  # noqa: E731
-    losses_ref = train_steps(reference, opt_ref, batches, hold)
-    losses_cut = train_steps(cut, opt_cut, batches[:4], lambda: kill_groups(graph, killed, bits=False))
+    losses_ref = train_steps(reference, opt_ref, batches, lambda: hold(reference_graph))
+    losses_cut = train_steps(cut, opt_cut, batches[:4], lambda: hold(graph))
     names = {p: n for n, p in cut.named_parameters()}
     state_before = {names[p]: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt_cut.state.items()}
 
-    Surgeon(graph).remove(Removal(killed), [opt_cut])
+    Surgeon(graph).remove(Removal(killed, cuts=branch_cuts), [opt_cut])
+    assert cut.branch[0].out_channels < cut.stem.out_channels, "the branch is narrower than the stream it joins"
     assert {k: int(v["step"]) for k, v in state_before.items() if "step" in v} == {
         names[p]: int(s["step"]) for p, s in opt_cut.state.items() if "step" in s
     }, "scalar state is kept"
     losses_cut += train_steps(cut, opt_cut, batches[4:])
 
     torch.testing.assert_close(torch.tensor(losses_cut), torch.tensor(losses_ref), rtol=1e-10, atol=1e-12)
-    kept = {name: reference_graph.kept(groups, killed) for name, groups in reference_graph.outputs.items()}
     ref_params = dict(reference.named_parameters())
     for pname, p in cut.named_parameters():
         expected = ref_params[pname].detach()
         module = pname.rsplit(".", 1)[0]
-        if module in reference_graph.outputs and kept[module] is not None:
-            expected = expected.index_select(0, kept[module])
-        if p.dim() > 1 and module in reference_graph.inputs:
-            inputs = reference_graph.kept(reference_graph.inputs[module], killed)
-            expected = expected if inputs is None else expected.index_select(1, inputs)
-        if module in reference_graph.members and p.dim() == 1:
-            members = reference_graph.kept(reference_graph.members[module], killed)
-            expected = expected if members is None else expected.index_select(0, members)
+        for role, dim in (("outputs", 0), ("inputs", 1), ("members", 0)):
+            if module in getattr(reference_graph, role) and expected.dim() > dim and (role != "inputs" or p.dim() > 1):
+                keep = reference_graph.kept(module, role, killed, branch_cuts)
+                expected = expected if keep is None else expected.index_select(dim, keep)
         torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-12, msg=f"{pname} after the cut")
 
 
@@ -157,6 +160,32 @@ def test_history_replays_on_a_fresh_model_and_a_mismatched_history_is_refused():
         Surgeon(ChannelGraph(other, x[:2])).replay([r.to_dict() for r in surgeon.history])
     with pytest.raises(GraphError, match="history does not fit this model: .*removed before"):
         replayed.replay([surgeon.history[0].to_dict()])
+    not_a_branch = dict(surgeon.history[0].to_dict(), groups=[], branches={"mid": [0]})
+    with pytest.raises(GraphError, match="history does not fit this model: 'mid' is not the producer of a residual"):
+        replayed.replay([not_a_branch])
+
+
+def test_a_branch_cut_replays_and_a_channel_cut_twice_is_refused():
+    net = SmallNet()
+    attach_quantizers(net)
+    x = torch.randn(4, 3, 8, 8)
+    surgeon = Surgeon(ChannelGraph(net, x[:2]))
+    cuts = {"branch.0": torch.zeros(8, dtype=torch.bool)}
+    cuts["branch.0"][[1, 4]] = True
+    record = surgeon.remove(Removal(torch.zeros(surgeon.graph.num_groups, dtype=torch.bool), cuts=cuts), step=5)
+    assert record.branches == {"branch.0": [1, 4]} and record.channels == {"branch.0": 2}
+    assert net.branch[0].out_channels == 6 and net.branch[1].num_features == 6 and net.stem.out_channels == 8
+    assert net(x).shape == (4, 5)
+    with pytest.raises(GraphError, match="Cannot cut channel 1 from the branch of 'branch.0': it is gone already"):
+        surgeon.remove(Removal(torch.zeros(surgeon.graph.num_groups, dtype=torch.bool), cuts=cuts))
+
+    fresh = SmallNet()
+    attach_quantizers(fresh)
+    Surgeon(ChannelGraph(fresh, x[:2])).replay([record.to_dict()])
+    fresh.load_state_dict(net.state_dict())
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+    with pytest.raises(GraphError, match="were cut from a residual branch already; trace the model before surgery"):
+        ChannelGraph(fresh, x[:2])
 
 
 def test_load_compressed_rebuilds_the_model_from_a_checkpoint(tmp_path):

@@ -10,8 +10,13 @@ unit of removal. Per module the graph records the group of each position: output
 (BatchNorm, InstanceNorm, PReLU). Groups that reach the model's input or output or a normalisation across
 channels are pinned: never removed.
 
-The graph keeps describing the model as traced: groups removed since are a mask, so the history stays in original
-indexing and the constants a dead channel carries are followed through the original graph (`constants`).
+A branch is a chain from a producer's outputs, through per-channel modules, to one operand of a residual add, read
+by nothing else. Its channels can also go from that branch alone: the stream keeps them, and the branch's last
+module re-embeds its output at the stream's width (core/reembed.py).
+
+The graph keeps describing the model as traced: groups removed since are a mask, and channels cut from a branch
+alone a mask per branch, so the history stays in original indexing and the constants a dead channel carries are
+followed through the original graph (`constants`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .graph import _PRODUCERS, _LeafTracer, _op_name  # the same tracing as the size accounting's lenient graph
+from .reembed import reembedding_of
 
-__all__ = ["ChannelGraph", "GraphError"]
+__all__ = ["Branch", "ChannelGraph", "GraphError"]
 
 
 class GraphError(ValueError):
@@ -68,6 +74,22 @@ _NON_TENSOR_OPS = {"size", "dim", "numel", "getattr"}
 
 
 @dataclass
+class Branch:
+    """Producer -> per-channel modules -> tail -> one operand of a residual add; nothing else reads the chain, so
+    its channels can leave this branch alone (the tail's output is re-embedded at the stream's width)."""
+
+    producer: str
+    members: list[str]  # per-channel modules on the chain (BatchNorm, PReLU), sliced with the producer's outputs
+    tail: str  # the module whose output the add reads
+    tail_node: str
+    steps: list[int]  # the chain's steps, tail first
+
+
+_BRANCH_ADDS = (operator.add, operator.sub)  # a channel that went adds exactly zero
+_CHAIN_KINDS = ("norm", "apply", "keep", "dropout", "zeros_only")
+
+
+@dataclass
 class _Step:
     """How one node maps its channel inputs' positions to its output's; replayed to follow constants."""
 
@@ -102,6 +124,8 @@ class ChannelGraph:
 
     `outputs`, `inputs`, `members`: per module name, the group of each original position (output channel, input
     feature, channel). `pinned`: groups never removed, with the reason. `removed`: groups removed since tracing.
+    `branches`: per producer, its residual branch; `cut`: per branch producer, the original positions removed from
+    that branch alone.
     `consumers`: per Conv/Linear, the nodes whose output it reads. `spatial`: per Conv/Linear, output positions per
     channel for one sample (for multiply-accumulate counts).
     """
@@ -130,6 +154,7 @@ class ChannelGraph:
             for m, training in modes.items():
                 m.training = training
         self._finalize()
+        self._find_branches()
 
     # ---- building ------------------------------------------------------------------------------------------------
 
@@ -184,6 +209,47 @@ class ChannelGraph:
         self.pinned_mask = torch.zeros(self.num_groups, dtype=torch.bool)
         self.pinned_mask[list(self.pinned)] = True
 
+    def _find_branches(self) -> None:
+        nodes = {n.name: n for n in self.fx_graph.nodes}
+        index = {step.node: i for i, step in enumerate(self.steps)}
+        calls: dict[str, int] = {}
+        for n in self.fx_graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+        self.branches: dict[str, Branch] = {}
+        for step in self.steps:
+            if step.kind == "elementwise" and step.payload[0] in _BRANCH_ADDS:
+                for source in step.sources:
+                    branch = self._branch(nodes[source], nodes, index, calls)
+                    if branch is not None:
+                        self.branches[branch.producer] = branch
+        self.cut = {p: torch.zeros(len(self.outputs[p]), dtype=torch.bool) for p in self.branches}
+        self._chain = {(b.producer, "outputs"): b.producer for b in self.branches.values()}
+        self._chain.update({(m, "members"): b.producer for b in self.branches.values() for m in b.members})
+        self._step_branch = {i: b.producer for b in self.branches.values() for i in b.steps}
+
+    def _branch(self, tail: fx.Node, nodes: dict, index: dict, calls: dict) -> Branch | None:
+        """The branch ending at `tail`, if the chain from its producer is private to this add and keeps positions."""
+        if tail.op != "call_module" or tail.name not in index:
+            return None
+        node, members, chain = tail, [], []
+        while True:
+            step = self.steps[index[node.name]]
+            if len(node.users) != 1 or (node.op == "call_module" and calls[node.target] != 1):
+                return None
+            chain.append(index[node.name])
+            if step.kind == "produce":
+                if is_grouped(self.model.get_submodule(step.payload)):
+                    return None
+                return Branch(step.payload, members, tail.target, tail.name, chain)
+            if step.kind not in _CHAIN_KINDS or step.sources[0] not in index:
+                return None
+            if self.steps[index[step.sources[0]]].slots != step.slots:
+                return None
+            if node.op == "call_module" and node.target in self.members:
+                members.append(node.target)
+            node = nodes[step.sources[0]]
+
     def groups_of(self, slots: list[int]) -> Tensor:
         return self._group[torch.tensor(slots, dtype=torch.long)] if slots else torch.zeros(0, dtype=torch.long)
 
@@ -197,17 +263,28 @@ class ChannelGraph:
     def modules(self) -> list[str]:
         return list(dict.fromkeys([*self.outputs, *self.inputs, *self.members]))
 
-    def width(self, groups: Tensor) -> int:
-        """How many of these positions are still there."""
-        return int((~self.removed[groups]).sum())
+    def present(self, module: str, role: str) -> Tensor:
+        """Which of the module's original positions in this role are still there."""
+        mask = ~self.removed[getattr(self, role)[module]]
+        branch = self._chain.get((module, role))
+        return mask if branch is None else mask & ~self.cut[branch]
 
-    def kept(self, groups: Tensor, remove: Tensor) -> Tensor | None:
-        """Of a module's current positions (original `groups`), the indices that stay when `remove` goes; None: all."""
-        going = remove[groups[~self.removed[groups]]]
+    def width(self, module: str, role: str) -> int:
+        return int(self.present(module, role).sum())
+
+    def kept(self, module: str, role: str, remove: Tensor, cuts: dict[str, Tensor] | None = None) -> Tensor | None:
+        """Of the module's current positions, the indices that stay when the groups `remove` go, and `cuts` (per
+        branch producer, original positions) leave their branches; None: all stay."""
+        present = self.present(module, role)
+        going = remove[getattr(self, role)[module]]
+        branch = self._chain.get((module, role))
+        if cuts and branch in cuts:
+            going = going | cuts[branch]
+        going = going[present]
         return (~going).nonzero().flatten() if going.any() else None
 
     def expected_shape(self, module: str) -> dict[str, int]:
-        return {role: self.width(groups) for role, groups in self.tables(module).items()}
+        return {role: self.width(module, role) for role in self.tables(module)}
 
     def check_unchanged(self) -> None:
         """Raise if a module's channel counts differ from what the graph expects (the model changed after tracing)."""
@@ -247,10 +324,12 @@ class ChannelGraph:
         channel emits its bias). Removed positions count as zeros: they no longer contribute anything.
         """
         env: dict[str, Tensor] = {}
-        for step, groups in zip(self.steps, self._step_groups):
+        for i, (step, groups) in enumerate(zip(self.steps, self._step_groups)):
             inputs = [env[s] for s in step.sources]
             value = _constant_step(self, step, inputs, training, dead)
             value[self.removed[groups]] = 0.0
+            if i in self._step_branch:  # re-embedded as zeros
+                value[self.cut[self._step_branch[i]]] = 0.0
             env[step.node] = value
         return env
 
@@ -263,10 +342,11 @@ def module_width(module: nn.Module, role: str) -> int:
     return module.out_features if role == "outputs" else module.in_features
 
 
-def _expand(values: Tensor, groups: Tensor, removed: Tensor) -> Tensor:
+def _expand(graph: ChannelGraph, values: Tensor, module: str, role: str) -> Tensor:
     """A module's current per-channel values placed at their original positions (removed ones 0)."""
-    out = torch.zeros(len(groups), dtype=torch.float64)
-    out[~removed[groups]] = values.detach().double().cpu()
+    present = graph.present(module, role)
+    out = torch.zeros(len(present), dtype=torch.float64)
+    out[present] = values.detach().double().cpu()
     return out
 
 
@@ -280,24 +360,28 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
         if mask is None:
             return nan
         module = graph.model.get_submodule(payload)
-        groups = graph.outputs[payload]
-        bias = _expand(module.bias, groups, graph.removed) if module.bias is not None else torch.zeros(len(groups), dtype=torch.float64)
+        bias = (
+            _expand(graph, module.bias, payload, "outputs")
+            if module.bias is not None
+            else torch.zeros(len(graph.outputs[payload]), dtype=torch.float64)
+        )
         return torch.where(mask, bias, nan)
     x = inputs[0] if inputs else None
     if kind == "norm":
-        module, groups = graph.model.get_submodule(payload), graph.members[payload]
-        weight = _expand(module.weight, groups, graph.removed) if module.weight is not None else torch.ones_like(x)
-        bias = _expand(module.bias, groups, graph.removed) if module.bias is not None else torch.zeros_like(x)
+        module = graph.model.get_submodule(payload)
+        weight = _expand(graph, module.weight, payload, "members") if module.weight is not None else torch.ones_like(x)
+        bias = _expand(graph, module.bias, payload, "members") if module.bias is not None else torch.zeros_like(x)
         if training or module.running_mean is None:  # batch statistics of a constant: mean c, variance 0
             return torch.where(x.isfinite(), bias, nan)
-        mean = _expand(module.running_mean, groups, graph.removed)
-        var = _expand(module.running_var, groups, graph.removed)
+        mean = _expand(graph, module.running_mean, payload, "members")
+        var = _expand(graph, module.running_var, payload, "members")
         return (x - mean) / torch.sqrt(var + module.eps) * weight + bias
     if kind == "apply":
         fn = graph.model.get_submodule(payload) if isinstance(payload, str) else payload
         if isinstance(fn, nn.PReLU) and fn.num_parameters > 1:
-            weight = _expand(fn.weight, graph.members[payload], graph.removed)
+            weight = _expand(graph, fn.weight, payload, "members")
             return torch.where(x >= 0, x, weight * x)
+        fn = fn.forward if isinstance(fn, nn.Module) else fn  # not its hooks: a re-embedding would widen the row
         return fn(x.view(1, -1)).view(-1).double()
     if kind == "keep":
         return x.clone()
@@ -403,6 +487,9 @@ class _Walker:
 
     def module(self, node: fx.Node, module: nn.Module, real: object, tracked: list[fx.Node]) -> list[int]:
         g, source = self.g, self.single(node, tracked)
+        if reembedding_of(module) is not None:
+            raise self.fail(node, "its channels were cut from a residual branch already; trace the model before "
+                            "surgery and replay the history on it (Surgeon.replay, load_compressed)")
         slots = self.env[source].slots
         if slots is None:
             raise self.fail(node, "a module applied to a tuple of tensors")

@@ -10,6 +10,8 @@ The dead-channel rule (Self-Compressing Neural Networks, section 3): a group may
 at 0 bits (its weights are exact zeros, so it emits its bias) and what that constant becomes on the way to each
 consumer, in train mode and in eval mode, is zero, or is one and the same constant that the consumer folds exactly
 into its bias (a Linear, or a convolution without padding, so that every output sees the whole kernel).
+A channel may also leave one residual branch alone, the stream it is added to keeping it: when the branch's
+producer channel is at 0 bits and the branch adds exactly zero for it, in both modes (core/reembed.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .groups import ChannelGraph, GraphError, channels_of, is_grouped
 from .quant import QuantizationConfig, attach_quantizers
+from .reembed import set_reembedding
 from .sparsity import MASK
 
 __all__ = ["Removal", "Surgeon", "SurgeryRecord", "load_compressed", "SURGEON_STATE_KEY"]
@@ -34,30 +37,35 @@ SURGEON_STATE_KEY = "ChannelSurgeon"  # where a Lightning checkpoint keeps the s
 
 @dataclass
 class Removal:
-    """Groups chosen for removal, and the bias corrections that keep the function exact (per consumer module)."""
+    """Groups chosen for removal, channels leaving a residual branch alone, and the bias corrections that keep the
+    function exact (per consumer module)."""
 
     groups: Tensor  # bool mask over the graph's groups
     folds: dict[str, Tensor] = field(default_factory=dict)
+    cuts: dict[str, Tensor] = field(default_factory=dict)  # per branch producer: original positions
 
     @property
     def count(self) -> int:
-        return int(self.groups.sum())
+        return int(self.groups.sum()) + sum(int(c.sum()) for c in self.cuts.values())
 
 
 @dataclass
 class SurgeryRecord:
-    """One surgery, in original indexing: each removed group named by its first producer's (module, channel)."""
+    """One surgery, in original indexing: each removed group named by its first producer's (module, channel), and
+    the channels that left a residual branch alone, per branch producer."""
 
     step: int
     groups: list[tuple[str, int]]
     channels: dict[str, int]  # output channels removed per producer module
     weights_removed: int
     seconds: float
+    branches: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "step": self.step,
             "groups": [list(g) for g in self.groups],
+            "branches": {k: list(v) for k, v in self.branches.items()},
             "channels": dict(self.channels),
             "weights_removed": self.weights_removed,
             "seconds": self.seconds,
@@ -66,7 +74,8 @@ class SurgeryRecord:
     @classmethod
     def from_dict(cls, d: dict) -> SurgeryRecord:
         return cls(int(d["step"]), [(str(m), int(c)) for m, c in d["groups"]], dict(d["channels"]),
-                   int(d["weights_removed"]), float(d["seconds"]))  # fmt: skip
+                   int(d["weights_removed"]), float(d["seconds"]),
+                   {str(k): [int(i) for i in v] for k, v in d.get("branches", {}).items()})  # fmt: skip
 
 
 def _quantized_bits(module: nn.Module) -> Tensor | None:
@@ -119,9 +128,8 @@ class Surgeon:
             return dead
         flat = torch.cat([b.detach().reshape(-1) for b in quantized.values()]).cpu() <= 0
         for (name, b), part in zip(quantized.items(), flat.split([b.numel() for b in quantized.values()])):
-            groups = g.outputs[name]
-            dead[name] = torch.ones(len(groups), dtype=torch.bool)
-            dead[name][~g.removed[groups]] = part
+            dead[name] = torch.ones(len(g.outputs[name]), dtype=torch.bool)
+            dead[name][g.present(name, "outputs")] = part
         return dead
 
     def dead_groups(self, dead: dict[str, Tensor | None] | None = None) -> Tensor:
@@ -135,21 +143,37 @@ class Surgeon:
             alive[groups[~dead[name]] if dead[name] is not None else groups] = True
         return has_producer & ~alive & ~g.removed & ~g.pinned_mask
 
+    def _dead_channels(self, outputs: dict[str, Tensor | None], groups: Tensor) -> dict[str, Tensor]:
+        """Per producer and per-channel module, over its original positions: the channels that are dead, in a dead
+        group or on a branch whose producer's channel is at 0 bits. Modules without one are left out."""
+        g = self.graph
+        dead = {}
+        for role in ("outputs", "members"):
+            for name, table in getattr(g, role).items():
+                mask = groups[table]
+                branch = g._chain.get((name, role))
+                if branch is not None and outputs[branch] is not None:
+                    mask = mask | outputs[branch]
+                mask &= g.present(name, role)
+                if mask.any():
+                    dead[name] = mask
+        return dead
+
     @torch.no_grad()
     def pull_constants(self, amount: float) -> int:
-        """The paper's L1 pull on what a dead channel still emits, as a proximal step: shrink producer biases and
-        norm shifts of dead groups by `amount` towards zero, stopping at zero. Returns how many groups are dead."""
+        """The paper's L1 pull on what a dead channel still emits, as a proximal step: shrink the biases and norm
+        shifts of dead channels by `amount` towards zero, stopping at zero. Returns how many groups are dead."""
         g = self.graph
-        dead = self.dead_groups()
-        if dead.any():
-            for table in (g.outputs, g.members):
-                for name, where in self._positions(table, dead):
-                    bias = getattr(g.model.get_submodule(name), "bias", None)
-                    if isinstance(bias, Tensor) and bias.dim() == 1 and len(bias) == len(where):
-                        where = where.to(bias.device)
-                        chosen = bias.data[where]
-                        bias.data[where] = chosen.sign() * (chosen.abs() - amount).clamp_min(0)
-        return int(dead.sum())
+        outputs = self._dead_outputs()
+        groups = self.dead_groups(outputs)
+        for name, where in self._dead_channels(outputs, groups).items():
+            bias = getattr(g.model.get_submodule(name), "bias", None)
+            where = where[g.present(name, "outputs" if name in g.outputs else "members")]
+            if isinstance(bias, Tensor) and bias.dim() == 1 and len(bias) == len(where):
+                where = where.to(bias.device)
+                chosen = bias.data[where]
+                bias.data[where] = chosen.sign() * (chosen.abs() - amount).clamp_min(0)
+        return int(groups.sum())
 
     @torch.no_grad()
     def settle_statistics(self) -> int:
@@ -160,34 +184,26 @@ class Surgeon:
         inside one. Returns the number of channels settled."""
         g = self.graph
         outputs = self._dead_outputs()
-        dead = self.dead_groups(outputs)
-        if not dead.any():
+        dead = self._dead_channels(outputs, self.dead_groups(outputs))
+        if not dead:
             return 0
         train = g.constants(True, outputs.get)
         settled = 0
         for step in g.steps:
-            if step.kind != "norm":
+            if step.kind != "norm" or step.payload not in dead:
                 continue
             module = g.model.get_submodule(step.payload)
             if getattr(module, "running_mean", None) is None:
                 continue
-            groups = g.members[step.payload]
-            present = ~g.removed[groups]
+            present = g.present(step.payload, "members")
             value = train[step.sources[0]][present]
-            where = dead[groups[present]] & value.isfinite()
+            where = dead[step.payload][present] & value.isfinite()
             if where.any():
                 device = module.running_mean.device
                 module.running_mean[where.to(device)] = value[where].to(device, module.running_mean.dtype)
                 module.running_var[where.to(device)] = 0.0
                 settled += int(where.sum())
         return settled
-
-    def _positions(self, table: dict[str, Tensor], groups: Tensor):
-        """Per module of `table`: a mask over its current positions of those in `groups` (modules with none skipped)."""
-        for name, original in table.items():
-            where = groups[original[~self.graph.removed[original]]]
-            if where.any():
-                yield name, where
 
     @torch.no_grad()
     def find(self) -> Removal:
@@ -196,7 +212,8 @@ class Surgeon:
         g.check_unchanged()
         outputs = self._dead_outputs()
         candidates = self.dead_groups(outputs)
-        if not candidates.any():
+        dead_in_branches = any(outputs[p] is not None and outputs[p][g.present(p, "outputs")].any() for p in g.branches)
+        if not candidates.any() and not dead_in_branches:
             return Removal(candidates)
         train = g.constants(True, outputs.get)
         evaluation = g.constants(False, outputs.get)
@@ -222,7 +239,29 @@ class Surgeon:
             fold &= removable[g.inputs[name]]
             if fold.any():
                 corrections[name] = self._bias_correction(name, fold, value)
-        return Removal(removable, corrections)
+        return Removal(removable, corrections, self._branch_cuts(outputs, removable, train, evaluation))
+
+    def _branch_cuts(self, outputs, removable: Tensor, train: dict, evaluation: dict) -> dict[str, Tensor]:
+        """Per branch producer, the dead channels (not going with their group) for which the branch adds exactly
+        zero in both modes: they leave this branch alone."""
+        g = self.graph
+        cuts = {}
+        for producer, branch in g.branches.items():
+            dead = outputs[producer]
+            if dead is None:
+                continue
+            t, e = train[branch.tail_node], evaluation[branch.tail_node]
+            present = g.present(producer, "outputs")
+            staying = present & ~removable[g.outputs[producer]]
+            cut = staying & dead & (t.abs() <= self.atol) & (e.abs() <= self.atol)
+            going = cut.nonzero().flatten().tolist()
+            width = int(staying.sum())
+            step = self.round_to if int(present.sum()) % self.round_to == 0 else 1
+            while going and ((left := width - len(going)) == 0 or left % step):
+                cut[going.pop()] = False
+            if going:
+                cuts[producer] = cut
+        return cuts
 
     def _fit_widths(self, removable: Tensor) -> Tensor:
         """Give groups back until every layer keeps at least one position (PyTorch has no zero-width layers) and
@@ -231,9 +270,9 @@ class Surgeon:
         changed = True
         while changed:
             changed = False
-            for role, table in (("outputs", g.outputs), ("inputs", g.inputs), ("members", g.members)):
-                for groups in table.values():
-                    present = groups[~g.removed[groups]]
+            for role in ("outputs", "inputs", "members"):
+                for name, groups in getattr(g, role).items():
+                    present = groups[g.present(name, role)]
                     step = self.round_to if role == "outputs" and len(present) % self.round_to == 0 else 1
                     going = present[removable[present]].tolist()
                     while going and ((left := int((~removable[present]).sum())) == 0 or left % step):
@@ -244,8 +283,7 @@ class Surgeon:
     def _bias_correction(self, name: str, fold: Tensor, value: Tensor) -> Tensor:
         g = self.graph
         module = g.model.get_submodule(name)
-        groups = g.inputs[name]
-        present = ~g.removed[groups]
+        present = g.present(name, "inputs")
         current = fold[present].nonzero().flatten()  # positions in the module's current input dimension
         constants = value[present][current].to(module.weight.device, module.weight.dtype)
         weight = _effective_weight(module).detach().index_select(1, current.to(module.weight.device))
@@ -271,42 +309,68 @@ class Surgeon:
             group = int(bad.nonzero()[0])
             why = "was removed before" if g.removed[group] else f"is pinned: {g.pinned.get(group)}"
             raise GraphError(f"Cannot remove the group of {g.key(group)} (module, output channel): it {why}.")
+        cuts = removal.cuts
+        for producer, cut in cuts.items():
+            if producer not in g.branches or len(cut) != len(g.outputs[producer]):
+                raise GraphError(f"'{producer}' is not the producer of a residual branch with {len(cut)} channels.")
+            if (cut & ~g.present(producer, "outputs")).any():
+                channel = int((cut & ~g.present(producer, "outputs")).nonzero()[0])
+                raise GraphError(f"Cannot cut channel {channel} from the branch of '{producer}': it is gone already.")
         plan = _Plan()
         weights_before = sum(m.weight.numel() for m in _layers(g))
         channels = {}
         for name in g.modules():
             module = g.model.get_submodule(name)
-            keep = {role: g.kept(groups, remove) for role, groups in g.tables(name).items()}
+            keep = {role: g.kept(name, role, remove, cuts) for role in g.tables(name)}
             if all(k is None for k in keep.values()):
                 continue
             if "outputs" in keep and keep["outputs"] is not None:
-                channels[name] = int(g.width(g.outputs[name]) - len(keep["outputs"]))
+                channels[name] = g.width(name, "outputs") - len(keep["outputs"])
             plan.module(name, module, keep, removal.folds.get(name))
         plan.optimizer_state(optimizers)
         plan.apply()
         g.removed |= remove
+        for producer, cut in cuts.items():
+            g.cut[producer] |= cut
+        self._reembed()
         record = SurgeryRecord(
             step=step,
             groups=[g.key(i) for i in remove.nonzero().flatten().tolist()],
             channels={k: v for k, v in channels.items() if v},
             weights_removed=weights_before - sum(m.weight.numel() for m in _layers(g)),
             seconds=seconds,
+            branches={p: c.nonzero().flatten().tolist() for p, c in cuts.items() if c.any()},
         )
         self.history.append(record)
         return record
+
+    def _reembed(self) -> None:
+        """Every branch with channels cut from it alone re-embeds its output at the stream's current width."""
+        g = self.graph
+        for producer, branch in g.branches.items():
+            stream = ~g.removed[g.outputs[producer]]
+            kept = g.present(producer, "outputs")[stream]
+            index = None if kept.all() else kept.nonzero().flatten()
+            set_reembedding(g.model.get_submodule(branch.tail), index, len(kept))
 
     def replay(self, history: Iterable[SurgeryRecord | dict]) -> None:
         """Re-apply recorded removals to a freshly built model (values come from its checkpoint afterwards)."""
         for entry in history:
             record = entry if isinstance(entry, SurgeryRecord) else SurgeryRecord.from_dict(entry)
             mask = torch.zeros(self.graph.num_groups, dtype=torch.bool)
-            for module, channel in record.groups:
-                try:
-                    mask[self.graph.group_of(module, channel)] = True
-                except GraphError as error:
-                    raise GraphError(f"The surgery history does not fit this model: {error}") from error
+            cuts = {}
             try:
-                self.remove(Removal(mask), step=record.step, seconds=record.seconds)
+                for module, channel in record.groups:
+                    mask[self.graph.group_of(module, channel)] = True
+                for producer, channels in record.branches.items():
+                    if producer not in self.graph.branches:
+                        raise GraphError(f"'{producer}' is not the producer of a residual branch")
+                    cuts[producer] = torch.zeros(len(self.graph.outputs[producer]), dtype=torch.bool)
+                    cuts[producer][channels] = True
+            except (GraphError, IndexError) as error:
+                raise GraphError(f"The surgery history does not fit this model: {error}") from error
+            try:
+                self.remove(Removal(mask, cuts=cuts), step=record.step, seconds=record.seconds)
             except GraphError as error:
                 raise GraphError(f"The surgery history does not fit this model: {error}") from error
 
