@@ -8,21 +8,35 @@ channels removed carried exactly zero (that is the rule that removed them), so t
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ReEmbedding", "reembedding_of", "set_reembedding"]
 
 class ReEmbedding:
-    """Forward hook: output channels go to `index` of a `width`-channel tensor of zeros."""
+    """Forward hook: output channel i goes to position `index[i]` of a `width`-channel tensor, zeros elsewhere.
+    Written as a pad and a gather (ONNX Pad and Gather), which every exporter and runtime follows."""
 
     def __init__(self, index: Tensor, width: int) -> None:
         self.index, self.width = index, width
 
+    @property
+    def index(self) -> Tensor:
+        return self._index
+
+    @index.setter
+    def index(self, index: Tensor) -> None:
+        self._index = index.cpu()
+        self._gather: Tensor | None = None
+
     def __call__(self, module: nn.Module, args: object, output: Tensor) -> Tensor:
-        if self.index.device != output.device:
-            self.index = self.index.to(output.device)
-        full = output.new_zeros(output.shape[0], self.width, *output.shape[2:])
-        return full.index_copy(1, self.index, output)
+        if self._gather is None or self._gather.device != output.device:
+            gather = torch.full((self.width,), len(self._index), dtype=torch.long)  # the zero channel
+            gather[self._index] = torch.arange(len(self._index))
+            self._gather = gather.to(output.device)
+        padded = F.pad(output, [0, 0] * (output.dim() - 2) + [0, 1])  # one channel of zeros at the end
+        return padded.index_select(1, self._gather)
 
     def channel_map(self, channels: tuple) -> tuple:
         """The same re-embedding on a per-channel description (size accounting): absent channels have no source."""
