@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .reembed import reembedding_of
+from .reembed import channel_map, reembedding_of
 
 __all__ = ["ChannelMap", "input_sources"]
 
@@ -131,9 +131,9 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
                 env[node] = first
             else:
                 env[node] = None
-            reembedding = reembedding_of(module)
-            if reembedding is not None and isinstance(env[node], tuple):
-                env[node] = reembedding.channel_map(env[node])
+            gather = reembedding_of(module)
+            if gather is not None and isinstance(env[node], tuple):
+                env[node] = channel_map(gather, env[node])
         elif node.op in ("call_function", "call_method"):
             if name in _NON_TENSOR_OPS or (node.target is operator.getitem and first is _NOT_A_TENSOR):
                 env[node] = _NOT_A_TENSOR

@@ -4,6 +4,11 @@ A channel can leave one branch of a residual add while the stream it is added to
 branches separately). The branch's last module then emits fewer channels than the stream carries; a forward hook
 on it puts them back at their places, zeros where channels went, so the add sees the width it always saw. The
 channels removed carried exactly zero (that is the rule that removed them), so the function is unchanged.
+
+The hook pads one channel of zeros on and gathers (ONNX Pad and Gather, which every exporter and runtime follows).
+Its gather index is a non-persistent buffer of the module: it moves with the module between devices, stays out of
+the state_dict (the surgery history recreates it), and is fixed between surgeries, so torch.compile guards on it
+once.
 """
 
 from __future__ import annotations
@@ -12,53 +17,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ReEmbedding", "reembedding_of", "set_reembedding"]
+__all__ = ["GATHER", "reembed", "reembedding_of", "set_reembedding"]
 
-class ReEmbedding:
-    """Forward hook: output channel i goes to position `index[i]` of a `width`-channel tensor, zeros elsewhere.
-    Written as a pad and a gather (ONNX Pad and Gather), which every exporter and runtime follows."""
-
-    def __init__(self, index: Tensor, width: int) -> None:
-        self.index, self.width = index, width
-
-    @property
-    def index(self) -> Tensor:
-        return self._index
-
-    @index.setter
-    def index(self, index: Tensor) -> None:
-        self._index = index.cpu()
-        self._gather: Tensor | None = None
-
-    def __call__(self, module: nn.Module, args: object, output: Tensor) -> Tensor:
-        if self._gather is None or self._gather.device != output.device:
-            gather = torch.full((self.width,), len(self._index), dtype=torch.long)  # the zero channel
-            gather[self._index] = torch.arange(len(self._index))
-            self._gather = gather.to(output.device)
-        padded = F.pad(output, [0, 0] * (output.dim() - 2) + [0, 1])  # one channel of zeros at the end
-        return padded.index_select(1, self._gather)
-
-    def channel_map(self, channels: tuple) -> tuple:
-        """The same re-embedding on a per-channel description (size accounting): absent channels have no source."""
-        full = [frozenset()] * self.width
-        for position, value in zip(self.index.tolist(), channels, strict=True):
-            full[position] = value
-        return tuple(full)
+GATHER = "reembed_gather"  # per stream position: the branch channel it takes, or the zero channel past the last
 
 
-def reembedding_of(module: nn.Module) -> ReEmbedding | None:
-    return next((h for h in module._forward_hooks.values() if isinstance(h, ReEmbedding)), None)
+def reembed(module: nn.Module, args: object, output: Tensor) -> Tensor:
+    """Forward hook: the branch's channels at their stream positions, zeros elsewhere."""
+    padded = F.pad(output, [0, 0] * (output.dim() - 2) + [0, 1])
+    return padded.index_select(1, getattr(module, GATHER))
 
 
-def set_reembedding(module: nn.Module, index: Tensor | None, width: int) -> None:
-    """Install, update or (index None: nothing to re-embed) remove the module's re-embedding hook. Found by type
-    among the module's hooks, so a deep copy of the module carries its own."""
-    for key, hook in list(module._forward_hooks.items()):
-        if isinstance(hook, ReEmbedding):
-            if index is None:
-                del module._forward_hooks[key]
-            else:
-                hook.index, hook.width = index, width
-            return
-    if index is not None:
-        module.register_forward_hook(ReEmbedding(index, width))
+def reembedding_of(module: nn.Module) -> Tensor | None:
+    """The module's gather index, if its output is re-embedded."""
+    return module._buffers.get(GATHER) if reembed in module._forward_hooks.values() else None
+
+
+def set_reembedding(module: nn.Module, kept: Tensor | None, device: torch.device | str = "cpu") -> None:
+    """Re-embed the module's output: `kept` says, per stream position, whether the branch still has that channel;
+    None (or all kept) removes the re-embedding."""
+    hooked = [key for key, hook in module._forward_hooks.items() if hook is reembed]
+    if kept is None or kept.all():
+        for key in hooked:
+            del module._forward_hooks[key]
+        module._buffers.pop(GATHER, None)
+        return
+    gather = torch.full((len(kept),), int(kept.sum()), dtype=torch.long)
+    gather[kept] = torch.arange(int(kept.sum()))
+    module.register_buffer(GATHER, gather.to(device), persistent=False)
+    if not hooked:
+        module.register_forward_hook(reembed)
+
+
+def channel_map(gather: Tensor, channels: tuple) -> tuple:
+    """The re-embedding on a per-channel description (size accounting): the zero channel has no source."""
+    return tuple(channels[i] if i < len(channels) else frozenset() for i in gather.tolist())

@@ -27,7 +27,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .groups import ChannelGraph, GraphError, channels_of, is_grouped
 from .quant import QuantizationConfig, attach_quantizers
-from .reembed import set_reembedding
+from .reembed import GATHER, set_reembedding
 from .sparsity import MASK
 
 __all__ = ["Removal", "Surgeon", "SurgeryRecord", "load_compressed", "SURGEON_STATE_KEY"]
@@ -349,9 +349,8 @@ class Surgeon:
         g = self.graph
         for producer, branch in g.branches.items():
             stream = ~g.removed[g.outputs[producer]]
-            kept = g.present(producer, "outputs")[stream]
-            index = None if kept.all() else kept.nonzero().flatten()
-            set_reembedding(g.model.get_submodule(branch.tail), index, len(kept))
+            device = g.model.get_submodule(producer).weight.device
+            set_reembedding(g.model.get_submodule(branch.tail), g.present(producer, "outputs")[stream], device)
 
     def replay(self, history: Iterable[SurgeryRecord | dict]) -> None:
         """Re-apply recorded removals to a freshly built model (values come from its checkpoint afterwards)."""
@@ -448,7 +447,7 @@ class _Plan:
                     continue
                 self.params.append((p, new, slicer))
             for bname, b in owner._buffers.items():
-                if b is None or b.dim() == 0:
+                if b is None or b.dim() == 0 or bname == GATHER:  # the re-embedding is derived after the surgery
                     continue
                 new = slicer(b)
                 if new is None:
