@@ -14,7 +14,7 @@ from lightning_selfcompress.core.surgery import Removal, Surgeon, load_compresse
 
 from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups
 
-from surgery_helpers import SmallNet
+from surgery_helpers import SmallNet, freeze_statistics
 
 OPTIMIZERS = {
     "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
@@ -207,3 +207,26 @@ def test_load_compressed_rebuilds_the_model_from_a_checkpoint(tmp_path):
         load_compressed(SmallNet(), tmp_path / "missing.ckpt")
     with pytest.raises(RuntimeError, match="does not fit SmallNet"):
         load_compressed(SmallNet(), {"state_dict": net.state_dict()})
+
+
+def test_a_dead_branch_channel_waits_for_the_pull_and_then_leaves_its_branch_alone():
+    net = SmallNet()
+    attach_quantizers(net)
+    x = torch.randn(4, 3, 8, 8)
+    surgeon = Surgeon(ChannelGraph(net, x[:2]))
+    with torch.no_grad():
+        net.branch[0].weight_quantizer.bits[2] = 0.0  # the stem still feeds stream channel 2: its group is alive
+        net.branch[1].bias[2] = 0.003  # the branch adds relu(0.003) for it
+    assert surgeon.settle_statistics() == 1, "the dead branch channel's running statistics settle"
+    assert not surgeon.find().count
+    surgeon.pull_constants(0.002)
+    assert net.branch[1].bias[2].item() == pytest.approx(0.001) and not surgeon.find().count
+    surgeon.pull_constants(0.002)
+    freeze_statistics(net)
+    before = {mode: net.train(mode)(x).detach() for mode in (True, False)}
+    removal = surgeon.find()
+    assert not removal.groups.any() and removal.cuts["branch.0"].nonzero().flatten().tolist() == [2]
+    surgeon.remove(removal)
+    assert (net.branch[0].out_channels, net.stem.out_channels) == (7, 8)
+    for mode in (True, False):
+        torch.testing.assert_close(net.train(mode)(x).detach(), before[mode])

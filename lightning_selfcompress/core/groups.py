@@ -266,8 +266,12 @@ class ChannelGraph:
     def present(self, module: str, role: str) -> Tensor:
         """Which of the module's original positions in this role are still there."""
         mask = ~self.removed[getattr(self, role)[module]]
-        branch = self._chain.get((module, role))
+        branch = self.branch_of(module, role)
         return mask if branch is None else mask & ~self.cut[branch]
+
+    def branch_of(self, module: str, role: str) -> str | None:
+        """The producer of the residual branch whose channels these positions are (its outputs and members)."""
+        return self._chain.get((module, role))
 
     def width(self, module: str, role: str) -> int:
         return int(self.present(module, role).sum())
@@ -277,7 +281,7 @@ class ChannelGraph:
         branch producer, original positions) leave their branches; None: all stay."""
         present = self.present(module, role)
         going = remove[getattr(self, role)[module]]
-        branch = self._chain.get((module, role))
+        branch = self.branch_of(module, role)
         if cuts and branch in cuts:
             going = going | cuts[branch]
         going = going[present]

@@ -144,17 +144,17 @@ class Surgeon:
         return has_producer & ~alive & ~g.removed & ~g.pinned_mask
 
     def _dead_channels(self, outputs: dict[str, Tensor | None], groups: Tensor) -> dict[str, Tensor]:
-        """Per producer and per-channel module, over its original positions: the channels that are dead, in a dead
+        """Per producer and per-channel module, over its current positions: the channels that are dead, in a dead
         group or on a branch whose producer's channel is at 0 bits. Modules without one are left out."""
         g = self.graph
         dead = {}
         for role in ("outputs", "members"):
             for name, table in getattr(g, role).items():
                 mask = groups[table]
-                branch = g._chain.get((name, role))
+                branch = g.branch_of(name, role)
                 if branch is not None and outputs[branch] is not None:
                     mask = mask | outputs[branch]
-                mask &= g.present(name, role)
+                mask = mask[g.present(name, role)]
                 if mask.any():
                     dead[name] = mask
         return dead
@@ -168,7 +168,6 @@ class Surgeon:
         groups = self.dead_groups(outputs)
         for name, where in self._dead_channels(outputs, groups).items():
             bias = getattr(g.model.get_submodule(name), "bias", None)
-            where = where[g.present(name, "outputs" if name in g.outputs else "members")]
             if isinstance(bias, Tensor) and bias.dim() == 1 and len(bias) == len(where):
                 where = where.to(bias.device)
                 chosen = bias.data[where]
@@ -197,7 +196,7 @@ class Surgeon:
                 continue
             present = g.present(step.payload, "members")
             value = train[step.sources[0]][present]
-            where = dead[step.payload][present] & value.isfinite()
+            where = dead[step.payload] & value.isfinite()
             if where.any():
                 device = module.running_mean.device
                 module.running_mean[where.to(device)] = value[where].to(device, module.running_mean.dtype)
