@@ -6,7 +6,9 @@
    cut. Two identical models are built from one seed and only one is cut; rounds alternate between them three
    times and each side keeps its best median step time, so drift in machine speed hits both alike. The measured
    speed-up is set against the multiply-accumulate ratio (`ChannelGraph.macs()`): efficiency = measured / MACs.
-   Each model is cut twice: as found (round_to=1), and with widths kept multiples of the SIMD width (round_to=16).
+   Each model is cut twice: as found (round_to=1), and with widths kept multiples of the SIMD width (round_to=16),
+   and runs in two memory layouts: PyTorch's default (NCHW) and channels_last (NHWC), in which oneDNN's
+   convolutions scale with the width far more smoothly.
 2. One surgery on torchvision's ResNet-50 against Torch-Pruning (`pip install -e '.[bench]'`): the same 30% of the
    removable channel groups removed by `Surgeon.remove` and by Torch-Pruning's `get_pruning_group(...).prune()`,
    each on a fresh copy of the model, its graph built beforehand and not timed. Both results must have the same
@@ -61,11 +63,11 @@ def median_step_ms(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor
     return 1000 * statistics.median(times)
 
 
-def killed_model(make_net: Callable[[], nn.Module], x: Tensor, y: Tensor):
+def killed_model(make_net: Callable[[], nn.Module], x: Tensor, y: Tensor, layout: torch.memory_format):
     """A quantized model that trained two Adam steps (so the optimizer has state), then had half of its removable
     channel groups killed the way self-compression leaves them: bits 0, producer bias, norm shift and mean 0."""
     torch.manual_seed(0)
-    model = make_net()
+    model = make_net().to(memory_format=layout)
     attach_quantizers(model)
     graph = ChannelGraph(model, x[:2])
     optimizer = torch.optim.Adam(model.parameters())
@@ -77,11 +79,11 @@ def killed_model(make_net: Callable[[], nn.Module], x: Tensor, y: Tensor):
 
 
 def speedup_row(name: str, make_net: Callable[[], nn.Module], shape: tuple[int, ...], batch: int, round_to: int,
-                steps: int, warmup: int, rounds: int) -> dict:  # fmt: skip
+                layout: torch.memory_format, steps: int, warmup: int, rounds: int) -> dict:  # fmt: skip
     torch.manual_seed(1)
-    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
-    whole, whole_optimizer, _, _ = killed_model(make_net, x, y)
-    cut, cut_optimizer, graph, chosen = killed_model(make_net, x, y)
+    x, y = torch.randn(batch, *shape).to(memory_format=layout), torch.randint(0, 10, (batch,))
+    whole, whole_optimizer, _, _ = killed_model(make_net, x, y, layout)
+    cut, cut_optimizer, graph, chosen = killed_model(make_net, x, y, layout)
     surgeon = Surgeon(graph, round_to=round_to)
     removable = int(removable_groups(graph).sum())
     macs_before = graph.macs()
@@ -120,14 +122,15 @@ def speedup_table(quick: bool) -> Table:
                 f"width that was a multiple of k stays one ({SIMD_WIDTH}: the float32 lanes of AVX-512). max |Δ|: "
                 "eval-mode logits, cut vs uncut model.",
     )  # fmt: skip
-    for column in ("model", "batch", "round_to", "groups", "weights removed", "MACs before/after", "step before",
+    for column in ("model", "batch", "layout", "round_to", "groups", "weights removed", "MACs before/after", "step before",
                    "step after", "speed-up", "efficiency", "max |Δ|"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("model", "groups") else "right")
-    for (name, make_net, shape, batch), round_to in itertools.product(cases, (1, SIMD_WIDTH)):
-        r = speedup_row(name, make_net, shape, batch, round_to, steps, warmup, rounds)
+    layouts = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+    for (name, make_net, shape, batch), layout, round_to in itertools.product(cases, layouts, (1, SIMD_WIDTH)):
+        r = speedup_row(name, make_net, shape, batch, round_to, layouts[layout], steps, warmup, rounds)
         colour = "green" if r["efficiency"] >= EFFICIENCY_GOAL else "red"
         table.add_row(
-            f"{r['name']} {'x'.join(map(str, shape))}", str(r["batch"]), str(round_to), r["groups"],
+            f"{r['name']} {'x'.join(map(str, shape))}", str(r["batch"]), layout, str(round_to), r["groups"],
             f"{r['weights']:,}", f"{r['macs']:.2f}x", f"{r['before']:.1f} ms", f"{r['after']:.1f} ms",
             f"{r['speedup']:.2f}x", f"[{colour}]{r['efficiency']:.2f}[/{colour}]", f"{r['difference']:.1e}",
         )  # fmt: skip

@@ -230,3 +230,15 @@ def test_a_dead_branch_channel_waits_for_the_pull_and_then_leaves_its_branch_alo
     assert (net.branch[0].out_channels, net.stem.out_channels) == (7, 8)
     for mode in (True, False):
         torch.testing.assert_close(net.train(mode)(x).detach(), before[mode])
+
+
+def test_a_channels_last_model_stays_channels_last_through_a_surgery():
+    net = SmallNet().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
+    graph = ChannelGraph(net, x[:2])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(x).sum().backward()
+    optimizer.step()
+    Surgeon(graph).remove(Removal(choose_groups(graph, 0.5)), [optimizer])
+    for tensor in (net.stem.weight, net.stem.weight.grad, optimizer.state[net.stem.weight]["momentum_buffer"]):
+        assert tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
