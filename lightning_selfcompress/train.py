@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
         default_root_dir=out_dir,
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule)
+    trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = time.perf_counter() - start
     (test,) = trainer.test(module, datamodule, verbose=False)
     size = compression.report(module) if compression else float_size_report(module)

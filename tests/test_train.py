@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 from pathlib import Path
@@ -140,3 +141,28 @@ def test_the_imagenet_recipe_says_what_it_needs(tmp_path):
         run(compose_job(["experiment=imagenet_resnet50_asp", f"data.data_dir={tmp_path}"]))
     with pytest.raises(InstantiationException, match="needs data_dir.*data.data_dir=/path/to/imagenet"):
         run(compose_job(["experiment=imagenet_resnet50_asp", "init_from=x.pth"]))
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_continues_from_its_checkpoint_as_if_uninterrupted(tmp_path):
+    """80 generated CIFAR-10 training images in batches of 16: 5 steps an epoch. A run of 2 epochs against one of 1
+    epoch continued to 2 from its end-of-epoch checkpoint (constant learning rate: a schedule's length would differ)."""
+    import torch
+
+    def job(folder: str, *overrides: str) -> dict:
+        tiny = tiny_experiment("cifar10_resnet9", tmp_path / folder)
+        return run(compose_job([*tiny, "trainer.max_steps=-1", "trainer.val_check_interval=null",
+                                "trainer.check_val_every_n_epoch=1", "optim.schedule=constant", *overrides]))  # fmt: skip
+
+    whole = job("whole", "+trainer.max_epochs=2")
+    first = job("first", "+trainer.max_epochs=1")
+    resumed = job("resumed", "+trainer.max_epochs=2", f"ckpt_path='{first['checkpoint']}'")
+    assert first["checkpoint"].endswith("step=5.ckpt") and whole["train_steps"] == resumed["train_steps"] == 10
+    weights = [torch.load(r["checkpoint"], map_location="cpu", weights_only=False)["state_dict"] for r in (whole, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key].float(), weights[1][key].float(), rtol=1e-5, atol=1e-6), key
+    assert whole["test_accuracy"] == resumed["test_accuracy"]
+    validated = lambda folder: [row["epoch"] for row in csv.DictReader(  # noqa: E731
+        (tmp_path / folder / "run" / "csv" / "metrics.csv").open()) if row["val/accuracy"]]  # fmt: skip
+    assert validated("whole") == ["0", "1"] and validated("resumed") == ["1"], "the resumed run trained epoch 1 only"
