@@ -47,8 +47,8 @@ def test_a_crop_is_a_window_of_the_zero_padded_image_mirrored_or_not():
     padded = F.pad(images, (4,) * 4)
     flipped = 0
     for i in range(len(images)):
-        windows = {(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
-                   if torch.equal(out[i], (lambda w: w.flip(-1) if f else w)(padded[i, :, t:t + 32, l:l + 32]))}  # fmt: skip
+        crops = {(t, x, f): padded[i, :, t : t + 32, x : x + 32] for t in range(9) for x in range(9) for f in (0, 1)}
+        windows = {key for key, crop in crops.items() if torch.equal(out[i], crop.flip(-1) if key[2] else crop)}
         assert windows, f"image {i} is no window of its padded original"
         flipped += all(f for _, _, f in windows)
     assert 0 < flipped < len(images), "some images are mirrored, some not"
@@ -77,12 +77,13 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     (folder / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks \['data_batch_3'\]"):
         CIFAR10DataModule(data_dir=str(folder)).setup()
+    pixels = lambda n, width: torch.zeros(n, width, dtype=torch.uint8).numpy()  # noqa: E731
     for content, message in [
         (b"not a pickle", "not a CIFAR-10 batch file \\(unpickling failed"),
         (pickle.dumps({b"images": 1}), "expected a dict with b'data' and b'labels'"),
-        (pickle.dumps({b"data": torch.zeros(4, 1024, dtype=torch.uint8).numpy(), b"labels": [0] * 4}), "uint8 \\[N, 3072\\]"),
-        (pickle.dumps({b"data": torch.zeros(2, 3072, dtype=torch.uint8).numpy(), b"labels": [0, 10]}), "labels must lie in 0..9"),
-    ]:  # fmt: skip
+        (pickle.dumps({b"data": pixels(4, 1024), b"labels": [0] * 4}), "uint8 \\[N, 3072\\]"),
+        (pickle.dumps({b"data": pixels(2, 3072), b"labels": [0, 10]}), "labels must lie in 0..9"),
+    ]:
         (folder / "data_batch_3").write_bytes(content)
         with pytest.raises(ValueError, match=f"data_batch_3 .*{message}"):
             CIFAR10DataModule(data_dir=str(tmp_path)).setup()

@@ -27,7 +27,7 @@ def test_standard_transforms_give_normalised_crops_and_labels_by_folder(tmp_path
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert -2.2 < x.min() < 0 < x.max() < 2.7, "normalised with ImageNet's mean and std"
     val = [b for b in dm.val_dataloader()]
-    assert sum(len(b[1]) for b in val) == 8 and sorted(torch.cat([b[1] for b in val]).tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(torch.cat([b[1] for b in val]).tolist()) == [0, 0, 1, 1, 2, 2, 3, 3], "2 per class folder"
     first, second = dm.datasets["val"][0][0], dm.datasets["val"][0][0]
     assert torch.equal(first, second), "evaluation is deterministic (resize, centre crop)"
     assert first.shape == (3, 32, 32) and dm.datasets["val"][0][0].shape[0] == 3, "grayscale JPEGs come out RGB"
@@ -53,7 +53,7 @@ def test_missing_and_malformed_folders_say_what_is_expected(tmp_path):
         datamodule(tmp_path / "absent")
     root = write_imagenet(tmp_path / "a")
     shutil.rmtree(root / "val")
-    with pytest.raises(FileNotFoundError, match=r"val folder .*/a/val' does not exist \(expected .*/val/<wnid>/<image>.JPEG"):
+    with pytest.raises(FileNotFoundError, match=r"val folder .*/a/val' does not exist \(expected .*/val/<wnid>/"):
         datamodule(root)
     (root / "val").mkdir()
     shutil.copy(next((root / "train" / "n00000001").iterdir()), root / "val" / "ILSVRC2012_val_00000001.JPEG")
@@ -61,7 +61,7 @@ def test_missing_and_malformed_folders_say_what_is_expected(tmp_path):
         datamodule(root)
     root = write_imagenet(tmp_path / "b")
     shutil.rmtree(root / "val" / "n00000002")
-    with pytest.raises(ValueError, match=r"different class folders \(only in train: \['n00000002'\], only in val: \[\]\)"):
+    with pytest.raises(ValueError, match=r"different class folders \(only in train: \['n00000002'\], only in val"):
         datamodule(root)
     root = write_imagenet(tmp_path / "c")
     for image in (root / "train" / "n00000003").iterdir():

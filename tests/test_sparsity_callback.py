@@ -17,7 +17,8 @@ from lightning_selfcompress.data import FashionMNISTDataModule
 
 def module(optimizer: str = "sgd", **kwargs) -> ImageClassifier:
     pl.seed_everything(0, verbose=False)
-    return ImageClassifier(ResNet9(in_channels=1, num_classes=10, width=8), optimizer=optimizer, **{"lr": 0.01, **kwargs})
+    net = ResNet9(in_channels=1, num_classes=10, width=8)
+    return ImageClassifier(net, optimizer=optimizer, **{"lr": 0.01, **kwargs})
 
 
 def small_fmnist() -> FashionMNISTDataModule:
@@ -97,8 +98,9 @@ def pattern_violations(sparsity: Sparsity24, optimizer: torch.optim.Optimizer) -
     bad = []
     for name, m in sparsity.layers.items():
         kept = as_rows(m.weight_mask).reshape(-1, 4).sum(1)
-        state = [v for v in optimizer.state.get(m.weight, {}).values() if torch.is_tensor(v) and v.shape == m.weight.shape]
-        if not ((kept == 2).all() and is_24(m.weight) and all((v[~m.weight_mask] == 0).all() for v in [m.weight, *state])):
+        state = optimizer.state.get(m.weight, {}).values()
+        tensors = [m.weight, *(v for v in state if torch.is_tensor(v) and v.shape == m.weight.shape)]
+        if not ((kept == 2).all() and is_24(m.weight) and all((v[~m.weight_mask] == 0).all() for v in tensors)):
             bad.append(name)
     return bad
 
@@ -122,7 +124,9 @@ PAIRWISE = [("sgd", "32-true", 1), ("sgd", "bf16-mixed", 2), ("adam", "32-true",
 
 @requires_fashion_mnist
 @pytest.mark.parametrize(("optimizer", "precision", "accumulate"), PAIRWISE)
-def test_every_eligible_layer_is_exactly_24_after_the_prune_and_after_training(tmp_path, optimizer, precision, accumulate):
+def test_every_eligible_layer_is_exactly_24_after_the_prune_and_after_training(
+    tmp_path, optimizer, precision, accumulate
+):
     """One dense optimizer step first (momentum and Adam moments everywhere, as after ASP's dense training), then
     the prune, then 3 sparse steps, with weight decay (SGD: Nesterov momentum 0.9)."""
     net = module(optimizer, weight_decay=0.05)
@@ -149,8 +153,8 @@ class RecomputeWitness(Callback):
         self.seen = self.sparsity.recomputed
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        self.snapshot = {n: m.weight.detach() + self.sparsity._dropped[n].to(m.weight.device) if n in self.sparsity._dropped else None
-                         for n, m in self.sparsity.layers.items()}  # fmt: skip
+        dropped = self.sparsity._dropped
+        self.snapshot = {n: m.weight.detach() + dropped[n] for n, m in self.sparsity.layers.items() if n in dropped}
 
     def on_train_batch_start(self, trainer, pl_module, *args):
         if self.sparsity.recomputed == self.seen:

@@ -151,14 +151,15 @@ def test_an_interrupted_run_continues_from_its_checkpoint_as_if_uninterrupted(tm
 
     def job(folder: str, *overrides: str) -> dict:
         tiny = tiny_experiment("cifar10_resnet9", tmp_path / folder)
-        return run(compose_job([*tiny, "trainer.max_steps=-1", "trainer.val_check_interval=null",
-                                "trainer.check_val_every_n_epoch=1", "optim.schedule=constant", *overrides]))  # fmt: skip
+        every_epoch = ["trainer.max_steps=-1", "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1"]
+        return run(compose_job([*tiny, *every_epoch, "optim.schedule=constant", *overrides]))
 
     whole = job("whole", "+trainer.max_epochs=2")
     first = job("first", "+trainer.max_epochs=1")
     resumed = job("resumed", "+trainer.max_epochs=2", f"ckpt_path='{first['checkpoint']}'")
     assert first["checkpoint"].endswith("step=5.ckpt") and whole["train_steps"] == resumed["train_steps"] == 10
-    weights = [torch.load(r["checkpoint"], map_location="cpu", weights_only=False)["state_dict"] for r in (whole, resumed)]
+    load = lambda report: torch.load(report["checkpoint"], map_location="cpu", weights_only=False)  # noqa: E731
+    weights = [load(r)["state_dict"] for r in (whole, resumed)]
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.allclose(weights[0][key].float(), weights[1][key].float(), rtol=1e-5, atol=1e-6), key

@@ -37,7 +37,9 @@ def read_batch(path: Path) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{path} is not a CIFAR-10 batch file (unpickling failed: {error}).") from error
     if not isinstance(entry, dict) or b"data" not in entry or b"labels" not in entry:
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise ValueError(f"{path} is not a CIFAR-10 batch file: expected a dict with b'data' and b'labels', found {keys}.")
+        raise ValueError(
+            f"{path} is not a CIFAR-10 batch file: expected a dict with b'data' and b'labels', found {keys}."
+        )
     data, labels = torch.as_tensor(entry[b"data"]), torch.as_tensor(entry[b"labels"], dtype=torch.int64)
     if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise ValueError(
@@ -45,7 +47,8 @@ def read_batch(path: Path) -> tuple[Tensor, Tensor]:
             f"{tuple(data.shape)} and {len(labels)} labels."
         )
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
-        raise ValueError(f"{path} is malformed: labels must lie in 0..9, found {int(labels.min())}..{int(labels.max())}.")
+        low, high = int(labels.min()), int(labels.max())
+        raise ValueError(f"{path} is malformed: labels must lie in 0..9, found {low}..{high}.")
     return data.view(-1, 3, 32, 32), labels
 
 
@@ -154,7 +157,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         parts = [read_batch(directory / name) for name in TRAIN_FILES]
         images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if len(images) <= self.val_size:
-            raise ValueError(f"{directory} holds {len(images)} training images, not more than val_size={self.val_size}.")
+            raise ValueError(
+                f"{directory} holds {len(images)} training images, not more than val_size={self.val_size}."
+            )
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
         val, train = order[: self.val_size], order[self.val_size :][: self.limit_train]
         self.datasets["train"] = CIFARImages(images[train], labels[train])

@@ -107,7 +107,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         train = open_split(self.data_dir, "train", train_transform(self.image_size))
         val = open_split(self.data_dir, "val", eval_transform(self.image_size, self.resize_size))
         if train.classes != val.classes:
-            only_train, only_val = sorted(set(train.classes) - set(val.classes)), sorted(set(val.classes) - set(train.classes))
+            only_train = sorted(set(train.classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(train.classes))
             raise ValueError(
                 f"train/ and val/ in {self.data_dir} hold different class folders (only in train: {only_train[:5]}, "
                 f"only in val: {only_val[:5]}): labels are the sorted folders' positions, so both need the same."
@@ -122,7 +123,9 @@ class ImageNetDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train"]
         if len(data) < self.batch_size:
-            raise ValueError(f"{len(data)} training images do not fill one batch of {self.batch_size}; lower batch_size.")
+            raise ValueError(
+                f"{len(data)} training images do not fill one batch of {self.batch_size}; lower batch_size."
+            )
         return self._loader(data, sampler=ShuffledOrder(data, self.seed), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
