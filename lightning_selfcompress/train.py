@@ -18,6 +18,13 @@ from .core.size import float_size_report
 from .models import ImageClassifier
 from .report import print_size_table, write_json
 
+def _required(what: str) -> None:
+    raise ValueError(f"This configuration needs {what}.")
+
+
+if not OmegaConf.has_resolver("required"):  # `key: ${required:what it is and how to give it}` in a config
+    OmegaConf.register_new_resolver("required", _required)
+
 _PACKAGED = Path(__file__).parent / "conf"
 CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else Path(__file__).parent.parent / "conf")
 
@@ -48,11 +55,18 @@ def _surgery_line(s: dict) -> str:
     )
 
 
-def _load_weights(module: pl.LightningModule, path: str) -> None:
+def _load_weights(module: ImageClassifier, path: str) -> None:
+    """A Lightning checkpoint of the module, or a plain state_dict of its network (torchvision's .pth files)."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"init_from={path!r} does not exist: give the path of a Lightning checkpoint (.ckpt).")
+        raise FileNotFoundError(
+            f"init_from={path!r} does not exist: give the path of a Lightning checkpoint (.ckpt) or of the network's "
+            "state_dict (e.g. torchvision's resnet50-0676ba61.pth)."
+        )
     state = torch.load(path, map_location="cpu", weights_only=False)
-    module.load_state_dict(state.get("state_dict", state))
+    state = state.get("state_dict", state)
+    if not any(key.startswith("net.") for key in state):
+        state = {f"net.{key}": value for key, value in state.items()}
+    module.load_state_dict(state)
 
 
 def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
@@ -63,10 +77,11 @@ def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
 
 def run(cfg: DictConfig) -> dict:
     """Fit, test, and report; returns the report that is also written to `cfg.report_path`."""
+    OmegaConf.resolve(cfg)  # a value left ${required:...}: fail before anything is built
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.report_path).parent
     datamodule = instantiate(cfg.data)
-    module = ImageClassifier(instantiate(cfg.model), **cfg.optim)
+    module = ImageClassifier(instantiate(cfg.model), num_classes=cfg.model.num_classes, **cfg.optim)
     if cfg.get("init_from"):
         _load_weights(module, cfg.init_from)
     compression: SelfCompression | None = instantiate(cfg.compression) if cfg.compression else None
@@ -79,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
         default_root_dir=out_dir,
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule)
+    trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = time.perf_counter() - start
     (test,) = trainer.test(module, datamodule, verbose=False)
     size = compression.report(module) if compression else float_size_report(module)

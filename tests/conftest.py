@@ -50,3 +50,46 @@ def trainer_kwargs(tmp_path: Path, **overrides) -> dict:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def write_cifar10(directory: Path, per_batch: int = 20, test: int = 20) -> Path:
+    """CIFAR-10's python version, in its exact format (pickled dicts with bytes keys), filled with random images:
+    returns the `cifar-10-batches-py` folder inside `directory`."""
+    import pickle
+
+    import numpy as np
+
+    folder = directory / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = test if name == "test_batch" else per_batch
+        entry = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, n)],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    return folder
+
+
+def write_imagenet(directory: Path, classes: int = 4, train: int = 4, val: int = 2) -> Path:
+    """ImageNet's ImageFolder layout, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, with random JPEGs of varied sizes
+    (one grayscale, as a few of ImageNet's are); returns `directory`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = directory / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = int(rng.integers(40, 72)), int(rng.integers(40, 72))
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                image = Image.fromarray(pixels).convert("L" if (c, i) == (0, 0) else "RGB")
+                image.save(folder / f"n{c:08d}_{split}_{i}.JPEG", quality=90)
+    return directory

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_selfcompress.models import BaselineCNN, ResNet9
+from conftest import trainer_kwargs
+from lightning_selfcompress.models import BaselineCNN, ImageClassifier, ResNet9
 
 
 def test_baseline_cnn_layout_and_output():
@@ -30,3 +32,14 @@ def test_resnet9_layout_and_output():
 def test_width_must_be_positive(cls):
     with pytest.raises(ValueError, match="width=0"):
         cls(width=0)
+
+
+def test_the_step_schedule_cuts_the_learning_rate_tenfold_every_step_epochs(tiny_fmnist, tmp_path):
+    module = ImageClassifier(BaselineCNN(width=4), optimizer="sgd", lr=0.01, schedule="step", step_epochs=2,
+                             nesterov=False)  # fmt: skip
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=-1, max_epochs=3, limit_train_batches=2))
+    trainer.fit(module, tiny_fmnist)
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(0.001) and group["momentum"] == 0.9 and group["nesterov"] is False
+    with pytest.raises(ValueError, match="step_epochs=0 must be an integer >= 1"):
+        ImageClassifier(BaselineCNN(), schedule="step", step_epochs=0)

@@ -168,3 +168,23 @@ def test_a_model_with_no_eligible_layer_names_every_layer_and_why():
 
     with pytest.raises(ValueError, match="No layer of Sequential can hold a 2:4 pattern: 0: .*3 input channels"):
         attach_masks(nn.Sequential(nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)))
+
+
+def test_recompute_puts_the_dropped_weights_back_at_their_stowed_values_and_lets_magnitude_choose_again():
+    from lightning_selfcompress.core.sparsity import recompute_mask
+
+    layer = nn.Linear(8, 1, bias=False)
+    layer.register_buffer("weight_mask", torch.ones_like(layer.weight, dtype=torch.bool))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, -1.0, 0.125, -0.5, 0.375, 0.25]]))
+    dropped = recompute_mask(layer)
+    assert layer.weight.tolist() == [[4.0, 3.0, 0.0, 0.0, 0.0, -0.5, 0.375, 0.0]]
+    assert dropped.tolist() == [[0.0, 0.0, 2.0, -1.0, 0.125, 0.0, 0.0, 0.25]]
+    with torch.no_grad():  # training shrinks a kept weight below a dropped one's stowed magnitude
+        layer.weight[0, 1] = 1.5
+    assert torch.equal(recompute_mask(layer, "1d", None), torch.zeros(1, 8)), "without stowed weights: no change"
+    dropped = recompute_mask(layer, "1d", dropped)
+    assert layer.weight.tolist() == [[4.0, 0.0, 2.0, 0.0, 0.0, -0.5, 0.375, 0.0]], "2.0 came back, 1.5 went"
+    assert dropped.tolist() == [[0.0, 1.5, 0.0, -1.0, 0.125, 0.0, 0.0, 0.25]], "the others stay frozen"
+    with pytest.raises(ValueError, match=r"stowed weights \(1, 4\) do not fit the weight \(1, 8\)"):
+        recompute_mask(layer, "1d", torch.zeros(1, 4))

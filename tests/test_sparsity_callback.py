@@ -5,17 +5,25 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from lightning_selfcompress import ChannelSurgeon, SelfCompression, Sparsity24, load_compressed
-from lightning_selfcompress.core.sparsity import is_24, masked_layers
+from lightning_selfcompress.core.sparsity import as_rows, is_24, mask_1d, masked_layers
 from lightning_selfcompress.models import ImageClassifier, ResNet9
 
-from conftest import trainer_kwargs
+from conftest import requires_fashion_mnist, trainer_kwargs
+from lightning_selfcompress.data import FashionMNISTDataModule
 
 
-def module(optimizer: str = "sgd") -> ImageClassifier:
+def module(optimizer: str = "sgd", **kwargs) -> ImageClassifier:
     pl.seed_everything(0, verbose=False)
-    return ImageClassifier(ResNet9(in_channels=1, num_classes=10, width=8), optimizer=optimizer, lr=0.01)
+    net = ResNet9(in_channels=1, num_classes=10, width=8)
+    return ImageClassifier(net, optimizer=optimizer, **{"lr": 0.01, **kwargs})
+
+
+def small_fmnist() -> FashionMNISTDataModule:
+    """The real Fashion-MNIST in batches of 8, for runs that only need a few steps (bf16 on CPU is slow)."""
+    return FashionMNISTDataModule(batch_size=8, val_size=256, limit_train=256)
 
 
 def sparse_layers(net: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -72,6 +80,9 @@ def test_bad_arguments_are_named():
         Sparsity24(None)
     with pytest.raises(ValueError, match="calculator='3d'"):
         Sparsity24(0, calculator="3d")
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=f"recompute_every_n_steps={bad!r} must be None .* or an integer >= 1"):
+            Sparsity24(0, recompute_every_n_steps=bad)
 
 
 def test_start_epoch_prunes_at_the_start_of_that_epoch(tiny_fmnist, tmp_path):
@@ -80,3 +91,98 @@ def test_start_epoch_prunes_at_the_start_of_that_epoch(tiny_fmnist, tmp_path):
     assert not sparsity.pruned and not sparse_layers(net)
     pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=18)).fit(net, tiny_fmnist)
     assert sparsity.pruned and all(is_24(m.weight) for m in sparse_layers(net).values()) and sparse_layers(net)
+
+
+def pattern_violations(sparsity: Sparsity24, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Eligible layers that are not exactly 2 of every 4, with a zero weight and zero optimizer state where pruned."""
+    bad = []
+    for name, m in sparsity.layers.items():
+        kept = as_rows(m.weight_mask).reshape(-1, 4).sum(1)
+        state = optimizer.state.get(m.weight, {}).values()
+        tensors = [m.weight, *(v for v in state if torch.is_tensor(v) and v.shape == m.weight.shape)]
+        if not ((kept == 2).all() and is_24(m.weight) and all((v[~m.weight_mask] == 0).all() for v in tensors)):
+            bad.append(name)
+    return bad
+
+
+class PatternWitness(Callback):
+    """Checks the pattern at the first batch after the prune (listed after Sparsity24, so right after it prunes)."""
+
+    def __init__(self, sparsity: Sparsity24) -> None:
+        self.sparsity, self.after_prune = sparsity, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.sparsity.pruned and self.after_prune is None:
+            self.after_prune = pattern_violations(self.sparsity, trainer.optimizers[0])
+
+
+# Every pair of (optimizer, precision, accumulation) values is covered: each optimizer with and without bf16 AMP
+# and with and without accumulation, each precision with and without accumulation; 6 runs instead of 12.
+PAIRWISE = [("sgd", "32-true", 1), ("sgd", "bf16-mixed", 2), ("adam", "32-true", 2), ("adam", "bf16-mixed", 1),
+            ("adamw", "32-true", 1), ("adamw", "bf16-mixed", 2)]  # fmt: skip
+
+
+@requires_fashion_mnist
+@pytest.mark.parametrize(("optimizer", "precision", "accumulate"), PAIRWISE)
+def test_every_eligible_layer_is_exactly_24_after_the_prune_and_after_training(
+    tmp_path, optimizer, precision, accumulate
+):
+    """One dense optimizer step first (momentum and Adam moments everywhere, as after ASP's dense training), then
+    the prune, then 3 sparse steps, with weight decay (SGD: Nesterov momentum 0.9)."""
+    net = module(optimizer, weight_decay=0.05)
+    sparsity = Sparsity24(start_step=1)
+    witness = PatternWitness(sparsity)
+    trainer = pl.Trainer(callbacks=[sparsity, witness], **trainer_kwargs(
+        tmp_path, max_steps=4, precision=precision, accumulate_grad_batches=accumulate))  # fmt: skip
+    trainer.fit(net, small_fmnist())
+    assert trainer.global_step == 4 and len(sparsity.layers) == 8
+    assert witness.after_prune == [], "right after the prune"
+    assert pattern_violations(sparsity, trainer.optimizers[0]) == [], "after 3 more optimizer steps"
+    assert all(trainer.optimizers[0].state[m.weight] for m in sparsity.layers.values()), "the optimizer has state"
+
+
+class RecomputeWitness(Callback):
+    """Listed after Sparsity24: when it has just recomputed, the masks must be what magnitude picks from the weights
+    as they were after the last step plus the stowed dropped weights, and the new stowed weights what it dropped."""
+
+    def __init__(self, sparsity: Sparsity24) -> None:
+        self.sparsity, self.seen, self.checked, self.snapshot, self.restored = sparsity, 0, 0, {}, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.restored = {name: value.clone() for name, value in self.sparsity._dropped.items()}
+        self.seen = self.sparsity.recomputed
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        dropped = self.sparsity._dropped
+        self.snapshot = {n: m.weight.detach() + dropped[n] for n, m in self.sparsity.layers.items() if n in dropped}
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        if self.sparsity.recomputed == self.seen:
+            return
+        self.seen = self.sparsity.recomputed
+        for name, m in self.sparsity.layers.items():
+            dense = self.snapshot[name]
+            assert torch.equal(m.weight_mask, mask_1d(dense)), name
+            assert torch.equal(m.weight, dense * m.weight_mask), name
+            assert torch.equal(self.sparsity._dropped[name], dense * ~m.weight_mask), name
+        self.checked += 1
+
+
+@requires_fashion_mnist
+def test_recompute_rederives_every_mask_from_the_kept_and_the_stowed_weights_and_resumes(tmp_path):
+    data, net, sparsity = small_fmnist(), module("adam", lr=0.05), Sparsity24(0, recompute_every_n_steps=2)
+    witness = RecomputeWitness(sparsity)
+    trainer = pl.Trainer(callbacks=[sparsity, witness], **trainer_kwargs(tmp_path, max_steps=5))
+    trainer.fit(net, data)
+    assert sparsity.recomputed == witness.checked == 2 and sparsity.masked_at_step == 4, "at steps 2 and 4"
+    assert 0 < sparsity.masks_changed < 0.5, "the recompute moved some weights in and out"
+    assert pattern_violations(sparsity, trainer.optimizers[0]) == []
+    trainer.save_checkpoint(tmp_path / "recompute.ckpt")
+    resumed = Sparsity24(0, recompute_every_n_steps=2)
+    resumed_witness = RecomputeWitness(resumed)
+    pl.Trainer(callbacks=[resumed, resumed_witness], **trainer_kwargs(tmp_path, max_steps=7)).fit(
+        module("adam", lr=0.05), data, ckpt_path=tmp_path / "recompute.ckpt"
+    )
+    assert resumed_witness.restored.keys() == sparsity._dropped.keys()
+    assert all(torch.equal(resumed_witness.restored[n], v) for n, v in sparsity._dropped.items()), "from the checkpoint"
+    assert resumed.recomputed == 3 and resumed_witness.checked == 1 and resumed.masked_at_step == 6

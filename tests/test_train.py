@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 from pathlib import Path
@@ -32,9 +33,10 @@ def compose_job(overrides: list[str]):
 
 
 @pytest.mark.parametrize("model, data, compression, surgery, sparsity", list(itertools.product(*GROUPS.values())))
-def test_every_config_composes_and_instantiates(model, data, compression, surgery, sparsity):
+def test_every_config_composes_and_instantiates(model, data, compression, surgery, sparsity, tmp_path):
+    required = [f"data.data_dir={tmp_path}"] if data == "imagenet" else []  # read in setup(), not here
     cfg = compose_job([f"model={model}", f"data={data}", f"compression={compression}", f"surgery={surgery}",
-                       f"sparsity={sparsity}"])  # fmt: skip
+                       f"sparsity={sparsity}", *required])  # fmt: skip
     assert instantiate(cfg.model) is not None and instantiate(cfg.data) is not None
     if cfg.compression:
         assert isinstance(instantiate(cfg.compression), SelfCompression)
@@ -84,3 +86,84 @@ def test_the_asp_workflow_prunes_a_dense_checkpoint_and_retrains(tmp_path):
     assert 0.5 < min(sparse["sparsity"]["kept_magnitude"].values()) < 1.0 and sparse["test_accuracy"] > 0.5
     with pytest.raises(FileNotFoundError, match="init_from='missing.ckpt' does not exist"):
         run(compose_job([*base, "init_from=missing.ckpt", f"report_path={tmp_path}/x/report.json"]))
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+def tiny_experiment(name: str, tmp_path: Path) -> list[str]:
+    """Overrides that run an experiment for 2 steps on generated data in its real on-disk format, on the CPU."""
+    import torch
+    from torchvision.models import resnet50
+
+    from conftest import write_cifar10, write_imagenet
+
+    common = [f"experiment={name}", f"report_path={tmp_path}/run/report.json", "trainer.max_steps=2",
+              "trainer.accelerator=cpu"]  # fmt: skip
+    if name == "imagenet_resnet50_asp":
+        torch.save(resnet50(weights=None, num_classes=4).state_dict(), tmp_path / "dense.pth")  # torchvision's format
+        return [*common, f"data.data_dir={write_imagenet(tmp_path / 'imagenet')}", f"init_from={tmp_path}/dense.pth",
+                "model.num_classes=4", "data.image_size=32", "data.resize_size=36", "data.batch_size=4",
+                "data.num_workers=0", "trainer.max_epochs=1"]  # fmt: skip
+    if name == "cifar10_resnet9":
+        return [*common, f"data.data_dir={write_cifar10(tmp_path / 'cifar')}", "model.width=8", "data.batch_size=16",
+                "data.val_size=20", "trainer.val_check_interval=2", "surgery.every_n_steps=1"]  # fmt: skip
+    raise AssertionError(f"experiment {name} has no tiny overrides here: add them so that it is tested")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_runs_on_generated_data(name, tmp_path):
+    import torch
+
+    from lightning_selfcompress.core.sparsity import is_24
+
+    cfg = compose_job(tiny_experiment(name, tmp_path))
+    report = run(cfg)
+    assert report["train_steps"] == 2 and 0.0 <= report["test_accuracy"] <= 1.0
+    if name == "imagenet_resnet50_asp":
+        assert cfg.optim.optimizer == "sgd" and cfg.optim.lr == 0.1 and cfg.optim.schedule == "step"
+        assert cfg.trainer.max_epochs == 1 and cfg.trainer.precision == "bf16-mixed"
+        sparsity = report["sparsity"]
+        assert sparsity["pruned"] and list(sparsity["dense_layers"]) == ["net.conv1"], "only the 3-channel stem"
+        assert len(sparsity["kept_magnitude"]) == 53, "52 convolutions and the classifier are 2:4"
+        state = torch.load(report["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+        masked = [k.removesuffix("_mask") for k in state if k.endswith("weight_mask")]
+        assert len(masked) == 53 and all(is_24(state[k]) for k in masked), "the checkpoint's weights are 2:4"
+    else:
+        assert report["surgery"] is not None and 1 < report["bits_per_weight"] < 8
+
+
+def test_the_imagenet_recipe_says_what_it_needs(tmp_path):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(ValueError, match="This configuration needs init_from=<the dense ResNet-50 to prune"):
+        run(compose_job(["experiment=imagenet_resnet50_asp", f"data.data_dir={tmp_path}"]))
+    with pytest.raises(InstantiationException, match="needs data_dir.*data.data_dir=/path/to/imagenet"):
+        run(compose_job(["experiment=imagenet_resnet50_asp", "init_from=x.pth"]))
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_continues_from_its_checkpoint_as_if_uninterrupted(tmp_path):
+    """80 generated CIFAR-10 training images in batches of 16: 5 steps an epoch. A run of 2 epochs against one of 1
+    epoch continued to 2 from its end-of-epoch checkpoint (constant learning rate: a schedule's length would differ)."""
+    import torch
+
+    def job(folder: str, *overrides: str) -> dict:
+        tiny = tiny_experiment("cifar10_resnet9", tmp_path / folder)
+        every_epoch = ["trainer.max_steps=-1", "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1"]
+        return run(compose_job([*tiny, *every_epoch, "optim.schedule=constant", *overrides]))
+
+    whole = job("whole", "+trainer.max_epochs=2")
+    first = job("first", "+trainer.max_epochs=1")
+    resumed = job("resumed", "+trainer.max_epochs=2", f"ckpt_path='{first['checkpoint']}'")
+    assert first["checkpoint"].endswith("step=5.ckpt") and whole["train_steps"] == resumed["train_steps"] == 10
+    load = lambda report: torch.load(report["checkpoint"], map_location="cpu", weights_only=False)  # noqa: E731
+    weights = [load(r)["state_dict"] for r in (whole, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key].float(), weights[1][key].float(), rtol=1e-5, atol=1e-6), key
+    assert whole["test_accuracy"] == resumed["test_accuracy"]
+    validated = lambda folder: [row["epoch"] for row in csv.DictReader(  # noqa: E731
+        (tmp_path / folder / "run" / "csv" / "metrics.csv").open()) if row["val/accuracy"]]  # fmt: skip
+    assert validated("whole") == ["0", "1"] and validated("resumed") == ["1"], "the resumed run trained epoch 1 only"

@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from ..core.sparsity import (
     CALCULATORS, MASK, MaskEnforcer, apply_masks, eligible_layers, ineligible_reason, is_24, kept_magnitude,
+    recompute_mask,
 )  # fmt: skip
 
 __all__ = ["Sparsity24"]
@@ -30,9 +31,22 @@ class Sparsity24(Callback):
         start_epoch: epoch at whose start to prune (None: use start_step).
         calculator: "1d" (best 2 of every 4, ASP's m4n2_1d) or "2d" (4x4 blocks 2:4 along rows and columns, so
             the transposed weight is sparse too; ASP's m4n2_2d_best).
+        recompute_every_n_steps: None (default, ASP's workflow): the masks stay as the prune chose them. N: every N
+            optimizer steps after the prune, derive every mask anew by magnitude, as ASP's `allow_recompute_mask`
+            does: the weights a mask dropped are kept aside (on the CPU, in this callback's checkpoint state) at
+            their value when dropped, put back beside the trained kept weights, and the 2 largest of every 4 win;
+            a weight that comes back resumes from its stowed value with zero optimizer state. Logged as
+            `sparsity/masks_changed`, the fraction of mask entries the last recompute changed.
     """
 
-    def __init__(self, start_step: int | None = 0, *, start_epoch: int | None = None, calculator: str = "1d") -> None:
+    def __init__(
+        self,
+        start_step: int | None = 0,
+        *,
+        start_epoch: int | None = None,
+        calculator: str = "1d",
+        recompute_every_n_steps: int | None = None,
+    ) -> None:
         if (start_step is None) == (start_epoch is None):
             raise ValueError("Give exactly one of start_step (0: sparse from the start) and start_epoch.")
         for name, value in (("start_step", start_step), ("start_epoch", start_epoch)):
@@ -40,7 +54,19 @@ class Sparsity24(Callback):
                 raise ValueError(f"{name}={value!r} must be an integer >= 0.")
         if calculator not in CALCULATORS:
             raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
+        if recompute_every_n_steps is not None and (
+            isinstance(recompute_every_n_steps, bool) or not isinstance(recompute_every_n_steps, int)
+            or recompute_every_n_steps < 1
+        ):  # fmt: skip
+            raise ValueError(
+                f"recompute_every_n_steps={recompute_every_n_steps!r} must be None (masks fixed after the prune, "
+                "ASP's workflow) or an integer >= 1 (optimizer steps between recomputed masks)."
+            )
         self.start_step, self.start_epoch, self.calculator = start_step, start_epoch, calculator
+        self.recompute_every_n_steps = recompute_every_n_steps
+        self.masked_at_step = 0  # the optimizer step of the last prune or recompute of every mask
+        self.recomputed, self.masks_changed = 0, 0.0
+        self._dropped: dict[str, torch.Tensor] = {}  # weights the masks dropped, at their value then (recompute)
         self.pruned = False
         self.layers: dict[str, torch.nn.Module] = {}
         self.skipped: dict[str, str] = {}
@@ -75,23 +101,35 @@ class Sparsity24(Callback):
             self.prune(trainer, pl_module)
         if self.pruned:
             self._follow_surgery(trainer, pl_module)
+        every = self.recompute_every_n_steps
+        if self.pruned and every is not None and trainer.global_step - self.masked_at_step >= every:
+            before = {name: getattr(m, MASK).clone() for name, m in self.layers.items()}
+            self.prune(trainer, pl_module)
+            changed = sum(int((getattr(m, MASK) != before[n]).sum()) for n, m in self.layers.items())
+            self.masks_changed = changed / sum(m.weight.numel() for m in self.layers.values())
+            self.recomputed += 1
 
     @torch.no_grad()
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str] | None = None) -> None:
         """Derive masks by magnitude (for `names`, default every eligible layer) and zero what they drop."""
         for name in names or list(self.layers):
             module = self.layers[name]
-            mask = CALCULATORS[self.calculator](module.weight)
-            self.kept_magnitude[name] = kept_magnitude(module.weight, mask)
-            getattr(module, MASK).copy_(mask)
+            dropped = recompute_mask(module, self.calculator, self._dropped.pop(name, None))
+            self.kept_magnitude[name] = kept_magnitude(module.weight + dropped, getattr(module, MASK))
+            if self.recompute_every_n_steps is not None:
+                self._dropped[name] = dropped.cpu()
         apply_masks(self.layers, trainer.optimizers)
         self.pruned = True
+        if names is None:
+            self.masked_at_step = trainer.global_step
 
     def _follow_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A surgery sliced a masked layer: keep its mask 2:4 on the new groups of 4, or let it go dense."""
         changed = [name for name, m in self.layers.items() if m.weight.shape != self._shapes.get(name)]
         if not changed:
             return
+        for name in changed:  # stowed weights of the old shape no longer line up: the kept weights decide alone
+            self._dropped.pop(name, None)
         dense = {n: r for n in changed if (r := ineligible_reason(self.layers[n], self.calculator)) is not None}
         for name in dense:
             getattr(self.layers[name], MASK).fill_(True)
@@ -108,6 +146,8 @@ class Sparsity24(Callback):
         if self.pruned and self.kept_magnitude:
             kept = sum(self.kept_magnitude.values()) / len(self.kept_magnitude)
             pl_module.log_dict({"sparsity/kept_magnitude": kept, "sparsity/masks_rederived": float(self.rederived)})
+            if self.recompute_every_n_steps is not None:
+                pl_module.log("sparsity/masks_changed", self.masks_changed)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -117,9 +157,18 @@ class Sparsity24(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"pruned": self.pruned, "kept_magnitude": dict(self.kept_magnitude)}
+        return {
+            "pruned": self.pruned,
+            "kept_magnitude": dict(self.kept_magnitude),
+            "masked_at_step": self.masked_at_step,
+            "recomputed": self.recomputed,
+            "dropped": dict(self._dropped),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.pruned = bool(state_dict["pruned"])
         self.kept_magnitude = dict(state_dict.get("kept_magnitude", {}))
+        self.masked_at_step = int(state_dict.get("masked_at_step", 0))
+        self.recomputed = int(state_dict.get("recomputed", 0))
+        self._dropped = {name: value.cpu() for name, value in state_dict.get("dropped", {}).items()}

@@ -33,6 +33,7 @@ __all__ = [
     "mask_1d",
     "mask_2d",
     "masked_layers",
+    "recompute_mask",
 ]
 
 MASK = "weight_mask"  # the buffer's name: masks live in the state_dict and in checkpoints
@@ -196,6 +197,28 @@ def apply_masks(layers: dict[str, nn.Module], optimizers=()) -> None:
             for value in optimizer.state.get(module.weight, {}).values():
                 if isinstance(value, Tensor) and value.shape == mask.shape:
                     value.mul_(mask)
+
+
+@torch.no_grad()
+def recompute_mask(module: nn.Module, calculator: str = "1d", dropped: Tensor | None = None) -> Tensor:
+    """Derive `module`'s mask anew by magnitude, the way ASP recomputes masks (`allow_recompute_mask`).
+
+    Under enforcement the weights a mask drops are exactly zero, so a magnitude mask derived from the weights alone
+    would only find itself again. As in ASP, the weights a mask drops are stowed away at their value of that moment
+    (`dropped`, returned by the previous call) and put back before the new mask is chosen: the trained kept weights
+    compete with the frozen dropped ones, and a kept weight that shrank in training can lose its place to one that
+    was dropped. Zeroes what the new mask drops and returns those weights, to pass back next time.
+    """
+    weight = module.weight
+    if dropped is not None:
+        if dropped.shape != weight.shape:
+            raise ValueError(f"The stowed weights {tuple(dropped.shape)} do not fit the weight {tuple(weight.shape)}.")
+        weight.add_(dropped.to(weight.device, weight.dtype))  # the weight is 0 wherever dropped is not
+    mask = CALCULATORS[calculator](weight)
+    getattr(module, MASK).copy_(mask)
+    dropped = weight * ~mask
+    weight.mul_(mask)
+    return dropped
 
 
 class MaskEnforcer:
