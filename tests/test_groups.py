@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from lightning_selfcompress.core.groups import ChannelGraph, GraphError
@@ -14,7 +13,7 @@ from lightning_selfcompress.models import BaselineCNN, ResNet9
 
 from lightning_selfcompress.testing import choose_groups, kill_groups
 
-from surgery_helpers import SmallNet, freeze_statistics
+from surgery_helpers import LARGE, ZOO, SmallNet, freeze_statistics, zoo_model
 
 
 def test_groups_follow_residual_adds_flatten_and_pins():
@@ -133,32 +132,13 @@ def test_a_model_changed_after_tracing_is_refused():
 
 # ---- function preservation on a zoo ------------------------------------------------------------------------------
 
-ZOO = {
-    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32)),
-    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
-    "resnext50_32x4d": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), (3, 32, 32)),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 32, 32)),
-    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (3, 32, 32)),
-    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32, 32)),
-    "resnet9": (lambda: ResNet9(3, 10, width=16), (3, 32, 32)),
-    "baseline_cnn": (lambda: BaselineCNN(1, 10), (1, 28, 28)),
-}
-LARGE = {"resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn"}
 
 
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO]
 )
 def test_surgery_preserves_the_function_in_train_and_eval_mode(name):
-    make, shape = ZOO[name]
-    net = make().double()
-    x = torch.randn(4, *shape, dtype=torch.float64)
-    with torch.no_grad():  # running statistics that are not the initial ones
-        net.train()(x)
-    freeze_statistics(net)
-    for m in net.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0  # a dropout mask is drawn per element: with fewer channels it would be a different draw
+    net, x = zoo_model(name)
     attach_quantizers(net)
     graph = ChannelGraph(net, x[:2])
     surgeon = Surgeon(graph)

@@ -10,9 +10,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from ..core.permute import PermutationReport, permute_for_24
 from ..core.sparsity import (
     CALCULATORS, MASK, MaskEnforcer, apply_masks, eligible_layers, ineligible_reason, is_24, kept_magnitude,
 )  # fmt: skip
+
+from .surgeon import ChannelSurgeon, _first_tensor
 
 __all__ = ["Sparsity24"]
 
@@ -30,9 +33,14 @@ class Sparsity24(Callback):
         start_epoch: epoch at whose start to prune (None: use start_step).
         calculator: "1d" (best 2 of every 4, ASP's m4n2_1d) or "2d" (4x4 blocks 2:4 along rows and columns, so
             the transposed weight is sparse too; ASP's m4n2_2d_best).
+        permute: at the prune, first reorder channels (Pool & Yu's channel permutation, with the optimizers'
+            state) so that the masks keep more weight magnitude; the network computes the same function. Traced on
+            the first tensor of the batch (or `example_input_array`). Not with a ChannelSurgeon.
     """
 
-    def __init__(self, start_step: int | None = 0, *, start_epoch: int | None = None, calculator: str = "1d") -> None:
+    def __init__(
+        self, start_step: int | None = 0, *, start_epoch: int | None = None, calculator: str = "1d", permute: bool = False
+    ) -> None:
         if (start_step is None) == (start_epoch is None):
             raise ValueError("Give exactly one of start_step (0: sparse from the start) and start_epoch.")
         for name, value in (("start_step", start_step), ("start_epoch", start_epoch)):
@@ -40,7 +48,10 @@ class Sparsity24(Callback):
                 raise ValueError(f"{name}={value!r} must be an integer >= 0.")
         if calculator not in CALCULATORS:
             raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
-        self.start_step, self.start_epoch, self.calculator = start_step, start_epoch, calculator
+        if not isinstance(permute, bool):
+            raise ValueError(f"permute={permute!r} must be True or False.")
+        self.start_step, self.start_epoch, self.calculator, self.permute = start_step, start_epoch, calculator, permute
+        self.permutation: PermutationReport | None = None  # kept magnitude per layer before and after permuting
         self.pruned = False
         self.layers: dict[str, torch.nn.Module] = {}
         self.skipped: dict[str, str] = {}
@@ -51,6 +62,12 @@ class Sparsity24(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.permute and any(isinstance(cb, ChannelSurgeon) for cb in trainer.callbacks):
+            raise RuntimeError(
+                "Sparsity24(permute=True) cannot run beside a ChannelSurgeon: the surgeon's graph and its history "
+                "(replayed on resume) name channels by their original positions, which a permutation moves. Use "
+                "permute=False with the surgeon, or permute in a run without it (e.g. prune a dense checkpoint)."
+            )
         # All-ones masks now, before the optimizer is built and before a checkpoint's weights (and masks) load.
         self.layers, self.skipped = eligible_layers(pl_module, self.calculator)
         for module in self.layers.values():
@@ -65,13 +82,13 @@ class Sparsity24(Callback):
         self._shapes = {name: m.weight.shape for name, m in self.layers.items()}
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.pruned and self.start_epoch is not None and trainer.current_epoch >= self.start_epoch:
-            self.prune(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if not self.pruned and self.start_step is not None and trainer.global_step >= self.start_step:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
+        # the start of an epoch is its first batch: the permutation's trace needs an example input
+        due_step = self.start_step is not None and trainer.global_step >= self.start_step
+        due_epoch = self.start_epoch is not None and trainer.current_epoch >= self.start_epoch
+        if not self.pruned and (due_step or due_epoch):
+            if self.permute:
+                self._permute(trainer, pl_module, batch)
             self.prune(trainer, pl_module)
         if self.pruned:
             self._follow_surgery(trainer, pl_module)
@@ -86,6 +103,27 @@ class Sparsity24(Callback):
             getattr(module, MASK).copy_(mask)
         apply_masks(self.layers, trainer.optimizers)
         self.pruned = True
+
+    def _permute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        example = pl_module.example_input_array
+        example = example if isinstance(example, torch.Tensor) else _first_tensor(batch)
+        if example is None:
+            raise RuntimeError(
+                "Sparsity24(permute=True) needs an example input to trace the model: the batch holds no tensor. Set "
+                "`example_input_array` on the LightningModule."
+            )
+        device = next(pl_module.parameters()).device
+        self.permutation = permute_for_24(
+            pl_module, example.detach()[:2].to(device), list(self.layers), trainer.optimizers, self.calculator
+        )
+        report = self.permutation
+        rank_zero_info(
+            f"Sparsity24: channel permutation in {report.seconds:.2f} s ({report.swaps} swaps in {report.spaces} "
+            f"channel spaces); kept magnitude per layer: "
+            + ", ".join(f"{n} {report.before[n]:.3f} -> {report.after[n]:.3f}" for n in report.before)
+        )
+        for space, why in report.unsearched.items():
+            rank_zero_info(f"Sparsity24: channels {space} not permuted: {why}")
 
     def _follow_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A surgery sliced a masked layer: keep its mask 2:4 on the new groups of 4, or let it go dense."""
@@ -107,7 +145,11 @@ class Sparsity24(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.pruned and self.kept_magnitude:
             kept = sum(self.kept_magnitude.values()) / len(self.kept_magnitude)
-            pl_module.log_dict({"sparsity/kept_magnitude": kept, "sparsity/masks_rederived": float(self.rederived)})
+            metrics = {"sparsity/kept_magnitude": kept, "sparsity/masks_rederived": float(self.rederived)}
+            if self.permutation is not None:
+                gain = self.permutation.gain()
+                metrics["sparsity/kept_magnitude_gain"] = sum(gain.values()) / max(1, len(gain))
+            pl_module.log_dict(metrics)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -117,9 +159,12 @@ class Sparsity24(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"pruned": self.pruned, "kept_magnitude": dict(self.kept_magnitude)}
+        permutation = self.permutation.to_dict() if self.permutation is not None else None
+        return {"pruned": self.pruned, "kept_magnitude": dict(self.kept_magnitude), "permutation": permutation}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.pruned = bool(state_dict["pruned"])
         self.kept_magnitude = dict(state_dict.get("kept_magnitude", {}))
+        if state_dict.get("permutation"):
+            self.permutation = PermutationReport(**state_dict["permutation"])
