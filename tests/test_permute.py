@@ -17,7 +17,7 @@ from lightning_selfcompress.core.sparsity import eligible_layers, is_24, mask_1d
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier, ResNet9
 
 from conftest import trainer_kwargs
-from surgery_helpers import LARGE, ZOO, SmallNet, zoo_model
+from surgery_helpers import ZOO, SmallNet, zoo_model
 
 
 def total_kept(model: nn.Module, names) -> float:
@@ -50,13 +50,15 @@ def test_spaces_follow_residual_streams_and_flatten_blocks():
     assert all(("outputs", "head") not in s.positions for s in spaces.values()), "the model's outputs are pinned"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO])
+@pytest.mark.parametrize("name", [n if n == "baseline_cnn" else pytest.param(n, marks=pytest.mark.slow) for n in ZOO])
 def test_permutation_preserves_the_function_and_the_greedy_keeps_more(name):
     net, x = zoo_model(name)
     attach_quantizers(net)  # b and e must follow their output channels
     before = outputs(net, x)
-    small = name not in ("resnet9", "baseline_cnn")  # bounded search on the big ones: the test is about correctness
-    report = permute_for_24(net, x[:2], window=32 if small else 256, max_swaps=3 if small else 100_000)
+    layers = list(eligible_layers(net)[0])
+    if name not in ("resnet9", "baseline_cnn"):  # torchvision's: a short search for the first layers (correctness,
+        layers = layers[:3]  # not gain, is the point here); the random reordering below moves every space
+    report = permute_for_24(net, x[:2], layers=layers, window=64, max_swaps=20)
     assert report.swaps > 0 and report.spaces > 0
     assert_same(outputs(net, x), before)
     assert sum(report.after.values()) > sum(report.before.values()), "random weights: swaps that gain exist"
@@ -114,6 +116,7 @@ def module() -> ImageClassifier:
     return ImageClassifier(ResNet9(in_channels=1, num_classes=10, width=8), optimizer="adam", lr=0.01)
 
 
+@pytest.mark.slow
 def test_the_callback_permutes_before_pruning_and_a_checkpoint_holds_the_result(tiny_fmnist, tmp_path):
     net, sparsity = module(), Sparsity24(start_step=3, permute=True)
     trainer = pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=6))
