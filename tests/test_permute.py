@@ -140,7 +140,7 @@ def test_the_callback_permutes_before_pruning_and_a_checkpoint_holds_the_result(
 
 
 def test_permute_with_a_surgeon_or_a_non_bool_is_a_clear_error(tiny_fmnist, tmp_path):
-    with pytest.raises(ValueError, match="permute='yes' must be True or False"):
+    with pytest.raises(TypeError, match="permute=.yes. must be True or False"):
         Sparsity24(0, permute="yes")
     trainer = pl.Trainer(callbacks=[ChannelSurgeon(), Sparsity24(0, permute=True)], **trainer_kwargs(tmp_path))
     with pytest.raises(RuntimeError, match="cannot run beside a ChannelSurgeon.*permute=False"):

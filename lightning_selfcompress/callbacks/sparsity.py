@@ -49,7 +49,7 @@ class Sparsity24(Callback):
         if calculator not in CALCULATORS:
             raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
         if not isinstance(permute, bool):
-            raise ValueError(f"permute={permute!r} must be True or False.")
+            raise TypeError(f"permute={permute!r} must be True or False.")
         self.start_step, self.start_epoch, self.calculator, self.permute = start_step, start_epoch, calculator, permute
         self.permutation: PermutationReport | None = None  # kept magnitude per layer before and after permuting
         self.pruned = False
