@@ -17,7 +17,7 @@ from lightning_selfcompress.core.sparsity import eligible_layers, is_24, mask_1d
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier, ResNet9
 
 from conftest import trainer_kwargs
-from surgery_helpers import ZOO, SmallNet, zoo_model
+from surgery_helpers import LARGE, ZOO, SmallNet, zoo_model
 
 
 def total_kept(model: nn.Module, names) -> float:
@@ -50,7 +50,7 @@ def test_spaces_follow_residual_streams_and_flatten_blocks():
     assert all(("outputs", "head") not in s.positions for s in spaces.values()), "the model's outputs are pinned"
 
 
-@pytest.mark.parametrize("name", [n if n == "baseline_cnn" else pytest.param(n, marks=pytest.mark.slow) for n in ZOO])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO])
 def test_permutation_preserves_the_function_and_the_greedy_keeps_more(name):
     net, x = zoo_model(name)
     attach_quantizers(net)  # b and e must follow their output channels
@@ -116,7 +116,6 @@ def module() -> ImageClassifier:
     return ImageClassifier(ResNet9(in_channels=1, num_classes=10, width=8), optimizer="adam", lr=0.01)
 
 
-@pytest.mark.slow
 def test_the_callback_permutes_before_pruning_and_a_checkpoint_holds_the_result(tiny_fmnist, tmp_path):
     net, sparsity = module(), Sparsity24(start_step=3, permute=True)
     trainer = pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=6))
