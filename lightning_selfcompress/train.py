@@ -72,7 +72,9 @@ def _load_weights(module: ImageClassifier, path: str) -> None:
 def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
     if sparsity is None:
         return None
-    return {"pruned": sparsity.pruned, "kept_magnitude": sparsity.kept_magnitude, "dense_layers": sparsity.skipped}
+    permutation = sparsity.permutation.to_dict() if sparsity.permutation is not None else None
+    return {"pruned": sparsity.pruned, "kept_magnitude": sparsity.kept_magnitude, "dense_layers": sparsity.skipped,
+            "permutation": permutation}
 
 
 def run(cfg: DictConfig) -> dict:

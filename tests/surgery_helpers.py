@@ -1,9 +1,14 @@
-"""Shared by the surgery tests: a small model with every coupling kind."""
+"""Shared by the surgery and permutation tests: a small model with every coupling kind, and the zoo of real
+architectures that channel surgery and permutation must preserve the function of."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
+
+from lightning_selfcompress.models import BaselineCNN, ResNet9
 
 
 
@@ -32,3 +37,31 @@ def freeze_statistics(net: nn.Module) -> None:
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = 0.0
+
+
+ZOO = {
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32)),
+    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
+    "resnext50_32x4d": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), (3, 32, 32)),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 32, 32)),
+    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (3, 32, 32)),
+    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32, 32)),
+    "resnet9": (lambda: ResNet9(3, 10, width=16), (3, 32, 32)),
+    "baseline_cnn": (lambda: BaselineCNN(1, 10), (1, 28, 28)),
+}
+LARGE = {"resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn"}
+
+
+def zoo_model(name: str, batch: int = 4) -> tuple[nn.Module, Tensor]:
+    """A zoo model in float64 with running statistics that are not the initial ones (frozen from then on) and
+    dropout off, and an input batch."""
+    make, shape = ZOO[name]
+    net = make().double()
+    x = torch.randn(batch, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        net.train()(x)
+    freeze_statistics(net)
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # a dropout mask is drawn per element: it would not follow the channels
+    return net, x

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from lightning_selfcompress.core.groups import ChannelGraph, GraphError
@@ -14,9 +13,11 @@ from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 
-from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups, removable_groups
+from lightning_selfcompress.testing import (
+    choose_branch_channels, choose_groups, kill_branch_channels, kill_groups, removable_groups,
+)  # fmt: skip
 
-from surgery_helpers import SmallNet, freeze_statistics
+from surgery_helpers import LARGE, ZOO, SmallNet, freeze_statistics, zoo_model
 
 
 def test_groups_follow_residual_adds_flatten_and_pins():
@@ -135,17 +136,6 @@ def test_a_model_changed_after_tracing_is_refused():
 
 # ---- function preservation on a zoo ------------------------------------------------------------------------------
 
-ZOO = {
-    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32)),
-    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
-    "resnext50_32x4d": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), (3, 32, 32)),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 32, 32)),
-    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (3, 32, 32)),
-    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32, 32)),
-    "resnet9": (lambda: ResNet9(3, 10, width=16), (3, 32, 32)),
-    "baseline_cnn": (lambda: BaselineCNN(1, 10), (1, 28, 28)),
-}
-LARGE = {"resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn"}
 RESIDUAL = {"resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "resnet9"}
 
 
@@ -161,15 +151,7 @@ def assert_same_outputs(net: nn.Module, x: torch.Tensor, before: dict[bool, torc
 def test_surgery_preserves_the_function_in_train_and_eval_mode(name):
     """Cut 30% of the groups and 30% of what is left of each residual branch from that branch alone, then more groups,
     some of them already gone from a branch; replay the history on a fresh copy. Outputs stay the uncut ones."""
-    make, shape = ZOO[name]
-    net = make().double()
-    x = torch.randn(4, *shape, dtype=torch.float64)
-    with torch.no_grad():  # running statistics that are not the initial ones
-        net.train()(x)
-    freeze_statistics(net)
-    for m in net.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0  # a dropout mask is drawn per element: with fewer channels it would be a different draw
+    net, x = zoo_model(name)
     attach_quantizers(net)
     fresh = copy.deepcopy(net)
     graph = ChannelGraph(net, x[:2])

@@ -10,10 +10,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from ..core.permute import PermutationReport, permute_for_24
 from ..core.sparsity import (
     CALCULATORS, MASK, MaskEnforcer, apply_masks, eligible_layers, ineligible_reason, is_24, kept_magnitude,
     recompute_mask,
 )  # fmt: skip
+
+from .surgeon import ChannelSurgeon, _first_tensor
 
 __all__ = ["Sparsity24"]
 
@@ -37,6 +40,9 @@ class Sparsity24(Callback):
             their value when dropped, put back beside the trained kept weights, and the 2 largest of every 4 win;
             a weight that comes back resumes from its stowed value with zero optimizer state. Logged as
             `sparsity/masks_changed`, the fraction of mask entries the last recompute changed.
+        permute: at the prune, first reorder channels (Pool & Yu's channel permutation, with the optimizers'
+            state) so that the masks keep more weight magnitude; the network computes the same function. Traced on
+            the first tensor of the batch (or `example_input_array`). Not with a ChannelSurgeon.
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class Sparsity24(Callback):
         start_epoch: int | None = None,
         calculator: str = "1d",
         recompute_every_n_steps: int | None = None,
+        permute: bool = False,
     ) -> None:
         if (start_step is None) == (start_epoch is None):
             raise ValueError("Give exactly one of start_step (0: sparse from the start) and start_epoch.")
@@ -62,11 +69,15 @@ class Sparsity24(Callback):
                 f"recompute_every_n_steps={recompute_every_n_steps!r} must be None (masks fixed after the prune, "
                 "ASP's workflow) or an integer >= 1 (optimizer steps between recomputed masks)."
             )
+        if not isinstance(permute, bool):
+            raise TypeError(f"permute={permute!r} must be True or False.")
         self.start_step, self.start_epoch, self.calculator = start_step, start_epoch, calculator
         self.recompute_every_n_steps = recompute_every_n_steps
         self.masked_at_step = 0  # the optimizer step of the last prune or recompute of every mask
         self.recomputed, self.masks_changed = 0, 0.0
         self._dropped: dict[str, torch.Tensor] = {}  # weights the masks dropped, at their value then (recompute)
+        self.permute = permute
+        self.permutation: PermutationReport | None = None  # kept magnitude per layer before and after permuting
         self.pruned = False
         self.layers: dict[str, torch.nn.Module] = {}
         self.skipped: dict[str, str] = {}
@@ -77,6 +88,12 @@ class Sparsity24(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.permute and any(isinstance(cb, ChannelSurgeon) for cb in trainer.callbacks):
+            raise RuntimeError(
+                "Sparsity24(permute=True) cannot run beside a ChannelSurgeon: the surgeon's graph and its history "
+                "(replayed on resume) name channels by their original positions, which a permutation moves. Use "
+                "permute=False with the surgeon, or permute in a run without it (e.g. prune a dense checkpoint)."
+            )
         # All-ones masks now, before the optimizer is built and before a checkpoint's weights (and masks) load.
         self.layers, self.skipped = eligible_layers(pl_module, self.calculator)
         for module in self.layers.values():
@@ -91,13 +108,13 @@ class Sparsity24(Callback):
         self._shapes = {name: m.weight.shape for name, m in self.layers.items()}
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.pruned and self.start_epoch is not None and trainer.current_epoch >= self.start_epoch:
-            self.prune(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if not self.pruned and self.start_step is not None and trainer.global_step >= self.start_step:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
+        # the start of an epoch is its first batch: the permutation's trace needs an example input
+        due_step = self.start_step is not None and trainer.global_step >= self.start_step
+        due_epoch = self.start_epoch is not None and trainer.current_epoch >= self.start_epoch
+        if not self.pruned and (due_step or due_epoch):
+            if self.permute:
+                self._permute(trainer, pl_module, batch)
             self.prune(trainer, pl_module)
         if self.pruned:
             self._follow_surgery(trainer, pl_module)
@@ -123,6 +140,27 @@ class Sparsity24(Callback):
         if names is None:
             self.masked_at_step = trainer.global_step
 
+    def _permute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        example = pl_module.example_input_array
+        example = example if isinstance(example, torch.Tensor) else _first_tensor(batch)
+        if example is None:
+            raise RuntimeError(
+                "Sparsity24(permute=True) needs an example input to trace the model: the batch holds no tensor. Set "
+                "`example_input_array` on the LightningModule."
+            )
+        device = next(pl_module.parameters()).device
+        self.permutation = permute_for_24(
+            pl_module, example.detach()[:2].to(device), list(self.layers), trainer.optimizers, self.calculator
+        )
+        report = self.permutation
+        rank_zero_info(
+            f"Sparsity24: channel permutation in {report.seconds:.2f} s ({report.swaps} swaps in {report.spaces} "
+            f"channel spaces); kept magnitude per layer: "
+            + ", ".join(f"{n} {report.before[n]:.3f} -> {report.after[n]:.3f}" for n in report.before)
+        )
+        for space, why in report.unsearched.items():
+            rank_zero_info(f"Sparsity24: channels {space} not permuted: {why}")
+
     def _follow_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A surgery sliced a masked layer: keep its mask 2:4 on the new groups of 4, or let it go dense."""
         changed = [name for name, m in self.layers.items() if m.weight.shape != self._shapes.get(name)]
@@ -145,9 +183,13 @@ class Sparsity24(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.pruned and self.kept_magnitude:
             kept = sum(self.kept_magnitude.values()) / len(self.kept_magnitude)
-            pl_module.log_dict({"sparsity/kept_magnitude": kept, "sparsity/masks_rederived": float(self.rederived)})
+            metrics = {"sparsity/kept_magnitude": kept, "sparsity/masks_rederived": float(self.rederived)}
             if self.recompute_every_n_steps is not None:
-                pl_module.log("sparsity/masks_changed", self.masks_changed)
+                metrics["sparsity/masks_changed"] = self.masks_changed
+            if self.permutation is not None:
+                gain = self.permutation.gain()
+                metrics["sparsity/kept_magnitude_gain"] = sum(gain.values()) / max(1, len(gain))
+            pl_module.log_dict(metrics)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -163,6 +205,7 @@ class Sparsity24(Callback):
             "masked_at_step": self.masked_at_step,
             "recomputed": self.recomputed,
             "dropped": dict(self._dropped),
+            "permutation": self.permutation.to_dict() if self.permutation is not None else None,
         }
 
     @override
@@ -172,3 +215,5 @@ class Sparsity24(Callback):
         self.masked_at_step = int(state_dict.get("masked_at_step", 0))
         self.recomputed = int(state_dict.get("recomputed", 0))
         self._dropped = {name: value.cpu() for name, value in state_dict.get("dropped", {}).items()}
+        if state_dict.get("permutation"):
+            self.permutation = PermutationReport(**state_dict["permutation"])
