@@ -339,7 +339,7 @@ def export_onnx(
     if tolerance is not None and not tolerance > 0:
         raise ValueError(f"tolerance={tolerance} must be > 0 (or None to measure without a limit).")
     layers = quantized_layers(model)
-    example = example_input.detach()
+    example = example_input.detach().to(next(model.parameters(), example_input).device)
     with _atomic_target(path) as tmp, tempfile.TemporaryDirectory() as scratch:
         float_path = Path(scratch) / "float.onnx"
         with _dequantized(model) as weights:

@@ -41,11 +41,12 @@ def check_parity(path: str | os.PathLike, model: nn.Module, inputs: Sequence[Ten
     session = onnx_session(path)
     name = session.get_inputs()[0].name
     was_training = model.training
+    device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     try:
         max_abs, scale = 0.0, 0.0
         for x in inputs:
-            expected = model(x).detach().float().cpu().numpy()
+            expected = model(x.to(device)).detach().float().cpu().numpy()
             got = session.run(None, {name: x.detach().float().cpu().numpy()})[0]
             if got.shape != expected.shape:
                 raise ParityError(f"ONNX Runtime returned shape {got.shape}, PyTorch {expected.shape}.")
