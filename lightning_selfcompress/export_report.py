@@ -88,6 +88,11 @@ def macs(model: nn.Module, example: Tensor) -> int | None:
         return None
 
 
+def _layer_name(weight: str) -> str:
+    """The layer a weight tensor of the file belongs to: `<layer>.weight_dequantized` or `<layer>.weight`."""
+    return weight.removesuffix("_dequantized").removesuffix(".weight")
+
+
 def _layer_rows(model: nn.Module, before: dict[str, tuple[int, int]], exported: dict[str, Any]) -> list[dict]:
     rows = []
     quantized = quantized_layers(model)
@@ -153,6 +158,7 @@ def export_and_report(
     parameters_before: int | None = None,
     macs_before: int | None = None,
     accuracy_batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+    extra: dict[str, Any] | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Export `model` to `path` (.onnx), build the engine if asked and possible, write `path` with suffix .json.
@@ -171,7 +177,7 @@ def export_and_report(
         raise ValueError(f"calibrate_batches={options.calibrate_batches} but only {len(batches)} batches were given.")
     result = export_onnx(model, example, path, int4=options.int4, calibration=calibration,
                          parity_inputs=parity_inputs, tolerance=options.tolerance)  # fmt: skip
-    sparse = [c.name.removesuffix(".weight_dequantized") for c in check_onnx(path) if c.sparse]
+    sparse = [_layer_name(c.name) for c in check_onnx(path) if c.sparse]
     exported = {layer.name: layer for layer in result.layers}
     macs_after = macs(model, example)
     report: dict[str, Any] = {
@@ -185,6 +191,7 @@ def export_and_report(
         "ort_cpu_latency_ms": ort_latency_ms(path, tuple(example.shape[1:]), list(options.latency_batches),
                                              runs=options.latency_runs),  # fmt: skip
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(options).items()},
+        **(extra or {}),
     }
     if accuracy_batches is not None:
         report["accuracy"] = _accuracy(model.eval(), onnx_session(path), accuracy_batches)
@@ -210,6 +217,8 @@ def print_export_table(report: dict[str, Any], console: Console | None = None) -
         f"ONNX file {report['file_bytes']:,} bytes vs {report['float_file_bytes']:,} with float32 weights "
         f"({report['file_bytes'] / report['float_file_bytes']:.1%}); parameters {report['parameters_after']:,}/"
         f"{report['parameters_before']:,}"
+        + (f"; the network as built, float32: {report['original_float_file_bytes']:,} bytes"
+           if "original_float_file_bytes" in report else "")
         + (f"; MACs per sample {report['macs_after']:,}/{report['macs_before']:,}" if report["macs_after"] else ""),
         f"Parity with PyTorch (ONNX Runtime, CPU): max abs {parity['max_abs']:.3g}, relative {parity['max_rel']:.3g}"
         + (" (int8 activations)" if report["activation_quantized"] else ""),
@@ -225,4 +234,4 @@ def print_export_table(report: dict[str, Any], console: Console | None = None) -
         if engine["built"]
         else f"TensorRT engine not built: {engine['reason']}"
     )
-    console.print("\n".join(lines))
+    console.print("\n".join(lines), markup=False, highlight=False)

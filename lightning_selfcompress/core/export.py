@@ -99,25 +99,29 @@ def integer_weights(module: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 @contextlib.contextmanager
-def _dequantized(model: nn.Module) -> Iterator[dict[str, np.ndarray]]:
-    """For the duration, every quantized layer is its float class holding its quantized weight; yields those weights."""
+def _export_form(model: nn.Module) -> Iterator[dict[str, np.ndarray]]:
+    """For the duration, every quantized layer is its float class holding its quantized weight (yielded by name), and
+    every Linear without a bias has a zero bias, so that it exports as Gemm(transB=1) with its [out, in] weight
+    rather than as x @ W^T with a transposed copy."""
     layers = quantized_layers(model)
-    saved = {}
+    saved = []  # (module, class, weight, bias)
     weights = {}
     try:
-        for name, module in layers.items():
-            with torch.no_grad():
-                q = module.weight_quantizer(module.weight).detach().float()
-            saved[name] = (module.__class__, module._parameters["weight"], module._parameters.get("bias"))
-            module.__class__ = FLOAT_CLASS[module.__class__]
-            module._parameters["weight"] = nn.Parameter(q, requires_grad=False)
-            if isinstance(module, nn.Linear) and module.bias is None:  # exported as Gemm(transB=1), not x @ W^T
-                module._parameters["bias"] = nn.Parameter(torch.zeros_like(q[:, 0]), requires_grad=False)
-            weights[name] = q.cpu().numpy()
+        for name, module in model.named_modules():
+            if name not in layers and not (isinstance(module, nn.Linear) and module.bias is None):
+                continue
+            saved.append((module, module.__class__, module._parameters["weight"], module._parameters.get("bias")))
+            if name in layers:
+                with torch.no_grad():
+                    q = module.weight_quantizer(module.weight).detach().float()
+                module.__class__ = FLOAT_CLASS[module.__class__]
+                module._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+                weights[name] = q.cpu().numpy()
+            if isinstance(module, nn.Linear) and module.bias is None:
+                module._parameters["bias"] = nn.Parameter(module.weight.new_zeros(module.weight.shape[0]), requires_grad=False)
         yield weights
     finally:
-        for name, (cls, weight, bias) in saved.items():
-            module = layers[name]
+        for module, cls, weight, bias in saved:
             module.__class__ = cls
             module._parameters["weight"] = weight
             module._parameters["bias"] = bias
@@ -342,7 +346,7 @@ def export_onnx(
     example = example_input.detach().to(next(model.parameters(), example_input).device)
     with _atomic_target(path) as tmp, tempfile.TemporaryDirectory() as scratch:
         float_path = Path(scratch) / "float.onnx"
-        with _dequantized(model) as weights:
+        with _export_form(model) as weights:
             _export_float(model, example, float_path)
         float_bytes = float_path.stat().st_size
         onnx_model = onnx.load(str(float_path))
