@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,7 +42,7 @@ from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import QUANTIZED_CLASS, quantized_layers
 
-__all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "integer_weights"]
+__all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights"]
 
 FLOAT_CLASS = {quantized: plain for plain, quantized in QUANTIZED_CLASS.items()}
 INT_RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
@@ -99,7 +100,7 @@ def integer_weights(module: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 @contextlib.contextmanager
-def _export_form(model: nn.Module) -> Iterator[dict[str, np.ndarray]]:
+def inference_form(model: nn.Module) -> Iterator[dict[str, np.ndarray]]:
     """For the duration, every quantized layer is its float class holding its quantized weight (yielded by name), and
     every Linear without a bias has a zero bias, so that it exports as Gemm(transB=1) with its [out, in] weight
     rather than as x @ W^T with a transposed copy."""
@@ -328,6 +329,7 @@ def export_onnx(
     calibration: Sequence[Tensor] | None = None,
     parity_inputs: Sequence[Tensor] | None = None,
     tolerance: float | None = 1e-4,
+    float_path: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Export `model` (thinned and quantized, or plain float) to ONNX at `path`.
 
@@ -337,8 +339,9 @@ def export_onnx(
         calibration: input batches; when given, each quantized layer's input gets a per-tensor int8 Q/DQ pair.
         parity_inputs: batches on which ONNX Runtime and PyTorch are compared (default: `example_input`).
         tolerance: the largest relative error (max |ort - torch| / max |torch|) accepted; None: measure, never fail.
+        float_path: where to keep the same network exported with float32 weights (for comparisons); default: not kept.
     """
-    path = Path(path)
+    path, keep_float = Path(path), float_path
     _check_model(model)
     if tolerance is not None and not tolerance > 0:
         raise ValueError(f"tolerance={tolerance} must be > 0 (or None to measure without a limit).")
@@ -346,9 +349,11 @@ def export_onnx(
     example = example_input.detach().to(next(model.parameters(), example_input).device)
     with _atomic_target(path) as tmp, tempfile.TemporaryDirectory() as scratch:
         float_path = Path(scratch) / "float.onnx"
-        with _export_form(model) as weights:
+        with inference_form(model) as weights:
             _export_float(model, example, float_path)
         float_bytes = float_path.stat().st_size
+        if keep_float is not None:
+            shutil.copyfile(float_path, keep_float)
         onnx_model = onnx.load(str(float_path))
         reports = _rewrite_weights(onnx_model, layers, weights, int4)
         if int4 and any(r.storage == "int4" for r in reports):
