@@ -243,3 +243,17 @@ def test_parity_past_the_tolerance_is_a_clear_error_and_leaves_no_file(tmp_path)
     assert leftovers(tmp_path) == []
     with pytest.raises(ExportError, match="float32 model"):
         export_onnx(ConvLinear().double(), torch.randn(1, 3, 8, 8, dtype=torch.float64), tmp_path / "net.onnx")
+
+
+def test_onnx_runtime_folds_weight_only_dequantization_and_keeps_activation_qdq(tmp_path):
+    from lightning_selfcompress.core.parity import onnx_session
+
+    net = ConvLinear()
+    attach_quantizers(net)
+    x = torch.randn(2, 3, 8, 8)
+    export_onnx(net, x, tmp_path / "weights.onnx")
+    export_onnx(net, x, tmp_path / "activations.onnx", calibration=[x], tolerance=None)
+    config = lambda path: onnx_session(path).get_session_options().get_session_config_entry  # noqa: E731
+    assert config(tmp_path / "weights.onnx")("session.disable_quant_qdq") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # not set: ORT keeps its QDQ handling
+        config(tmp_path / "activations.onnx")("session.disable_quant_qdq")
