@@ -152,10 +152,11 @@ def _export_float(model: nn.Module, example: Tensor, path: Path) -> None:
                 training=torch.onnx.TrainingMode.PRESERVE,  # EVAL would fold BatchNorm into the convolution's weight
             )
     except Exception as error:
+        first_line = next(iter(str(error).splitlines()), "")  # the rest is the exporter's dump of the whole graph
         raise ExportError(
             f"torch.onnx.export (TorchScript exporter) could not export {type(model).__name__}: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Replace the operation it names with one ONNX supports, or leave that "
-            "part out of the exported module."
+            f"{type(error).__name__}: {first_line}. Replace the operation it names with one ONNX supports, or leave "
+            "that part out of the exported module."
         ) from error
     finally:
         model.train(was_training)
