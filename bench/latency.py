@@ -17,7 +17,6 @@ events and, where TensorRT is installed, the engine built from each file.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import statistics
 import sys
@@ -122,6 +121,7 @@ def cuda_ms(fn, x: Tensor, runs: int, warmup: int = 10) -> float:
 def gpu_table(cases: dict, batches: list[int], runs: int, scratch: Path) -> Table:
     try:
         from lightning_selfcompress.core.tensorrt import Engine, TensorRTUnavailable, build_engine
+
         import_ok = True
     except ImportError:
         import_ok = False

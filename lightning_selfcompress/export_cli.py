@@ -47,7 +47,9 @@ def find_checkpoint(given: str) -> Path:
             raise FileNotFoundError(f"checkpoint={given!r} is a directory without a .ckpt file under it.")
         return found[-1]
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={given!r} does not exist: give a Lightning checkpoint or an lsc-train run directory.")
+        raise FileNotFoundError(
+            f"checkpoint={given!r} does not exist: give a Lightning checkpoint or an lsc-train run directory."
+        )
     return path
 
 
@@ -61,7 +63,9 @@ def run(cfg: DictConfig) -> dict:
     wanted = max(options.calibrate_batches, options.parity_batches)
     batches = [x for x, _ in itertools.islice(datamodule.train_dataloader(), wanted)]
     before, parameters_before, macs_before = layer_shapes(module), parameter_count(module), macs(module, batches[0])
-    with tempfile.TemporaryDirectory() as scratch:  # the network as built, in float32: the size compression started from
+    with (
+        tempfile.TemporaryDirectory() as scratch
+    ):  # the network as built, in float32: the size compression started from
         original = export_onnx(module, batches[0], Path(scratch) / "original.onnx").file_bytes
     load_compressed(module, checkpoint)
     accuracy_batches = None

@@ -72,7 +72,11 @@ class _Reference:
 
 def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Every Conv/Linear layer's (output channels, weights)."""
-    return {n: (m.weight.shape[0], m.weight.numel()) for n, m in model.named_modules() if isinstance(m, (_ConvNd, nn.Linear))}
+    return {
+        n: (m.weight.shape[0], m.weight.numel())
+        for n, m in model.named_modules()
+        if isinstance(m, (_ConvNd, nn.Linear))
+    }
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -188,8 +192,9 @@ def export_and_report(
         "macs_after": macs_after,
         "sparse_24_layers": sparse,
         "layers": _layer_rows(model, before or {}, exported),
-        "ort_cpu_latency_ms": ort_latency_ms(path, tuple(example.shape[1:]), list(options.latency_batches),
-                                             runs=options.latency_runs),  # fmt: skip
+        "ort_cpu_latency_ms": ort_latency_ms(
+            path, tuple(example.shape[1:]), list(options.latency_batches), runs=options.latency_runs
+        ),  # fmt: skip
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(options).items()},
         **(extra or {}),
     }
@@ -217,8 +222,11 @@ def print_export_table(report: dict[str, Any], console: Console | None = None) -
         f"ONNX file {report['file_bytes']:,} bytes vs {report['float_file_bytes']:,} with float32 weights "
         f"({report['file_bytes'] / report['float_file_bytes']:.1%}); parameters {report['parameters_after']:,}/"
         f"{report['parameters_before']:,}"
-        + (f"; the network as built, float32: {report['original_float_file_bytes']:,} bytes"
-           if "original_float_file_bytes" in report else "")
+        + (
+            f"; the network as built, float32: {report['original_float_file_bytes']:,} bytes"
+            if "original_float_file_bytes" in report
+            else ""
+        )
         + (f"; MACs per sample {report['macs_after']:,}/{report['macs_before']:,}" if report["macs_after"] else ""),
         f"Parity with PyTorch (ONNX Runtime, CPU): max abs {parity['max_abs']:.3g}, relative {parity['max_rel']:.3g}"
         + (" (int8 activations)" if report["activation_quantized"] else ""),
@@ -230,7 +238,8 @@ def print_export_table(report: dict[str, Any], console: Console | None = None) -
         lines.append(f"Top-1 on {acc['images']:,} images: PyTorch {acc['pytorch']:.2%}, ONNX {acc['onnx']:.2%}")
     engine = report["engine"]
     lines.append(
-        f"TensorRT engine: {engine['path']}, latency " + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in engine["latency_ms"].items())
+        f"TensorRT engine: {engine['path']}, latency "
+        + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in engine["latency_ms"].items())
         if engine["built"]
         else f"TensorRT engine not built: {engine['reason']}"
     )

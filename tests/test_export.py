@@ -122,7 +122,9 @@ def test_int4_storage_where_every_integer_fits_four_bits(tmp_path):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO])
 def test_thinned_sparse_zoo_runs_in_onnx_runtime_like_pytorch(name, tmp_path):
     make, shape = ZOO[name]
-    if name == "vgg11_bn":  # its adaptive pool to 7x7 exports only where 7 divides the feature map (ONNX has no such op)
+    if (
+        name == "vgg11_bn"
+    ):  # its adaptive pool to 7x7 exports only where 7 divides the feature map (ONNX has no such op)
         shape = (3, 224, 224)
     net = make()
     x = torch.randn(2, *shape)
@@ -150,7 +152,9 @@ def test_activation_quantization_is_calibrated_and_follows_tensorrts_rules(tmp_p
     attach_quantizers(net)
     random_quantizers(net, 6.0, 8.0)
     batches = [torch.randn(8, 3, 8, 8) for _ in range(3)]
-    result = export_onnx(net, batches[0], tmp_path / "net.onnx", calibration=batches, parity_inputs=batches, tolerance=0.05)
+    result = export_onnx(
+        net, batches[0], tmp_path / "net.onnx", calibration=batches, parity_inputs=batches, tolerance=0.05
+    )
     assert len(result.activation_scales) == 3
     assert 0 < result.parity.max_rel <= 0.05, "int8 activations cost a little, within the stated tolerance"
     model = onnx.load(str(tmp_path / "net.onnx"))

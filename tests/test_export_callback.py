@@ -39,12 +39,16 @@ def test_fit_ends_with_an_exact_export_of_the_thinned_sparse_network(tiny_fmnist
     assert report["file_bytes"] < report["float_file_bytes"]
     assert set(report["ort_cpu_latency_ms"]) == {"1", "4"}
     assert report["engine"]["built"] is False and "pip install" in report["engine"]["reason"]
-    sparse = {c.name.removesuffix(".weight_dequantized") for c in check_path(tmp_path / "out" / "model.onnx") if c.sparse}
+    sparse = {
+        c.name.removesuffix(".weight_dequantized") for c in check_path(tmp_path / "out" / "model.onnx") if c.sparse
+    }
     assert sparse == set(report["sparse_24_layers"]) and sparse, "the 2:4 layers stay 2:4 in the file"
     x, _ = next(iter(tiny_fmnist.test_dataloader()))
     session = onnx_session(tmp_path / "out" / "model.onnx")
     with torch.no_grad():
-        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], module.eval()(x).numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            session.run(None, {"input": x.numpy()})[0], module.eval()(x).numpy(), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_its_own_arguments_are_checked_when_it_is_built(tmp_path):

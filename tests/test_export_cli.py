@@ -15,7 +15,9 @@ from lightning_selfcompress.export_cli import find_checkpoint, find_run_config
 
 def _cli(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
+    )
 
 
 @pytest.mark.slow
@@ -32,7 +34,9 @@ def test_lsc_export_rebuilds_a_trained_run_and_exports_it_exactly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     trained = json.loads((run_dir / "report.json").read_text())
-    assert report["accuracy"]["onnx"] == report["accuracy"]["pytorch"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
+    assert (
+        report["accuracy"]["onnx"] == report["accuracy"]["pytorch"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
+    )
     assert report["parity"]["max_rel"] <= 1e-4 and {r["storage"] for r in report["layers"]} == {"int8"}
     channels = {r["layer"]: r["channels_after"] for r in report["layers"]}
     assert channels == {r["layer"]: r["channels_after"] for r in trained["surgery"]["layers"]}

@@ -66,7 +66,9 @@ class CompressedExport(Callback):
         if not trainer.is_global_zero:
             return
         wanted = max(self.options.calibrate_batches, self.options.parity_batches)
-        batches = [x for x in (_first_tensor(b) for b in itertools.islice(trainer.train_dataloader, wanted)) if x is not None]
+        batches = [
+            x for x in (_first_tensor(b) for b in itertools.islice(trainer.train_dataloader, wanted)) if x is not None
+        ]
         if isinstance(pl_module.example_input_array, Tensor) and not batches:
             batches = [pl_module.example_input_array]
         if not batches:

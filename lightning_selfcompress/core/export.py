@@ -119,7 +119,9 @@ def inference_form(model: nn.Module) -> Iterator[dict[str, np.ndarray]]:
                 module._parameters["weight"] = nn.Parameter(q, requires_grad=False)
                 weights[name] = q.cpu().numpy()
             if isinstance(module, nn.Linear) and module.bias is None:
-                module._parameters["bias"] = nn.Parameter(module.weight.new_zeros(module.weight.shape[0]), requires_grad=False)
+                module._parameters["bias"] = nn.Parameter(
+                    module.weight.new_zeros(module.weight.shape[0]), requires_grad=False
+                )
         yield weights
     finally:
         for module, cls, weight, bias in saved:
@@ -238,7 +240,9 @@ def _rewrite_weights(
         )
         dequantized = f"{name}.weight_dequantized"
         new_nodes.append(
-            helper.make_node("DequantizeLinear", [stored, scale_name, zero_name], [dequantized], name=f"{name}.dequantize", axis=0)
+            helper.make_node(
+                "DequantizeLinear", [stored, scale_name, zero_name], [dequantized], name=f"{name}.dequantize", axis=0
+            )
         )
         for node in matches[name]:
             node.input[1] = dequantized
@@ -294,7 +298,9 @@ def _quantize_activations(model: onnx.ModelProto, batches: Iterable[Tensor]) -> 
         )
         args = [f"act{i}.scale", f"act{i}.zero_point"]
         q = helper.make_node("QuantizeLinear", [t, *args], [f"act{i}.quantized"], name=f"act{i}.quantize")
-        dq = helper.make_node("DequantizeLinear", [f"act{i}.quantized", *args], [f"act{i}.dequantized"], name=f"act{i}.dequantize")
+        dq = helper.make_node(
+            "DequantizeLinear", [f"act{i}.quantized", *args], [f"act{i}.dequantized"], name=f"act{i}.dequantize"
+        )
         for node in consumers:
             if node.input[0] == t:
                 node.input[0] = f"act{i}.dequantized"
@@ -311,7 +317,9 @@ def _atomic_target(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise ExportError(f"Cannot write the ONNX file '{path}': {error}. Choose a directory you can write to.") from error
+        raise ExportError(
+            f"Cannot write the ONNX file '{path}': {error}. Choose a directory you can write to."
+        ) from error
     os.close(fd)
     try:
         yield Path(tmp)

@@ -42,7 +42,9 @@ def check_explicit_quantization(model: onnx.ModelProto | str | os.PathLike) -> i
         if not np.all(np.isfinite(scales) & (scales > 0)):
             problems.append(f"{where}: scales must be positive and finite")
         if zero is None:
-            problems.append(f"{where}: no zero point (the default is uint8; TensorRT needs a signed int8 zero point of 0)")
+            problems.append(
+                f"{where}: no zero point (the default is uint8; TensorRT needs a signed int8 zero point of 0)"
+            )
         elif zero.data_type not in SIGNED or np.any(numpy_helper.to_array(zero).astype(np.int32) != 0):
             problems.append(f"{where}: the zero point must be 0 of a signed type (int8/int4)")
         if scales.size > 1:

@@ -45,7 +45,9 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
 
 
 @torch.no_grad()
-def check_parity(path: str | os.PathLike, model: nn.Module, inputs: Sequence[Tensor], tolerance: float | None) -> Parity:
+def check_parity(
+    path: str | os.PathLike, model: nn.Module, inputs: Sequence[Tensor], tolerance: float | None
+) -> Parity:
     """Run `path` in ONNX Runtime and `model` in eval mode on the same `inputs`; raise past `tolerance` (relative)."""
     session = onnx_session(path)
     name = session.get_inputs()[0].name

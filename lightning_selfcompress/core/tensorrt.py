@@ -140,7 +140,9 @@ class Engine:
         return out
 
     @torch.no_grad()
-    def latency_ms(self, sample_shape: Sequence[int], batch_sizes: Sequence[int], runs: int = 100, warmup: int = 20) -> dict[int, float]:
+    def latency_ms(
+        self, sample_shape: Sequence[int], batch_sizes: Sequence[int], runs: int = 100, warmup: int = 20
+    ) -> dict[int, float]:
         """Median milliseconds per batch, timed with CUDA events, for each batch size."""
         medians = {}
         for batch in batch_sizes:
