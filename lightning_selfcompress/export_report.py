@@ -7,6 +7,7 @@ table. The report holds parameters, weight bits and storage per layer, channels 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,7 @@ def export_and_report(
     `before`, `parameters_before`, `macs_before`: the network before compression (default: as it is now).
     `accuracy_batches`: (images, labels); when given, top-1 accuracy of PyTorch and of the file are compared.
     """
-    path = Path(path)
+    path, start = Path(path), time.perf_counter()
     if not batches:
         raise ValueError("export_and_report needs at least one input batch.")
     example = batches[0]
@@ -201,6 +202,7 @@ def export_and_report(
     if accuracy_batches is not None:
         report["accuracy"] = _accuracy(model.eval(), onnx_session(path), accuracy_batches)
     report["engine"] = _engine(path, model, parity_inputs, options, bool(sparse))
+    report["seconds"] = round(time.perf_counter() - start, 2)  # export, checks, latency, engine: all of it
     write_json(path.with_suffix(".json"), report)
     print_export_table(report, console)
     return report
