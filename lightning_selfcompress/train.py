@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from .callbacks import ChannelSurgeon, SelfCompression, Sparsity24
+from .callbacks import ChannelSurgeon, CompressedExport, SelfCompression, Sparsity24
 from .core.size import float_size_report
 from .models import ImageClassifier
 from .report import print_size_table, write_json
@@ -55,6 +55,15 @@ def _surgery_line(s: dict) -> str:
     )
 
 
+def _export_line(e: dict) -> str:
+    return (
+        f"Export: {e['path']}, {e['file_bytes']:,} bytes ({e['float_file_bytes']:,} with float32 weights), parity "
+        f"{e['parity']['max_rel']:.2g} relative, ONNX Runtime CPU "
+        + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in e["ort_cpu_latency_ms"].items())
+        + ".\n"
+    )
+
+
 def _load_weights(module: ImageClassifier, path: str) -> None:
     """A Lightning checkpoint of the module, or a plain state_dict of its network (torchvision's .pth files)."""
     if not Path(path).is_file():
@@ -89,9 +98,10 @@ def run(cfg: DictConfig) -> dict:
     compression: SelfCompression | None = instantiate(cfg.compression) if cfg.compression else None
     surgeon: ChannelSurgeon | None = instantiate(cfg.surgery) if cfg.get("surgery") else None
     sparsity: Sparsity24 | None = instantiate(cfg.sparsity) if cfg.get("sparsity") else None
+    export: CompressedExport | None = instantiate(cfg.export) if cfg.get("export") else None
     trainer = pl.Trainer(
         **cfg.trainer,
-        callbacks=[c for c in (compression, surgeon, sparsity) if c],
+        callbacks=[c for c in (compression, surgeon, sparsity, export) if c],
         logger=CSVLogger(out_dir, name="csv", version=""),
         default_root_dir=out_dir,
     )
@@ -106,6 +116,7 @@ def run(cfg: DictConfig) -> dict:
         **size.to_dict(),
         "surgery": _surgery_summary(surgeon, module),
         "sparsity": _sparsity_summary(sparsity),
+        "export": export.report if export else None,
         "checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
         "train_steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
@@ -122,6 +133,7 @@ def run(cfg: DictConfig) -> dict:
             f"{size.size_bytes:,} bytes vs {size.float32_bytes:,} float32 bytes, "
             f"{size.channels_alive}/{size.channels} channels alive, {train_seconds:.0f} s of training.\n"
             + (_surgery_line(report["surgery"]) if report["surgery"] else "")
+            + (_export_line(report["export"]) if report["export"] else "")
             + f"Report: {path}"
         )
     return report

@@ -14,12 +14,12 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import requires_fashion_mnist
-from lightning_selfcompress import ChannelSurgeon, SelfCompression, Sparsity24
+from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression, Sparsity24
 from lightning_selfcompress.train import CONFIG_DIR, run
 
 GROUPS = {
     group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
-    for group in ("model", "data", "compression", "surgery", "sparsity")
+    for group in ("model", "data", "compression", "surgery", "sparsity", "export")
 }
 
 
@@ -32,11 +32,17 @@ def compose_job(overrides: list[str]):
         return cfg
 
 
-@pytest.mark.parametrize("model, data, compression, surgery, sparsity", list(itertools.product(*GROUPS.values())))
-def test_every_config_composes_and_instantiates(model, data, compression, surgery, sparsity, tmp_path):
-    required = [f"data.data_dir={tmp_path}"] if data == "imagenet" else []  # read in setup(), not here
-    cfg = compose_job([f"model={model}", f"data={data}", f"compression={compression}", f"surgery={surgery}",
-                       f"sparsity={sparsity}", *required])  # fmt: skip
+CALLBACK_GROUPS = ("compression", "surgery", "sparsity", "export")
+COMBINATIONS = [  # every model with every data set, and every combination of the callbacks' groups
+    *({"model": m, "data": d} for m, d in itertools.product(GROUPS["model"], GROUPS["data"])),
+    *(dict(zip(CALLBACK_GROUPS, c)) for c in itertools.product(*(GROUPS[g] for g in CALLBACK_GROUPS))),
+]
+
+
+@pytest.mark.parametrize("choice", COMBINATIONS, ids=lambda c: "-".join(c.values()))
+def test_every_config_composes_and_instantiates(choice, tmp_path):
+    required = [f"data.data_dir={tmp_path}"] if choice.get("data") == "imagenet" else []  # read in setup(), not here
+    cfg = compose_job([f"{group}={value}" for group, value in choice.items()] + required)
     assert instantiate(cfg.model) is not None and instantiate(cfg.data) is not None
     if cfg.compression:
         assert isinstance(instantiate(cfg.compression), SelfCompression)
@@ -44,6 +50,8 @@ def test_every_config_composes_and_instantiates(model, data, compression, surger
         assert isinstance(instantiate(cfg.surgery), ChannelSurgeon)
     if cfg.sparsity:
         assert isinstance(instantiate(cfg.sparsity), Sparsity24)
+    if cfg.export:
+        assert isinstance(instantiate(cfg.export), CompressedExport)
 
 
 TINY = [
@@ -56,7 +64,8 @@ TINY = [
 @requires_fashion_mnist
 @pytest.mark.parametrize("compression", ["selfcompress", "float"])
 def test_main_job_writes_its_report(tmp_path, compression):
-    cfg = compose_job([*TINY, f"compression={compression}", f"report_path={tmp_path}/report.json"])
+    cfg = compose_job([*TINY, f"compression={compression}", f"report_path={tmp_path}/report.json",
+                       f"export.path={tmp_path}/model.onnx", "export.latency_runs=3"])  # fmt: skip
     report = run(cfg)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["test_accuracy"] == report["test_accuracy"] and 0.5 < report["test_accuracy"] <= 1.0
@@ -69,6 +78,9 @@ def test_main_job_writes_its_report(tmp_path, compression):
     else:
         assert 1 < on_disk["bits_per_weight"] < 8
     assert not list(tmp_path.glob(".report.json.*")), "no temporary file left behind"
+    export = on_disk["export"]
+    assert (tmp_path / "model.onnx").is_file() and export["parity"]["max_rel"] <= 1e-4
+    assert {r["storage"] for r in export["layers"]} == ({"float32"} if compression == "float" else {"int8"})
     surgery = on_disk["surgery"]
     assert surgery["channels_after"] <= surgery["channels_before"] == 8 + 8 + 16 + 16 + 10 and len(surgery["layers"]) == 5
 
@@ -78,12 +90,13 @@ def test_main_job_writes_its_report(tmp_path, compression):
 def test_the_asp_workflow_prunes_a_dense_checkpoint_and_retrains(tmp_path):
     base = [*(o for o in TINY if not o.startswith("surgery.")), "model=resnet9", "model.width=8", "compression=float",
             "surgery=none"]  # fmt: skip
-    dense = run(compose_job([*base, f"report_path={tmp_path}/dense/report.json"]))
+    dense = run(compose_job([*base, f"report_path={tmp_path}/dense/report.json", "export=none"]))
     assert dense["checkpoint"] and dense["sparsity"] is None
     sparse = run(compose_job([*base, "sparsity=asp", f"init_from='{dense['checkpoint']}'",
-                              f"report_path={tmp_path}/asp/report.json"]))  # fmt: skip
+                              f"report_path={tmp_path}/asp/report.json", f"export.path={tmp_path}/asp/model.onnx"]))  # fmt: skip
     assert sparse["sparsity"]["pruned"] and "net.prep.0" in sparse["sparsity"]["dense_layers"]
     assert 0.5 < min(sparse["sparsity"]["kept_magnitude"].values()) < 1.0 and sparse["test_accuracy"] > 0.5
+    assert set(sparse["export"]["sparse_24_layers"]) == set(sparse["sparsity"]["kept_magnitude"]), "2:4 in the ONNX file too"
     with pytest.raises(FileNotFoundError, match="init_from='missing.ckpt' does not exist"):
         run(compose_job([*base, "init_from=missing.ckpt", f"report_path={tmp_path}/x/report.json"]))
 

@@ -1,12 +1,23 @@
 """Plain PyTorch core: no Lightning import, usable from any training loop."""
 
+from .export import ExportError, ExportResult, export_onnx
 from .groups import ChannelGraph, GraphError
+from .onnx_rules import QuantizationRuleError, check_explicit_quantization
+from .parity import Parity, ParityError, check_parity
 from .permute import PermutationReport, permute_for_24
 from .quant import QuantizationConfig, attach_quantizers, quantize, quantized_layers, quantizer_parameters
 from .size import GammaSchedule, SizeModel, SizeReport, float_size_report
 from .surgery import Removal, Surgeon, SurgeryRecord, load_compressed
 
 __all__ = [
+    "ExportError",
+    "ExportResult",
+    "Parity",
+    "ParityError",
+    "QuantizationRuleError",
+    "check_explicit_quantization",
+    "check_parity",
+    "export_onnx",
     "ChannelGraph",
     "GammaSchedule",
     "GraphError",

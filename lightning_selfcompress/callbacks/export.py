@@ -1,0 +1,87 @@
+"""Lightning adapter: at the end of fit, export the compressed model to ONNX (and TensorRT where it exists)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from ..export_report import ExportOptions, export_and_report, layer_shapes, parameter_count
+from .surgeon import ChannelSurgeon, _first_tensor
+
+__all__ = ["CompressedExport"]
+
+
+class CompressedExport(Callback):
+    """Writes `path` (ONNX, each quantized layer's weight as exact int8 behind a DequantizeLinear), `path` with suffix
+    .engine where TensorRT and a GPU exist, and a JSON report beside them, after `trainer.fit`, on rank zero.
+
+    Args:
+        path: the .onnx file to write.
+        int4: store layers whose integers all fit 4 bits as int4 (ONNX opset 21).
+        calibrate_batches: > 0 adds per-tensor int8 activation Q/DQ calibrated on that many training batches.
+        parity_batches: training batches on which ONNX Runtime must match PyTorch.
+        tolerance: the largest relative output error accepted (None: measure only); past it, fit ends in an error.
+        engine: "auto", "always" or "never": build a TensorRT engine.
+        latency_batches: batch sizes at which latency is measured.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        int4: bool = False,
+        calibrate_batches: int = 0,
+        parity_batches: int = 2,
+        tolerance: float | None = 1e-4,
+        engine: str = "auto",
+        fp16: bool = False,
+        latency_batches: Sequence[int] = (1, 64),
+        latency_runs: int = 30,
+    ) -> None:
+        if Path(path).suffix != ".onnx":
+            raise ValueError(f"path={str(path)!r} should end in .onnx (the engine and report are written beside it).")
+        self.path = Path(path)
+        self.options = ExportOptions(int4, calibrate_batches, parity_batches, tolerance, engine, fp16,
+                                     tuple(latency_batches), latency_runs)  # fmt: skip
+        self.before: dict[str, tuple[int, int]] = {}
+        self.parameters_before: int | None = None
+        self.report: dict[str, Any] | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before any surgery of this run (and before a checkpoint's history is replayed, which happens after setup).
+        if not self.before:
+            self.before = layer_shapes(pl_module)
+            self.parameters_before = parameter_count(pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        wanted = max(self.options.calibrate_batches, self.options.parity_batches)
+        batches = [
+            x for x in (_first_tensor(b) for b in itertools.islice(trainer.train_dataloader, wanted)) if x is not None
+        ]
+        if isinstance(pl_module.example_input_array, Tensor) and not batches:
+            batches = [pl_module.example_input_array]
+        if not batches:
+            raise RuntimeError(
+                "CompressedExport needs input batches: the training batches hold no tensor. Set `example_input_array`."
+            )
+        surgeon = next((cb for cb in trainer.callbacks if isinstance(cb, ChannelSurgeon) and cb.surgeon), None)
+        self.report = export_and_report(
+            pl_module,
+            self.path,
+            batches,
+            self.options,
+            before=self.before,
+            parameters_before=self.parameters_before,
+            macs_before=surgeon.original_macs if surgeon else None,
+        )

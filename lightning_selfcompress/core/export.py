@@ -1,0 +1,378 @@
+"""ONNX export of a self-compressed network, with each quantized layer's weight stored as the integers it trained with.
+
+The quantizer computes q = 2^e round(clamp(2^-e w, -2^(b-1), 2^(b-1)-1)) per output channel. The rounded values are
+integers; with b <= 8 they fit int8, so `DequantizeLinear(int8, scale=2^e, zero_point=0, axis=0)` gives back q bit
+for bit (one float32 product, the same one the quantizer computes). How it is built:
+
+1. The legacy TorchScript exporter (`dynamo=False`) writes the network with each quantized layer swapped, for the
+   duration of the export, back to its float class holding the dequantized weight q. BatchNorm is not folded into
+   the preceding convolution (that would scale q off its integer grid).
+2. The graph is rewritten: each Conv/Gemm weight initializer that equals a quantized layer's q (matched by value,
+   the exporter's name preferred) becomes an int8 (or int4) initializer behind a per-output-channel
+   DequantizeLinear. Bias stays float.
+
+A layer whose integers do not all fit int8 (a channel above 8 bits) stays float32 as a whole, holding q exactly, and
+is reported so; so does a layer whose scale 2^e is not a positive normal float32. Optional: int4 storage (opset 21)
+for layers whose integers all fit [-8, 7], and per-tensor int8 activation Q/DQ on each quantized layer's input,
+calibrated on a few batches (max |x| / 127), so that TensorRT can pick INT8 kernels.
+
+The file is written to a temporary name, checked (onnx.checker, TensorRT's explicit-quantization rules, parity with
+PyTorch in ONNX Runtime) and only then renamed into place: a failed export leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import Tensor, nn
+
+from .onnx_rules import check_explicit_quantization
+from .parity import Parity, check_parity
+from .quant import QUANTIZED_CLASS, quantized_layers
+
+__all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights"]
+
+FLOAT_CLASS = {quantized: plain for plain, quantized in QUANTIZED_CLASS.items()}
+INT_RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
+NUMPY_TYPE = {"int8": np.int8, "int4": ml_dtypes.int4}  # onnx packs int4 two to a byte
+WEIGHT_OPS = ("Conv", "Gemm")
+OPSET = 20  # the legacy exporter's highest; int4 storage converts the file to 21
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the file could not be written."""
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    name: str
+    storage: str  # "int8", "int4" or "float"
+    channels: int
+    weights: int
+    max_bits: float  # the largest bit depth of an alive channel (0 when all are dead)
+    reason: str | None = None  # why a quantized layer stays float
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    layers: list[LayerExport]
+    file_bytes: int
+    float_file_bytes: int  # the same network exported with float32 weights
+    parity: Parity | None
+    activation_scales: dict[str, float] = field(default_factory=dict)  # tensor -> per-tensor scale, when calibrated
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "file_bytes": self.file_bytes,
+            "float_file_bytes": self.float_file_bytes,
+            "parity": asdict(self.parity) if self.parity else None,
+            "activation_quantized": bool(self.activation_scales),
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+@torch.no_grad()
+def integer_weights(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """(integers, scale): the quantized layer's rounded values (a float tensor of whole numbers, dead channels 0) and
+    2^e per output channel (float32), so that integers * scale equals the quantized weight exactly."""
+    quantizer = module.weight_quantizer
+    weight = module.weight.detach().float()
+    bits, exponent = quantizer.bits.detach().float(), quantizer.exponent.detach().float()
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    high = torch.exp2(bits.relu() - 1).view(shape)
+    scaled = weight * torch.exp2(-exponent).view(shape)  # the same float32 operations as the quantizer's forward
+    integers = torch.clamp(scaled, -high, high - 1).round() * (bits > 0).view(shape)
+    return integers, torch.exp2(exponent)
+
+
+@contextlib.contextmanager
+def inference_form(model: nn.Module) -> Iterator[dict[str, np.ndarray]]:
+    """For the duration, every quantized layer is its float class holding its quantized weight (yielded by name), and
+    every Linear without a bias has a zero bias, so that it exports as Gemm(transB=1) with its [out, in] weight
+    rather than as x @ W^T with a transposed copy."""
+    layers = quantized_layers(model)
+    saved = []  # (module, class, weight, bias)
+    weights = {}
+    try:
+        for name, module in model.named_modules():
+            if name not in layers and not (isinstance(module, nn.Linear) and module.bias is None):
+                continue
+            saved.append((module, module.__class__, module._parameters["weight"], module._parameters.get("bias")))
+            if name in layers:
+                with torch.no_grad():
+                    q = module.weight_quantizer(module.weight).detach().float()
+                module.__class__ = FLOAT_CLASS[module.__class__]
+                module._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+                weights[name] = q.cpu().numpy()
+            if isinstance(module, nn.Linear) and module.bias is None:
+                module._parameters["bias"] = nn.Parameter(
+                    module.weight.new_zeros(module.weight.shape[0]), requires_grad=False
+                )
+        yield weights
+    finally:
+        for module, cls, weight, bias in saved:
+            module.__class__ = cls
+            module._parameters["weight"] = weight
+            module._parameters["bias"] = bias
+
+
+def _check_model(model: nn.Module) -> None:
+    odd = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if odd:
+        raise ExportError(f"{type(model).__name__} has {odd} parameters; export a float32 model (call model.float()).")
+
+
+def _export_float(model: nn.Module, example: Tensor, path: Path) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                training=torch.onnx.TrainingMode.PRESERVE,  # EVAL would fold BatchNorm into the convolution's weight
+            )
+    except Exception as error:
+        first_line = next(iter(str(error).splitlines()), "")  # the rest is the exporter's dump of the whole graph
+        raise ExportError(
+            f"torch.onnx.export (TorchScript exporter) could not export {type(model).__name__}: "
+            f"{type(error).__name__}: {first_line}. Replace the operation it names with one ONNX supports, or leave "
+            "that part out of the exported module."
+        ) from error
+    finally:
+        model.train(was_training)
+
+
+def _weight_initializer(node: onnx.NodeProto, initializers: dict) -> str | None:
+    """The name of the node's weight initializer as [out, in, *kernel], or None (a computed or transposed weight)."""
+    if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or node.input[1] not in initializers:
+        return None
+    if node.op_type == "Gemm" and not next((a.i for a in node.attribute if a.name == "transB"), 0):
+        return None  # x @ W with W as [in, out]: per-output-channel would be axis 1, which we do not write
+    return node.input[1]
+
+
+def _match_layers(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, list[onnx.NodeProto]]:
+    """Quantized layer -> the Conv/Gemm nodes whose weight initializer equals its quantized weight, bit for bit.
+
+    The exporter's name (`<layer>.weight`) is preferred; otherwise the value decides (the exporter may rename, and
+    dedups equal initializers). Two layers with identical weights are interchangeable here: either's integers and
+    scales dequantize to the same floats.
+    """
+    initializers = {i.name: i for i in model.graph.initializer}
+    arrays: dict[str, np.ndarray] = {}
+    matches: dict[str, list[onnx.NodeProto]] = {name: [] for name in weights}
+    for node in model.graph.node:
+        init = _weight_initializer(node, initializers)
+        if init is None:
+            continue
+        array = arrays.setdefault(init, numpy_helper.to_array(initializers[init]))
+        same = [n for n, w in weights.items() if w.shape == array.shape and np.array_equal(w, array)]
+        if not same:
+            continue
+        named = [n for n in same if f"{n}.weight" == init]
+        unclaimed = [n for n in same if not matches[n]]
+        matches[(named or unclaimed or same)[0]].append(node)
+    return matches
+
+
+def _storage(integers: Tensor, scale: Tensor, bits: Tensor, int4: bool) -> tuple[str, str | None]:
+    alive = bits > 0
+    live_scale = scale[alive]
+    if not bool(torch.all(torch.isfinite(live_scale) & (live_scale >= torch.finfo(torch.float32).tiny))):
+        return "float", "a scale 2^e is not a positive normal float32"
+    lo, hi = float(integers.min()), float(integers.max())
+    for storage in ("int4", "int8") if int4 else ("int8",):
+        if INT_RANGES[storage][0] <= lo and hi <= INT_RANGES[storage][1]:
+            return storage, None
+    wide = int(((integers.flatten(1).amin(1) < -128) | (integers.flatten(1).amax(1) > 127)).sum())
+    return "float", f"{wide} channel(s) need more than 8 bits: the whole layer stays float32 (exact)"
+
+
+def _rewrite_weights(
+    model: onnx.ModelProto, layers: dict[str, nn.Module], weights: dict[str, np.ndarray], int4: bool
+) -> list[LayerExport]:
+    graph = model.graph
+    matches = _match_layers(model, weights)
+    new_nodes, reports = [], []
+    for name, module in layers.items():
+        integers, scale = integer_weights(module)
+        bits = module.weight_quantizer.bits.detach().float().cpu()
+        integers, scale = integers.cpu(), scale.cpu()
+        alive_bits = bits[bits > 0]
+        max_bits = float(alive_bits.max()) if alive_bits.numel() else 0.0
+        storage, reason = _storage(integers, scale, bits, int4)
+        if not matches[name]:
+            storage, reason = "float", "its weight is not a Conv/Gemm weight initializer of the ONNX graph"
+        reports.append(LayerExport(name, storage, int(integers.shape[0]), integers.numel(), max_bits, reason))
+        if storage == "float":
+            continue
+        scale = torch.where(bits > 0, scale, torch.ones_like(scale))  # a dead channel's integers are 0: any scale
+        stored, scale_name, zero_name = f"{name}.weight_{storage}", f"{name}.weight_scale", f"{name}.weight_zero_point"
+        as_type = NUMPY_TYPE[storage]
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(integers.numpy().astype(np.int8).astype(as_type), stored),
+                numpy_helper.from_array(scale.numpy().astype(np.float32), scale_name),
+                numpy_helper.from_array(np.zeros(integers.shape[0], as_type), zero_name),
+            ]
+        )
+        dequantized = f"{name}.weight_dequantized"
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear", [stored, scale_name, zero_name], [dequantized], name=f"{name}.dequantize", axis=0
+            )
+        )
+        for node in matches[name]:
+            node.input[1] = dequantized
+    nodes = new_nodes + list(graph.node)  # their inputs are initializers: first is a valid topological order
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+    return reports
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for node in graph.node for i in node.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[Tensor]) -> dict[str, float]:
+    """max |x| of each named tensor over the calibration batches, run in ONNX Runtime."""
+    import onnxruntime
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    absmax = dict.fromkeys(tensors, 0.0)
+    seen = 0
+    for batch in batches:
+        outputs = session.run(None, {"input": batch.detach().float().cpu().numpy()})
+        for t, value in zip(tensors, outputs):
+            absmax[t] = max(absmax[t], float(np.abs(value).max(initial=0.0)))
+        seen += 1
+    if not seen:
+        raise ValueError("activation quantization needs at least one calibration batch; none was given.")
+    return absmax
+
+
+def _quantize_activations(model: onnx.ModelProto, batches: Iterable[Tensor]) -> dict[str, float]:
+    """Per-tensor symmetric int8 Q/DQ on the input of every node whose weight is dequantized; returns the scales."""
+    graph = model.graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    consumers = [n for n in graph.node if n.op_type in WEIGHT_OPS and n.input[1] in dequantized]
+    tensors = list(dict.fromkeys(n.input[0] for n in consumers))
+    absmax = _calibrate(model, tensors, batches)
+    scales = {t: max(absmax[t], 1e-12) / 127.0 for t in tensors}
+    for i, t in enumerate(tensors):
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(scales[t], np.float32), f"act{i}.scale"),
+                numpy_helper.from_array(np.array(0, np.int8), f"act{i}.zero_point"),
+            ]
+        )
+        args = [f"act{i}.scale", f"act{i}.zero_point"]
+        q = helper.make_node("QuantizeLinear", [t, *args], [f"act{i}.quantized"], name=f"act{i}.quantize")
+        dq = helper.make_node(
+            "DequantizeLinear", [f"act{i}.quantized", *args], [f"act{i}.dequantized"], name=f"act{i}.dequantize"
+        )
+        for node in consumers:
+            if node.input[0] == t:
+                node.input[0] = f"act{i}.dequantized"
+        position = next(k for k, node in enumerate(graph.node) if node.input and node.input[0] == f"act{i}.dequantized")
+        graph.node.insert(position, dq)
+        graph.node.insert(position, q)
+    return scales
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path`, renamed onto it when the block succeeds and removed when it fails."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise ExportError(
+            f"Cannot write the ONNX file '{path}': {error}. Choose a directory you can write to."
+        ) from error
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: Tensor,
+    path: str | os.PathLike,
+    *,
+    int4: bool = False,
+    calibration: Sequence[Tensor] | None = None,
+    parity_inputs: Sequence[Tensor] | None = None,
+    tolerance: float | None = 1e-4,
+    float_path: str | os.PathLike | None = None,
+) -> ExportResult:
+    """Export `model` (thinned and quantized, or plain float) to ONNX at `path`.
+
+    Args:
+        example_input: one input batch; the batch dimension is dynamic in the file.
+        int4: store layers whose integers all fit [-8, 7] as int4 (opset 21); the others as int8.
+        calibration: input batches; when given, each quantized layer's input gets a per-tensor int8 Q/DQ pair.
+        parity_inputs: batches on which ONNX Runtime and PyTorch are compared (default: `example_input`).
+        tolerance: the largest relative error (max |ort - torch| / max |torch|) accepted; None: measure, never fail.
+        float_path: where to keep the same network exported with float32 weights (for comparisons); default: not kept.
+    """
+    path, keep_float = Path(path), float_path
+    _check_model(model)
+    if tolerance is not None and not tolerance > 0:
+        raise ValueError(f"tolerance={tolerance} must be > 0 (or None to measure without a limit).")
+    layers = quantized_layers(model)
+    example = example_input.detach().to(next(model.parameters(), example_input).device)
+    with _atomic_target(path) as tmp, tempfile.TemporaryDirectory() as scratch:
+        float_path = Path(scratch) / "float.onnx"
+        with inference_form(model) as weights:
+            _export_float(model, example, float_path)
+        float_bytes = float_path.stat().st_size
+        if keep_float is not None:
+            shutil.copyfile(float_path, keep_float)
+        onnx_model = onnx.load(str(float_path))
+        reports = _rewrite_weights(onnx_model, layers, weights, int4)
+        if int4 and any(r.storage == "int4" for r in reports):
+            onnx_model = onnx.version_converter.convert_version(onnx_model, 21)
+            del onnx_model.graph.value_info[:]  # shapes the converter inferred: optional, and not free
+        scales = _quantize_activations(onnx_model, calibration) if calibration is not None else {}
+        onnx.checker.check_model(onnx_model, full_check=True)
+        check_explicit_quantization(onnx_model)
+        onnx.save(onnx_model, str(tmp))
+        inputs = list(parity_inputs) if parity_inputs is not None else [example]
+        parity = check_parity(tmp, model, inputs, tolerance)
+        file_bytes = tmp.stat().st_size
+    return ExportResult(path, reports, file_bytes, float_bytes, parity, scales)

@@ -1,0 +1,161 @@
+"""A TensorRT engine from the exported ONNX file: build, save, run, time. Needs `tensorrt` (10 or 11) and a CUDA GPU.
+
+The network is strongly typed (TensorRT 10's STRONGLY_TYPED flag; TensorRT 11 is always so), so INT8/INT4 come only
+from the file's explicit Q/DQ nodes, exactly where the export put them. `SPARSE_WEIGHTS` lets TensorRT use sparse
+tensor cores for weights that are 2:4 along its axis. FP16 needs the weakly typed network of TensorRT 10 (a strongly
+typed network takes its types from the file, which is float32). Buffers are torch CUDA tensors, timings CUDA events.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["Engine", "EngineBuildError", "TensorRTUnavailable", "build_engine", "import_tensorrt"]
+
+INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt"
+
+
+class TensorRTUnavailable(ImportError):
+    """`tensorrt` is not installed, or there is no CUDA GPU to build for."""
+
+
+class EngineBuildError(RuntimeError):
+    """TensorRT parsed or built nothing; the message carries its own errors."""
+
+
+def import_tensorrt():
+    """The `tensorrt` module, or a clear error saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError as error:
+        raise TensorRTUnavailable(
+            f"TensorRT is not installed ({error}). Its wheels come from NVIDIA's package index: `{INSTALL}` "
+            "(or `pip install 'lightning_selfcompress[tensorrt]' --extra-index-url https://pypi.nvidia.com`)."
+        ) from error
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable("TensorRT needs a CUDA GPU, and torch sees none.")
+    return tensorrt
+
+
+def _logger(trt):
+    class Collect(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg) -> None:
+            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
+                self.errors.append(msg)
+
+    return Collect()
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    *,
+    max_batch: int = 64,
+    sparse_weights: bool = False,
+    fp16: bool = False,
+    workspace_bytes: int = 1 << 30,
+) -> Path:
+    """Build a serialized engine for batches 1..`max_batch` from `onnx_path`; written atomically to `engine_path`."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch={max_batch} must be >= 1.")
+    trt = import_tensorrt()
+    major = int(trt.__version__.split(".")[0])
+    if fp16 and major >= 11:
+        raise ValueError("fp16=True needs TensorRT 10's weakly typed networks; TensorRT 11 takes types from the file.")
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    flags = 0 if fp16 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"TensorRT could not parse '{onnx_path}': " + "; ".join(errors or logger.errors))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        sample = tuple(tensor.shape)[1:]
+        profile.set_shape(tensor.name, (1, *sample), (max_batch, *sample), (max_batch, *sample))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT could not build an engine from '{onnx_path}': " + "; ".join(logger.errors))
+    engine_path = Path(engine_path)
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{engine_path.name}.", dir=engine_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(serialized))
+        os.replace(tmp, engine_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return engine_path
+
+
+class Engine:
+    """A deserialized engine with one input and one output, run on torch CUDA tensors."""
+
+    def __init__(self, engine_path: str | os.PathLike) -> None:
+        trt = import_tensorrt()
+        self._trt = trt
+        self._logger = _logger(trt)
+        runtime = trt.Runtime(self._logger)
+        self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise EngineBuildError(f"TensorRT could not load '{engine_path}': " + "; ".join(self._logger.errors))
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(f"Engine has inputs {inputs} and outputs {outputs}; one of each is supported.")
+        (self.input,), (self.output,) = inputs, outputs
+
+    def __call__(self, x: Tensor, stream: torch.cuda.Stream | None = None) -> Tensor:
+        x = x.detach().float().cuda().contiguous()
+        self.context.set_input_shape(self.input, tuple(x.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device=x.device, dtype=torch.float32)
+        self.context.set_tensor_address(self.input, x.data_ptr())
+        self.context.set_tensor_address(self.output, out.data_ptr())
+        stream = stream or torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT's execute_async_v3 failed: " + "; ".join(self._logger.errors))
+        return out
+
+    @torch.no_grad()
+    def latency_ms(
+        self, sample_shape: Sequence[int], batch_sizes: Sequence[int], runs: int = 100, warmup: int = 20
+    ) -> dict[int, float]:
+        """Median milliseconds per batch, timed with CUDA events, for each batch size."""
+        medians = {}
+        for batch in batch_sizes:
+            x = torch.randn(batch, *sample_shape, device="cuda")
+            for _ in range(warmup):
+                self(x)
+            times = []
+            for _ in range(runs):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self(x)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            medians[batch] = statistics.median(times)
+        return medians

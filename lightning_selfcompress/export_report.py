@@ -1,0 +1,248 @@
+"""Export a trained model and report what was gained: shared by the `CompressedExport` callback and `lsc-export`.
+
+Writes `<name>.onnx`, the TensorRT engine `<name>.engine` where TensorRT and a GPU exist, and `<name>.json`; prints a
+table. The report holds parameters, weight bits and storage per layer, channels per layer before/after, file sizes
+(the file vs the same network exported with float32 weights), multiply-accumulates, parity errors and latency.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from .check24 import check_onnx
+from .core.export import export_onnx
+from .core.groups import ChannelGraph, GraphError
+from .core.latency import ort_latency_ms
+from .core.parity import onnx_session
+from .core.quant import quantized_layers
+from .core.tensorrt import Engine, TensorRTUnavailable, build_engine
+from .report import write_json
+
+__all__ = ["ExportOptions", "export_and_report", "layer_shapes", "parameter_count"]
+
+ENGINE_CHOICES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export. `engine`: "auto" builds a TensorRT engine where TensorRT and a GPU exist, "always" fails where
+    they do not, "never" skips it. `calibrate_batches` > 0 adds int8 activation Q/DQ calibrated on that many batches."""
+
+    int4: bool = False
+    calibrate_batches: int = 0
+    parity_batches: int = 2
+    tolerance: float | None = 1e-4
+    engine: str = "auto"
+    fp16: bool = False
+    latency_batches: Sequence[int] = (1, 64)
+    latency_runs: int = 30
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINE_CHOICES:
+            raise ValueError(f"engine={self.engine!r} is not one of {list(ENGINE_CHOICES)}.")
+        if self.calibrate_batches < 0 or self.parity_batches < 1:
+            raise ValueError(
+                f"calibrate_batches={self.calibrate_batches} must be >= 0 and parity_batches={self.parity_batches} >= 1."
+            )
+        if not self.latency_batches or any(int(b) < 1 for b in self.latency_batches):
+            raise ValueError(f"latency_batches={list(self.latency_batches)} must be batch sizes >= 1 (at least one).")
+        if self.latency_runs < 1:
+            raise ValueError(f"latency_runs={self.latency_runs} must be >= 1.")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ValueError(f"tolerance={self.tolerance} must be > 0, or None to measure without a limit.")
+
+
+@dataclass
+class _Reference:
+    """The model as it was before compression removed anything: per layer (output channels, weights), and totals."""
+
+    layers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    parameters: int | None = None
+    macs: int | None = None
+
+
+def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every Conv/Linear layer's (output channels, weights)."""
+    return {
+        n: (m.weight.shape[0], m.weight.numel())
+        for n, m in model.named_modules()
+        if isinstance(m, (_ConvNd, nn.Linear))
+    }
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of the network itself, without the quantizers' b and e."""
+    return sum(p.numel() for n, p in model.named_parameters() if ".weight_quantizer." not in f".{n}")
+
+
+def macs(model: nn.Module, example: Tensor) -> int | None:
+    """Multiply-accumulates per sample, from the channel graph; None where the model does not trace."""
+    try:
+        return ChannelGraph(model, example[:1]).macs()
+    except GraphError:
+        return None
+
+
+def _layer_name(weight: str) -> str:
+    """The layer a weight tensor of the file belongs to: `<layer>.weight_dequantized` or `<layer>.weight`."""
+    return weight.removesuffix("_dequantized").removesuffix(".weight")
+
+
+def _layer_rows(model: nn.Module, before: dict[str, tuple[int, int]], exported: dict[str, Any]) -> list[dict]:
+    rows = []
+    quantized = quantized_layers(model)
+    for name, (channels, weights) in layer_shapes(model).items():
+        row = {
+            "layer": name,
+            "channels_before": before.get(name, (channels, weights))[0],
+            "channels_after": channels,
+            "weights_before": before.get(name, (channels, weights))[1],
+            "weights_after": weights,
+            "storage": "float32",
+            "mean_bits": 32.0,
+            "max_bits": 32.0,
+        }
+        if name in quantized:
+            bits = quantized[name].weight_quantizer.bits.detach().float().relu()
+            layer = exported[name]
+            row.update(storage=layer.storage, mean_bits=round(float(bits.mean()), 3), max_bits=round(layer.max_bits, 3))
+            if layer.reason:
+                row["reason"] = layer.reason
+        rows.append(row)
+    return rows
+
+
+def _accuracy(model: nn.Module, session, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    name = session.get_inputs()[0].name
+    device = next(model.parameters()).device
+    right_torch = right_onnx = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            right_torch += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+            right_onnx += int((torch.from_numpy(session.run(None, {name: x.numpy()})[0]).argmax(1) == y).sum())
+            total += len(y)
+    return {"pytorch": right_torch / total, "onnx": right_onnx / total, "images": total}
+
+
+def _engine(onnx_path: Path, model: nn.Module, inputs: list[Tensor], options: ExportOptions, sparse: bool) -> dict:
+    if options.engine == "never":
+        return {"built": False, "reason": "engine=never"}
+    try:
+        path = build_engine(onnx_path, onnx_path.with_suffix(".engine"), max_batch=max(options.latency_batches),
+                            sparse_weights=sparse, fp16=options.fp16)  # fmt: skip
+    except TensorRTUnavailable as error:
+        if options.engine == "always":
+            raise
+        return {"built": False, "reason": str(error)}
+    engine = Engine(path)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        errors = [float((engine(x.cuda()).cpu() - model(x.to(device)).float().cpu()).abs().max()) for x in inputs]
+    latency = engine.latency_ms(tuple(inputs[0].shape[1:]), list(options.latency_batches), runs=options.latency_runs)
+    return {"built": True, "path": str(path), "bytes": path.stat().st_size, "sparse_weights": sparse,
+            "max_abs_error": max(errors), "latency_ms": latency}  # fmt: skip
+
+
+def export_and_report(
+    model: nn.Module,
+    path: str | Path,
+    batches: Sequence[Tensor],
+    options: ExportOptions = ExportOptions(),
+    *,
+    before: dict[str, tuple[int, int]] | None = None,
+    parameters_before: int | None = None,
+    macs_before: int | None = None,
+    accuracy_batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+    extra: dict[str, Any] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Export `model` to `path` (.onnx), build the engine if asked and possible, write `path` with suffix .json.
+
+    `batches`: real input batches (the first is the export's example; calibration and parity use the first few).
+    `before`, `parameters_before`, `macs_before`: the network before compression (default: as it is now).
+    `accuracy_batches`: (images, labels); when given, top-1 accuracy of PyTorch and of the file are compared.
+    """
+    path, start = Path(path), time.perf_counter()
+    if not batches:
+        raise ValueError("export_and_report needs at least one input batch.")
+    example = batches[0]
+    calibration = list(batches[: options.calibrate_batches]) or None
+    parity_inputs = list(batches[: options.parity_batches])
+    if options.calibrate_batches > len(batches):
+        raise ValueError(f"calibrate_batches={options.calibrate_batches} but only {len(batches)} batches were given.")
+    result = export_onnx(model, example, path, int4=options.int4, calibration=calibration,
+                         parity_inputs=parity_inputs, tolerance=options.tolerance)  # fmt: skip
+    sparse = [_layer_name(c.name) for c in check_onnx(path) if c.sparse]
+    exported = {layer.name: layer for layer in result.layers}
+    macs_after = macs(model, example)
+    report: dict[str, Any] = {
+        **result.to_dict(),
+        "parameters_before": parameters_before or parameter_count(model),
+        "parameters_after": parameter_count(model),
+        "macs_before": macs_before or macs_after,
+        "macs_after": macs_after,
+        "sparse_24_layers": sparse,
+        "layers": _layer_rows(model, before or {}, exported),
+        "ort_cpu_latency_ms": ort_latency_ms(
+            path, tuple(example.shape[1:]), list(options.latency_batches), runs=options.latency_runs
+        ),  # fmt: skip
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(options).items()},
+        **(extra or {}),
+    }
+    if accuracy_batches is not None:
+        report["accuracy"] = _accuracy(model.eval(), onnx_session(path), accuracy_batches)
+    report["engine"] = _engine(path, model, parity_inputs, options, bool(sparse))
+    report["seconds"] = round(time.perf_counter() - start, 2)  # export, checks, latency, engine: all of it
+    write_json(path.with_suffix(".json"), report)
+    print_export_table(report, console)
+    return report
+
+
+def print_export_table(report: dict[str, Any], console: Console | None = None) -> None:
+    table = Table(title=f"Export: {report['path']}")
+    for column in ("layer", "channels", "weights", "stored as", "mean bits", "2:4"):
+        table.add_column(column, justify="left" if column in ("layer", "stored as") else "right")
+    sparse = set(report["sparse_24_layers"])
+    for row in report["layers"]:
+        table.add_row(row["layer"], f"{row['channels_after']}/{row['channels_before']}",
+                      f"{row['weights_after']:,}/{row['weights_before']:,}", row["storage"], f"{row['mean_bits']:.2f}",
+                      "yes" if row["layer"] in sparse else "")  # fmt: skip
+    console = console or Console()
+    console.print(table)
+    parity = report["parity"]
+    lines = [
+        f"ONNX file {report['file_bytes']:,} bytes vs {report['float_file_bytes']:,} with float32 weights "
+        f"({report['file_bytes'] / report['float_file_bytes']:.1%}); parameters {report['parameters_after']:,}/"
+        f"{report['parameters_before']:,}"
+        + (
+            f"; the network as built, float32: {report['original_float_file_bytes']:,} bytes"
+            if "original_float_file_bytes" in report
+            else ""
+        )
+        + (f"; MACs per sample {report['macs_after']:,}/{report['macs_before']:,}" if report["macs_after"] else ""),
+        f"Parity with PyTorch (ONNX Runtime, CPU): max abs {parity['max_abs']:.3g}, relative {parity['max_rel']:.3g}"
+        + (" (int8 activations)" if report["activation_quantized"] else ""),
+        "ONNX Runtime CPU latency, median: "
+        + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in report["ort_cpu_latency_ms"].items()),
+    ]
+    if "accuracy" in report:
+        acc = report["accuracy"]
+        lines.append(f"Top-1 on {acc['images']:,} images: PyTorch {acc['pytorch']:.2%}, ONNX {acc['onnx']:.2%}")
+    engine = report["engine"]
+    lines.append(
+        f"TensorRT engine: {engine['path']}, latency "
+        + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in engine["latency_ms"].items())
+        if engine["built"]
+        else f"TensorRT engine not built: {engine['reason']}"
+    )
+    console.print("\n".join(lines), markup=False, highlight=False)

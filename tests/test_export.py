@@ -1,0 +1,263 @@
+"""ONNX export: exact integer weights, parity with PyTorch in ONNX Runtime on the surgery zoo (thinned, 2:4), TensorRT's
+explicit-quantization rules, and clear errors that leave no file behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from lightning_selfcompress.check24 import check_onnx
+from lightning_selfcompress.core.export import ExportError, export_onnx, integer_weights
+from lightning_selfcompress.core.groups import ChannelGraph
+from lightning_selfcompress.core.onnx_rules import QuantizationRuleError, check_explicit_quantization
+from lightning_selfcompress.core.parity import ParityError
+from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
+from lightning_selfcompress.core.sparsity import attach_masks, masked_layers
+from lightning_selfcompress.core.surgery import Surgeon
+from lightning_selfcompress.testing import choose_groups, kill_groups
+
+from surgery_helpers import freeze_statistics
+from test_groups import LARGE, ZOO
+
+
+def dequantized_initializers(path) -> dict[str, np.ndarray]:
+    """Layer name -> what each DequantizeLinear of a weight computes, in numpy float32 (int * scale per channel)."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            ints, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
+            out[node.name.removesuffix(".dequantize")] = ints * scale.reshape((-1,) + (1,) * (ints.ndim - 1))
+    return out
+
+
+def float_weight_of(path, layer: str) -> np.ndarray:
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    return inits[f"{layer}.weight"]
+
+
+class ConvLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 8, 1), nn.Linear(8 * 36, 6, bias=False)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))).flatten(1))
+
+
+def random_quantizers(net: nn.Module, low: float, high: float, seed: int = 0) -> None:
+    """Random real-valued b in [low, high) and e in [-8, -2) per channel: non-integer exponents, dead and wide channels."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in quantized_layers(net).values():
+            q = m.weight_quantizer
+            q.bits.copy_(low + (high - low) * torch.rand(q.bits.shape, generator=g))
+            q.exponent.copy_(-8 + 6 * torch.rand(q.exponent.shape, generator=g))
+
+
+def test_integer_weights_times_scale_are_the_quantized_weights():
+    net = ConvLinear()
+    attach_quantizers(net)
+    random_quantizers(net, -3.0, 14.0)
+    for m in quantized_layers(net).values():
+        ints, scale = integer_weights(m)
+        assert torch.equal(ints, ints.round())
+        q = m.weight_quantizer(m.weight)
+        assert torch.equal(ints * scale.view((-1,) + (1,) * (ints.dim() - 1)), q)
+
+
+def test_initializers_dequantize_exactly_to_the_quantized_weights(tmp_path):
+    net = ConvLinear()
+    attach_quantizers(net)
+    random_quantizers(net, -3.0, 8.0)  # b <= 0 (dead), 0 < b < 1 (values -2^e) and up to 8 bits
+    with torch.no_grad():
+        net.a.weight_quantizer.bits[[0, 3]] = torch.tensor([-1.5, 0.0])
+        net.b.weight_quantizer.bits[2] = 12.0  # one channel above 8 bits ...
+        net.b.weight_quantizer.exponent[2] = -12.0  # ... whose integers reach past 127: that layer stays float
+    x = torch.randn(2, 3, 8, 8)
+    result = export_onnx(net, x, tmp_path / "net.onnx")
+    storage = {layer.name: layer.storage for layer in result.layers}
+    assert storage == {"a": "int8", "b": "float", "c": "int8"}
+    assert "1 channel(s) need more than 8 bits" in next(r.reason for r in result.layers if r.name == "b")
+    weights = dequantized_initializers(tmp_path / "net.onnx")
+    assert set(weights) == {"a", "c"}
+    for name, m in quantized_layers(net).items():
+        expected = m.weight_quantizer(m.weight).detach().numpy()
+        got = weights[name] if name in weights else float_weight_of(tmp_path / "net.onnx", name)
+        assert np.array_equal(got, expected), name  # bit for bit, no tolerance
+    assert not weights["a"][[0, 3]].any(), "dead channels are exact zeros"
+    assert result.parity.max_rel < 1e-6
+    assert check_explicit_quantization(tmp_path / "net.onnx") == 2
+
+
+def test_int4_storage_where_every_integer_fits_four_bits(tmp_path):
+    import onnxruntime
+
+    net = ConvLinear()
+    attach_quantizers(net)
+    random_quantizers(net, -1.0, 4.0)
+    with torch.no_grad():
+        net.c.weight_quantizer.bits[0] = 6.0
+        net.c.weight_quantizer.exponent[0] = -9.0  # integers up to 31: int8
+    x = torch.randn(3, 3, 8, 8)
+    result = export_onnx(net, x, tmp_path / "net.onnx", int4=True)
+    assert {layer.name: layer.storage for layer in result.layers} == {"a": "int4", "b": "int4", "c": "int8"}
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 21
+    assert {i.name: i.data_type for i in model.graph.initializer}["a.weight_int4"] == onnx.TensorProto.INT4
+    weights = dequantized_initializers(tmp_path / "net.onnx")
+    for name, m in quantized_layers(net).items():
+        assert np.array_equal(weights[name], m.weight_quantizer(m.weight).detach().numpy()), name
+    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": x.numpy()})[0]  # ONNX Runtime runs int4 DequantizeLinear on CPU
+    np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert result.file_bytes < export_onnx(net, x, tmp_path / "int8.onnx").file_bytes
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO])
+def test_thinned_sparse_zoo_runs_in_onnx_runtime_like_pytorch(name, tmp_path):
+    make, shape = ZOO[name]
+    if (
+        name == "vgg11_bn"
+    ):  # its adaptive pool to 7x7 exports only where 7 divides the feature map (ONNX has no such op)
+        shape = (3, 224, 224)
+    net = make()
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        net.train()(x)  # running statistics that are not the initial ones
+    freeze_statistics(net)
+    attach_quantizers(net)
+    graph = ChannelGraph(net, x[:2])
+    kill_groups(graph, choose_groups(graph, 0.3, seed=1))
+    surgeon = Surgeon(graph, round_to=4)  # widths stay multiples of 4, so that most layers can hold 2:4
+    assert surgeon.remove(surgeon.find()).weights_removed > 0
+    masked, _ = attach_masks(net)  # 2:4 after the cut
+    random_quantizers(net, 2.0, 8.0)
+    net.eval()
+    result = export_onnx(net, x[:1], tmp_path / f"{name}.onnx", parity_inputs=[x], tolerance=1e-4)
+    assert result.parity.max_rel <= 1e-4
+    assert all(layer.storage == "int8" for layer in result.layers)
+    sparse = {c.name.removesuffix(".weight_dequantized") for c in check_onnx(tmp_path / f"{name}.onnx") if c.sparse}
+    assert set(masked) <= sparse, "every 2:4 layer is 2:4 in the file, along TensorRT's axis"
+    assert set(masked_layers(net)) == set(masked)
+
+
+def test_activation_quantization_is_calibrated_and_follows_tensorrts_rules(tmp_path):
+    net = ConvLinear()
+    attach_quantizers(net)
+    random_quantizers(net, 6.0, 8.0)
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    result = export_onnx(
+        net, batches[0], tmp_path / "net.onnx", calibration=batches, parity_inputs=batches, tolerance=0.05
+    )
+    assert len(result.activation_scales) == 3
+    assert 0 < result.parity.max_rel <= 0.05, "int8 activations cost a little, within the stated tolerance"
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    assert [n.op_type for n in model.graph.node].count("QuantizeLinear") == 3
+    assert check_explicit_quantization(model) == 3 + 2 * 3
+    first = max(float(b.abs().max()) for b in batches)
+    assert result.activation_scales["input"] == pytest.approx(first / 127, rel=1e-6)
+
+
+def test_a_plain_float_model_exports_unchanged(tmp_path):
+    net = ConvLinear().eval()
+    result = export_onnx(net, torch.randn(1, 3, 8, 8), tmp_path / "float.onnx")
+    assert result.layers == [] and result.parity.max_rel < 1e-6
+    assert not any(n.op_type == "DequantizeLinear" for n in onnx.load(str(tmp_path / "float.onnx")).graph.node)
+
+
+# ---- TensorRT's rules ---------------------------------------------------------------------------------------------
+
+
+def _dq_model(scale, zero_point, axis=0, weight=True) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.asarray(scale, np.float32), "s")]
+    inputs = []
+    if weight:
+        inits.append(numpy_helper.from_array(np.ones((2, 3), np.int8), "w"))
+    else:
+        inputs.append(helper.make_tensor_value_info("w", onnx.TensorProto.INT8, [2, 3]))
+    names = ["w", "s"]
+    if zero_point is not None:
+        inits.append(numpy_helper.from_array(np.asarray(zero_point), "z"))
+        names.append("z")
+    node = helper.make_node("DequantizeLinear", names, ["y"], name="dq", axis=axis)
+    out = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])
+    return helper.make_model(helper.make_graph([node], "g", inputs, [out], inits))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (_dq_model([1.0, -1.0], np.zeros(2, np.int8)), "scales must be positive"),
+        (_dq_model([1.0, 1.0], None), "no zero point"),
+        (_dq_model([1.0, 1.0], np.zeros(2, np.uint8)), "zero point must be 0 of a signed type"),
+        (_dq_model([1.0, 1.0], np.array([0, 1], np.int8)), "zero point must be 0"),
+        (_dq_model([1.0, 1.0, 1.0], np.zeros(3, np.int8), axis=1), "axis is 1"),
+        (_dq_model([1.0, 1.0], np.zeros(2, np.int8), weight=False), "only on constant weights"),
+    ],
+    ids=["negative-scale", "no-zero-point", "uint8", "nonzero", "axis-1", "per-channel-activation"],
+)
+def test_the_rule_checker_names_what_tensorrt_would_refuse(model, message):
+    with pytest.raises(QuantizationRuleError, match=message):
+        check_explicit_quantization(model)
+
+
+# ---- errors leave no file ----------------------------------------------------------------------------------------
+
+
+def leftovers(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_a_model_that_does_not_export_is_a_clear_error_and_leaves_no_file(tmp_path):
+    class Bessel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return torch.special.bessel_j0(self.conv(x))
+
+    net = Bessel()
+    attach_quantizers(net)
+    (tmp_path / "net.onnx").write_bytes(b"the previous export")
+    with pytest.raises(ExportError, match=r"could not export Bessel: .*aten::special_bessel_j0"):
+        export_onnx(net, torch.randn(1, 3, 4, 4), tmp_path / "net.onnx")
+    assert leftovers(tmp_path) == ["net.onnx"] and (tmp_path / "net.onnx").read_bytes() == b"the previous export"
+    assert type(net.conv).__name__ == "QuantizedConv2d", "the model is given back as it was"
+
+
+def test_an_output_path_that_cannot_be_written_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ExportError, match="Cannot write the ONNX file .*file/net.onnx"):
+        export_onnx(ConvLinear(), torch.randn(1, 3, 8, 8), tmp_path / "file" / "net.onnx")
+
+
+def test_parity_past_the_tolerance_is_a_clear_error_and_leaves_no_file(tmp_path):
+    net = ConvLinear()
+    attach_quantizers(net)
+    batches = [torch.randn(4, 3, 8, 8)]
+    with pytest.raises(ParityError, match="past the tolerance 1e-06; no file was written"):
+        export_onnx(net, batches[0], tmp_path / "net.onnx", calibration=batches, tolerance=1e-6)
+    assert leftovers(tmp_path) == []
+    with pytest.raises(ExportError, match="float32 model"):
+        export_onnx(ConvLinear().double(), torch.randn(1, 3, 8, 8, dtype=torch.float64), tmp_path / "net.onnx")
+
+
+def test_onnx_runtime_folds_weight_only_dequantization_and_keeps_activation_qdq(tmp_path):
+    from lightning_selfcompress.core.parity import onnx_session
+
+    net = ConvLinear()
+    attach_quantizers(net)
+    x = torch.randn(2, 3, 8, 8)
+    export_onnx(net, x, tmp_path / "weights.onnx")
+    export_onnx(net, x, tmp_path / "activations.onnx", calibration=[x], tolerance=None)
+    config = lambda path: onnx_session(path).get_session_options().get_session_config_entry  # noqa: E731
+    assert config(tmp_path / "weights.onnx")("session.disable_quant_qdq") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # not set: ORT keeps its QDQ handling
+        config(tmp_path / "activations.onnx")("session.disable_quant_qdq")

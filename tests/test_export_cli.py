@@ -1,0 +1,57 @@
+"""lsc-export on a real lsc-train run (both as command lines), and its clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import requires_fashion_mnist
+from lightning_selfcompress.export_cli import find_checkpoint, find_run_config
+
+
+def _cli(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
+    )
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_lsc_export_rebuilds_a_trained_run_and_exports_it_exactly(tmp_path):
+    run_dir = tmp_path / "run"
+    train = _cli("lightning_selfcompress.train", f"hydra.run.dir={run_dir}", "trainer.max_steps=30",
+                 "trainer.val_check_interval=15", "model.width=8", "data.batch_size=64", "+data.limit_train=1024",
+                 "surgery.every_n_steps=10", "export=none", cwd=tmp_path)  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    out = tmp_path / "exported" / "model.onnx"
+    done = _cli("lightning_selfcompress.export_cli", f"checkpoint={run_dir}", f"output={out}", "options.latency_runs=3",
+                "options.latency_batches=[1,8]", f"hydra.run.dir={tmp_path}/export", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    trained = json.loads((run_dir / "report.json").read_text())
+    assert (
+        report["accuracy"]["onnx"] == report["accuracy"]["pytorch"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
+    )
+    assert report["parity"]["max_rel"] <= 1e-4 and {r["storage"] for r in report["layers"]} == {"int8"}
+    channels = {r["layer"]: r["channels_after"] for r in report["layers"]}
+    assert channels == {r["layer"]: r["channels_after"] for r in trained["surgery"]["layers"]}
+    assert report["file_bytes"] < min(report["float_file_bytes"], report["original_float_file_bytes"])
+    assert "TensorRT engine not built" in done.stdout or report["engine"]["built"]
+
+
+def test_a_missing_checkpoint_or_run_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint='nope.ckpt' does not exist"):
+        find_checkpoint("nope.ckpt")
+    with pytest.raises(FileNotFoundError, match="is a directory without a .ckpt file"):
+        find_checkpoint(str(tmp_path))
+    (tmp_path / "a.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="No .hydra/config.yaml above .*Pass run_config="):
+        find_run_config(tmp_path / "a.ckpt", None)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("{}")
+    assert find_run_config(find_checkpoint(str(tmp_path)), None) == (tmp_path / ".hydra" / "config.yaml").resolve()
