@@ -18,10 +18,9 @@ from lightning_selfcompress.core.parity import ParityError
 from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
 from lightning_selfcompress.core.sparsity import attach_masks, masked_layers
 from lightning_selfcompress.core.surgery import Surgeon
-from lightning_selfcompress.testing import choose_groups, kill_groups
+from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups
 
-from surgery_helpers import freeze_statistics
-from test_groups import LARGE, ZOO
+from surgery_helpers import LARGE, ZOO, freeze_statistics
 
 
 def dequantized_initializers(path) -> dict[str, np.ndarray]:
@@ -133,9 +132,14 @@ def test_thinned_sparse_zoo_runs_in_onnx_runtime_like_pytorch(name, tmp_path):
     freeze_statistics(net)
     attach_quantizers(net)
     graph = ChannelGraph(net, x[:2])
-    kill_groups(graph, choose_groups(graph, 0.3, seed=1))
+    killed = choose_groups(graph, 0.3, seed=1)
+    cuts = choose_branch_channels(graph, 0.25, seed=1, spare=killed)  # residual branches re-embed their outputs
+    kill_groups(graph, killed)
+    kill_branch_channels(graph, cuts)
     surgeon = Surgeon(graph, round_to=4)  # widths stay multiples of 4, so that most layers can hold 2:4
-    assert surgeon.remove(surgeon.find()).weights_removed > 0
+    removal = surgeon.find()
+    assert bool(removal.cuts) == bool(graph.branches)
+    assert surgeon.remove(removal).weights_removed > 0
     masked, _ = attach_masks(net)  # 2:4 after the cut
     random_quantizers(net, 2.0, 8.0)
     net.eval()
