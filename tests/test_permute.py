@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_selfcompress import ChannelSurgeon, Sparsity24, load_compressed
+from lightning_selfcompress import ChannelSurgeon, SelfCompression, Sparsity24, load_compressed
 from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.permute import apply_permutations, channel_spaces, permute_for_24
 from lightning_selfcompress.core.quant import attach_quantizers
@@ -138,9 +138,29 @@ def test_the_callback_permutes_before_pruning_and_a_checkpoint_holds_the_result(
     torch.testing.assert_close(resumed_net.eval()(x), live, rtol=0, atol=0)
 
 
-def test_permute_with_a_surgeon_or_a_non_bool_is_a_clear_error(tiny_fmnist, tmp_path):
+def test_a_permutation_before_the_surgeons_first_cut_replays_exactly(tiny_fmnist, tmp_path):
+    """Permute and prune at step 0, let self-compression kill channels and the surgeon cut them: the masked layers
+    stay 2:4 and the checkpoint rebuilds (history replayed onto the permuted weights) to the live model exactly."""
+    net, sparsity = module(), Sparsity24(start_step=0, permute=True)
+    compression = SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3)  # channels die within a few steps
+    surgeon = ChannelSurgeon(every_n_steps=8, constant_pull=0.01, round_to=4)  # widths that can stay 2:4
+    trainer = pl.Trainer(callbacks=[compression, surgeon, sparsity], **trainer_kwargs(tmp_path, max_steps=32))
+    trainer.fit(net, tiny_fmnist)
+    assert sparsity.permutation.swaps > 0 and surgeon.history, "permuted, then cut"
+    masked = {n: m for n, m in masked_layers(net).items() if not m.weight_mask.all()}
+    assert masked and all(is_24(m.weight_mask) and not (m.weight * ~m.weight_mask).any() for m in masked.values())
+    path = tmp_path / "permuted_cut.ckpt"
+    trainer.save_checkpoint(path)
+    x = next(iter(tiny_fmnist.test_dataloader()))[0][:8]
+    torch.testing.assert_close(load_compressed(module(), path)(x), net.eval()(x), rtol=0, atol=0)
+
+
+def test_permute_after_a_cut_or_a_non_bool_is_a_clear_error(tiny_fmnist, tmp_path):
     with pytest.raises(TypeError, match="permute=.yes. must be True or False"):
         Sparsity24(0, permute="yes")
-    trainer = pl.Trainer(callbacks=[ChannelSurgeon(), Sparsity24(0, permute=True)], **trainer_kwargs(tmp_path))
-    with pytest.raises(RuntimeError, match="cannot run beside a ChannelSurgeon.*permute=False"):
+    compression = SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3)
+    callbacks = [compression, ChannelSurgeon(every_n_steps=4, constant_pull=0.01), Sparsity24(24, permute=True)]
+    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=30))
+    with pytest.raises(RuntimeError, match="must prune before the ChannelSurgeon's first cut.*start_step=0"):
         trainer.fit(module(), tiny_fmnist)
+    assert callbacks[1].history, "the surgeon had cut before step 24"

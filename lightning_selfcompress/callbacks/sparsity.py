@@ -42,7 +42,10 @@ class Sparsity24(Callback):
             `sparsity/masks_changed`, the fraction of mask entries the last recompute changed.
         permute: at the prune, first reorder channels (Pool & Yu's channel permutation, with the optimizers'
             state) so that the masks keep more weight magnitude; the network computes the same function. Traced on
-            the first tensor of the batch (or `example_input_array`). Not with a ChannelSurgeon.
+            the first tensor of the batch (or `example_input_array`). Beside a ChannelSurgeon only before its first
+            cut: a permutation keeps every layer's shape and moves channels only among positions that live in the
+            same modules, so the surgeon's traced graph stays true and its history replays onto the permuted
+            checkpoint.
     """
 
     def __init__(
@@ -88,12 +91,6 @@ class Sparsity24(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.permute and any(isinstance(cb, ChannelSurgeon) for cb in trainer.callbacks):
-            raise RuntimeError(
-                "Sparsity24(permute=True) cannot run beside a ChannelSurgeon: the surgeon's graph and its history "
-                "(replayed on resume) name channels by their original positions, which a permutation moves. Use "
-                "permute=False with the surgeon, or permute in a run without it (e.g. prune a dense checkpoint)."
-            )
         # All-ones masks now, before the optimizer is built and before a checkpoint's weights (and masks) load.
         self.layers, self.skipped = eligible_layers(pl_module, self.calculator)
         for module in self.layers.values():
@@ -105,7 +102,7 @@ class Sparsity24(Callback):
         for name, reason in self.skipped.items():
             rank_zero_info(f"Sparsity24: {name} stays dense: {reason}")
         self._enforcers = [MaskEnforcer(opt, self.layers) for opt in trainer.optimizers]
-        self._shapes = {name: m.weight.shape for name, m in self.layers.items()}
+        self._shapes = {}  # every layer is checked at the first batch (see _follow_surgery)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
@@ -141,6 +138,13 @@ class Sparsity24(Callback):
             self.masked_at_step = trainer.global_step
 
     def _permute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        if any(cb.history for cb in trainer.callbacks if isinstance(cb, ChannelSurgeon)):
+            raise RuntimeError(
+                "Sparsity24(permute=True) must prune before the ChannelSurgeon's first cut: the surgeon's history "
+                "names channels by their positions when it traced the model, and a permutation after a cut would "
+                "reorder what that history has already removed around. Prune earlier (start_step=0, or a start_epoch "
+                "before the first surgery), or use permute=False."
+            )
         example = pl_module.example_input_array
         example = example if isinstance(example, torch.Tensor) else _first_tensor(batch)
         if example is None:
@@ -162,22 +166,31 @@ class Sparsity24(Callback):
             rank_zero_info(f"Sparsity24: channels {space} not permuted: {why}")
 
     def _follow_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A surgery sliced a masked layer: keep its mask 2:4 on the new groups of 4, or let it go dense."""
+        """A surgery sliced a masked layer: keep its mask 2:4 on the new groups of 4, or let it go dense. Every layer
+        counts as changed at the start of a fit, so that a checkpoint saved between a surgery and this check (the
+        surgery ran last in its step) resumes to the same masks as the uninterrupted run."""
         changed = [name for name, m in self.layers.items() if m.weight.shape != self._shapes.get(name)]
         if not changed:
             return
-        for name in changed:  # stowed weights of the old shape no longer line up: the kept weights decide alone
-            self._dropped.pop(name, None)
+        for name in changed:  # stowed weights of another shape no longer line up: the kept weights decide alone
+            if name in self._dropped and self._dropped[name].shape != self.layers[name].weight.shape:
+                del self._dropped[name]
         dense = {n: r for n in changed if (r := ineligible_reason(self.layers[n], self.calculator)) is not None}
-        for name in dense:
-            getattr(self.layers[name], MASK).fill_(True)
+        for name, reason in dense.items():
+            mask = getattr(self.layers[name], MASK)
+            if not mask.all():
+                mask.fill_(True)
+                rank_zero_info(f"Sparsity24: {name} goes dense after a surgery: {reason}")
         rederive = [n for n in changed if n not in dense and not is_24(getattr(self.layers[n], MASK))]
         if rederive:
             self.prune(trainer, pl_module, rederive)
-        for name, reason in dense.items():
-            rank_zero_info(f"Sparsity24: {name} goes dense after a surgery: {reason}")
         self.rederived += len(rederive)
         self._shapes = {name: m.weight.shape for name, m in self.layers.items()}
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruned:  # a surgery in the last step: the model leaves fit 2:4 (for export) all the same
+            self._follow_surgery(trainer, pl_module)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
