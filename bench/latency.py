@@ -33,6 +33,7 @@ from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.latency import ort_latency_ms
 from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Surgeon, load_compressed
+from lightning_selfcompress.core.tensorrt import Engine, EngineBuildError, TensorRTUnavailable, build_engine
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 from lightning_selfcompress.testing import choose_groups, kill_groups
 
@@ -75,17 +76,18 @@ def macs(model: nn.Module, x: Tensor) -> int:
     return ChannelGraph(model, x[:1]).macs()
 
 
+def onnx_files(scratch: Path, name: str) -> dict[str, Path]:
+    """The three files of a model: written by `ort_table`, read again by `gpu_table`."""
+    return {key: scratch / f"{name}.{key}.onnx" for key in ("float", "thinned", "exported")}
+
+
 def ort_table(cases: dict, batches: list[int], runs: int, rounds: int, threads: int | None, scratch: Path) -> Table:
     table = Table(title=f"ONNX Runtime CPU, median ms per batch (best of {rounds} rounds of {runs})")
     for column in ("model", "batch", "float, as built", "thinned, float32", "exported (int8 weights)", "speed-up",
                    "MACs ratio", "latency fall / MACs fall"):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, (float_net, compressed, x) in cases.items():
-        files = {
-            "float": scratch / f"{name}.float.onnx",
-            "thinned": scratch / f"{name}.thinned.onnx",
-            "exported": scratch / f"{name}.onnx",
-        }
+        files = onnx_files(scratch, name)
         export_onnx(float_net, x, files["float"])
         export_onnx(compressed, x, files["exported"], float_path=files["thinned"])
         shape = tuple(x.shape[1:])
@@ -119,12 +121,7 @@ def cuda_ms(fn, x: Tensor, runs: int, warmup: int = 10) -> float:
 
 @torch.no_grad()
 def gpu_table(cases: dict, batches: list[int], runs: int, scratch: Path) -> Table:
-    try:
-        from lightning_selfcompress.core.tensorrt import Engine, TensorRTUnavailable, build_engine
-
-        import_ok = True
-    except ImportError:
-        import_ok = False
+    have_tensorrt = True
     table = Table(title=f"CUDA, median ms per batch ({runs} runs, CUDA events)")
     for column in ("model", "batch", "runner", "float", "compressed", "speed-up", "MACs ratio"):
         table.add_column(column, justify="left" if column in ("model", "runner") else "right")
@@ -139,14 +136,18 @@ def gpu_table(cases: dict, batches: list[int], runs: int, scratch: Path) -> Tabl
                     f, c = (cuda_ms(models[k], xb, runs) for k in ("float", "compressed"))
                     table.add_row(name, str(b), runner, f"{f:.3f}", f"{c:.3f}", f"{f / c:.2f}x", f"{ratio:.2f}x")
         float_net.cpu(), compressed.cpu()
-        if not import_ok:
+        if not have_tensorrt:
             continue
+        files = onnx_files(scratch, name)
         try:
-            engines = {k: Engine(build_engine(scratch / f"{name}.{f}.onnx", scratch / f"{name}.{k}.engine",
-                                              max_batch=max(batches))) for k, f in (("float", "float"), ("compressed", "exported"))}  # fmt: skip
+            engines = {k: Engine(build_engine(files[f], scratch / f"{name}.{k}.engine", max_batch=max(batches)))
+                       for k, f in (("float", "float"), ("compressed", "exported"))}  # fmt: skip
         except TensorRTUnavailable as error:
             print(f"TensorRT skipped: {error}", file=sys.stderr)
-            import_ok = False
+            have_tensorrt = False
+            continue
+        except EngineBuildError as error:
+            print(f"TensorRT engine for {name} not built: {error}", file=sys.stderr)
             continue
         latency = {k: e.latency_ms(tuple(x.shape[1:]), batches, runs=runs) for k, e in engines.items()}
         for b in batches:

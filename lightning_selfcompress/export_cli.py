@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .core.export import export_onnx
 from .core.surgery import load_compressed
-from .export_report import ExportOptions, export_and_report, layer_shapes, macs, parameter_count
+from .export_report import ExportOptions, check_output_path, export_and_report, layer_shapes, macs, parameter_count
 from .models import ImageClassifier
 from .train import CONFIG_DIR
 
@@ -54,12 +54,13 @@ def find_checkpoint(given: str) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_output_path(cfg.output)  # before any work
+    options = ExportOptions(**{k: (tuple(v) if k == "latency_batches" else v) for k, v in cfg.options.items()})
     checkpoint = find_checkpoint(cfg.checkpoint)
     run_cfg = OmegaConf.load(find_run_config(checkpoint, cfg.run_config))
     module = ImageClassifier(instantiate(run_cfg.model), **run_cfg.optim)
     datamodule = instantiate(run_cfg.data)
     datamodule.setup("fit")
-    options = ExportOptions(**{k: (tuple(v) if k == "latency_batches" else v) for k, v in cfg.options.items()})
     wanted = max(options.calibrate_batches, options.parity_batches)
     batches = [x for x, _ in itertools.islice(datamodule.train_dataloader(), wanted)]
     before, parameters_before, macs_before = layer_shapes(module), parameter_count(module), macs(module, batches[0])

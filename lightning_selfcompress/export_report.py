@@ -3,6 +3,9 @@
 Writes `<name>.onnx`, the TensorRT engine `<name>.engine` where TensorRT and a GPU exist, and `<name>.json`; prints a
 table. The report holds parameters, weight bits and storage per layer, channels per layer before/after, file sizes
 (the file vs the same network exported with float32 weights), multiply-accumulates, parity errors and latency.
+
+The engine comes last. With engine="auto" an engine that cannot be built is recorded in the report (why); with
+"always" its error ends the call after the ONNX file is written (it passed all its checks) and before the report.
 """
 
 from __future__ import annotations
@@ -23,20 +26,26 @@ from .check24 import check_onnx
 from .core.export import export_onnx
 from .core.groups import ChannelGraph, GraphError
 from .core.latency import ort_latency_ms
-from .core.parity import onnx_session
+from .core.parity import onnx_session, reference_output
 from .core.quant import quantized_layers
-from .core.tensorrt import Engine, TensorRTUnavailable, build_engine
+from .core.tensorrt import Engine, EngineBuildError, TensorRTUnavailable, build_engine
 from .report import write_json
 
-__all__ = ["ExportOptions", "export_and_report", "layer_shapes", "parameter_count"]
+__all__ = ["ExportOptions", "check_output_path", "export_and_report", "layer_shapes", "parameter_count"]
 
 ENGINE_CHOICES = ("auto", "always", "never")
+INT4_NO_ENGINE = (
+    "int4 files are for ONNX Runtime only: TensorRT's INT4 is weight-only and block-wise (blocks of 64 or 128 input "
+    "channels), and this export writes INT4 per output channel"
+)
+CALIBRATED_TOLERANCE = 0.01  # int8 activations change the outputs by about a percent
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """How to export. `engine`: "auto" builds a TensorRT engine where TensorRT and a GPU exist, "always" fails where
-    they do not, "never" skips it. `calibrate_batches` > 0 adds int8 activation Q/DQ calibrated on that many batches."""
+    """How to export. `engine`: "auto" builds a TensorRT engine where it can (else the report says why), "always" fails
+    where it cannot, "never" skips it; int4 files get no engine. `calibrate_batches` > 0 adds int8 activation Q/DQ
+    calibrated on that many batches, which needs a tolerance of at least 0.01 (or None)."""
 
     int4: bool = False
     calibrate_batches: int = 0
@@ -60,6 +69,25 @@ class ExportOptions:
             raise ValueError(f"latency_runs={self.latency_runs} must be >= 1.")
         if self.tolerance is not None and not self.tolerance > 0:
             raise ValueError(f"tolerance={self.tolerance} must be > 0, or None to measure without a limit.")
+        if self.calibrate_batches > 0 and self.tolerance is not None and self.tolerance < CALIBRATED_TOLERANCE:
+            raise ValueError(
+                f"calibrate_batches={self.calibrate_batches} with tolerance={self.tolerance}: int8 activations change "
+                "the outputs by about a percent, so parity would always fail (after training). Set tolerance=null "
+                "(measure only) or e.g. 0.05."
+            )
+        if self.int4 and self.engine == "always":
+            raise ValueError(f"int4=True with engine='always': {INT4_NO_ENGINE}. Use engine='auto' or 'never' with "
+                             "int4, or int4=False for a TensorRT engine.")  # fmt: skip
+
+
+def check_output_path(path: str | Path) -> Path:
+    """`path` as a Path, if it names an .onnx file (the engine and report take its name with .engine and .json)."""
+    if Path(path).suffix != ".onnx":
+        raise ValueError(
+            f"The output {str(path)!r} should end in .onnx: the engine and the report are written beside it with "
+            "the suffixes .engine and .json."
+        )
+    return Path(path)
 
 
 @dataclass
@@ -137,17 +165,18 @@ def _accuracy(model: nn.Module, session, batches: Iterable[tuple[Tensor, Tensor]
 def _engine(onnx_path: Path, model: nn.Module, inputs: list[Tensor], options: ExportOptions, sparse: bool) -> dict:
     if options.engine == "never":
         return {"built": False, "reason": "engine=never"}
+    if options.int4:
+        return {"built": False, "reason": INT4_NO_ENGINE}
+    max_batch = max([*options.latency_batches, *(len(x) for x in inputs)])  # every batch that will run through it
     try:
-        path = build_engine(onnx_path, onnx_path.with_suffix(".engine"), max_batch=max(options.latency_batches),
-                            sparse_weights=sparse, fp16=options.fp16)  # fmt: skip
-    except TensorRTUnavailable as error:
+        path = build_engine(onnx_path, onnx_path.with_suffix(".engine"), max_batch=max_batch, sparse_weights=sparse,
+                            fp16=options.fp16)  # fmt: skip
+        engine = Engine(path)
+    except (TensorRTUnavailable, EngineBuildError, ValueError) as error:  # ValueError: fp16 on TensorRT 11
         if options.engine == "always":
             raise
         return {"built": False, "reason": str(error)}
-    engine = Engine(path)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        errors = [float((engine(x.cuda()).cpu() - model(x.to(device)).float().cpu()).abs().max()) for x in inputs]
+    errors = [float((engine(x).float().cpu() - reference_output(model, x).float().cpu()).abs().max()) for x in inputs]
     latency = engine.latency_ms(tuple(inputs[0].shape[1:]), list(options.latency_batches), runs=options.latency_runs)
     return {"built": True, "path": str(path), "bytes": path.stat().st_size, "sparse_weights": sparse,
             "max_abs_error": max(errors), "latency_ms": latency}  # fmt: skip
@@ -167,12 +196,13 @@ def export_and_report(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Export `model` to `path` (.onnx), build the engine if asked and possible, write `path` with suffix .json.
+    With engine="always", a failed engine build raises after the .onnx file is written and before the report.
 
     `batches`: real input batches (the first is the export's example; calibration and parity use the first few).
     `before`, `parameters_before`, `macs_before`: the network before compression (default: as it is now).
     `accuracy_batches`: (images, labels); when given, top-1 accuracy of PyTorch and of the file are compared.
     """
-    path, start = Path(path), time.perf_counter()
+    path, start = check_output_path(path), time.perf_counter()
     if not batches:
         raise ValueError("export_and_report needs at least one input batch.")
     example = batches[0]

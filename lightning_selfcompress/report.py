@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from .core.atomic import atomic_path
 from .core.size import SizeReport
 
 __all__ = ["print_size_table", "print_surgery_table", "write_json"]
@@ -64,15 +64,6 @@ def print_surgery_table(rows: list[dict[str, Any]], history: list, console: Cons
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write `data` as JSON via a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return Path(path)

@@ -72,10 +72,20 @@ def _load_weights(module: ImageClassifier, path: str) -> None:
             "state_dict (e.g. torchvision's resnet50-0676ba61.pth)."
         )
     state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"init_from={path!r} holds no state_dict: give a Lightning checkpoint or a network's state_dict.")
+    if any(key.endswith((".weight_quantizer.bits", ".weight_mask")) for key in state):
+        raise ValueError(
+            f"init_from={path!r} comes from a compressed or sparse run: start from a dense float one (trained with "
+            "compression=float surgery=none sparsity=none), or continue that run with ckpt_path= instead."
+        )
     if not any(key.startswith("net.") for key in state):
         state = {f"net.{key}": value for key, value in state.items()}
-    module.load_state_dict(state)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"init_from={path!r} does not fit model={type(module.net).__name__} as configured: {error}") from error
 
 
 def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:

@@ -3,6 +3,9 @@ explicit-quantization rules, and clear errors that leave no file behind."""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import onnx
 import pytest
@@ -18,6 +21,7 @@ from lightning_selfcompress.core.parity import ParityError
 from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
 from lightning_selfcompress.core.sparsity import attach_masks, masked_layers
 from lightning_selfcompress.core.surgery import Surgeon
+from lightning_selfcompress.report import write_json
 from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups
 
 from surgery_helpers import LARGE, ZOO, freeze_statistics
@@ -247,8 +251,9 @@ def test_parity_past_the_tolerance_is_a_clear_error_and_leaves_no_file(tmp_path)
     attach_quantizers(net)
     batches = [torch.randn(4, 3, 8, 8)]
     with pytest.raises(ParityError, match="past the tolerance 1e-06; no file was written"):
-        export_onnx(net, batches[0], tmp_path / "net.onnx", calibration=batches, tolerance=1e-6)
-    assert leftovers(tmp_path) == []
+        export_onnx(net, batches[0], tmp_path / "net.onnx", calibration=batches, tolerance=1e-6,
+                    float_path=tmp_path / "net.float.onnx")  # fmt: skip
+    assert leftovers(tmp_path) == [], "neither the file nor its float copy"
     with pytest.raises(ExportError, match="float32 model"):
         export_onnx(ConvLinear().double(), torch.randn(1, 3, 8, 8, dtype=torch.float64), tmp_path / "net.onnx")
 
@@ -265,3 +270,43 @@ def test_onnx_runtime_folds_weight_only_dequantization_and_keeps_activation_qdq(
     assert config(tmp_path / "weights.onnx")("session.disable_quant_qdq") == "1"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # not set: ORT keeps its QDQ handling
         config(tmp_path / "activations.onnx")("session.disable_quant_qdq")
+
+
+def test_calibrating_a_model_without_quantized_layers_is_a_clear_error(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ExportError, match="no quantized layer to calibrate"):
+        export_onnx(ConvLinear(), x, tmp_path / "net.onnx", calibration=[x], tolerance=None)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_a_model_without_one_tensor_output_is_a_clear_error(kind, tmp_path):
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return (y, y.mean()) if kind == "tuple" else {"logits": y}
+
+    net = TwoOutputs()
+    attach_quantizers(net)
+    with pytest.raises(TypeError, match=f"TwoOutputs returns a {kind}; export supports a model with one tensor output"):
+        export_onnx(net, torch.randn(1, 3, 4, 4), tmp_path / "net.onnx")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_written_files_have_the_permissions_the_umask_gives(umask, tmp_path):
+    net = ConvLinear()
+    attach_quantizers(net)
+    old = os.umask(umask)
+    try:
+        export_onnx(net, torch.randn(1, 3, 8, 8), tmp_path / "net.onnx", float_path=tmp_path / "new" / "float.onnx")
+        write_json(tmp_path / "net.json", {"a": 1})
+    finally:
+        os.umask(old)
+    for name in ("net.onnx", "new/float.onnx", "net.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["float.onnx", "net.json", "net.onnx", "new"]

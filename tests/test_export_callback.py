@@ -12,6 +12,8 @@ import torch
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression, Sparsity24
 from lightning_selfcompress.check24 import check_path
 from lightning_selfcompress.core.parity import onnx_session
+from lightning_selfcompress.core.quant import attach_quantizers
+from lightning_selfcompress.export_report import ExportOptions, export_and_report
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier
 
 from conftest import trainer_kwargs
@@ -52,11 +54,41 @@ def test_fit_ends_with_an_exact_export_of_the_thinned_sparse_network(tiny_fmnist
 
 
 def test_its_own_arguments_are_checked_when_it_is_built(tmp_path):
-    with pytest.raises(ValueError, match="should end in .onnx"):
-        CompressedExport(tmp_path / "model.pt")
+    for name in ("model.pt", "model.engine", "model.json"):
+        with pytest.raises(ValueError, match="should end in .onnx: the engine and the report are written beside it"):
+            CompressedExport(tmp_path / name)
+    with pytest.raises(ValueError, match="calibrate_batches=2 with tolerance=0.0001: .*Set tolerance=null"):
+        CompressedExport(tmp_path / "model.onnx", calibrate_batches=2)
+    CompressedExport(tmp_path / "model.onnx", calibrate_batches=2, tolerance=0.05)
+    with pytest.raises(
+        ValueError, match="int4=True with engine='always': .*TensorRT's INT4 is weight-only and block-wise"
+    ):
+        CompressedExport(tmp_path / "model.onnx", int4=True, engine="always")
     with pytest.raises(ValueError, match="engine='sometimes' is not one of"):
         CompressedExport(tmp_path / "model.onnx", engine="sometimes")
     with pytest.raises(ValueError, match="latency_batches=\\[0\\]"):
         CompressedExport(tmp_path / "model.onnx", latency_batches=[0])
     with pytest.raises(ValueError, match="tolerance=0 must be > 0"):
         CompressedExport(tmp_path / "model.onnx", tolerance=0)
+
+
+def small_quantized_net():
+    net = BaselineCNN(1, 10, width=8)
+    attach_quantizers(net)
+    return net.eval()
+
+
+@pytest.mark.parametrize("suffix", [".engine", ".json", ""])
+def test_an_output_that_is_not_an_onnx_file_is_refused_before_anything_is_written(suffix, tmp_path):
+    with pytest.raises(ValueError, match="should end in .onnx"):
+        export_and_report(small_quantized_net(), tmp_path / f"model{suffix}", [torch.randn(2, 1, 28, 28)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_int4_export_is_reported_without_an_engine_and_why(tmp_path):
+    options = ExportOptions(int4=True, latency_batches=(1,), latency_runs=1)
+    report = export_and_report(small_quantized_net(), tmp_path / "model.onnx", [torch.randn(2, 1, 28, 28)], options)
+    on_disk = json.loads((tmp_path / "model.json").read_text())
+    assert on_disk["engine"] == report["engine"] == {"built": False, "reason": report["engine"]["reason"]}
+    assert "for ONNX Runtime only" in report["engine"]["reason"] and "block-wise" in report["engine"]["reason"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.onnx"]

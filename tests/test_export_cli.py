@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import requires_fashion_mnist
-from lightning_selfcompress.export_cli import find_checkpoint, find_run_config
+from lightning_selfcompress.export_cli import find_checkpoint, find_run_config, run
 
 
 def _cli(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -55,3 +56,16 @@ def test_a_missing_checkpoint_or_run_config_is_a_clear_error(tmp_path):
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("{}")
     assert find_run_config(find_checkpoint(str(tmp_path)), None) == (tmp_path / ".hydra" / "config.yaml").resolve()
+
+
+def test_a_wrong_output_or_options_are_refused_before_the_checkpoint_is_read(tmp_path):
+    def cfg(output: str, **options):
+        options = {"int4": False, "calibrate_batches": 0, "tolerance": 1e-4, "engine": "auto", **options}
+        return OmegaConf.create({"checkpoint": "nope.ckpt", "run_config": None, "output": output, "options": options})
+
+    with pytest.raises(ValueError, match="'x.engine' should end in .onnx"):
+        run(cfg("x.engine"))
+    with pytest.raises(ValueError, match="calibrate_batches=4 with tolerance=0.0001"):
+        run(cfg("x.onnx", calibrate_batches=4))
+    with pytest.raises(FileNotFoundError, match="checkpoint='nope.ckpt' does not exist"):
+        run(cfg("x.onnx"))

@@ -171,20 +171,26 @@ def test_a_model_with_no_eligible_layer_names_every_layer_and_why():
 
 
 def test_recompute_puts_the_dropped_weights_back_at_their_stowed_values_and_lets_magnitude_choose_again():
-    from lightning_selfcompress.core.sparsity import recompute_mask
+    from lightning_selfcompress.core.sparsity import recompute_mask, stow_dropped
 
     layer = nn.Linear(8, 1, bias=False)
     layer.register_buffer("weight_mask", torch.ones_like(layer.weight, dtype=torch.bool))
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, -1.0, 0.125, -0.5, 0.375, 0.25]]))
-    dropped = recompute_mask(layer)
+    assert recompute_mask(layer).tolist() == [[0.0, 0.0, 2.0, -1.0, 0.125, 0.0, 0.0, 0.25]], "what it dropped"
     assert layer.weight.tolist() == [[4.0, 3.0, 0.0, 0.0, 0.0, -0.5, 0.375, 0.0]]
-    assert dropped.tolist() == [[0.0, 0.0, 2.0, -1.0, 0.125, 0.0, 0.0, 0.25]]
-    with torch.no_grad():  # training shrinks a kept weight below a dropped one's stowed magnitude
+    with torch.no_grad():  # training shrinks a kept weight below a dropped one's value
         layer.weight[0, 1] = 1.5
-    assert torch.equal(recompute_mask(layer, "1d", None), torch.zeros(1, 8)), "without stowed weights: no change"
-    dropped = recompute_mask(layer, "1d", dropped)
+    assert torch.equal(recompute_mask(layer), torch.zeros(1, 8)), "nothing stowed: the zeros cannot come back"
+
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, -1.0, 0.125, -0.5, 0.375, 0.25]]))
+    stow_dropped(layer)
+    recompute_mask(layer)
+    assert layer.weight_dropped.tolist() == [[0.0, 0.0, 2.0, -1.0, 0.125, 0.0, 0.0, 0.25]], "stowed in the buffer"
+    with torch.no_grad():
+        layer.weight[0, 1] = 1.5
+    recompute_mask(layer)
     assert layer.weight.tolist() == [[4.0, 0.0, 2.0, 0.0, 0.0, -0.5, 0.375, 0.0]], "2.0 came back, 1.5 went"
-    assert dropped.tolist() == [[0.0, 1.5, 0.0, -1.0, 0.125, 0.0, 0.0, 0.25]], "the others stay frozen"
-    with pytest.raises(ValueError, match=r"stowed weights \(1, 4\) do not fit the weight \(1, 8\)"):
-        recompute_mask(layer, "1d", torch.zeros(1, 4))
+    assert layer.weight_dropped.tolist() == [[0.0, 1.5, 0.0, -1.0, 0.125, 0.0, 0.0, 0.25]], "the others stay frozen"
+    assert "weight_dropped" in layer.state_dict(), "checkpoints carry the stowed weights"

@@ -63,16 +63,26 @@ def test_masks_survive_a_checkpoint_and_load_into_a_fresh_model(tiny_fmnist, tmp
     assert all(is_24(m.weight) for m in sparse_layers(loaded).values()) and sparse_layers(loaded)
 
 
-def test_masks_follow_a_surgery_that_removes_input_channels(tiny_fmnist, tmp_path):
+@pytest.mark.parametrize("recompute", [None, 3])
+def test_masks_follow_a_surgery_that_removes_input_channels(tiny_fmnist, tmp_path, recompute):
     net = module("adam")
-    sparsity = Sparsity24(0)
-    callbacks = [SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3), ChannelSurgeon(every_n_steps=4, constant_pull=0.02), sparsity]
+    sparsity = Sparsity24(0, recompute_every_n_steps=recompute)
+    round_to = 4 if recompute else 1  # recompute: widths that stay 2:4, so that some masks live through the cuts
+    surgeon = ChannelSurgeon(every_n_steps=4, constant_pull=0.02, round_to=round_to)
+    callbacks = [SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3), surgeon, sparsity]
     pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=24)).fit(net, tiny_fmnist)
     assert callbacks[1].history, "channels were cut"
     assert sparsity.rederived > 0, "some masks lost their groups of 4 and were derived anew"
     for name, m in masked_layers(net).items():
         assert m.weight_mask.shape == m.weight.shape
         assert is_24(m.weight) or m.weight_mask.all(), name
+    if recompute:  # the stowed weights were sliced with their layers, and only ever sit where a mask drops
+        stowed = {name: m.weight_dropped for name, m in sparsity.layers.items()}
+        assert all(v.shape == sparsity.layers[n].weight.shape for n, v in stowed.items())
+        assert not any((v * sparsity.layers[n].weight_mask).any() for n, v in stowed.items())
+        sparse = [n for n, m in sparsity.layers.items() if not m.weight_mask.all()]
+        assert sparse and all(stowed[n].any() for n in sparse), "still there after the cuts"
+        assert sparsity.recomputed == 7 and sparsity.masks_changed > 0
 
 
 def test_bad_arguments_are_named():
@@ -80,6 +90,8 @@ def test_bad_arguments_are_named():
         Sparsity24(None)
     with pytest.raises(ValueError, match="calculator='3d'"):
         Sparsity24(0, calculator="3d")
+    with pytest.raises(ValueError, match="use calculator='1d' with it"):
+        Sparsity24(0, calculator="2d", permute=True)
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match=f"recompute_every_n_steps={bad!r} must be None .* or an integer >= 1"):
             Sparsity24(0, recompute_every_n_steps=bad)
@@ -149,12 +161,11 @@ class RecomputeWitness(Callback):
         self.sparsity, self.seen, self.checked, self.snapshot, self.restored = sparsity, 0, 0, {}, None
 
     def on_train_start(self, trainer, pl_module):
-        self.restored = {name: value.clone() for name, value in self.sparsity._dropped.items()}
+        self.restored = {name: m.weight_dropped.clone() for name, m in self.sparsity.layers.items()}
         self.seen = self.sparsity.recomputed
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        dropped = self.sparsity._dropped
-        self.snapshot = {n: m.weight.detach() + dropped[n] for n, m in self.sparsity.layers.items() if n in dropped}
+        self.snapshot = {n: m.weight.detach() + m.weight_dropped for n, m in self.sparsity.layers.items()}
 
     def on_train_batch_start(self, trainer, pl_module, *args):
         if self.sparsity.recomputed == self.seen:
@@ -164,7 +175,7 @@ class RecomputeWitness(Callback):
             dense = self.snapshot[name]
             assert torch.equal(m.weight_mask, mask_1d(dense)), name
             assert torch.equal(m.weight, dense * m.weight_mask), name
-            assert torch.equal(self.sparsity._dropped[name], dense * ~m.weight_mask), name
+            assert torch.equal(m.weight_dropped, dense * ~m.weight_mask), name
         self.checked += 1
 
 
@@ -183,6 +194,7 @@ def test_recompute_rederives_every_mask_from_the_kept_and_the_stowed_weights_and
     pl.Trainer(callbacks=[resumed, resumed_witness], **trainer_kwargs(tmp_path, max_steps=7)).fit(
         module("adam", lr=0.05), data, ckpt_path=tmp_path / "recompute.ckpt"
     )
-    assert resumed_witness.restored.keys() == sparsity._dropped.keys()
-    assert all(torch.equal(resumed_witness.restored[n], v) for n, v in sparsity._dropped.items()), "from the checkpoint"
+    stowed = {n: m.weight_dropped for n, m in sparsity.layers.items()}
+    assert resumed_witness.restored.keys() == stowed.keys() and any(v.any() for v in stowed.values())
+    assert all(torch.equal(resumed_witness.restored[n], v) for n, v in stowed.items()), "from the checkpoint"
     assert resumed.recomputed == 3 and resumed_witness.checked == 1 and resumed.masked_at_step == 6

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from ..export_report import ExportOptions, export_and_report, layer_shapes, parameter_count
+from ..export_report import ExportOptions, check_output_path, export_and_report, layer_shapes, parameter_count
 from .surgeon import ChannelSurgeon, _first_tensor
 
 __all__ = ["CompressedExport"]
@@ -24,12 +24,17 @@ class CompressedExport(Callback):
 
     Args:
         path: the .onnx file to write.
-        int4: store layers whose integers all fit 4 bits as int4 (ONNX opset 21).
-        calibrate_batches: > 0 adds per-tensor int8 activation Q/DQ calibrated on that many training batches.
+        int4: store layers whose integers all fit 4 bits as int4 (ONNX opset 21); such files run in ONNX Runtime, not
+            TensorRT (its INT4 is block-wise), so no engine is built.
+        calibrate_batches: > 0 adds per-tensor int8 activation Q/DQ calibrated on that many training batches (needs a
+            tolerance >= 0.01, or None).
         parity_batches: training batches on which ONNX Runtime must match PyTorch.
         tolerance: the largest relative output error accepted (None: measure only); past it, fit ends in an error.
-        engine: "auto", "always" or "never": build a TensorRT engine.
+        engine: "auto" (build a TensorRT engine where possible, else the report says why), "always" (fail where not)
+            or "never".
+        fp16: let TensorRT pick FP16 kernels (TensorRT 10 only: its weakly typed networks).
         latency_batches: batch sizes at which latency is measured.
+        latency_runs: timed runs per batch size (the median is reported).
     """
 
     def __init__(
@@ -45,9 +50,7 @@ class CompressedExport(Callback):
         latency_batches: Sequence[int] = (1, 64),
         latency_runs: int = 30,
     ) -> None:
-        if Path(path).suffix != ".onnx":
-            raise ValueError(f"path={str(path)!r} should end in .onnx (the engine and report are written beside it).")
-        self.path = Path(path)
+        self.path = check_output_path(path)  # here too, so that a wrong name fails before training, not after
         self.options = ExportOptions(int4, calibrate_batches, parity_batches, tolerance, engine, fp16,
                                      tuple(latency_batches), latency_runs)  # fmt: skip
         self.before: dict[str, tuple[int, int]] = {}

@@ -12,8 +12,8 @@ from typing_extensions import override
 
 from ..core.permute import PermutationReport, permute_for_24
 from ..core.sparsity import (
-    CALCULATORS, MASK, MaskEnforcer, apply_masks, eligible_layers, ineligible_reason, is_24, kept_magnitude,
-    recompute_mask,
+    CALCULATORS, DROPPED, MASK, MaskEnforcer, apply_masks, eligible_layers, ineligible_reason, is_24, kept_magnitude,
+    recompute_mask, stow_dropped,
 )  # fmt: skip
 
 from .surgeon import ChannelSurgeon, _first_tensor
@@ -36,8 +36,9 @@ class Sparsity24(Callback):
             the transposed weight is sparse too; ASP's m4n2_2d_best).
         recompute_every_n_steps: None (default, ASP's workflow): the masks stay as the prune chose them. N: every N
             optimizer steps after the prune, derive every mask anew by magnitude, as ASP's `allow_recompute_mask`
-            does: the weights a mask dropped are kept aside (on the CPU, in this callback's checkpoint state) at
-            their value when dropped, put back beside the trained kept weights, and the 2 largest of every 4 win;
+            does: the weights a mask dropped are kept aside at their value when dropped (a `<layer>.weight_dropped`
+            buffer, so surgeries slice it and checkpoints carry it), put back beside the trained kept weights, and
+            the 2 largest of every 4 win;
             a weight that comes back resumes from its stowed value with zero optimizer state. Logged as
             `sparsity/masks_changed`, the fraction of mask entries the last recompute changed.
         permute: at the prune, first reorder channels (Pool & Yu's channel permutation, with the optimizers'
@@ -74,11 +75,15 @@ class Sparsity24(Callback):
             )
         if not isinstance(permute, bool):
             raise TypeError(f"permute={permute!r} must be True or False.")
+        if permute and calculator == "2d":
+            raise ValueError(
+                "permute=True searches for what the 1-D calculator keeps, and moves the rows of the 2-D calculator's "
+                "blocks too: use calculator='1d' with it."
+            )
         self.start_step, self.start_epoch, self.calculator = start_step, start_epoch, calculator
         self.recompute_every_n_steps = recompute_every_n_steps
         self.masked_at_step = 0  # the optimizer step of the last prune or recompute of every mask
         self.recomputed, self.masks_changed = 0, 0.0
-        self._dropped: dict[str, torch.Tensor] = {}  # weights the masks dropped, at their value then (recompute)
         self.permute = permute
         self.permutation: PermutationReport | None = None  # kept magnitude per layer before and after permuting
         self.pruned = False
@@ -96,6 +101,8 @@ class Sparsity24(Callback):
         for module in self.layers.values():
             if not isinstance(getattr(module, MASK, None), torch.Tensor):
                 module.register_buffer(MASK, torch.ones_like(module.weight, dtype=torch.bool))
+            if self.recompute_every_n_steps is not None:
+                stow_dropped(module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -126,12 +133,10 @@ class Sparsity24(Callback):
     @torch.no_grad()
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str] | None = None) -> None:
         """Derive masks by magnitude (for `names`, default every eligible layer) and zero what they drop."""
-        for name in names or list(self.layers):
+        for name in names or [n for n, m in self.layers.items() if ineligible_reason(m, self.calculator) is None]:
             module = self.layers[name]
-            dropped = recompute_mask(module, self.calculator, self._dropped.pop(name, None))
+            dropped = recompute_mask(module, self.calculator)
             self.kept_magnitude[name] = kept_magnitude(module.weight + dropped, getattr(module, MASK))
-            if self.recompute_every_n_steps is not None:
-                self._dropped[name] = dropped.cpu()
         apply_masks(self.layers, trainer.optimizers)
         self.pruned = True
         if names is None:
@@ -172,14 +177,14 @@ class Sparsity24(Callback):
         changed = [name for name, m in self.layers.items() if m.weight.shape != self._shapes.get(name)]
         if not changed:
             return
-        for name in changed:  # stowed weights of another shape no longer line up: the kept weights decide alone
-            if name in self._dropped and self._dropped[name].shape != self.layers[name].weight.shape:
-                del self._dropped[name]
         dense = {n: r for n in changed if (r := ineligible_reason(self.layers[n], self.calculator)) is not None}
         for name, reason in dense.items():
             mask = getattr(self.layers[name], MASK)
             if not mask.all():
                 mask.fill_(True)
+                self.kept_magnitude.pop(name, None)
+                if isinstance(stowed := getattr(self.layers[name], DROPPED, None), torch.Tensor):
+                    stowed.zero_()  # the dropped weights train again from 0: none to put back
                 rank_zero_info(f"Sparsity24: {name} goes dense after a surgery: {reason}")
         rederive = [n for n in changed if n not in dense and not is_24(getattr(self.layers[n], MASK))]
         if rederive:
@@ -217,7 +222,8 @@ class Sparsity24(Callback):
             "kept_magnitude": dict(self.kept_magnitude),
             "masked_at_step": self.masked_at_step,
             "recomputed": self.recomputed,
-            "dropped": dict(self._dropped),
+            "rederived": self.rederived,
+            "masks_changed": self.masks_changed,
             "permutation": self.permutation.to_dict() if self.permutation is not None else None,
         }
 
@@ -227,6 +233,7 @@ class Sparsity24(Callback):
         self.kept_magnitude = dict(state_dict.get("kept_magnitude", {}))
         self.masked_at_step = int(state_dict.get("masked_at_step", 0))
         self.recomputed = int(state_dict.get("recomputed", 0))
-        self._dropped = {name: value.cpu() for name, value in state_dict.get("dropped", {}).items()}
+        self.rederived = int(state_dict.get("rederived", 0))
+        self.masks_changed = float(state_dict.get("masks_changed", 0.0))
         if state_dict.get("permutation"):
             self.permutation = PermutationReport(**state_dict["permutation"])

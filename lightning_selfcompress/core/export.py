@@ -17,7 +17,11 @@ for layers whose integers all fit [-8, 7], and per-tensor int8 activation Q/DQ o
 calibrated on a few batches (max |x| / 127), so that TensorRT can pick INT8 kernels.
 
 The file is written to a temporary name, checked (onnx.checker, TensorRT's explicit-quantization rules, parity with
-PyTorch in ONNX Runtime) and only then renamed into place: a failed export leaves no file behind.
+PyTorch in ONNX Runtime) and only then renamed into place: a failed export leaves no file behind (nor the optional
+float copy, written only once the checks pass).
+
+int4 files are for ONNX Runtime: TensorRT's INT4 is weight-only and block-wise (blocks of 64 or 128 input channels),
+not per output channel as written here.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
+from .atomic import atomic_path
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import QUANTIZED_CLASS, quantized_layers
@@ -287,6 +292,12 @@ def _quantize_activations(model: onnx.ModelProto, batches: Iterable[Tensor]) -> 
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     consumers = [n for n in graph.node if n.op_type in WEIGHT_OPS and n.input[1] in dequantized]
     tensors = list(dict.fromkeys(n.input[0] for n in consumers))
+    if not tensors:
+        raise ExportError(
+            "calibration was given, but the model has no quantized layer to calibrate (activation Q/DQ goes on the "
+            "input of each layer stored as int8/int4). Attach quantizers (SelfCompression) first, or export without "
+            "calibration (calibrate_batches=0)."
+        )
     absmax = _calibrate(model, tensors, batches)
     scales = {t: max(absmax[t], 1e-12) / 127.0 for t in tensors}
     for i, t in enumerate(tensors):
@@ -310,25 +321,6 @@ def _quantize_activations(model: onnx.ModelProto, batches: Iterable[Tensor]) -> 
     return scales
 
 
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """A temporary file beside `path`, renamed onto it when the block succeeds and removed when it fails."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise ExportError(
-            f"Cannot write the ONNX file '{path}': {error}. Choose a directory you can write to."
-        ) from error
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_onnx(
     model: nn.Module,
     example_input: Tensor,
@@ -344,7 +336,7 @@ def export_onnx(
 
     Args:
         example_input: one input batch; the batch dimension is dynamic in the file.
-        int4: store layers whose integers all fit [-8, 7] as int4 (opset 21); the others as int8.
+        int4: store layers whose integers all fit [-8, 7] as int4 (opset 21; ONNX Runtime only); the others as int8.
         calibration: input batches; when given, each quantized layer's input gets a per-tensor int8 Q/DQ pair.
         parity_inputs: batches on which ONNX Runtime and PyTorch are compared (default: `example_input`).
         tolerance: the largest relative error (max |ort - torch| / max |torch|) accepted; None: measure, never fail.
@@ -356,13 +348,17 @@ def export_onnx(
         raise ValueError(f"tolerance={tolerance} must be > 0 (or None to measure without a limit).")
     layers = quantized_layers(model)
     example = example_input.detach().to(next(model.parameters(), example_input).device)
-    with _atomic_target(path) as tmp, tempfile.TemporaryDirectory() as scratch:
-        float_path = Path(scratch) / "float.onnx"
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(atomic_path(path))
+        except OSError as error:
+            raise ExportError(
+                f"Cannot write the ONNX file '{path}': {error}. Choose a directory you can write to."
+            ) from error
+        float_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "float.onnx"
         with inference_form(model) as weights:
             _export_float(model, example, float_path)
         float_bytes = float_path.stat().st_size
-        if keep_float is not None:
-            shutil.copyfile(float_path, keep_float)
         onnx_model = onnx.load(str(float_path))
         reports = _rewrite_weights(onnx_model, layers, weights, int4)
         if int4 and any(r.storage == "int4" for r in reports):
@@ -375,4 +371,7 @@ def export_onnx(
         inputs = list(parity_inputs) if parity_inputs is not None else [example]
         parity = check_parity(tmp, model, inputs, tolerance)
         file_bytes = tmp.stat().st_size
+        if keep_float is not None:  # only now: a failed export leaves no float copy either
+            with atomic_path(keep_float) as float_tmp:
+                shutil.copyfile(float_path, float_tmp)
     return ExportResult(path, reports, file_bytes, float_bytes, parity, scales)

@@ -1,8 +1,9 @@
 """TensorRT's rules for explicitly quantized ONNX files, checked on a file before anyone builds an engine from it.
 
-TensorRT 10/11 take INT8 (and INT4 weights) only from QuantizeLinear/DequantizeLinear pairs that are symmetric: zero
-point 0 of a signed type, positive finite scales, per-tensor for activations, per-channel only for constant
-weights and only along axis 0 (the output channels of a Conv / Gemm-with-transB weight).
+TensorRT 10/11 take INT8 only from QuantizeLinear/DequantizeLinear pairs that are symmetric: zero point 0 of a signed
+type, positive finite scales, per-tensor for activations, per-channel only for constant weights and only along axis 0
+(the output channels of a Conv / Gemm-with-transB weight). int4 weights pass the same checks here, but TensorRT
+takes INT4 only block-wise (blocks of 64 or 128): the export's per-channel int4 files are for ONNX Runtime.
 """
 
 from __future__ import annotations

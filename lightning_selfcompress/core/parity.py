@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Parity", "ParityError", "check_parity", "onnx_session"]
+__all__ = ["Parity", "ParityError", "check_parity", "onnx_session", "reference_output"]
 
 
 class ParityError(ValueError):
@@ -45,6 +45,26 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
 
 
 @torch.no_grad()
+def reference_output(model: nn.Module, x: Tensor) -> Tensor:
+    """`model(x)` on the model's device in full float32: TF32 off (on CUDA it is on by default for cuDNN convolutions
+    and would differ from ONNX Runtime's float32 by about 1e-3). Raises TypeError unless the output is one tensor."""
+    device = next(model.parameters(), torch.empty(0)).device
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            output = model(x.to(device))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"{type(model).__name__} returns a {type(output).__name__}; export supports a model with one tensor "
+            "output. Export a wrapper module that returns the one tensor to deploy (e.g. the logits)."
+        )
+    return output
+
+
+@torch.no_grad()
 def check_parity(
     path: str | os.PathLike, model: nn.Module, inputs: Sequence[Tensor], tolerance: float | None
 ) -> Parity:
@@ -52,12 +72,11 @@ def check_parity(
     session = onnx_session(path)
     name = session.get_inputs()[0].name
     was_training = model.training
-    device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     try:
         max_abs, scale = 0.0, 0.0
         for x in inputs:
-            expected = model(x.to(device)).detach().float().cpu().numpy()
+            expected = reference_output(model, x).detach().float().cpu().numpy()
             got = session.run(None, {name: x.detach().float().cpu().numpy()})[0]
             if got.shape != expected.shape:
                 raise ParityError(f"ONNX Runtime returned shape {got.shape}, PyTorch {expected.shape}.")

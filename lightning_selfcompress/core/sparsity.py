@@ -34,9 +34,11 @@ __all__ = [
     "mask_2d",
     "masked_layers",
     "recompute_mask",
+    "stow_dropped",
 ]
 
 MASK = "weight_mask"  # the buffer's name: masks live in the state_dict and in checkpoints
+DROPPED = "weight_dropped"  # the weights a mask dropped, kept for recomputing masks
 CALCULATORS: dict = {}  # name -> mask function, filled below
 
 
@@ -124,6 +126,8 @@ def ineligible_reason(module: nn.Module, calculator: str = "1d") -> str | None:
     depthwise convolution stays dense: too few inputs per output for a sparse kernel to pay); the 2-D calculator
     also needs the output channels to be a multiple of 4."""
     if isinstance(module, _ConvNd):
+        if module.transposed:
+            return "transposed convolution: its weight is [in, out, ...], not supported"
         if module.groups > 1:
             return f"grouped convolution (groups={module.groups}): TensorRT runs it dense"
         inputs = module.in_channels
@@ -200,25 +204,32 @@ def apply_masks(layers: dict[str, nn.Module], optimizers=()) -> None:
 
 
 @torch.no_grad()
-def recompute_mask(module: nn.Module, calculator: str = "1d", dropped: Tensor | None = None) -> Tensor:
+def recompute_mask(module: nn.Module, calculator: str = "1d") -> Tensor:
     """Derive `module`'s mask anew by magnitude, the way ASP recomputes masks (`allow_recompute_mask`).
 
     Under enforcement the weights a mask drops are exactly zero, so a magnitude mask derived from the weights alone
-    would only find itself again. As in ASP, the weights a mask drops are stowed away at their value of that moment
-    (`dropped`, returned by the previous call) and put back before the new mask is chosen: the trained kept weights
-    compete with the frozen dropped ones, and a kept weight that shrank in training can lose its place to one that
-    was dropped. Zeroes what the new mask drops and returns those weights, to pass back next time.
+    would only find itself again. As in ASP, a module that has a `weight_dropped` buffer (see `stow_dropped`) keeps
+    there the weights its mask dropped, at their value of that moment; they are put back before the new mask is
+    chosen, so the trained kept weights compete with the frozen dropped ones and a kept weight that shrank in
+    training can lose its place to one that was dropped. Zeroes what the new mask drops and returns those weights.
     """
-    weight = module.weight
-    if dropped is not None:
-        if dropped.shape != weight.shape:
-            raise ValueError(f"The stowed weights {tuple(dropped.shape)} do not fit the weight {tuple(weight.shape)}.")
-        weight.add_(dropped.to(weight.device, weight.dtype))  # the weight is 0 wherever dropped is not
+    weight, stowed = module.weight, getattr(module, DROPPED, None)
+    if isinstance(stowed, Tensor):
+        weight.add_(stowed)  # the weight is 0 wherever the stowed weights are not
     mask = CALCULATORS[calculator](weight)
     getattr(module, MASK).copy_(mask)
     dropped = weight * ~mask
     weight.mul_(mask)
+    if isinstance(stowed, Tensor):
+        stowed.copy_(dropped)
     return dropped
+
+
+def stow_dropped(module: nn.Module) -> None:
+    """Give `module` a `weight_dropped` buffer (zeros) for `recompute_mask`: a buffer of the weight's shape, so a
+    surgery or a permutation moves it with the weight, and checkpoints carry it."""
+    if not isinstance(getattr(module, DROPPED, None), Tensor):
+        module.register_buffer(DROPPED, torch.zeros_like(module.weight, memory_format=torch.preserve_format))
 
 
 class MaskEnforcer:

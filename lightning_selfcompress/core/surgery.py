@@ -28,7 +28,7 @@ from torch.nn.modules.conv import _ConvNd
 from .groups import ChannelGraph, GraphError, channels_of, is_grouped
 from .quant import QuantizationConfig, attach_quantizers
 from .reembed import GATHER, set_reembedding
-from .sparsity import MASK
+from .sparsity import DROPPED, MASK
 
 __all__ = ["Removal", "Surgeon", "SurgeryRecord", "load_compressed", "SURGEON_STATE_KEY"]
 
@@ -507,10 +507,10 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
     if quantized:
         config = QuantizationConfig(include=tuple(quantized))
         attach_quantizers(model, config)
-    for key in (k for k in state_dict if k.endswith(f".{MASK}")):  # 2:4 masks: buffers the fresh model lacks
-        owner = model.get_submodule(key.removesuffix(f".{MASK}"))
-        if not isinstance(getattr(owner, MASK, None), torch.Tensor):
-            owner.register_buffer(MASK, torch.ones(state_dict[key].shape, dtype=torch.bool))
+    for key, buffer in ((k, b) for k in state_dict for b in (MASK, DROPPED) if k.endswith(f".{b}")):
+        owner = model.get_submodule(key.removesuffix(f".{buffer}"))  # 2:4 buffers the fresh model lacks
+        if not isinstance(getattr(owner, buffer, None), torch.Tensor):
+            owner.register_buffer(buffer, torch.zeros(state_dict[key].shape, dtype=state_dict[key].dtype))
     try:
         model.load_state_dict(state_dict, strict=strict)
     except RuntimeError as error:

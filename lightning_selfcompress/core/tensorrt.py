@@ -1,21 +1,24 @@
 """A TensorRT engine from the exported ONNX file: build, save, run, time. Needs `tensorrt` (10 or 11) and a CUDA GPU.
 
-The network is strongly typed (TensorRT 10's STRONGLY_TYPED flag; TensorRT 11 is always so), so INT8/INT4 come only
-from the file's explicit Q/DQ nodes, exactly where the export put them. `SPARSE_WEIGHTS` lets TensorRT use sparse
-tensor cores for weights that are 2:4 along its axis. FP16 needs the weakly typed network of TensorRT 10 (a strongly
-typed network takes its types from the file, which is float32). Buffers are torch CUDA tensors, timings CUDA events.
+The network is strongly typed (TensorRT 10's STRONGLY_TYPED flag; TensorRT 11 is always so), so INT8 comes only from
+the file's explicit Q/DQ nodes, exactly where the export put them. The export's int4 files are not for TensorRT: its
+INT4 is weight-only and block-wise (blocks of 64 or 128), not per output channel. `SPARSE_WEIGHTS` lets TensorRT use
+sparse tensor cores for weights that are 2:4 along its axis. FP16 needs the weakly typed network of TensorRT 10 (a
+strongly typed network takes its types from the file, which is float32). Buffers are torch CUDA tensors, timings CUDA
+events.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .atomic import atomic_path
 
 __all__ = ["Engine", "EngineBuildError", "TensorRTUnavailable", "build_engine", "import_tensorrt"]
 
@@ -66,7 +69,8 @@ def build_engine(
     fp16: bool = False,
     workspace_bytes: int = 1 << 30,
 ) -> Path:
-    """Build a serialized engine for batches 1..`max_batch` from `onnx_path`; written atomically to `engine_path`."""
+    """Build a serialized engine for batches 1..`max_batch` (every batch it will run) from `onnx_path`; written
+    atomically to `engine_path`."""
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch} must be >= 1.")
     trt = import_tensorrt()
@@ -75,7 +79,8 @@ def build_engine(
         raise ValueError("fp16=True needs TensorRT 10's weakly typed networks; TensorRT 11 takes types from the file.")
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    flags = 0 if fp16 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # may be gone where always so
+    flags = 0 if fp16 or strongly_typed is None else 1 << int(strongly_typed)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -96,17 +101,9 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT could not build an engine from '{onnx_path}': " + "; ".join(logger.errors))
-    engine_path = Path(engine_path)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{engine_path.name}.", dir=engine_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(serialized))
-        os.replace(tmp, engine_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return engine_path
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(memoryview(serialized))
+    return Path(engine_path)
 
 
 class Engine:
@@ -127,15 +124,32 @@ class Engine:
         if len(inputs) != 1 or len(outputs) != 1:
             raise ValueError(f"Engine has inputs {inputs} and outputs {outputs}; one of each is supported.")
         (self.input,), (self.output,) = inputs, outputs
+        dtypes = {
+            trt.DataType.FLOAT: torch.float32,
+            trt.DataType.HALF: torch.float16,
+            trt.DataType.BF16: torch.bfloat16,
+        }
+        output_type = self.engine.get_tensor_dtype(self.output)
+        if output_type not in dtypes:
+            raise ValueError(
+                f"Engine output '{self.output}' is {output_type}; float32, float16 or bfloat16 is supported."
+            )
+        self.output_dtype = dtypes[output_type]
 
-    def __call__(self, x: Tensor, stream: torch.cuda.Stream | None = None) -> Tensor:
+    def __call__(self, x: Tensor) -> Tensor:
+        """The output for `x`, computed on the current CUDA stream (the one torch orders `x` and the result on)."""
         x = x.detach().float().cuda().contiguous()
-        self.context.set_input_shape(self.input, tuple(x.shape))
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device=x.device, dtype=torch.float32)
+        self._logger.errors.clear()
+        if not self.context.set_input_shape(self.input, tuple(x.shape)):
+            low, _, high = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input, 0))
+            raise ValueError(
+                f"Batch {x.shape[0]} (input shape {tuple(x.shape)}) is outside the engine's profile, {low} to {high}. "
+                f"Build the engine with max_batch >= {x.shape[0]}."
+            )
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device=x.device, dtype=self.output_dtype)
         self.context.set_tensor_address(self.input, x.data_ptr())
         self.context.set_tensor_address(self.output, out.data_ptr())
-        stream = stream or torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        if not self.context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream):
             raise RuntimeError("TensorRT's execute_async_v3 failed: " + "; ".join(self._logger.errors))
         return out
 

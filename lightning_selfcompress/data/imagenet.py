@@ -61,8 +61,9 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     Train: RandomResizedCrop(`image_size`) and a horizontal flip; val: Resize(`resize_size`) and CenterCrop
     (`image_size`); both normalised with ImageNet's mean and standard deviation. The training order is drawn from
-    (`seed`, epoch), so a run resumed at an epoch boundary sees the same order (augmentation draws follow the
-    worker seeds that `seed_everything(workers=True)` sets). `batch_size` is per process.
+    (`seed`, epoch), so a run resumed at an epoch boundary sees the same order; the augmentation draws do not come
+    back (persistent workers are seeded once per run, so a resumed run draws crops and flips anew). Under DDP
+    Lightning's DistributedSampler orders by the global seed instead. `batch_size` is per process.
     """
 
     def __init__(
