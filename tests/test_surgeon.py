@@ -85,6 +85,28 @@ def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(tiny_fmnist, tmp
     assert [resumed.losses[s] for s in later] == pytest.approx([whole.losses[s] for s in later], rel=1e-6)
 
 
+def test_a_run_resumed_mid_epoch_goes_on_with_the_batches_it_had_not_seen(tiny_fmnist, tmp_path):
+    """16 steps an epoch; the checkpoint is taken at step 24, half-way through epoch 1 and after 6 surgeries: the
+    resumed run trains on batches 8..15 of that epoch, as the uninterrupted one does, with the same losses."""
+    whole = LossRecorder()
+    pl.Trainer(callbacks=[*callbacks(every=4), whole], **trainer_kwargs(tmp_path / "a", max_steps=40)).fit(
+        module(), tiny_fmnist
+    )
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=24, save_top_k=-1)
+    part = callbacks(every=4)
+    trainer = pl.Trainer(callbacks=[*part, saver], **trainer_kwargs(tmp_path / "b", max_steps=24, enable_checkpointing=True))
+    trainer.fit(module(), tiny_fmnist)
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert part[1].history, "the checkpoint is taken after surgeries"
+    resumed = LossRecorder()
+    pl.Trainer(callbacks=[*callbacks(every=4), resumed], **trainer_kwargs(tmp_path / "c", max_steps=40)).fit(
+        module(), tiny_fmnist, ckpt_path=path
+    )
+    later = sorted(resumed.losses)
+    assert later == list(range(25, 41)), "16 more steps: the rest of epoch 1, then epoch 2"
+    assert [resumed.losses[s] for s in later] == pytest.approx([whole.losses[s] for s in later], rel=1e-6)
+
+
 @pytest.mark.parametrize("net", list(NETS))
 def test_load_compressed_rebuilds_a_trained_module_from_its_checkpoint(tiny_fmnist, tmp_path, net):
     net_module = module(net)

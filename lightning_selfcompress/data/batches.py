@@ -1,9 +1,11 @@
-"""Samplers whose order is drawn from (seed, epoch) alone, so that a run resumed at an epoch boundary sees the data in
-the same order as an uninterrupted one. Lightning calls `set_epoch` before each epoch, also when it resumes."""
+"""Samplers whose order is drawn from (seed, epoch) alone, so that a resumed run sees the data in the same order as an
+uninterrupted one. Lightning calls `set_epoch` before each epoch, also when it resumes; a run resumed mid-epoch
+starts at the first batch its checkpoint had not trained on (`batches_done`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
 
 import torch
 from torch.utils.data import RandomSampler, Sampler
@@ -14,21 +16,35 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(size, generator=generator)
 
 
+def batches_done(trainer: Any) -> int:
+    """Batches of the current epoch that `trainer` has already trained on: 0 at the start of an epoch, more only when a
+    run resumes from a checkpoint taken mid-epoch (Lightning restores its progress counters, not the loader)."""
+    if trainer is None or not trainer.training:
+        return 0
+    return trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+
 class ShuffledBatches(Sampler[list[int]]):
     """Whole batches of indices for in-memory datasets indexed with a batch at once; a fresh permutation each epoch.
-    The last incomplete batch is dropped."""
+    The last incomplete batch is dropped. `skip()` says how many batches of this epoch to leave out at its start
+    (`batches_done` of the trainer: what a resumed run already trained on); read when iteration begins."""
 
-    def __init__(self, size: int, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int = 0, skip: Callable[[], int] | None = None) -> None:
         if size < batch_size:
             raise ValueError(f"{size} samples do not fill one batch of {batch_size}; lower batch_size.")
-        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, 0
+        self.size, self.batch_size, self.seed, self.epoch, self.skip = size, batch_size, seed, 0, skip
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_permutation(self.size, self.seed, self.epoch)
-        yield from order[: len(self) * self.batch_size].view(len(self), self.batch_size).tolist()
+    def __iter__(self) -> Iterator[Any]:
+        order = epoch_permutation(self.size, self.seed, self.epoch)[: len(self) * self.batch_size]
+        batches = order.view(len(self), self.batch_size).tolist()
+        for position in range(self.skip() if self.skip else 0, len(self)):
+            yield self._item(position, batches[position])
+
+    def _item(self, position: int, batch: list[int]) -> Any:
+        return batch
 
     def __len__(self) -> int:
         return self.size // self.batch_size
@@ -38,10 +54,8 @@ class SeededBatches(ShuffledBatches):
     """`ShuffledBatches`, each batch paired with a seed of its own, drawn from (seed, epoch, position), for random
     augmentation that a resumed run repeats exactly: yields (indices, batch seed)."""
 
-    def __iter__(self) -> Iterator[tuple[list[int], int]]:  # type: ignore[override]
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
-        for position, batch in enumerate(super().__iter__()):
-            yield batch, base + position
+    def _item(self, position: int, batch: list[int]) -> tuple[list[int], int]:
+        return batch, (self.seed * 1_000_003 + self.epoch) * 1_000_003 + position
 
 
 class ShuffledOrder(RandomSampler):
