@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -70,7 +72,11 @@ def test_masks_follow_a_surgery_that_removes_input_channels(tiny_fmnist, tmp_pat
     round_to = 4 if recompute else 1  # recompute: widths that stay 2:4, so that some masks live through the cuts
     surgeon = ChannelSurgeon(every_n_steps=4, constant_pull=0.02, round_to=round_to)
     callbacks = [SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3), surgeon, sparsity]
-    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=24)).fit(net, tiny_fmnist)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=24)).fit(net, tiny_fmnist)
+    advice = [w for w in caught if "Set round_to=4" in str(w.message)]
+    assert len(advice) == (0 if recompute else 1), "advice where the surgeon's widths may leave 2:4 behind"
     assert callbacks[1].history, "channels were cut"
     assert sparsity.rederived > 0, "some masks lost their groups of 4 and were derived anew"
     for name, m in masked_layers(net).items():

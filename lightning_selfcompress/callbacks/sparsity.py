@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..core.permute import PermutationReport, permute_for_24
@@ -96,6 +96,11 @@ class Sparsity24(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for surgeon in (cb for cb in trainer.callbacks if isinstance(cb, ChannelSurgeon) and cb.round_to % 4):
+            rank_zero_warn(
+                f"Sparsity24 beside ChannelSurgeon(round_to={surgeon.round_to}): a cut that leaves a layer's inputs "
+                "off a multiple of 4 makes it dense. Set round_to=4 (or 8, 16) to keep the widths 2:4 can use."
+            )
         # All-ones masks now, before the optimizer is built and before a checkpoint's weights (and masks) load.
         self.layers, self.skipped = eligible_layers(pl_module, self.calculator)
         for module in self.layers.values():
