@@ -18,6 +18,7 @@ from .core.size import float_size_report
 from .models import ImageClassifier
 from .report import print_size_table, write_json
 
+
 def _required(what: str) -> None:
     raise ValueError(f"This configuration needs {what}.")
 
@@ -74,7 +75,9 @@ def _load_weights(module: ImageClassifier, path: str) -> None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"init_from={path!r} holds no state_dict: give a Lightning checkpoint or a network's state_dict.")
+        raise ValueError(
+            f"init_from={path!r} holds no state_dict: give a Lightning checkpoint or a network's state_dict."
+        )
     if any(key.endswith((".weight_quantizer.bits", ".weight_mask")) for key in state):
         raise ValueError(
             f"init_from={path!r} comes from a compressed or sparse run: start from a dense float one (trained with "
@@ -85,7 +88,8 @@ def _load_weights(module: ImageClassifier, path: str) -> None:
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"init_from={path!r} does not fit model={type(module.net).__name__} as configured: {error}") from error
+        model = type(module.net).__name__
+        raise ValueError(f"init_from={path!r} does not fit model={model} as configured: {error}") from error
 
 
 def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:

@@ -38,9 +38,8 @@ class Sparsity24(Callback):
             optimizer steps after the prune, derive every mask anew by magnitude, as ASP's `allow_recompute_mask`
             does: the weights a mask dropped are kept aside at their value when dropped (a `<layer>.weight_dropped`
             buffer, so surgeries slice it and checkpoints carry it), put back beside the trained kept weights, and
-            the 2 largest of every 4 win;
-            a weight that comes back resumes from its stowed value with zero optimizer state. Logged as
-            `sparsity/masks_changed`, the fraction of mask entries the last recompute changed.
+            the 2 largest of every 4 win; a weight that comes back resumes from its stowed value with zero optimizer
+            state. Logged as `sparsity/masks_changed`, the fraction of mask entries the last recompute changed.
         permute: at the prune, first reorder channels (Pool & Yu's channel permutation, with the optimizers'
             state) so that the masks keep more weight magnitude; the network computes the same function. Traced on
             the first tensor of the batch (or `example_input_array`). Beside a ChannelSurgeon only before its first

@@ -11,9 +11,12 @@ import torch
 from torch.utils.data import RandomSampler, Sampler
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
 def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(size, generator=generator)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
 def batches_done(trainer: Any) -> int:
@@ -55,7 +58,7 @@ class SeededBatches(ShuffledBatches):
     augmentation that a resumed run repeats exactly: yields (indices, batch seed)."""
 
     def _item(self, position: int, batch: list[int]) -> tuple[list[int], int]:
-        return batch, (self.seed * 1_000_003 + self.epoch) * 1_000_003 + position
+        return batch, epoch_seed(epoch_seed(self.seed, self.epoch), position)
 
 
 class ShuffledOrder(RandomSampler):

@@ -91,8 +91,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     `val_size` training images, drawn at random from `split_seed`, form the validation set (the same set whatever the
     training `seed`). Training batches are shuffled and augmented (random crop with 4 pixels of zero padding,
-    horizontal flip) from (`seed`, epoch, batch), so a run resumed at an epoch boundary sees exactly the batches of an
-    uninterrupted one. `data_dir` is the `cifar-10-batches-py` folder or the folder that holds it; None: the cache
+    horizontal flip) from (`seed`, epoch, batch), so a resumed run, also one resumed mid-epoch, sees exactly the batches
+    of an uninterrupted one. `data_dir` is the `cifar-10-batches-py` folder or the folder that holds it; None: the cache
     folder, where `download=True` lets torchvision fetch the archive.
     """
 

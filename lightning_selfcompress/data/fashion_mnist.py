@@ -114,8 +114,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.datasets[split]
         if shuffle:
-            resumed = lambda: batches_done(self.trainer)  # noqa: E731
-            batches = ShuffledBatches(len(data), self.batch_size, self.seed, skip=resumed)
+            batches = ShuffledBatches(len(data), self.batch_size, self.seed, skip=lambda: batches_done(self.trainer))
         else:
             batches = BatchSampler(SequentialSampler(data), self.batch_size, drop_last=False)
         # batch_size=None: the dataset is indexed with a whole batch of indices at once.
