@@ -89,6 +89,7 @@ def test_weights_that_cannot_hold_the_pattern_are_a_clear_error():
         (nn.Linear(10, 4), "10 input channels, not a multiple of 4"),
         (nn.Conv2d(4, 8, 1), "only 4 input channels"),
         (nn.BatchNorm2d(8), "neither a convolution nor a Linear"),
+        (nn.ConvTranspose2d(8, 8, 3), "transposed convolution: its weight is \\[in, out, ...\\]"),
     ],
 )
 def test_ineligible_layers_say_why(module, reason):

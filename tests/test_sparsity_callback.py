@@ -7,7 +7,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_selfcompress import ChannelSurgeon, SelfCompression, Sparsity24, load_compressed
 from lightning_selfcompress.core.sparsity import as_rows, is_24, mask_1d, masked_layers
@@ -89,6 +89,39 @@ def test_masks_follow_a_surgery_that_removes_input_channels(tiny_fmnist, tmp_pat
         sparse = [n for n, m in sparsity.layers.items() if not m.weight_mask.all()]
         assert sparse and all(stowed[n].any() for n in sparse), "still there after the cuts"
         assert sparsity.recomputed == 7 and sparsity.masks_changed > 0
+
+
+class StaleMasks(Callback):
+    """Listed after Sparsity24: the masks, not all ones, that are not 2:4 when the first batch of a fit starts."""
+
+    def __init__(self) -> None:
+        self.at_first_batch: list[str] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        if self.at_first_batch is None:
+            layers = masked_layers(pl_module).items()
+            self.at_first_batch = [n for n, m in layers if not m.weight_mask.all() and not is_24(m.weight_mask)]
+
+
+def test_a_checkpoint_taken_right_after_a_cut_resumes_to_2_4_masks(tiny_fmnist, tmp_path):
+    """The surgeon cuts at the end of step 8 and the checkpoint is saved then, before Sparsity24 re-derives the sliced
+    masks (at the next step): the resumed run re-derives them before its first step, as the uninterrupted one does."""
+    def callbacks(*more: Callback) -> list[Callback]:
+        compression = SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3)
+        return [compression, ChannelSurgeon(every_n_steps=4, constant_pull=0.02), Sparsity24(0), *more]
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
+    pl.Trainer(callbacks=callbacks(saver), **trainer_kwargs(tmp_path, max_steps=8, enable_checkpointing=True)).fit(
+        module("adam"), tiny_fmnist
+    )
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    masks = {k: v for k, v in state.items() if k.endswith("weight_mask")}
+    assert any(not v.all() and not is_24(v) for v in masks.values()), "the cut left masks off their groups of 4"
+    witness = StaleMasks()
+    trainer = pl.Trainer(callbacks=callbacks(witness), **trainer_kwargs(tmp_path, max_steps=9))
+    trainer.fit(module("adam"), tiny_fmnist, ckpt_path=path)
+    assert witness.at_first_batch == []
 
 
 def test_bad_arguments_are_named():
