@@ -18,7 +18,7 @@ __all__ = ["print_size_table", "print_surgery_table", "write_json"]
 
 def print_size_table(report: SizeReport, title: str, console: Console | None = None) -> None:
     table = Table(title=title)
-    for column in ("layer", "channels alive", "weights kept", "bits", "bits/weight"):
+    for column in ("layer", "channels alive", "weights kept", "bits", "bits/weight", "deployable bits/weight"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for layer in report.layers:
         table.add_row(
@@ -27,6 +27,7 @@ def print_size_table(report: SizeReport, title: str, console: Console | None = N
             f"{layer.weights_kept}/{layer.weights}",
             f"{layer.bits:,.0f}",
             f"{layer.bits_per_weight:.2f}",
+            f"{layer.deployable_bits_per_weight:.2f}",
         )
     table.add_section()
     table.add_row(
@@ -35,11 +36,12 @@ def print_size_table(report: SizeReport, title: str, console: Console | None = N
         f"{report.weights_kept}/{report.float_weights}",
         f"{report.bits:,.0f}",
         f"{report.bits_per_weight:.2f}",
+        f"{report.deployable_bits_per_weight:.2f}",
     )
     console = console or Console()
     console.print(table)
     console.print(
-        f"{report.size_bytes:,} bytes ({report.storage_bytes:,} with whole-bit storage) vs "
+        f"{report.size_bytes:,} bytes ({report.deployable_bytes:,} deployable: whole bits per channel) vs "
         f"{report.float32_bytes:,} float32 bytes: {report.percent_of_float32:.2f}% of float32 bits"
     )
 

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from .callbacks import ChannelSurgeon, CompressedExport, SelfCompression, Sparsity24
+from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
 from .core.size import float_size_report
 from .models import ImageClassifier
 from .report import print_size_table, write_json
@@ -100,6 +100,20 @@ def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
             "permutation": permutation}
 
 
+def _distillation(cfg: DictConfig) -> Distillation | None:
+    """The teacher: the same network, float, with the weights of `distill.teacher` (a dense float run's checkpoint)."""
+    if not cfg.get("distill"):
+        return None
+    teacher = ImageClassifier(instantiate(cfg.model), num_classes=cfg.model.num_classes)
+    _load_weights(teacher, cfg.distill.teacher)
+    return Distillation(teacher, weight=cfg.distill.weight, temperature=cfg.distill.temperature)
+
+
+def _method(compression: SelfCompression | None, distillation: Distillation | None) -> str:
+    method = compression.method if compression else "float"
+    return f"{method} + distillation" if distillation else method
+
+
 def run(cfg: DictConfig) -> dict:
     """Fit, test, and report; returns the report that is also written to `cfg.report_path`."""
     OmegaConf.resolve(cfg)  # a value left ${required:...}: fail before anything is built
@@ -113,9 +127,10 @@ def run(cfg: DictConfig) -> dict:
     surgeon: ChannelSurgeon | None = instantiate(cfg.surgery) if cfg.get("surgery") else None
     sparsity: Sparsity24 | None = instantiate(cfg.sparsity) if cfg.get("sparsity") else None
     export: CompressedExport | None = instantiate(cfg.export) if cfg.get("export") else None
+    distillation = _distillation(cfg)
     trainer = pl.Trainer(
         **cfg.trainer,
-        callbacks=[c for c in (compression, surgeon, sparsity, export) if c],
+        callbacks=[c for c in (compression, surgeon, sparsity, distillation, export) if c],
         logger=CSVLogger(out_dir, name="csv", version=""),
         default_root_dir=out_dir,
     )
@@ -126,6 +141,7 @@ def run(cfg: DictConfig) -> dict:
     size = compression.report(module) if compression else float_size_report(module)
     report = {
         "name": cfg.name,
+        "method": _method(compression, distillation),
         "test_accuracy": test["test/accuracy"],
         **size.to_dict(),
         "surgery": _surgery_summary(surgeon, module),
@@ -143,7 +159,8 @@ def run(cfg: DictConfig) -> dict:
             print_size_table(size, title="Float32 network: size per layer", console=console)
         console.print(
             f"[bold]{cfg.name}[/]: test accuracy {100 * report['test_accuracy']:.2f}%, "
-            f"{size.bits_per_weight:.3f} bits per weight ({size.percent_of_float32:.2f}% of float32 bits), "
+            f"{size.deployable_bits_per_weight:.3f} bits per weight deployable (whole bits per channel; "
+            f"{size.bits_per_weight:.3f} with real-valued bit depths, {size.percent_of_float32:.2f}% of float32 bits), "
             f"{size.size_bytes:,} bytes vs {size.float32_bytes:,} float32 bytes, "
             f"{size.channels_alive}/{size.channels} channels alive, {train_seconds:.0f} s of training.\n"
             + (_surgery_line(report["surgery"]) if report["surgery"] else "")

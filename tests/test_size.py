@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_selfcompress.core.groups import ChannelGraph
-from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers
+from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers, integer_bits, integer_weights
 from lightning_selfcompress.core.size import GammaSchedule, SizeModel, float_size_report
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.models import BaselineCNN, ResNet9
@@ -45,7 +45,9 @@ def test_hand_counted_grouped_model_with_live_inputs():
     assert by_name["conv2"].bits == (1 + 2 + 0 + 4 + 1.5 + 2) * 9 and by_name["conv2"].weights_kept == 5 * 9
     # fc: conv2's dead channel 2 removes its 2x2 = 4 flattened features: 20 live inputs
     assert by_name["fc"].bits == (3 + 1 + 2) * 20 and by_name["fc"].weights_kept == 3 * 20
-    assert by_name["conv2"].storage_bits == (1 + 2 + 0 + 4 + 2 + 2) * 9
+    widths = integer_bits(integer_weights(model.conv2)[0])  # the integers' own widths, at most ceil(b)
+    assert widths[2] == 0 and all(w <= math.ceil(b) for w, b in zip(widths.tolist(), [1.0, 2.0, 0.0, 4.0, 1.5, 2.0]))
+    assert by_name["conv2"].deployable_bits == int(widths.sum()) * 9
     assert report.bits == 90 + 94.5 + 120
     assert report.float_weights == 72 + 108 + 72
     assert report.bits_per_weight == pytest.approx(304.5 / 252)

@@ -13,7 +13,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from ..core.optim import HyperparameterOverride
-from ..core.quant import QuantizationConfig, attach_quantizers, quantized_layers, quantizer_parameters
+from ..core.quant import (
+    QuantizationConfig,
+    attach_quantizers,
+    freeze_bits,
+    quantized_layers,
+    quantizer_parameters,
+    snap_bits,
+)
 from ..core.size import GammaSchedule, SizeModel, SizeReport
 from ..report import print_size_table
 
@@ -26,13 +33,21 @@ class SelfCompression(Callback):
 
     Args:
         gamma: weight of the size term (the paper's compression factor). 0 trains the quantizers without pressure.
-        target_bits_per_weight: a budget: the size term acts only while the average is above it.
+        target_bits_per_weight: a budget in deployable bits per weight (whole bits per channel, as a file stores
+            them): the size term acts only while the network is above it.
         gamma_warmup_steps: ramp gamma linearly from 0 over this many optimizer steps.
         layer_types, include, exclude: which layers to quantize (class names; glob patterns on module names).
         init_bits: starting bit depth (8: the quantized network starts within about 1% of the float one).
-        init_exponent: starting exponent; None picks per channel the smallest that holds the channel.
+        init_exponent: starting exponent; None picks it per channel by `init_scale`.
+        init_scale: "absmax" (the bit range spans the channel's largest weight) or "lsq" (LSQ's step, 2 mean|w| /
+            sqrt(2^(b-1) - 1), for fixed low bit depths).
         quantizer_lr: learning rate of b and e at the start of the LR schedule (None: that of their param group).
         quantizer_weight_decay: weight decay of b and e (0 unless asked: decay would drag e towards 1.0 scales).
+        learn_bits: False keeps every b at `init_bits` (a whole number) and learns only the scales: fixed-bit
+            quantization-aware training with a learned step (LSQ-style), the baseline self-compression must beat.
+        freeze_bits_at: the whole-bit phase: after this fraction of the run's optimizer steps, each b is set to the
+            whole bits its channel's integers need and frozen, and the size term stops; weights and scales train on
+            at exactly the deployable size. None: bits train to the end.
     """
 
     def __init__(
@@ -48,9 +63,33 @@ class SelfCompression(Callback):
         init_exponent: float | None = None,
         quantizer_lr: float | None = None,
         quantizer_weight_decay: float = 0.0,
+        init_scale: str = "absmax",
+        learn_bits: bool = True,
+        freeze_bits_at: float | None = None,
     ) -> None:
         self.schedule = GammaSchedule(gamma, gamma_warmup_steps, target_bits_per_weight)
-        self.config = QuantizationConfig(tuple(layer_types), tuple(include), tuple(exclude), init_bits, init_exponent)
+        self.config = QuantizationConfig(
+            layer_types=tuple(layer_types),
+            include=tuple(include),
+            exclude=tuple(exclude),
+            init_bits=init_bits,
+            init_exponent=init_exponent,
+            init_scale=init_scale,
+        )
+        if not isinstance(learn_bits, bool):
+            raise TypeError(f"learn_bits={learn_bits!r} must be True or False.")
+        if not learn_bits and (gamma != 0 or init_bits != int(init_bits) or freeze_bits_at is not None):
+            raise ValueError(
+                f"learn_bits=False is fixed-bit training at init_bits={init_bits}: it needs a whole init_bits, "
+                f"gamma=0 (got {gamma}) and no freeze_bits_at (got {freeze_bits_at}); the bits never move."
+            )
+        if freeze_bits_at is not None and not (
+            isinstance(freeze_bits_at, (int, float)) and not isinstance(freeze_bits_at, bool) and 0 < freeze_bits_at <= 1
+        ):
+            raise ValueError(f"freeze_bits_at={freeze_bits_at!r} must be a fraction of the run in (0, 1], or None.")
+        self.learn_bits = learn_bits
+        self.freeze_bits_at = freeze_bits_at
+        self.bits_frozen = False
         if quantizer_lr is not None and not (math.isfinite(quantizer_lr) and quantizer_lr > 0):
             raise ValueError(f"quantizer_lr={quantizer_lr} must be a finite number > 0, or None to use the group's.")
         if not (math.isfinite(quantizer_weight_decay) and quantizer_weight_decay >= 0):
@@ -63,6 +102,11 @@ class SelfCompression(Callback):
         self._bits_per_weight = float("nan")
         self._size_loss = float("nan")
         self._gamma = float("nan")
+
+    @property
+    def method(self) -> str:
+        """What this trains, for reports and plots."""
+        return "self-compression" if self.learn_bits else f"fixed {self.config.init_bits:g}-bit (LSQ)"
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -91,10 +135,23 @@ class SelfCompression(Callback):
                 "SelfCompression adds them in setup(), before configure_optimizers(); build the optimizer from "
                 "self.parameters() (or include every '*.weight_quantizer.*' parameter) so they are trained."
             )
+        if not self.learn_bits or self.bits_frozen:  # also after a resume in the whole-bit phase
+            freeze_bits(quantized_layers(pl_module))
         ours = quantizer_parameters(pl_module)
         self._overrides = [
             HyperparameterOverride(opt, ours, self.quantizer_lr, self.quantizer_weight_decay) for opt in trainer.optimizers
         ]
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.bits_frozen or self.freeze_bits_at is None:
+            return
+        if trainer.global_step >= self.freeze_bits_at * trainer.estimated_stepping_batches:
+            layers = self._current_size(pl_module).layers
+            snap_bits(layers)
+            freeze_bits(layers)
+            self.bits_frozen = True
+            self._gamma = self._size_loss = 0.0
 
     @override
     def on_before_optimizer_step(
@@ -103,16 +160,18 @@ class SelfCompression(Callback):
         # Called once per optimizer step, after the accumulated backward passes and after AMP unscaling.
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         size = self._current_size(pl_module)
-        bits = [m.weight_quantizer.bits for m in size.layers.values() if id(m.weight_quantizer.bits) in held]
+        bits = [b for m in size.layers.values() if id(b := m.weight_quantizer.bits) in held and b.requires_grad]
         if not bits:
             return
         self._check_finite(pl_module)
-        with torch.enable_grad(), torch.autocast(bits[0].device.type, enabled=False):
-            bits_per_weight = size.bits_per_weight()
-            self._bits_per_weight = bits_per_weight.item()
-            self._gamma = self.schedule.value(self._bits_per_weight)
-            loss = self._gamma * bits_per_weight
-            grads = torch.autograd.grad(loss, bits, allow_unused=True)
+        with torch.autocast(bits[0].device.type, enabled=False):
+            budget = self.schedule.target_bits_per_weight is not None  # held in whole bits: what the file stores
+            gamma = self.schedule.value(size.report().deployable_bits_per_weight) if budget else None
+            with torch.enable_grad():
+                bits_per_weight = size.bits_per_weight()
+                self._gamma = self.schedule.value(bits_per_weight.item()) if gamma is None else gamma
+                grads = torch.autograd.grad(self._gamma * bits_per_weight, bits, allow_unused=True)
+        self._bits_per_weight = bits_per_weight.item()
         for b, g in zip(bits, grads):
             if g is not None:
                 b.grad = g if b.grad is None else b.grad.add_(g)
@@ -130,17 +189,17 @@ class SelfCompression(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if math.isnan(self._bits_per_weight):
-            return
-        pl_module.log_dict(
-            {
-                "selfcompress/bits_per_weight": self._bits_per_weight,
-                "selfcompress/size_loss": self._size_loss,
-                "selfcompress/gamma": self._gamma,
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        metrics = {"selfcompress/size_loss": self._size_loss, "selfcompress/gamma": self._gamma}
+        if not math.isnan(self._bits_per_weight):
+            metrics["selfcompress/bits_per_weight"] = self._bits_per_weight
+        # The deployable size reads every quantized weight: only on the steps Lightning writes (a private flag, so
+        # every step where it is missing).
+        if getattr(trainer._logger_connector, "should_update_logs", True):
+            report = self._current_size(pl_module).report()
+            metrics["selfcompress/bits_per_weight"] = report.bits_per_weight
+            metrics["selfcompress/deployable_bits_per_weight"] = report.deployable_bits_per_weight
+            metrics["selfcompress/weights_kept"] = float(report.weights_kept)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -165,17 +224,24 @@ class SelfCompression(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.size is not None:
+            freeze_bits(self.size.layers, frozen=False)  # the model leaves the run as it came: every b trainable
         for override_ in self._overrides:
             override_.remove()
         self._overrides = []
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": self.schedule.state_dict(), "float_weights": self.size.float_weights if self.size else None}
+        return {
+            "schedule": self.schedule.state_dict(),
+            "float_weights": self.size.float_weights if self.size else None,
+            "bits_frozen": self.bits_frozen,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Restored after setup(): the weight count of the float network, which the model no longer has after surgery.
         self.schedule.load_state_dict(state_dict["schedule"])
+        self.bits_frozen = bool(state_dict.get("bits_frozen", False))
         if self.size is not None and state_dict.get("float_weights"):
             self.size.float_weights = int(state_dict["float_weights"])

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .atomic import atomic_path
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
-from .quant import QUANTIZED_CLASS, quantized_layers
+from .quant import QUANTIZED_CLASS, integer_weights, quantized_layers
 
 __all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights"]
 
@@ -88,20 +88,6 @@ class ExportResult:
             "activation_quantized": bool(self.activation_scales),
             "layers": [asdict(layer) for layer in self.layers],
         }
-
-
-@torch.no_grad()
-def integer_weights(module: nn.Module) -> tuple[Tensor, Tensor]:
-    """(integers, scale): the quantized layer's rounded values (a float tensor of whole numbers, dead channels 0) and
-    2^e per output channel (float32), so that integers * scale equals the quantized weight exactly."""
-    quantizer = module.weight_quantizer
-    weight = module.weight.detach().float()
-    bits, exponent = quantizer.bits.detach().float(), quantizer.exponent.detach().float()
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    high = torch.exp2(bits.relu() - 1).view(shape)
-    scaled = weight * torch.exp2(-exponent).view(shape)  # the same float32 operations as the quantizer's forward
-    integers = torch.clamp(scaled, -high, high - 1).round() * (bits > 0).view(shape)
-    return integers, torch.exp2(exponent)
 
 
 @contextlib.contextmanager

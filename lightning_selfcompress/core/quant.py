@@ -33,9 +33,13 @@ __all__ = [
     "QuantizedConv3d",
     "QuantizedLinear",
     "attach_quantizers",
+    "freeze_bits",
+    "integer_bits",
+    "integer_weights",
     "quantize",
     "quantized_layers",
     "quantizer_parameters",
+    "snap_bits",
 ]
 
 
@@ -98,6 +102,16 @@ def initial_exponent(weight: Tensor, bits: float) -> Tensor:
     return torch.log2(absmax / 2.0 ** (bits - 1))
 
 
+def lsq_exponent(weight: Tensor, bits: float) -> Tensor:
+    """Per output channel, log2 of LSQ's initial step (Esser et al., 2020): 2 mean|w| / sqrt(2^(b-1) - 1).
+
+    For a fixed low bit depth the step that spans the largest magnitude leaves most weights at 0; LSQ's step sits
+    near the bulk of the weights instead.
+    """
+    mean_abs = weight.detach().flatten(1).abs().mean(1).float().clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.log2(2 * mean_abs / math.sqrt(max(2.0 ** (bits - 1) - 1, 1.0)))
+
+
 class ChannelQuantizer(nn.Module):
     """Learned bit depth and exponent, one of each per output channel."""
 
@@ -111,6 +125,52 @@ class ChannelQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.bits.numel()}"
+
+
+@torch.no_grad()
+def integer_weights(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """(integers, scale): the quantized layer's rounded values (a float tensor of whole numbers, dead channels 0) and
+    2^e per output channel (float32), so that integers * scale equals the quantized weight exactly."""
+    quantizer = module.weight_quantizer
+    weight = module.weight.detach().float()
+    bits, exponent = quantizer.bits.detach().float(), quantizer.exponent.detach().float()
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    high = torch.exp2(bits.relu() - 1).view(shape)
+    scaled = weight * torch.exp2(-exponent).view(shape)  # the same float32 operations as the quantizer's forward
+    integers = torch.clamp(scaled, -high, high - 1).round() * (bits > 0).view(shape)
+    return integers, torch.exp2(exponent)
+
+
+def integer_bits(integers: Tensor) -> Tensor:
+    """Per output channel, the whole bits its integers need as signed two's complement: the smallest k with every
+    integer in [-2^(k-1), 2^(k-1) - 1], and 0 for a channel of zeros. This, not the real-valued b, is what a file
+    stores: b = 1.3 rounds to {-1, 0} (1 bit), b = 2.2 to {-2, ..., 1} (2 bits)."""
+    flat = integers.flatten(1)
+    need = torch.maximum(-flat.amin(1), flat.amax(1) + 1)  # 2^(k-1) must reach this
+    bits = torch.log2(need.clamp_min(1)).ceil() + 1
+    return torch.where(flat.abs().amax(1) > 0, bits, torch.zeros_like(bits))
+
+
+@torch.no_grad()
+def snap_bits(layers: dict[str, nn.Module]) -> None:
+    """Set every b to the whole bits its channel's integers need now (channels of zeros to 0 bits).
+
+    Rounding depends on b only through the integer range [-round(2^(b-1)), round(2^(b-1)) - 1], so a weight whose
+    integer stays inside the new range keeps it; a range such as [-3, 2] (b = 2.5, stored in 3 bits) widens to the
+    [-4, 3] those bits can hold, and only weights clamped at its ends can move. The size is then what is paid for.
+    """
+    for module in layers.values():
+        integers, _ = integer_weights(module)
+        module.weight_quantizer.bits.copy_(integer_bits(integers).to(module.weight_quantizer.bits))
+
+
+def freeze_bits(layers: dict[str, nn.Module], frozen: bool = True) -> None:
+    """Stop (or restart) training every b: optimizers skip a parameter without a gradient."""
+    for module in layers.values():
+        bits = module.weight_quantizer.bits
+        bits.requires_grad_(not frozen)
+        if frozen:
+            bits.grad = None
 
 
 class _QuantizedWeight:
@@ -150,6 +210,7 @@ QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QuantizedLinear,
 }
 _BY_NAME = {cls.__name__: cls for cls in QUANTIZED_CLASS}
+_INIT_SCALES = {"absmax": initial_exponent, "lsq": lsq_exponent}
 
 
 @dataclass(frozen=True)
@@ -159,8 +220,9 @@ class QuantizationConfig:
     `layer_types` names the float classes to quantize (exact types: a subclass may read its weight elsewhere, as
     MultiheadAttention's out_proj does, and would silently stay float). `include`/`exclude` are glob patterns
     on module names (`layer3.*`, `fc`). `init_bits` is where b starts; `init_exponent=None` picks, per channel,
-    the exponent at which the bit range spans the channel's largest magnitude, so at 8 bits the quantized network
-    starts within about 1% of the float one.
+    the exponent from `init_scale`: `"absmax"`, where the bit range spans the channel's largest magnitude (at 8 bits
+    the quantized network starts within about 1% of the float one), or `"lsq"`, LSQ's step from the mean magnitude
+    (better at a fixed 2 to 4 bits, where spanning the largest weight rounds most others to 0).
     """
 
     layer_types: Sequence[str] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
@@ -168,6 +230,7 @@ class QuantizationConfig:
     exclude: Sequence[str] = ()
     init_bits: float = 8.0
     init_exponent: float | None = None
+    init_scale: str = "absmax"
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.layer_types if t not in _BY_NAME]
@@ -177,6 +240,8 @@ class QuantizationConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name}={value} is not a finite number.")
+        if self.init_scale not in _INIT_SCALES:
+            raise ValueError(f"init_scale={self.init_scale!r} is not one of {sorted(_INIT_SCALES)}.")
         if self.init_bits <= 0:
             raise ValueError(f"init_bits={self.init_bits} would start every channel dead; use a value > 0 (8 is lossless).")
 
@@ -217,7 +282,7 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
         weight = module.weight
         exponent = config.init_exponent
         if exponent is None:
-            exponent = initial_exponent(weight, config.init_bits)
+            exponent = _INIT_SCALES[config.init_scale](weight, config.init_bits)
         quantizer = ChannelQuantizer(weight.shape[0], config.init_bits, exponent).to(weight.device)
         module.__class__ = QUANTIZED_CLASS[type(module)]
         module.add_module("weight_quantizer", quantizer)

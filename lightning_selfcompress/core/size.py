@@ -11,6 +11,10 @@ quantized). A dead producer emits a constant, which the next layer can fold into
 next layer's weights costs nothing: the paper's refinement, followed through the channel graph.
 
 The loss is gamma * bits / (weights of the original float network): gamma times the average bits per weight.
+
+The real-valued bits are the training signal; the size that counts is `deployable_bits`: per channel, the whole
+bits its stored integers need (`quant.integer_bits`), times the same weight counts. That is what a file packed at
+whole bits per channel holds, and what fixed-bit baselines are compared at.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .graph import input_sources
-from .quant import quantized_layers
+from .quant import integer_bits, integer_weights, quantized_layers
 
 __all__ = ["GammaSchedule", "LayerSize", "SizeModel", "SizeReport", "float_size_report"]
 
@@ -36,7 +40,11 @@ class LayerSize:
     weights: int
     weights_kept: int
     bits: float
-    storage_bits: int  # with each bit depth rounded up to a whole number, as a file stores it
+    deployable_bits: int  # whole bits per channel, as many as its stored integers need (`integer_bits`)
+
+    @property
+    def deployable_bits_per_weight(self) -> float:
+        return self.deployable_bits / self.weights if self.weights else 0.0
 
     @property
     def bits_per_weight(self) -> float:
@@ -48,13 +56,13 @@ class SizeReport:
     layers: list[LayerSize]
     float_weights: int
     bits: float = field(init=False)
-    storage_bits: int = field(init=False)
+    deployable_bits: int = field(init=False)
     weights_kept: int = field(init=False)
     channels: int = field(init=False)
     channels_alive: int = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("bits", "storage_bits", "weights_kept", "channels", "channels_alive"):
+        for name in ("bits", "deployable_bits", "weights_kept", "channels", "channels_alive"):
             object.__setattr__(self, name, sum(getattr(layer, name) for layer in self.layers))
 
     @property
@@ -66,8 +74,13 @@ class SizeReport:
         return math.ceil(self.bits / 8)
 
     @property
-    def storage_bytes(self) -> int:
-        return math.ceil(self.storage_bits / 8)
+    def deployable_bits_per_weight(self) -> float:
+        """The size that counts: whole bits per channel, per weight of the float network."""
+        return self.deployable_bits / self.float_weights
+
+    @property
+    def deployable_bytes(self) -> int:
+        return math.ceil(self.deployable_bits / 8)
 
     @property
     def float32_bytes(self) -> int:
@@ -81,11 +94,16 @@ class SizeReport:
         summary = {
             name: getattr(self, name)
             for name in (
-                "bits", "bits_per_weight", "size_bytes", "storage_bits", "storage_bytes", "float32_bytes",
+                "bits", "bits_per_weight", "size_bytes", "deployable_bits", "deployable_bits_per_weight",
+                "deployable_bytes", "float32_bytes",
                 "percent_of_float32", "float_weights", "weights_kept", "channels", "channels_alive",
             )
         }
-        summary["layers"] = [asdict(layer) | {"bits_per_weight": layer.bits_per_weight} for layer in self.layers]
+        summary["layers"] = [
+            asdict(layer)
+            | {"bits_per_weight": layer.bits_per_weight, "deployable_bits_per_weight": layer.deployable_bits_per_weight}
+            for layer in self.layers
+        ]
         return summary
 
 
@@ -188,7 +206,7 @@ class SizeModel:
                     weights=module.weight.numel(),
                     weights_kept=int((c * alive).sum()),
                     bits=float((b.relu() * c).sum()) + index,
-                    storage_bits=int((b.relu().ceil() * c).sum()) + int(index),
+                    deployable_bits=int((integer_bits(integer_weights(module)[0]) * c).sum()) + int(index),
                 )
             )
         return SizeReport(layers, self.float_weights)

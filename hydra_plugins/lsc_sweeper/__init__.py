@@ -1,0 +1,1 @@
+"""lightning_selfcompress's Hydra sweeper: random search over intervals (see `random_sweeper`)."""

@@ -1,0 +1,404 @@
+"""`lsc-pareto`: the accuracy-size Pareto front of a set of `lsc-train` runs, as two CSV files and a plot.
+
+    lsc-pareto outputs/multirun/2026-12-01_10-00-00 outputs/fmnist_baseline_cnn_float [--out PREFIX]
+        [--float-accuracy 0.912]
+
+Every `report.json` under the given folders is one run (a sweep's folder holds `<n>_<overrides>/report.json`, a
+single run's folder holds `report.json`). Runs that differ only in their seed form a group: a point of the plot at
+the group's mean, with the spread over seeds. Size is the deployable bits per weight (whole bits, what the exported
+file needs), since the real-valued bit depths are a training signal, not a size.
+
+`PREFIX.csv`, one row per run:
+    run_dir                     the folder of the run's report.json
+    method                      "float", "self-compression", "fixed 2-bit (LSQ)", ...
+    group                       the group's label: the overrides that tell it from the other groups
+    seed                        config.seed (empty when the report has none)
+    test_accuracy               fraction in [0, 1]
+    bits_per_weight             real-valued bit depths per weight of the float network (32 for float runs)
+    deployable_bits_per_weight  whole bits the stored integers need, per weight of the float network (32 for float)
+    weights_kept                weights left after pruning and surgery
+    float_weights               weights of the float network
+    weights_kept_fraction       weights_kept / float_weights
+    on_front                    whether the run's group is on the Pareto front
+
+`PREFIX_groups.csv`, one row per group:
+    group, method, n_seeds, seeds ("0 1 2")
+    accuracy_mean, accuracy_std (sample std over seeds; 0 for one seed), accuracy_min, accuracy_max
+    bits_per_weight_mean, deployable_bits_per_weight_mean, deployable_bits_per_weight_std,
+    weights_kept_fraction_mean
+    on_front                    no other group is at most as large (mean deployable bits per weight) and at least as
+                                accurate (mean test accuracy), and strictly one of the two
+    run_dirs                    the group's run folders, separated by " "
+
+`PREFIX.png`: accuracy against deployable bits per weight (log axis), and against the fraction of weights kept;
+groups at their mean with a std error bar and their seeds as faint dots, a marker and colour per method, the float
+baseline as a horizontal line with its min-max band, the front as a step line (compressed methods) and rings.
+
+The default PREFIX is `<first folder>/pareto`. Files are written through a temporary file and a rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .core.atomic import atomic_path
+
+__all__ = ["Group", "Run", "find_reports", "group_runs", "load_run", "main", "mark_front", "write_outputs"]
+
+FLOAT = "float"
+REQUIRED = ("test_accuracy", "bits_per_weight", "weights_kept", "float_weights", "config")
+# Config keys that say where or when a run wrote its files, or which seed it drew, and not what it trained: runs that
+# differ only in these are the same experiment.
+IGNORED_KEYS = {"seed", "report_path", "name", "init_from", "ckpt_path"}
+PATH_LIKE_KEY = re.compile(r"(path|dir|file|root)$", re.IGNORECASE)
+TIME_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}[_T ]?\d{2}[-:]\d{2}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One report.json, reduced to what the front needs."""
+
+    run_dir: Path
+    method: str
+    seed: int | None
+    test_accuracy: float
+    bits_per_weight: float
+    deployable_bits_per_weight: float
+    weights_kept: int
+    float_weights: int
+    settings: dict[str, Any]  # the flattened config without seeds, paths and times: equal within a group
+    overrides: list[str] | None  # .hydra/overrides.yaml without seed and paths, when the run has one
+
+    @property
+    def weights_kept_fraction(self) -> float:
+        return self.weights_kept / self.float_weights if self.float_weights else 0.0
+
+
+@dataclass
+class Group:
+    """Runs of one method and one configuration, differing only in their seed."""
+
+    method: str
+    runs: list[Run]
+    label: str = ""
+    on_front: bool = False
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [r.seed for r in self.runs]
+
+    def values(self, name: str) -> list[float]:
+        return [getattr(r, name) for r in self.runs]
+
+    def mean(self, name: str) -> float:
+        return statistics.fmean(self.values(name))
+
+    def std(self, name: str) -> float:
+        """The sample standard deviation over seeds; 0 for a single seed."""
+        values = self.values(name)
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return self.mean("test_accuracy")
+
+    @property
+    def size(self) -> float:
+        return self.mean("deployable_bits_per_weight")
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+def find_reports(dirs: Sequence[Path]) -> list[Path]:
+    """Every report.json under `dirs`, each once, in a stable order. Missing or empty folders are user errors."""
+    found: dict[Path, None] = {}
+    for directory in dirs:
+        if not directory.is_dir():
+            raise SystemExit(f"lsc-pareto: {directory} is not a folder: pass the folder of an lsc-train run or sweep.")
+        reports = sorted(directory.rglob("report.json"))
+        if not reports:
+            raise SystemExit(
+                f"lsc-pareto: no report.json under {directory}: pass the folder of an lsc-train run (it holds "
+                "report.json) or of a sweep (outputs/multirun/<date>/, whose runs each hold one)."
+            )
+        found.update(dict.fromkeys(p.resolve() for p in reports))
+    return list(found)
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values. An empty or null node stays a key, so that
+    `compression: null` (float) differs from a compression config."""
+    if not isinstance(config, dict) or not config:
+        return {prefix: config} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _ignored(key: str, value: Any = None) -> bool:
+    """A key that says where, when or with which seed a run ran, not what it trained."""
+    last = key.rsplit(".", 1)[-1]
+    if key.startswith("hydra.") or last in IGNORED_KEYS or PATH_LIKE_KEY.search(last):
+        return True
+    return isinstance(value, str) and bool(TIME_LIKE.search(value))
+
+
+def _read_overrides(run_dir: Path) -> list[str] | None:
+    """The run's command-line overrides (Hydra's .hydra/overrides.yaml) that say what it trained."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    import yaml  # Hydra's dependency
+
+    overrides = yaml.safe_load(path.read_text()) or []
+    return [o for o in map(str, overrides) if not _ignored(o.split("=", 1)[0].lstrip("+~"))]
+
+
+def _method(report: dict, config: dict, notes: set[str]) -> str:
+    if "method" in report:
+        return str(report["method"])
+    notes.add("'method' taken from config.compression (reports written before lsc-train recorded it)")
+    compression = config.get("compression")
+    if not compression:
+        return FLOAT
+    target = str(compression.get("_target_", "")).rsplit(".", 1)[-1]
+    return "self-compression" if target in ("", "SelfCompression") else target
+
+
+def _deployable(report: dict, notes: set[str]) -> float:
+    if "deployable_bits_per_weight" in report:
+        return float(report["deployable_bits_per_weight"])
+    for bits in ("deployable_bits", "storage_bits"):
+        if bits in report and report["float_weights"]:
+            notes.add(f"'deployable_bits_per_weight' taken as {bits} / float_weights (older reports)")
+            return report[bits] / report["float_weights"]
+    notes.add("'deployable_bits_per_weight' taken as bits_per_weight: the report has no whole-bit size (older reports)")
+    return float(report["bits_per_weight"])
+
+
+def load_run(path: Path, notes: set[str]) -> Run:
+    """One report.json. Fallbacks for reports older than a key are noted in `notes`, once per kind."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"lsc-pareto: cannot read {path}: {error}") from None
+    if not isinstance(report, dict):
+        raise SystemExit(f"lsc-pareto: {path} is not an lsc-train report: it holds no JSON object.")
+    for key in REQUIRED:
+        if key not in report:
+            raise SystemExit(f"lsc-pareto: {path} lacks the key {key!r}: it is not a whole lsc-train report.")
+    config = report["config"] if isinstance(report["config"], dict) else {}
+    flat = _flatten(config)
+    return Run(
+        run_dir=path.parent,
+        method=_method(report, config, notes),
+        seed=config.get("seed"),
+        test_accuracy=float(report["test_accuracy"]),
+        bits_per_weight=float(report["bits_per_weight"]),
+        deployable_bits_per_weight=_deployable(report, notes),
+        weights_kept=int(report["weights_kept"]),
+        float_weights=int(report["float_weights"]),
+        settings={k: v for k, v in flat.items() if not _ignored(k, v)},
+        overrides=_read_overrides(path.parent),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- groups, front
+
+
+def group_runs(runs: Iterable[Run]) -> list[Group]:
+    """Runs with the same method and settings form a group; each group gets a label that tells it from the rest."""
+    by_key: dict[str, Group] = {}
+    for run in runs:
+        key = json.dumps([run.method, run.settings], sort_keys=True, default=str)
+        by_key.setdefault(key, Group(run.method, [])).runs.append(run)
+    groups = list(by_key.values())
+    _label(groups)
+    return groups
+
+
+def _label(groups: list[Group]) -> None:
+    """A group's label is its overrides (else its settings as key=value) less those that all groups share."""
+
+    def items(g: Group) -> list[str]:
+        run = g.runs[0]
+        if run.overrides is not None:
+            return run.overrides
+        return [f"{k}={v}" for k, v in run.settings.items()]
+
+    all_items = [items(g) for g in groups]
+    shared = set.intersection(*map(set, all_items)) if all_items else set()
+    for g, own in zip(groups, all_items):
+        distinct = [i for i in own if i not in shared]
+        g.label = " ".join(distinct) if distinct else g.method
+
+
+def mark_front(groups: list[Group]) -> None:
+    """A group is on the front when no other group is at most as large and at least as accurate, one strictly.
+    The float baseline takes part too: it can only be on the front (nothing compressed is larger)."""
+    def dominates(o: Group, g: Group) -> bool:
+        return o.size <= g.size and o.accuracy >= g.accuracy and (o.size < g.size or o.accuracy > g.accuracy)
+
+    for g in groups:
+        g.on_front = not any(dominates(o, g) for o in groups if o is not g)
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _run_rows(groups: list[Group]) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_dir": str(r.run_dir), "method": r.method, "group": g.label, "seed": r.seed,
+            "test_accuracy": r.test_accuracy, "bits_per_weight": r.bits_per_weight,
+            "deployable_bits_per_weight": r.deployable_bits_per_weight, "weights_kept": r.weights_kept,
+            "float_weights": r.float_weights, "weights_kept_fraction": r.weights_kept_fraction, "on_front": g.on_front,
+        }  # fmt: skip
+        for g in groups
+        for r in g.runs
+    ]
+
+
+def _group_rows(groups: list[Group]) -> list[dict[str, Any]]:
+    return [
+        {
+            "group": g.label, "method": g.method, "n_seeds": len(g.runs), "seeds": " ".join(map(str, g.seeds)),
+            "accuracy_mean": g.accuracy, "accuracy_std": g.std("test_accuracy"),
+            "accuracy_min": min(g.values("test_accuracy")), "accuracy_max": max(g.values("test_accuracy")),
+            "bits_per_weight_mean": g.mean("bits_per_weight"), "deployable_bits_per_weight_mean": g.size,
+            "deployable_bits_per_weight_std": g.std("deployable_bits_per_weight"),
+            "weights_kept_fraction_mean": g.mean("weights_kept_fraction"), "on_front": g.on_front,
+            "run_dirs": " ".join(str(r.run_dir) for r in g.runs),
+        }  # fmt: skip
+        for g in groups
+    ]
+
+
+MARKERS = "osD^vP*Xph"
+
+
+def _float_baselines(groups: list[Group], float_accuracy: float | None) -> list[tuple[str, float, float, float]]:
+    """(label, mean, low, high) of each float baseline: the given accuracy, else each float group's seeds."""
+    if float_accuracy is not None:
+        return [("float (given)", float_accuracy, float_accuracy, float_accuracy)]
+    floats = [g for g in groups if g.method == FLOAT]
+    label = lambda g: FLOAT if g.label == FLOAT else f"float: {g.label}"  # noqa: E731
+    return [(label(g), g.accuracy, min(g.values("test_accuracy")), max(g.values("test_accuracy"))) for g in floats]
+
+
+def _plot(path: Path, groups: list[Group], float_accuracy: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    methods = sorted({g.method for g in groups}, key=lambda m: (m != FLOAT, m))
+    style = {m: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    panels = (("deployable_bits_per_weight", "deployable bits per weight (log)"),
+              ("weights_kept_fraction", "weights kept (fraction of the float network's)"))  # fmt: skip
+    for ax, (x, xlabel) in zip(axes, panels):
+        for method in methods:
+            colour, marker = style[method]
+            own = [g for g in groups if g.method == method]
+            seeds = [r for g in own for r in g.runs]
+            ax.scatter([getattr(r, x) for r in seeds], [100 * r.test_accuracy for r in seeds], color=colour,
+                       marker=marker, alpha=0.25, s=14, linewidths=0)  # fmt: skip
+            ax.errorbar([g.mean(x) for g in own], [100 * g.accuracy for g in own],
+                        yerr=[100 * g.std("test_accuracy") for g in own], xerr=[g.std(x) for g in own], color=colour,
+                        marker=marker, linestyle="none", capsize=3, label=f"{method} ({len(own)})")  # fmt: skip
+        front = [g for g in groups if g.on_front]
+        ax.scatter([g.mean(x) for g in front], [100 * g.accuracy for g in front], s=160, facecolors="none",
+                   edgecolors="black", linewidths=1.2, label="Pareto front" if x == panels[0][0] else None)  # fmt: skip
+        for label, mean, low, high in _float_baselines(groups, float_accuracy):
+            ax.axhline(100 * mean, color="grey", linestyle="--", linewidth=1, label=f"{label} {100 * mean:.2f}%")
+            if high > low:
+                ax.axhspan(100 * low, 100 * high, color="grey", alpha=0.15, linewidth=0)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    compressed_front = sorted((g for g in groups if g.on_front and g.method != FLOAT), key=lambda g: g.size)
+    if compressed_front:
+        axes[0].step([g.size for g in compressed_front], [100 * g.accuracy for g in compressed_front], where="post",
+                     color="black", linewidth=1, alpha=0.6)  # fmt: skip
+    axes[0].set_xscale("log")
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    n_runs = sum(len(g.runs) for g in groups)
+    fig.suptitle(f"Accuracy against size: {n_runs} runs in {len(groups)} groups (mean ± std over seeds), "
+                 f"{sum(g.on_front for g in groups)} on the Pareto front")  # fmt: skip
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)  # the temporary name has no .png suffix to infer it from
+    plt.close(fig)
+
+
+def write_outputs(prefix: Path, groups: list[Group], float_accuracy: float | None = None) -> list[Path]:
+    """PREFIX.csv (runs), PREFIX_groups.csv (groups) and PREFIX.png; returns their paths."""
+    paths = [prefix.with_name(prefix.name + suffix) for suffix in (".csv", "_groups.csv", ".png")]
+    _write_csv(paths[0], _run_rows(groups))
+    _write_csv(paths[1], _group_rows(groups))
+    _plot(paths[2], groups, float_accuracy)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------- command
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lsc-pareto",
+        description="The accuracy-size Pareto front of lsc-train runs: finds every report.json under the folders, "
+        "groups runs that differ only in their seed, writes PREFIX.csv, PREFIX_groups.csv and PREFIX.png.",
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, help="folders of lsc-train runs or sweeps (searched recursively)")
+    parser.add_argument("--out", type=Path, help="prefix of the files written (default: <first folder>/pareto)")
+    parser.add_argument(
+        "--float-accuracy", type=float, metavar="X",
+        help="the float baseline's test accuracy, 0.912 or 91.2 (default: the runs of method float)",
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script; user errors leave through SystemExit with a message, no traceback."""
+    args = _parse(argv)
+    float_accuracy = args.float_accuracy
+    if float_accuracy is not None and float_accuracy > 1:
+        float_accuracy /= 100  # given in percent
+    notes: set[str] = set()
+    runs = [load_run(path, notes) for path in find_reports(args.dirs)]
+    for note in sorted(notes):
+        print(f"lsc-pareto: warning: {note}", file=sys.stderr)
+    groups = group_runs(runs)
+    mark_front(groups)
+    prefix = args.out or args.dirs[0] / "pareto"
+    if prefix.suffix in (".csv", ".png"):
+        prefix = prefix.with_suffix("")
+    paths = write_outputs(prefix, groups, float_accuracy)
+    print(f"{len(runs)} runs in {len(groups)} groups; on the Pareto front (deployable bits per weight, accuracy):")
+    for g in sorted((g for g in groups if g.on_front), key=lambda g: g.size):
+        print(f"  {g.size:7.3f} bits  {100 * g.accuracy:6.2f}% ± {100 * g.std('test_accuracy'):.2f}  "
+              f"[{g.method}] {g.label} ({len(g.runs)} seeds)")  # fmt: skip
+    print("Wrote " + ", ".join(map(str, paths)))
+
+
+if __name__ == "__main__":
+    main()
