@@ -199,17 +199,21 @@ def load_run(path: Path, notes: set[str]) -> Run:
         if key not in report:
             raise SystemExit(f"lsc-pareto: {path} lacks the key {key!r}: it is not a whole lsc-train report.")
     config = report["config"] if isinstance(report["config"], dict) else {}
-    flat = _flatten(config)
+    try:
+        numbers = {key: float(report[key]) for key in REQUIRED if key != "config"}
+        deployable = _deployable(report, notes)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"lsc-pareto: {path} holds a size or accuracy that is not a number: {error}") from None
     return Run(
         run_dir=path.parent,
         method=_method(report, config, notes),
         seed=config.get("seed"),
-        test_accuracy=float(report["test_accuracy"]),
-        bits_per_weight=float(report["bits_per_weight"]),
-        deployable_bits_per_weight=_deployable(report, notes),
-        weights_kept=int(report["weights_kept"]),
-        float_weights=int(report["float_weights"]),
-        settings={k: v for k, v in flat.items() if not _ignored(k, v)},
+        test_accuracy=numbers["test_accuracy"],
+        bits_per_weight=numbers["bits_per_weight"],
+        deployable_bits_per_weight=deployable,
+        weights_kept=int(numbers["weights_kept"]),
+        float_weights=int(numbers["float_weights"]),
+        settings={k: v for k, v in _flatten(config).items() if not _ignored(k, v)},
         overrides=_read_overrides(path.parent),
     )
 
@@ -229,24 +233,31 @@ def group_runs(runs: Iterable[Run]) -> list[Group]:
 
 
 def _label(groups: list[Group]) -> None:
-    """A group's label is its overrides (else its settings as key=value) less those that all groups share."""
-
-    def items(g: Group) -> list[str]:
-        run = g.runs[0]
-        if run.overrides is not None:
-            return run.overrides
-        return [f"{k}={v}" for k, v in run.settings.items()]
-
-    all_items = [items(g) for g in groups]
-    shared = set.intersection(*map(set, all_items)) if all_items else set()
-    for g, own in zip(groups, all_items):
-        distinct = [i for i in own if i not in shared]
-        g.label = " ".join(distinct) if distinct else g.method
+    """A group's label tells it from the other groups of its method (the legend tells the methods apart): its
+    overrides less those that all of them share, else its settings that differ between them; else the method."""
+    for method in dict.fromkeys(g.method for g in groups):
+        same = [g.runs[0] for g in groups if g.method == method]
+        given = [set(r.overrides) for r in same if r.overrides is not None]
+        shared = set.intersection(*given) if given else set()
+        keys = dict.fromkeys(k for r in same for k in r.settings)
+        differ = [k for k in keys if len({json.dumps(r.settings.get(k, "<absent>"), default=str) for r in same}) > 1]
+        for g, run in zip((g for g in groups if g.method == method), same):
+            if run.overrides is not None:
+                items = [o for o in run.overrides if o not in shared]
+            else:
+                items = [f"{k}={run.settings[k]}" for k in differ if k in run.settings]
+            g.label = " ".join(items) or method
+    seen: dict[str, int] = {}
+    for g in groups:  # the same label twice (e.g. the same overrides over an edited config): number them
+        seen[g.label] = seen.get(g.label, 0) + 1
+        if seen[g.label] > 1:
+            g.label += f" #{seen[g.label]}"
 
 
 def mark_front(groups: list[Group]) -> None:
     """A group is on the front when no other group is at most as large and at least as accurate, one strictly.
     The float baseline takes part too: it can only be on the front (nothing compressed is larger)."""
+
     def dominates(o: Group, g: Group) -> bool:
         return o.size <= g.size and o.accuracy >= g.accuracy and (o.size < g.size or o.accuracy > g.accuracy)
 
@@ -265,31 +276,46 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _run_rows(groups: list[Group]) -> list[dict[str, Any]]:
-    return [
-        {
-            "run_dir": str(r.run_dir), "method": r.method, "group": g.label, "seed": r.seed,
-            "test_accuracy": r.test_accuracy, "bits_per_weight": r.bits_per_weight,
-            "deployable_bits_per_weight": r.deployable_bits_per_weight, "weights_kept": r.weights_kept,
-            "float_weights": r.float_weights, "weights_kept_fraction": r.weights_kept_fraction, "on_front": g.on_front,
-        }  # fmt: skip
-        for g in groups
-        for r in g.runs
-    ]
+    rows = []
+    for g in groups:
+        for r in g.runs:
+            rows.append({
+                "run_dir": str(r.run_dir),
+                "method": r.method,
+                "group": g.label,
+                "seed": r.seed,
+                "test_accuracy": r.test_accuracy,
+                "bits_per_weight": r.bits_per_weight,
+                "deployable_bits_per_weight": r.deployable_bits_per_weight,
+                "weights_kept": r.weights_kept,
+                "float_weights": r.float_weights,
+                "weights_kept_fraction": r.weights_kept_fraction,
+                "on_front": g.on_front,
+            })  # fmt: skip
+    return rows
 
 
 def _group_rows(groups: list[Group]) -> list[dict[str, Any]]:
-    return [
-        {
-            "group": g.label, "method": g.method, "n_seeds": len(g.runs), "seeds": " ".join(map(str, g.seeds)),
-            "accuracy_mean": g.accuracy, "accuracy_std": g.std("test_accuracy"),
-            "accuracy_min": min(g.values("test_accuracy")), "accuracy_max": max(g.values("test_accuracy")),
-            "bits_per_weight_mean": g.mean("bits_per_weight"), "deployable_bits_per_weight_mean": g.size,
+    rows = []
+    for g in groups:
+        accuracies = g.values("test_accuracy")
+        rows.append({
+            "group": g.label,
+            "method": g.method,
+            "n_seeds": len(g.runs),
+            "seeds": " ".join(map(str, g.seeds)),
+            "accuracy_mean": g.accuracy,
+            "accuracy_std": g.std("test_accuracy"),
+            "accuracy_min": min(accuracies),
+            "accuracy_max": max(accuracies),
+            "bits_per_weight_mean": g.mean("bits_per_weight"),
+            "deployable_bits_per_weight_mean": g.size,
             "deployable_bits_per_weight_std": g.std("deployable_bits_per_weight"),
-            "weights_kept_fraction_mean": g.mean("weights_kept_fraction"), "on_front": g.on_front,
+            "weights_kept_fraction_mean": g.mean("weights_kept_fraction"),
+            "on_front": g.on_front,
             "run_dirs": " ".join(str(r.run_dir) for r in g.runs),
-        }  # fmt: skip
-        for g in groups
-    ]
+        })  # fmt: skip
+    return rows
 
 
 MARKERS = "osD^vP*Xph"
@@ -299,20 +325,22 @@ def _float_baselines(groups: list[Group], float_accuracy: float | None) -> list[
     """(label, mean, low, high) of each float baseline: the given accuracy, else each float group's seeds."""
     if float_accuracy is not None:
         return [("float (given)", float_accuracy, float_accuracy, float_accuracy)]
-    floats = [g for g in groups if g.method == FLOAT]
-    label = lambda g: FLOAT if g.label == FLOAT else f"float: {g.label}"  # noqa: E731
-    return [(label(g), g.accuracy, min(g.values("test_accuracy")), max(g.values("test_accuracy"))) for g in floats]
+    baselines = []
+    for g in (g for g in groups if g.method == FLOAT):
+        label = FLOAT if g.label == FLOAT else f"float: {g.label}"
+        baselines.append((label, g.accuracy, min(g.values("test_accuracy")), max(g.values("test_accuracy"))))
+    return baselines
 
 
 def _plot(path: Path, groups: list[Group], float_accuracy: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: no global backend to switch, nothing to close; PNGs render with Agg.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
 
     methods = sorted({g.method for g in groups}, key=lambda m: (m != FLOAT, m))
     style = {m: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    fig = Figure(figsize=(13, 5.5))
+    axes = fig.subplots(1, 2, sharey=True)
     panels = (("deployable_bits_per_weight", "deployable bits per weight (log)"),
               ("weights_kept_fraction", "weights kept (fraction of the float network's)"))  # fmt: skip
     for ax, (x, xlabel) in zip(axes, panels):
@@ -322,9 +350,10 @@ def _plot(path: Path, groups: list[Group], float_accuracy: float | None) -> None
             seeds = [r for g in own for r in g.runs]
             ax.scatter([getattr(r, x) for r in seeds], [100 * r.test_accuracy for r in seeds], color=colour,
                        marker=marker, alpha=0.25, s=14, linewidths=0)  # fmt: skip
+            label = f"{method}: {len(own)} group{'s' * (len(own) > 1)}"
             ax.errorbar([g.mean(x) for g in own], [100 * g.accuracy for g in own],
                         yerr=[100 * g.std("test_accuracy") for g in own], xerr=[g.std(x) for g in own], color=colour,
-                        marker=marker, linestyle="none", capsize=3, label=f"{method} ({len(own)})")  # fmt: skip
+                        marker=marker, linestyle="none", capsize=3, label=label)  # fmt: skip
         front = [g for g in groups if g.on_front]
         ax.scatter([g.mean(x) for g in front], [100 * g.accuracy for g in front], s=160, facecolors="none",
                    edgecolors="black", linewidths=1.2, label="Pareto front" if x == panels[0][0] else None)  # fmt: skip
@@ -338,16 +367,16 @@ def _plot(path: Path, groups: list[Group], float_accuracy: float | None) -> None
     if compressed_front:
         axes[0].step([g.size for g in compressed_front], [100 * g.accuracy for g in compressed_front], where="post",
                      color="black", linewidth=1, alpha=0.6)  # fmt: skip
-    axes[0].set_xscale("log")
+    axes[0].set_xscale("log", base=2)  # sizes from a fraction of a bit to 32: whole bits fall on the ticks
+    axes[0].xaxis.set_major_formatter(FormatStrFormatter("%g"))
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="best")
     n_runs = sum(len(g.runs) for g in groups)
     fig.suptitle(f"Accuracy against size: {n_runs} runs in {len(groups)} groups (mean ± std over seeds), "
                  f"{sum(g.on_front for g in groups)} on the Pareto front")  # fmt: skip
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)  # the temporary name has no .png suffix to infer it from
-    plt.close(fig)
 
 
 def write_outputs(prefix: Path, groups: list[Group], float_accuracy: float | None = None) -> list[Path]:
@@ -390,13 +419,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     groups = group_runs(runs)
     mark_front(groups)
     prefix = args.out or args.dirs[0] / "pareto"
-    if prefix.suffix in (".csv", ".png"):
+    if prefix.is_dir():
+        prefix = prefix / "pareto"
+    elif prefix.suffix in (".csv", ".png"):
         prefix = prefix.with_suffix("")
     paths = write_outputs(prefix, groups, float_accuracy)
     print(f"{len(runs)} runs in {len(groups)} groups; on the Pareto front (deployable bits per weight, accuracy):")
     for g in sorted((g for g in groups if g.on_front), key=lambda g: g.size):
         print(f"  {g.size:7.3f} bits  {100 * g.accuracy:6.2f}% ± {100 * g.std('test_accuracy'):.2f}  "
-              f"[{g.method}] {g.label} ({len(g.runs)} seeds)")  # fmt: skip
+              f"[{g.method}] {g.label} ({len(g.runs)} seed{'s' * (len(g.runs) > 1)})")  # fmt: skip
     print("Wrote " + ", ".join(map(str, paths)))
 
 

@@ -37,18 +37,20 @@ def write_size_plot(metrics_csv: Path, png: Path) -> Path | None:
     series = _series(metrics_csv, (BITS, DEPLOYABLE, KEPT))
     if not series:
         return None
-    import matplotlib
+    # A Figure of its own, not pyplot's: inside a training process (or a notebook) no global backend is switched and
+    # nothing is left open; PNGs render with Agg.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    fig, (bits_ax, kept_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    bits_ax, kept_ax = fig.subplots(1, 2)
     for column, label in ((BITS, "real-valued (training signal)"), (DEPLOYABLE, "deployable (whole bits)")):
         if column in series:
             bits_ax.plot(*series[column], label=label)
     bits_ax.set(xlabel="step", ylabel="bits per weight", title="Bits per weight of the float network")
     if KEPT in series:
         kept_ax.plot(*series[KEPT], color="C2")
+    else:
+        kept_ax.text(0.5, 0.5, "not logged", transform=kept_ax.transAxes, ha="center", color="grey")
     kept_ax.set(xlabel="step", ylabel="weights kept", title="Weights kept")
     for ax in (bits_ax, kept_ax):
         ax.grid(True, alpha=0.3)
@@ -57,5 +59,4 @@ def write_size_plot(metrics_csv: Path, png: Path) -> Path | None:
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)  # the temporary name has no .png suffix to infer it from
-    plt.close(fig)
     return png

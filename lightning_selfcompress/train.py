@@ -16,6 +16,7 @@ from rich.console import Console
 from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
 from .core.size import float_size_report
 from .models import ImageClassifier
+from .plots import write_size_plot
 from .report import print_size_table, write_json
 
 
@@ -154,6 +155,7 @@ def run(cfg: DictConfig) -> dict:
     }
     if trainer.is_global_zero:
         path = write_json(cfg.report_path, report)
+        write_size_plot(out_dir / "csv" / "metrics.csv", out_dir / "size.png")  # bits and weights over training
         console = Console()
         if not compression:
             print_size_table(size, title="Float32 network: size per layer", console=console)

@@ -20,7 +20,6 @@ Hydra's plugin scan runs modules outside sys.modules, where dataclasses cannot r
 import itertools
 import math
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -76,7 +75,7 @@ class RandomSweeper(BasicSweeper):
     def split_arguments(self, overrides: List[Override], max_batch_size: Optional[int]) -> List[List[List[str]]]:
         """The jobs' overrides in batches: the product of the discrete sweeps and the trials. BasicSweeper.sweep
         calls this on the instance, so this replaces its static method of the same name."""
-        dims: "OrderedDict[str, list[list[str]]]" = OrderedDict()  # per key, its alternatives (each a list of k=v)
+        dims: Dict[str, List[List[str]]] = {}  # per key, in order, its alternatives (each a list of key=value)
         intervals: Dict[str, IntervalSweep] = {}
         for override in overrides:  # a later override of a key (the command line) replaces an earlier (params)
             key = override.get_key_element()

@@ -45,9 +45,10 @@ from torch import Tensor, nn
 from .atomic import atomic_path
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
-from .quant import QUANTIZED_CLASS, integer_weights, quantized_layers
+from .quant import QUANTIZED_CLASS, integer_bits, integer_weights, quantized_layers
 
-__all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights"]
+__all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights",
+           "stored_weight_bits"]
 
 FLOAT_CLASS = {quantized: plain for plain, quantized in QUANTIZED_CLASS.items()}
 INT_RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
@@ -76,6 +77,7 @@ class ExportResult:
     layers: list[LayerExport]
     file_bytes: int
     float_file_bytes: int  # the same network exported with float32 weights
+    weight_bits: int  # whole bits per channel that the file's integer weights need (`stored_weight_bits`)
     parity: Parity | None
     activation_scales: dict[str, float] = field(default_factory=dict)  # tensor -> per-tensor scale, when calibrated
 
@@ -84,10 +86,26 @@ class ExportResult:
             "path": str(self.path),
             "file_bytes": self.file_bytes,
             "float_file_bytes": self.float_file_bytes,
+            "weight_bits": self.weight_bits,
             "parity": asdict(self.parity) if self.parity else None,
             "activation_quantized": bool(self.activation_scales),
             "layers": [asdict(layer) for layer in self.layers],
         }
+
+
+def stored_weight_bits(model: onnx.ModelProto) -> int:
+    """The bits of the file's integer weights packed at whole bits per output channel: for each per-channel
+    DequantizeLinear of an integer initializer, each channel's `integer_bits` times its element count. This is what
+    `SizeReport.deployable_bits` predicts for the thinned network; ONNX itself stores them as int8 or int4."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        stored = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if stored is None or stored.data_type not in (TensorProto.INT8, TensorProto.INT4) or len(stored.dims) < 2:
+            continue  # activations, float layers
+        integers = torch.from_numpy(numpy_helper.to_array(stored).astype(np.int32)).float()
+        total += int((integer_bits(integers) * integers[0].numel()).sum())
+    return total
 
 
 @contextlib.contextmanager
@@ -360,4 +378,4 @@ def export_onnx(
         if keep_float is not None:  # only now: a failed export leaves no float copy either
             with atomic_path(keep_float) as float_tmp:
                 shutil.copyfile(float_path, float_tmp)
-    return ExportResult(path, reports, file_bytes, float_bytes, parity, scales)
+    return ExportResult(path, reports, file_bytes, float_bytes, stored_weight_bits(onnx_model), parity, scales)

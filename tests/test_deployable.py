@@ -1,0 +1,120 @@
+"""The size that counts (whole bits per channel), the fixed-bit baseline and the whole-bit phase, in real runs."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import onnx
+import pytest
+import torch
+
+from conftest import trainer_kwargs
+from lightning_selfcompress import CompressedExport, SelfCompression
+from lightning_selfcompress.core.export import stored_weight_bits
+from lightning_selfcompress.core.quant import (
+    QuantizationConfig,
+    attach_quantizers,
+    integer_bits,
+    integer_weights,
+    quantized_layers,
+    snap_bits,
+)
+from lightning_selfcompress.models import BaselineCNN, ImageClassifier
+
+
+def test_integer_bits_is_the_signed_width_of_each_channels_integers():
+    integers = torch.tensor([[-1.0, 0.0], [-2.0, 1.0], [0.0, 1.0], [-3.0, 2.0], [0.0, 0.0], [-128.0, 127.0], [4.0, 0]])
+    assert integer_bits(integers).tolist() == [1, 2, 2, 3, 0, 8, 4]
+
+
+@pytest.mark.parametrize("bits, width", [(1.3, 1), (1.58, 1), (1.6, 2), (2.2, 2), (2.5, 3), (4.0, 4)])
+def test_real_valued_bits_store_in_the_width_of_their_rounded_range(bits, width):
+    conv = torch.nn.Conv2d(1, 1, 1)
+    attach_quantizers(conv)
+    conv.weight.data = torch.linspace(-50, 50, 101).view(1, 1, 1, 101).expand(1, 1, 1, 101).reshape(1, 101, 1, 1)
+    conv.weight.data = conv.weight.data.view(1, 101, 1, 1)
+    conv.weight_quantizer.exponent.data.fill_(0.0)
+    conv.weight_quantizer.bits.data.fill_(bits)
+    assert integer_bits(integer_weights(conv)[0]).item() == width
+
+
+def test_snapping_keeps_every_integer_inside_its_new_range():
+    model = BaselineCNN(width=4)
+    attach_quantizers(model, QuantizationConfig(init_bits=2.0, init_scale="lsq"))
+    layers = quantized_layers(model)
+    for m in layers.values():
+        m.weight_quantizer.bits.data.uniform_(0.8, 3.0)
+    before = {n: integer_weights(m)[0] for n, m in layers.items()}
+    ends = {n: torch.exp2(m.weight_quantizer.bits.detach() - 1).round().view(-1, 1, 1, 1) for n, m in layers.items()}
+    snap_bits(layers)
+    for name, m in layers.items():
+        bits = m.weight_quantizer.bits
+        assert torch.equal(bits, bits.round()), "whole bits"
+        assert torch.equal(bits, integer_bits(before[name])), "as many as the integers needed"
+        after = integer_weights(m)[0]
+        held = (before[name] > -ends[name]) & (before[name] < ends[name] - 1)  # not clamped at an end of the old range
+        assert held.float().mean() > 0.2 and torch.equal(after[held], before[name][held])
+
+
+def test_fixed_bits_train_only_the_scales(tiny_fmnist, tmp_path):
+    module = ImageClassifier(BaselineCNN(width=4), lr=1e-3)
+    compression = SelfCompression(gamma=0.0, init_bits=2, init_scale="lsq", learn_bits=False, quantizer_lr=0.01)
+    layers_before = {}
+
+    class Spy(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            layers_before.update({n: m.weight_quantizer.exponent.detach().clone()
+                                  for n, m in quantized_layers(pl_module).items()})  # fmt: skip
+
+    pl.Trainer(callbacks=[compression, Spy()], **trainer_kwargs(tmp_path, max_steps=6)).fit(module, tiny_fmnist)
+    assert compression.method == "fixed 2-bit (LSQ)"
+    for name, m in quantized_layers(module).items():
+        assert torch.equal(m.weight_quantizer.bits, torch.full_like(m.weight_quantizer.bits, 2.0)), name
+        assert not torch.equal(m.weight_quantizer.exponent, layers_before[name]), f"{name}: the scale is learned"
+        assert m.weight_quantizer.bits.requires_grad, "b is trainable again after fit"
+    assert compression.last_report.deployable_bits_per_weight <= 2.0
+
+
+def test_fixed_bits_refuse_settings_that_would_move_them():
+    with pytest.raises(ValueError, match="learn_bits=False is fixed-bit training at init_bits=2.*gamma=0"):
+        SelfCompression(gamma=0.1, init_bits=2, learn_bits=False)
+    with pytest.raises(ValueError, match="needs a whole init_bits"):
+        SelfCompression(gamma=0.0, init_bits=2.5, learn_bits=False)
+    with pytest.raises(ValueError, match=r"freeze_bits_at=1.5 must be a fraction of the run in \(0, 1\]"):
+        SelfCompression(freeze_bits_at=1.5)
+    with pytest.raises(ValueError, match="init_scale='mean' is not one of"):
+        SelfCompression(init_scale="mean")
+
+
+@pytest.mark.slow
+def test_whole_bit_phase_exports_exactly_the_reported_deployable_size(tiny_fmnist, tmp_path):
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
+    compression = SelfCompression(gamma=0.5, init_bits=3.0, quantizer_lr=0.1, freeze_bits_at=0.5)
+    export = CompressedExport(tmp_path / "model.onnx", latency_batches=(1,), latency_runs=1, engine="never")
+    moved_while_frozen = []
+
+    class Spy(pl.Callback):
+        last: dict[str, torch.Tensor] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            now = {n: m.weight_quantizer.bits.detach().clone() for n, m in quantized_layers(pl_module).items()}
+            if compression.bits_frozen and self.last:
+                moved_while_frozen.extend(n for n, b in now.items() if b.shape == self.last[n].shape
+                                          and not torch.equal(b, self.last[n]))  # fmt: skip
+            self.last = now if compression.bits_frozen else {}
+
+    callbacks = [compression, Spy(), export]
+    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=24)).fit(module, tiny_fmnist)
+    report = compression.report(module)
+    assert compression.bits_frozen and not moved_while_frozen, "b fixed through the whole-bit phase"
+    for name, m in quantized_layers(module).items():
+        bits = m.weight_quantizer.bits
+        assert torch.equal(bits, bits.round()), f"{name}: whole bits"
+    # A dead channel's consumers would still store its inputs until the ChannelSurgeon cuts them: here none died.
+    assert report.channels_alive == report.channels
+    assert report.deployable_bits <= report.bits, "whole b: the integers need at most b bits"
+    file_bits = stored_weight_bits(onnx.load(str(tmp_path / "model.onnx")))
+    assert file_bits == report.deployable_bits
+    assert json.loads((tmp_path / "model.json").read_text())["weight_bits"] == report.deployable_bits
