@@ -66,22 +66,22 @@ def _export_line(e: dict) -> str:
     )
 
 
-def _load_weights(module: ImageClassifier, path: str) -> None:
+def _load_weights(module: ImageClassifier, path: str, option: str = "init_from") -> None:
     """A Lightning checkpoint of the module, or a plain state_dict of its network (torchvision's .pth files)."""
     if not Path(path).is_file():
         raise FileNotFoundError(
-            f"init_from={path!r} does not exist: give the path of a Lightning checkpoint (.ckpt) or of the network's "
+            f"{option}={path!r} does not exist: give the path of a Lightning checkpoint (.ckpt) or of the network's "
             "state_dict (e.g. torchvision's resnet50-0676ba61.pth)."
         )
     state = torch.load(path, map_location="cpu", weights_only=False)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(
-            f"init_from={path!r} holds no state_dict: give a Lightning checkpoint or a network's state_dict."
+            f"{option}={path!r} holds no state_dict: give a Lightning checkpoint or a network's state_dict."
         )
     if any(key.endswith((".weight_quantizer.bits", ".weight_mask")) for key in state):
         raise ValueError(
-            f"init_from={path!r} comes from a compressed or sparse run: start from a dense float one (trained with "
+            f"{option}={path!r} comes from a compressed or sparse run: start from a dense float one (trained with "
             "compression=float surgery=none sparsity=none), or continue that run with ckpt_path= instead."
         )
     if not any(key.startswith("net.") for key in state):
@@ -90,7 +90,7 @@ def _load_weights(module: ImageClassifier, path: str) -> None:
         module.load_state_dict(state)
     except RuntimeError as error:
         model = type(module.net).__name__
-        raise ValueError(f"init_from={path!r} does not fit model={model} as configured: {error}") from error
+        raise ValueError(f"{option}={path!r} does not fit model={model} as configured: {error}") from error
 
 
 def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
@@ -101,12 +101,19 @@ def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
             "permutation": permutation}
 
 
-def _distillation(cfg: DictConfig) -> Distillation | None:
-    """The teacher: the same network, float, with the weights of `distill.teacher` (a dense float run's checkpoint)."""
+def _distillation(cfg: DictConfig, datamodule: pl.LightningDataModule, out_dir: Path) -> Distillation | None:
+    """The teacher: the same network in float, from `distill.teacher` (a float run's checkpoint), or with
+    `distill.teacher=train` trained here first, with the same data, optimizer and steps (its log in `teacher/`)."""
     if not cfg.get("distill"):
         return None
-    teacher = ImageClassifier(instantiate(cfg.model), num_classes=cfg.model.num_classes)
-    _load_weights(teacher, cfg.distill.teacher)
+    teacher = ImageClassifier(instantiate(cfg.model), num_classes=cfg.model.num_classes, **cfg.optim)
+    if cfg.distill.teacher == "train":
+        logger = CSVLogger(out_dir, name="teacher", version="")
+        trainer = pl.Trainer(**{**cfg.trainer, "enable_checkpointing": False}, logger=logger, default_root_dir=out_dir)
+        trainer.fit(teacher, datamodule)
+        pl.seed_everything(cfg.seed, workers=True)  # the student starts as it would without a teacher
+    else:
+        _load_weights(teacher, cfg.distill.teacher, "distill.teacher")
     return Distillation(teacher, weight=cfg.distill.weight, temperature=cfg.distill.temperature)
 
 
@@ -121,6 +128,7 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.report_path).parent
     datamodule = instantiate(cfg.data)
+    distillation = _distillation(cfg, datamodule, out_dir)
     module = ImageClassifier(instantiate(cfg.model), num_classes=cfg.model.num_classes, **cfg.optim)
     if cfg.get("init_from"):
         _load_weights(module, cfg.init_from)
@@ -128,7 +136,6 @@ def run(cfg: DictConfig) -> dict:
     surgeon: ChannelSurgeon | None = instantiate(cfg.surgery) if cfg.get("surgery") else None
     sparsity: Sparsity24 | None = instantiate(cfg.sparsity) if cfg.get("sparsity") else None
     export: CompressedExport | None = instantiate(cfg.export) if cfg.get("export") else None
-    distillation = _distillation(cfg)
     trainer = pl.Trainer(
         **cfg.trainer,
         callbacks=[c for c in (compression, surgeon, sparsity, distillation, export) if c],

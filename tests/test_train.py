@@ -69,20 +69,40 @@ def test_main_job_writes_its_report(tmp_path, compression):
     report = run(cfg)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["test_accuracy"] == report["test_accuracy"] and 0.5 < report["test_accuracy"] <= 1.0
-    for key in ("bits_per_weight", "size_bytes", "float32_bytes", "weights_kept", "channels_alive", "layers"):
+    for key in ("bits_per_weight", "deployable_bits_per_weight", "size_bytes", "float32_bytes", "weights_kept",
+                "channels_alive", "layers", "method"):  # fmt: skip
         assert key in on_disk, key
+    assert on_disk["method"] == {"float": "float", "selfcompress": "self-compression"}[compression]
     assert on_disk["train_steps"] == 30 and len(on_disk["layers"]) == 5
     assert on_disk["float32_bytes"] == 4 * on_disk["float_weights"]
     if compression == "float":
         assert on_disk["bits_per_weight"] == 32
     else:
-        assert 1 < on_disk["bits_per_weight"] < 8
+        assert 1 < on_disk["bits_per_weight"] < 8 and 0 < on_disk["deployable_bits_per_weight"] < 8
+        assert (tmp_path / "size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "the size-over-training plot"
     assert not list(tmp_path.glob(".report.json.*")), "no temporary file left behind"
     export = on_disk["export"]
     assert (tmp_path / "model.onnx").is_file() and export["parity"]["max_rel"] <= 1e-4
     assert {r["storage"] for r in export["layers"]} == ({"float32"} if compression == "float" else {"int8"})
     surgery = on_disk["surgery"]
     assert surgery["channels_after"] <= surgery["channels_before"] == 8 + 8 + 16 + 16 + 10 and len(surgery["layers"]) == 5
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_a_distilled_job_trains_its_float_teacher_first_or_reads_one(tmp_path):
+    base = [*TINY, "trainer.max_steps=10", "export=none", "distill=float_teacher"]
+    trained = run(compose_job([*base, "distill.teacher=train", f"report_path={tmp_path}/a/report.json"]))
+    assert trained["method"] == "self-compression + distillation" and trained["train_steps"] == 10
+    assert (tmp_path / "a" / "teacher" / "hparams.yaml").is_file(), "the float teacher's run logs beside the student's"
+    teacher = run(compose_job([*TINY, "trainer.max_steps=10", "trainer.val_check_interval=5", "export=none", "compression=float",
+                               f"report_path={tmp_path}/t/report.json"]))  # fmt: skip
+    read = run(compose_job([*base, f"distill.teacher='{teacher['checkpoint']}'", f"report_path={tmp_path}/b/report.json"]))
+    assert read["method"] == "self-compression + distillation" and not (tmp_path / "b" / "teacher").exists()
+    with pytest.raises(ValueError, match="This configuration needs distill.teacher="):
+        run(compose_job([*base, f"report_path={tmp_path}/c/report.json"]))
+    with pytest.raises(FileNotFoundError, match="distill.teacher='missing.ckpt' does not exist"):
+        run(compose_job([*base, "distill.teacher=missing.ckpt", f"report_path={tmp_path}/d/report.json"]))
 
 
 @pytest.mark.slow
