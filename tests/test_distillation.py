@@ -44,7 +44,8 @@ def test_teacher_is_frozen_and_the_students_loss_gains_the_kl_term(tiny_fmnist, 
     spy = LossSpy()
     callbacks = [SelfCompression(gamma=0.1), Distillation(teacher, weight=2.0, temperature=3.0), spy]
     student = ImageClassifier(BaselineCNN(width=4), lr=1e-3)
-    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=4, precision=precision)).fit(student, tiny_fmnist)
+    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=4, precision=precision))
+    trainer.fit(student, tiny_fmnist)
     assert len(spy.rows) == 4
     for returned, task, distill in spy.rows:
         assert distill > 0 and returned == pytest.approx(task + distill, rel=1e-5)

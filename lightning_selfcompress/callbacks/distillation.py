@@ -30,7 +30,9 @@ class Distillation(Callback):
             LightningModule itself, whose `forward` the training step calls).
     """
 
-    def __init__(self, teacher: nn.Module, weight: float = 1.0, temperature: float = 4.0, student_module: str = "") -> None:
+    def __init__(
+        self, teacher: nn.Module, weight: float = 1.0, temperature: float = 4.0, student_module: str = ""
+    ) -> None:
         self._teacher, self.weight, self.temperature = teacher, weight, temperature
         Distiller(nn.Identity(), teacher, weight, temperature)  # validates now, not after setup
         self.student_module = student_module

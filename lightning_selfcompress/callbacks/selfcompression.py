@@ -83,9 +83,8 @@ class SelfCompression(Callback):
                 f"learn_bits=False is fixed-bit training at init_bits={init_bits}: it needs a whole init_bits, "
                 f"gamma=0 (got {gamma}) and no freeze_bits_at (got {freeze_bits_at}); the bits never move."
             )
-        if freeze_bits_at is not None and not (
-            isinstance(freeze_bits_at, (int, float)) and not isinstance(freeze_bits_at, bool) and 0 < freeze_bits_at <= 1
-        ):
+        fraction = isinstance(freeze_bits_at, (int, float)) and not isinstance(freeze_bits_at, bool)
+        if freeze_bits_at is not None and not (fraction and 0 < freeze_bits_at <= 1):
             raise ValueError(f"freeze_bits_at={freeze_bits_at!r} must be a fraction of the run in (0, 1], or None.")
         self.learn_bits = learn_bits
         self.freeze_bits_at = freeze_bits_at
