@@ -1,5 +1,6 @@
 """Plain PyTorch core: no Lightning import, usable from any training loop."""
 
+from .distill import Distiller, distillation_loss
 from .export import ExportError, ExportResult, export_onnx
 from .groups import ChannelGraph, GraphError
 from .onnx_rules import QuantizationRuleError, check_explicit_quantization
@@ -10,6 +11,8 @@ from .size import GammaSchedule, SizeModel, SizeReport, float_size_report
 from .surgery import Removal, Surgeon, SurgeryRecord, load_compressed
 
 __all__ = [
+    "Distiller",
+    "distillation_loss",
     "ExportError",
     "ExportResult",
     "Parity",
