@@ -148,6 +148,9 @@ def tiny_experiment(name: str, tmp_path: Path) -> list[str]:
     if name == "cifar10_resnet9":
         return [*common, f"data.data_dir={write_cifar10(tmp_path / 'cifar')}", "model.width=8", "data.batch_size=16",
                 "data.val_size=20", "trainer.val_check_interval=2", "surgery.every_n_steps=1"]  # fmt: skip
+    if name == "fashion_mnist_resnet9":
+        return [*common, "model.width=4", "data.batch_size=16", "+data.limit_train=64", "trainer.val_check_interval=2",
+                "surgery.every_n_steps=1"]  # fmt: skip
     raise AssertionError(f"experiment {name} has no tiny overrides here: add them so that it is tested")
 
 
