@@ -163,14 +163,14 @@ class SelfCompression(Callback):
         if not bits:
             return
         self._check_finite(pl_module)
-        with torch.autocast(bits[0].device.type, enabled=False):
+        with torch.enable_grad(), torch.autocast(bits[0].device.type, enabled=False):
+            bits_per_weight = size.bits_per_weight()
+            self._bits_per_weight = bits_per_weight.item()
             budget = self.schedule.target_bits_per_weight is not None  # held in whole bits: what the file stores
-            gamma = self.schedule.value(size.report().deployable_bits_per_weight) if budget else None
-            with torch.enable_grad():
-                bits_per_weight = size.bits_per_weight()
-                self._gamma = self.schedule.value(bits_per_weight.item()) if gamma is None else gamma
-                grads = torch.autograd.grad(self._gamma * bits_per_weight, bits, allow_unused=True)
-        self._bits_per_weight = bits_per_weight.item()
+            self._gamma = self.schedule.value(
+                size.report().deployable_bits_per_weight if budget else self._bits_per_weight
+            )
+            grads = torch.autograd.grad(self._gamma * bits_per_weight, bits, allow_unused=True)
         for b, g in zip(bits, grads):
             if g is not None:
                 b.grad = g if b.grad is None else b.grad.add_(g)
