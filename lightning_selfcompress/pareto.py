@@ -3,7 +3,7 @@
     lsc-pareto outputs/multirun/2026-12-01_10-00-00 outputs/fmnist_baseline_cnn_float [--out PREFIX]
         [--float-accuracy 0.912]
 
-Every `report.json` under the given folders is one run (a sweep's folder holds `<n>_<overrides>/report.json`, a
+Every `report.json` under the given folders is one run (a sweep's folder holds `<n>/report.json`, a
 single run's folder holds `report.json`). Runs that differ only in their seed form a group: a point of the plot at
 the group's mean, with the spread over seeds. Size is the deployable bits per weight (whole bits, what the exported
 file needs), since the real-valued bit depths are a training signal, not a size.

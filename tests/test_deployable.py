@@ -118,3 +118,25 @@ def test_whole_bit_phase_exports_exactly_the_reported_deployable_size(tiny_fmnis
     file_bits = stored_weight_bits(onnx.load(str(tmp_path / "model.onnx")))
     assert file_bits == report.deployable_bits
     assert json.loads((tmp_path / "model.json").read_text())["weight_bits"] == report.deployable_bits
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_the_whole_bit_phase_resumes_with_its_bits_frozen(tiny_fmnist, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0, verbose=False)
+    first = SelfCompression(gamma=0.5, init_bits=3.0, quantizer_lr=0.1, freeze_bits_at=0.5)
+    saver = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    kwargs = trainer_kwargs(tmp_path, max_steps=8, enable_checkpointing=True)
+    pl.Trainer(callbacks=[first, saver], **kwargs).fit(ImageClassifier(BaselineCNN(width=4)), tiny_fmnist)
+    assert first.bits_frozen
+    module = ImageClassifier(BaselineCNN(width=4))
+    resumed = SelfCompression(gamma=0.5, init_bits=3.0, quantizer_lr=0.1, freeze_bits_at=0.5)
+    kwargs = trainer_kwargs(tmp_path, max_steps=16, enable_checkpointing=True)
+    trainer = pl.Trainer(callbacks=[resumed, ModelCheckpoint(tmp_path / "ckpt2")], **kwargs)
+    checkpoint = torch.load(saver.last_model_path, map_location="cpu", weights_only=False)["state_dict"]
+    trainer.fit(module, tiny_fmnist, ckpt_path=saver.last_model_path)
+    assert resumed.bits_frozen, "the phase is part of the checkpoint"
+    for name, m in quantized_layers(module).items():
+        assert torch.equal(m.weight_quantizer.bits, checkpoint[f"{name}.weight_quantizer.bits"]), f"{name}: b stayed"
+        assert not torch.equal(m.weight, checkpoint[f"{name}.weight"]), f"{name}: the weights trained on"

@@ -68,7 +68,8 @@ def test_main_job_writes_its_report(tmp_path, compression):
                        f"export.path={tmp_path}/model.onnx", "export.latency_runs=3"])  # fmt: skip
     report = run(cfg)
     on_disk = json.loads((tmp_path / "report.json").read_text())
-    assert on_disk["test_accuracy"] == report["test_accuracy"] and 0.5 < report["test_accuracy"] <= 1.0
+    # 30 steps of a width-8 network: above chance (10%); from 2 bits the compressed one is near 30%
+    assert on_disk["test_accuracy"] == report["test_accuracy"] and 0.2 < report["test_accuracy"] <= 1.0
     for key in ("bits_per_weight", "deployable_bits_per_weight", "size_bytes", "float32_bytes", "weights_kept",
                 "channels_alive", "layers", "method"):  # fmt: skip
         assert key in on_disk, key
@@ -195,7 +196,9 @@ def test_an_interrupted_run_continues_from_its_checkpoint_as_if_uninterrupted(tm
     def job(folder: str, *overrides: str) -> dict:
         tiny = tiny_experiment("cifar10_resnet9", tmp_path / folder)
         every_epoch = ["trainer.max_steps=-1", "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1"]
-        return run(compose_job([*tiny, *every_epoch, "optim.schedule=constant", *overrides]))
+        # a constant learning rate and no whole-bit phase: both are fractions of the run, whose length differs here
+        fixed = ["optim.schedule=constant", "compression.freeze_bits_at=null"]
+        return run(compose_job([*tiny, *every_epoch, *fixed, *overrides]))
 
     whole = job("whole", "+trainer.max_epochs=2")
     first = job("first", "+trainer.max_epochs=1")
