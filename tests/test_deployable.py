@@ -32,8 +32,7 @@ def test_integer_bits_is_the_signed_width_of_each_channels_integers():
 def test_real_valued_bits_store_in_the_width_of_their_rounded_range(bits, width):
     conv = torch.nn.Conv2d(1, 1, 1)
     attach_quantizers(conv)
-    conv.weight.data = torch.linspace(-50, 50, 101).view(1, 1, 1, 101).expand(1, 1, 1, 101).reshape(1, 101, 1, 1)
-    conv.weight.data = conv.weight.data.view(1, 101, 1, 1)
+    conv.weight.data = torch.linspace(-50, 50, 101).view(1, 101, 1, 1)  # integers far past every range: all clamped
     conv.weight_quantizer.exponent.data.fill_(0.0)
     conv.weight_quantizer.bits.data.fill_(bits)
     assert integer_bits(integer_weights(conv)[0]).item() == width
@@ -133,10 +132,17 @@ def test_a_checkpoint_from_the_whole_bit_phase_resumes_with_its_bits_frozen(tiny
     module = ImageClassifier(BaselineCNN(width=4))
     resumed = SelfCompression(gamma=0.5, init_bits=3.0, quantizer_lr=0.1, freeze_bits_at=0.5)
     kwargs = trainer_kwargs(tmp_path, max_steps=16, enable_checkpointing=True)
-    trainer = pl.Trainer(callbacks=[resumed, ModelCheckpoint(tmp_path / "ckpt2")], **kwargs)
+    restored = []
+
+    class Spy(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):  # after the checkpoint's callback state, before any step
+            restored.append(resumed.bits_frozen and not any(
+                m.weight_quantizer.bits.requires_grad for m in quantized_layers(pl_module).values()))  # fmt: skip
+
+    trainer = pl.Trainer(callbacks=[resumed, Spy(), ModelCheckpoint(tmp_path / "ckpt2")], **kwargs)
     checkpoint = torch.load(saver.last_model_path, map_location="cpu", weights_only=False)["state_dict"]
     trainer.fit(module, tiny_fmnist, ckpt_path=saver.last_model_path)
-    assert resumed.bits_frozen, "the phase is part of the checkpoint"
+    assert restored == [True], "the phase is part of the checkpoint: b frozen from the first resumed step"
     for name, m in quantized_layers(module).items():
         assert torch.equal(m.weight_quantizer.bits, checkpoint[f"{name}.weight_quantizer.bits"]), f"{name}: b stayed"
         assert not torch.equal(m.weight, checkpoint[f"{name}.weight"]), f"{name}: the weights trained on"

@@ -33,10 +33,8 @@ class Distillation(Callback):
     def __init__(
         self, teacher: nn.Module, weight: float = 1.0, temperature: float = 4.0, student_module: str = ""
     ) -> None:
-        self._teacher, self.weight, self.temperature = teacher, weight, temperature
-        Distiller(nn.Identity(), teacher, weight, temperature)  # validates now, not after setup
+        self.distiller = Distiller(nn.Identity(), teacher, weight, temperature)  # the student is known at fit start
         self.student_module = student_module
-        self.distiller: Distiller | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -46,8 +44,8 @@ class Distillation(Callback):
             raise ValueError(
                 f"student_module={self.student_module!r} is not a submodule of {type(pl_module).__name__}: {error}"
             ) from error
-        self._teacher.to(device=pl_module.device, dtype=pl_module.dtype)
-        self.distiller = Distiller(student, self._teacher, self.weight, self.temperature)
+        self.distiller.student = student
+        self.distiller.teacher.to(device=pl_module.device, dtype=pl_module.dtype)
         user_step = pl_module.training_step
 
         @functools.wraps(user_step)
