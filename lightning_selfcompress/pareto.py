@@ -256,7 +256,7 @@ def _label(groups: list[Group]) -> None:
 
 def mark_front(groups: list[Group]) -> None:
     """A group is on the front when no other group is at most as large and at least as accurate, one strictly.
-    The float baseline takes part too: it can only be on the front (nothing compressed is larger)."""
+    The float baseline takes part too: it leaves the front when a smaller group is at least as accurate."""
 
     def dominates(o: Group, g: Group) -> bool:
         return o.size <= g.size and o.accuracy >= g.accuracy and (o.size < g.size or o.accuracy > g.accuracy)
