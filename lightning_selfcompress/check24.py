@@ -1,7 +1,7 @@
 """`lsc-check24 PATH`: which Conv/Linear weights of a model are 2:4-sparse along the axis TensorRT reads.
 
 PATH is an ONNX file (Conv weights [K, C, R, S]; Gemm and MatMul weights, transposed as the node reads them;
-weights behind a DequantizeLinear are read at its input) or a PyTorch checkpoint / state_dict (every 2-D or 4-D
+integer weights are read as stored, behind the DequantizeLinear or Cast+Mul that dequantizes them) or a PyTorch checkpoint / state_dict (every 2-D or 4-D
 `*.weight`, as Linear [out, in] and conv [K, C, R, S]).
 """
 
@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from .core.export import stored_weights
 from .core.sparsity import as_rows, is_24
 
 __all__ = ["WeightCheck", "check_onnx", "check_path", "check_state_dict", "main"]
@@ -50,10 +51,10 @@ def check_onnx(path: str | Path) -> list[WeightCheck]:
 
     model = onnx.load(str(path))
     initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    integers = {name: ints for name, (ints, _) in stored_weights(model).items()}
 
     def weight(name: str) -> np.ndarray | None:
-        return initializers.get(dequantized.get(name, name))
+        return integers[name] if name in integers else initializers.get(name)
 
     checks = []
     for node in model.graph.node:

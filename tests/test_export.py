@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from lightning_selfcompress.check24 import check_onnx
-from lightning_selfcompress.core.export import ExportError, export_onnx, integer_weights
+from lightning_selfcompress.core.export import ExportError, export_onnx, integer_weights, stored_weights
 from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.onnx_rules import QuantizationRuleError, check_explicit_quantization
 from lightning_selfcompress.core.parity import ParityError
@@ -28,15 +28,13 @@ from surgery_helpers import LARGE, ZOO, freeze_statistics
 
 
 def dequantized_initializers(path) -> dict[str, np.ndarray]:
-    """Layer name -> what each DequantizeLinear of a weight computes, in numpy float32 (int * scale per channel)."""
+    """Layer name -> what the file computes for each integer weight, in numpy float32 (int * scale per channel)."""
     model = onnx.load(str(path))
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            ints, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
-            out[node.name.removesuffix(".dequantize")] = ints * scale.reshape((-1,) + (1,) * (ints.ndim - 1))
-    return out
+    names = {n.output[0]: n.name.removesuffix(".dequantize") for n in model.graph.node}
+    return {
+        names[output]: ints.astype(np.float32) * scale.reshape((-1,) + (1,) * (ints.ndim - 1))
+        for output, (ints, scale) in stored_weights(model).items()
+    }
 
 
 def float_weight_of(path, layer: str) -> np.ndarray:
@@ -95,7 +93,12 @@ def test_initializers_dequantize_exactly_to_the_quantized_weights(tmp_path):
         assert np.array_equal(got, expected), name  # bit for bit, no tolerance
     assert not weights["a"][[0, 3]].any(), "dead channels are exact zeros"
     assert result.parity.max_rel < 1e-6
-    assert check_explicit_quantization(tmp_path / "net.onnx") == 2
+    assert check_explicit_quantization(tmp_path / "net.onnx") == 0, "weight-only: Cast+Mul, no Q/DQ node"
+    export_onnx(net, x, tmp_path / "qdq.onnx", calibration=[x], tolerance=None)
+    with_activations = dequantized_initializers(tmp_path / "qdq.onnx")
+    assert set(with_activations) == {"a", "c"}
+    assert all(np.array_equal(with_activations[name], weights[name]) for name in weights), "the same weights, as DQ"
+    assert check_explicit_quantization(tmp_path / "qdq.onnx") == 2 + 2 * 2, "a weight DQ and an input Q/DQ per layer"
 
 
 def test_int4_storage_where_every_integer_fits_four_bits(tmp_path):
@@ -117,7 +120,7 @@ def test_int4_storage_where_every_integer_fits_four_bits(tmp_path):
     for name, m in quantized_layers(net).items():
         assert np.array_equal(weights[name], m.weight_quantizer(m.weight).detach().numpy()), name
     session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
-    out = session.run(None, {"input": x.numpy()})[0]  # ONNX Runtime runs int4 DequantizeLinear on CPU
+    out = session.run(None, {"input": x.numpy()})[0]  # ONNX Runtime casts int4 on CPU
     np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-5, atol=1e-6)
     assert result.file_bytes < export_onnx(net, x, tmp_path / "int8.onnx").file_bytes
 
@@ -258,18 +261,27 @@ def test_parity_past_the_tolerance_is_a_clear_error_and_leaves_no_file(tmp_path)
         export_onnx(ConvLinear().double(), torch.randn(1, 3, 8, 8, dtype=torch.float64), tmp_path / "net.onnx")
 
 
-def test_onnx_runtime_folds_weight_only_dequantization_and_keeps_activation_qdq(tmp_path):
-    from lightning_selfcompress.core.parity import onnx_session
+def optimized_ops(path, tmp_path) -> list[str]:
+    """The ops ONNX Runtime runs for the file in a default session (its optimized graph, read back)."""
+    import onnxruntime
 
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_a_default_onnx_runtime_session_folds_weight_only_dequantization_at_load(tmp_path):
     net = ConvLinear()
     attach_quantizers(net)
     x = torch.randn(2, 3, 8, 8)
-    export_onnx(net, x, tmp_path / "weights.onnx")
+    export_onnx(net, x, tmp_path / "weights.onnx", float_path=tmp_path / "float.onnx")
+    assert {"Cast", "Mul"} <= {n.op_type for n in onnx.load(str(tmp_path / "weights.onnx")).graph.node}
+    assert optimized_ops(tmp_path / "weights.onnx", tmp_path) == optimized_ops(tmp_path / "float.onnx", tmp_path), (
+        "the int8 weights become float weights once, at load: the same kernels as the float file"
+    )
     export_onnx(net, x, tmp_path / "activations.onnx", calibration=[x], tolerance=None)
-    config = lambda path: onnx_session(path).get_session_options().get_session_config_entry  # noqa: E731
-    assert config(tmp_path / "weights.onnx")("session.disable_quant_qdq") == "1"
-    with pytest.raises(RuntimeError, match="does not have configuration"):  # not set: ORT keeps its QDQ handling
-        config(tmp_path / "activations.onnx")("session.disable_quant_qdq")
+    assert "DequantizeLinear" in optimized_ops(tmp_path / "activations.onnx", tmp_path), "Q/DQ kept for int8 kernels"
 
 
 def test_calibrating_a_model_without_quantized_layers_is_a_clear_error(tmp_path):

@@ -1,15 +1,21 @@
 """ONNX export of a self-compressed network, with each quantized layer's weight stored as the integers it trained with.
 
 The quantizer computes q = 2^e round(clamp(2^-e w, -2^(b-1), 2^(b-1)-1)) per output channel. The rounded values are
-integers; with b <= 8 they fit int8, so `DequantizeLinear(int8, scale=2^e, zero_point=0, axis=0)` gives back q bit
-for bit (one float32 product, the same one the quantizer computes). How it is built:
+integers; with b <= 8 they fit int8, and one float32 product per weight, integers times 2^e, gives back q bit for bit.
+How it is built:
 
 1. The legacy TorchScript exporter (`dynamo=False`) writes the network with each quantized layer swapped, for the
    duration of the export, back to its float class holding the dequantized weight q. BatchNorm is not folded into
    the preceding convolution (that would scale q off its integer grid).
 2. The graph is rewritten: each Conv/Gemm weight initializer that equals a quantized layer's q (matched by value,
-   the exporter's name preferred) becomes an int8 (or int4) initializer behind a per-output-channel
-   DequantizeLinear. Bias stays float.
+   the exporter's name preferred) becomes an int8 (or int4) initializer and that product, in one of two forms:
+   - weight-only (no activation quantization): `Mul(Cast(integers, float), scale)`. Every runtime folds this constant
+     subgraph into a float weight once, at load, so the file runs at the float network's speed in a default ONNX
+     Runtime session. (A `DequantizeLinear` would not be folded there: ONNX Runtime keeps it for its int8 fusions and
+     dequantizes on every call, 1.5x slower than float on the main job's network.)
+   - with activation quantization: `DequantizeLinear(integers, scale, zero_point=0, axis=0)` on the weight and a
+     per-tensor int8 Q/DQ pair on the layer's input, the pattern from which TensorRT and ONNX Runtime pick int8
+     kernels. Bias stays float.
 
 A layer whose integers do not all fit int8 (a channel above 8 bits) stays float32 as a whole, holding q exactly, and
 is reported so; so does a layer whose scale 2^e is not a positive normal float32. Optional: int4 storage (opset 21)
@@ -48,7 +54,7 @@ from .parity import Parity, check_parity
 from .quant import QUANTIZED_CLASS, integer_bits, integer_weights, quantized_layers
 
 __all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights",
-           "stored_weight_bits"]
+           "stored_weight_bits", "stored_weights"]
 
 FLOAT_CLASS = {quantized: plain for plain, quantized in QUANTIZED_CLASS.items()}
 INT_RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
@@ -93,17 +99,40 @@ class ExportResult:
         }
 
 
-def stored_weight_bits(model: onnx.ModelProto) -> int:
-    """The bits of the file's integer weights packed at whole bits per output channel: for each per-channel
-    DequantizeLinear of an integer initializer, each channel's `integer_bits` times its element count. This is what
-    `SizeReport.deployable_bits` predicts for the thinned network; ONNX itself stores them as int8 or int4."""
+def stored_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Dequantized weight tensor -> (its integers, the per-output-channel scale) for every integer weight the file
+    stores, in either form the export writes: `DequantizeLinear(integers, scale)` or `Mul(Cast(integers), scale)`."""
     initializers = {i.name: i for i in model.graph.initializer}
-    total = 0
-    for node in model.graph.node:
-        stored = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+
+    def integer(name: str) -> np.ndarray | None:
+        stored = initializers.get(name)
         if stored is None or stored.data_type not in (TensorProto.INT8, TensorProto.INT4) or len(stored.dims) < 2:
-            continue  # activations, float layers
-        integers = torch.from_numpy(numpy_helper.to_array(stored).astype(np.int32)).float()
+            return None  # activations, float layers
+        return numpy_helper.to_array(stored).astype(np.int32)
+
+    def constant(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(initializers[name]).reshape(-1) if name in initializers else None
+
+    cast = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and (ints := integer(node.input[0])) is not None:
+            found[node.output[0]] = ints, constant(node.input[1])
+        elif node.op_type == "Mul":
+            for data, scale in (node.input, reversed(node.input)):
+                ints = integer(cast[data]) if data in cast else None
+                if ints is not None and scale in initializers:
+                    found[node.output[0]] = ints, constant(scale)
+    return found
+
+
+def stored_weight_bits(model: onnx.ModelProto) -> int:
+    """The bits of the file's integer weights packed at whole bits per output channel: each channel's `integer_bits`
+    times its element count. This is what `SizeReport.deployable_bits` predicts for the thinned network; ONNX itself
+    stores them as int8 or int4."""
+    total = 0
+    for ints, _ in stored_weights(model).values():
+        integers = torch.from_numpy(ints).float()
         total += int((integer_bits(integers) * integers[0].numel()).sum())
     return total
 
@@ -219,8 +248,24 @@ def _storage(integers: Tensor, scale: Tensor, bits: Tensor, int4: bool) -> tuple
     return "float", f"{wide} channel(s) need more than 8 bits: the whole layer stays float32 (exact)"
 
 
+def _dequantize(name: str, storage: str, scale: Tensor, stored: str, output: str, as_qdq: bool) -> tuple[list, list]:
+    """(initializers, nodes) computing `output` = integers * scale per output channel from the initializer `stored`."""
+    as_type = NUMPY_TYPE[storage]
+    if as_qdq:  # the form runtimes fuse into int8 kernels, once the input is quantized too
+        initializers = [
+            numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}.weight_scale"),
+            numpy_helper.from_array(np.zeros(scale.numel(), as_type), f"{name}.weight_zero_point"),
+        ]
+        inputs = [stored, f"{name}.weight_scale", f"{name}.weight_zero_point"]
+        return initializers, [helper.make_node("DequantizeLinear", inputs, [output], name=f"{name}.dequantize", axis=0)]
+    return [numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}.weight_scale")], [
+        helper.make_node("Cast", [stored], [f"{name}.weight_cast"], name=f"{name}.cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{name}.weight_cast", f"{name}.weight_scale"], [output], name=f"{name}.dequantize"),
+    ]
+
+
 def _rewrite_weights(
-    model: onnx.ModelProto, layers: dict[str, nn.Module], weights: dict[str, np.ndarray], int4: bool
+    model: onnx.ModelProto, layers: dict[str, nn.Module], weights: dict[str, np.ndarray], int4: bool, as_qdq: bool
 ) -> list[LayerExport]:
     graph = model.graph
     matches = _match_layers(model, weights)
@@ -238,21 +283,14 @@ def _rewrite_weights(
         if storage == "float":
             continue
         scale = torch.where(bits > 0, scale, torch.ones_like(scale))  # a dead channel's integers are 0: any scale
-        stored, scale_name, zero_name = f"{name}.weight_{storage}", f"{name}.weight_scale", f"{name}.weight_zero_point"
-        as_type = NUMPY_TYPE[storage]
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(integers.numpy().astype(np.int8).astype(as_type), stored),
-                numpy_helper.from_array(scale.numpy().astype(np.float32), scale_name),
-                numpy_helper.from_array(np.zeros(integers.shape[0], as_type), zero_name),
-            ]
-        )
-        dequantized = f"{name}.weight_dequantized"
-        new_nodes.append(
-            helper.make_node(
-                "DequantizeLinear", [stored, scale_name, zero_name], [dequantized], name=f"{name}.dequantize", axis=0
-            )
-        )
+        if not as_qdq:
+            scale = scale.view((-1,) + (1,) * (integers.dim() - 1))  # broadcast over each channel's weights
+        stored, dequantized = f"{name}.weight_{storage}", f"{name}.weight_dequantized"
+        graph.initializer.append(numpy_helper.from_array(integers.numpy().astype(np.int8).astype(NUMPY_TYPE[storage]),
+                                                         stored))  # fmt: skip
+        initializers, nodes = _dequantize(name, storage, scale, stored, dequantized, as_qdq)
+        graph.initializer.extend(initializers)
+        new_nodes.extend(nodes)
         for node in matches[name]:
             node.input[1] = dequantized
     nodes = new_nodes + list(graph.node)  # their inputs are initializers: first is a valid topological order
@@ -364,7 +402,7 @@ def export_onnx(
             _export_float(model, example, float_path)
         float_bytes = float_path.stat().st_size
         onnx_model = onnx.load(str(float_path))
-        reports = _rewrite_weights(onnx_model, layers, weights, int4)
+        reports = _rewrite_weights(onnx_model, layers, weights, int4, as_qdq=calibration is not None)
         if int4 and any(r.storage == "int4" for r in reports):
             onnx_model = onnx.version_converter.convert_version(onnx_model, 21)
             del onnx_model.graph.value_info[:]  # shapes the converter inferred: optional, and not free
