@@ -1,9 +1,8 @@
 """`lsc-check24 PATH`: which Conv/Linear weights of a model are 2:4-sparse along the axis TensorRT reads.
 
 PATH is an ONNX file (Conv weights [K, C, R, S]; Gemm and MatMul weights, transposed as the node reads them;
-integer weights
-as stored, behind the DequantizeLinear or Cast+Mul that dequantizes them) or a PyTorch checkpoint / state_dict (every 2-D or 4-D
-`*.weight`, as Linear [out, in] and conv [K, C, R, S]).
+integer weights as stored, behind the DequantizeLinear or Cast+Mul that dequantizes them) or a PyTorch checkpoint /
+state_dict (every 2-D or 4-D `*.weight`, as Linear [out, in] and conv [K, C, R, S]).
 """
 
 from __future__ import annotations
