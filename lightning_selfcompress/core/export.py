@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from .atomic import atomic_path
+from .onnx_fold import fold_batchnorm
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import QUANTIZED_CLASS, integer_bits, integer_weights, quantized_layers
@@ -60,6 +62,7 @@ FLOAT_CLASS = {quantized: plain for plain, quantized in QUANTIZED_CLASS.items()}
 INT_RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
 NUMPY_TYPE = {"int8": np.int8, "int4": ml_dtypes.int4}  # onnx packs int4 two to a byte
 WEIGHT_OPS = ("Conv", "Gemm")
+COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten")  # f(q(x)) = q(f(x)) for symmetric int8 q
 OPSET = 20  # the legacy exporter's highest; int4 storage converts the file to 21
 
 
@@ -86,6 +89,7 @@ class ExportResult:
     weight_bits: int  # whole bits per channel that the file's integer weights need (`stored_weight_bits`)
     parity: Parity | None
     activation_scales: dict[str, float] = field(default_factory=dict)  # tensor -> per-tensor scale, when calibrated
+    folded_batchnorm: list[str] = field(default_factory=list)  # BatchNorm nodes folded into scales and biases
 
     def to_dict(self) -> dict:
         return {
@@ -95,6 +99,7 @@ class ExportResult:
             "weight_bits": self.weight_bits,
             "parity": asdict(self.parity) if self.parity else None,
             "activation_quantized": bool(self.activation_scales),
+            "folded_batchnorm": self.folded_batchnorm,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -328,12 +333,50 @@ def _calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[Ten
     return absmax
 
 
+def _insert_qdq(graph: onnx.GraphProto, tensor: str, readers: list[onnx.NodeProto], args: list[str], name: str) -> None:
+    """Q/DQ on `tensor` (scale and zero point `args`) for `readers`, right after the node that makes it."""
+    q = helper.make_node("QuantizeLinear", [tensor, *args], [f"{name}.quantized"], name=f"{name}.quantize")
+    dq = helper.make_node("DequantizeLinear", [f"{name}.quantized", *args], [f"{name}.dequantized"],
+                          name=f"{name}.dequantize")  # fmt: skip
+    for node in readers:
+        node.input[0] = f"{name}.dequantized"
+    position = next((k + 1 for k, node in enumerate(graph.node) if tensor in node.output), 0)
+    graph.node.insert(position, dq)
+    graph.node.insert(position, q)
+
+
+def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> None:
+    """Q/DQ on each quantized layer's output where it reaches the next layer's input Q only through ops that commute
+    with symmetric rounding (ReLU, MaxPool, reshapes): with that Q's scale, the added rounding changes no value, and
+    ONNX Runtime fuses DQ -> Conv -> Q into one integer kernel (QLinearConv)."""
+    readers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in graph.output}
+
+    def sole_reader(tensor: str) -> onnx.NodeProto | None:
+        values = [n for n in readers[tensor] if n.op_type != "Shape"]
+        return values[0] if len(values) == 1 and tensor not in outputs and values[0].input[0] == tensor else None
+
+    for layer in layers:
+        tensor = layer.output[0]
+        node = sole_reader(tensor)
+        while node is not None and node.op_type in COMMUTES_WITH_ROUNDING:
+            tensor = node.output[0]
+            node = sole_reader(tensor)
+        if node is not None and node.op_type == "QuantizeLinear" and tensor != layer.output[0]:
+            _insert_qdq(graph, layer.output[0], [sole_reader(layer.output[0])], list(node.input[1:]),
+                        f"{layer.name}.output")  # fmt: skip
+
+
 def _quantize_activations(model: onnx.ModelProto, batches: Iterable[Tensor]) -> dict[str, float]:
-    """Per-tensor symmetric int8 Q/DQ on the input of every node whose weight is dequantized; returns the scales."""
+    """Per-tensor symmetric int8 Q/DQ on the input of every node whose weight is dequantized, and on its output where
+    that is exact (`_quantize_outputs`); returns the input scales."""
     graph = model.graph
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    consumers = [n for n in graph.node if n.op_type in WEIGHT_OPS and n.input[1] in dequantized]
-    tensors = list(dict.fromkeys(n.input[0] for n in consumers))
+    layers = [n for n in graph.node if n.op_type in WEIGHT_OPS and n.input[1] in dequantized]
+    tensors = list(dict.fromkeys(n.input[0] for n in layers))
     if not tensors:
         raise ExportError(
             "calibration was given, but the model has no quantized layer to calibrate (activation Q/DQ goes on the "
@@ -349,17 +392,9 @@ def _quantize_activations(model: onnx.ModelProto, batches: Iterable[Tensor]) -> 
                 numpy_helper.from_array(np.array(0, np.int8), f"act{i}.zero_point"),
             ]
         )
-        args = [f"act{i}.scale", f"act{i}.zero_point"]
-        q = helper.make_node("QuantizeLinear", [t, *args], [f"act{i}.quantized"], name=f"act{i}.quantize")
-        dq = helper.make_node(
-            "DequantizeLinear", [f"act{i}.quantized", *args], [f"act{i}.dequantized"], name=f"act{i}.dequantize"
-        )
-        for node in consumers:
-            if node.input[0] == t:
-                node.input[0] = f"act{i}.dequantized"
-        position = next(k for k, node in enumerate(graph.node) if node.input and node.input[0] == f"act{i}.dequantized")
-        graph.node.insert(position, dq)
-        graph.node.insert(position, q)
+        readers = [n for n in layers if n.input[0] == t]
+        _insert_qdq(graph, t, readers, [f"act{i}.scale", f"act{i}.zero_point"], f"act{i}")
+    _quantize_outputs(graph, layers)
     return scales
 
 
@@ -403,6 +438,7 @@ def export_onnx(
         float_bytes = float_path.stat().st_size
         onnx_model = onnx.load(str(float_path))
         reports = _rewrite_weights(onnx_model, layers, weights, int4, as_qdq=calibration is not None)
+        folded = fold_batchnorm(onnx_model)
         if int4 and any(r.storage == "int4" for r in reports):
             onnx_model = onnx.version_converter.convert_version(onnx_model, 21)
             del onnx_model.graph.value_info[:]  # shapes the converter inferred: optional, and not free
@@ -416,4 +452,4 @@ def export_onnx(
         if keep_float is not None:  # only now: a failed export leaves no float copy either
             with atomic_path(keep_float) as float_tmp:
                 shutil.copyfile(float_path, float_tmp)
-    return ExportResult(path, reports, file_bytes, float_bytes, stored_weight_bits(onnx_model), parity, scales)
+    return ExportResult(path, reports, file_bytes, float_bytes, stored_weight_bits(onnx_model), parity, scales, folded)

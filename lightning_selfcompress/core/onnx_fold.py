@@ -1,0 +1,203 @@
+"""BatchNorm folded into the neighbouring convolution, in an exported ONNX graph, without leaving the integer grid.
+
+BatchNorm in eval mode is y = a x + t per channel (a = gamma / sqrt(var + eps), t = beta - a mean). Two places fold:
+
+- Conv -> BN: the convolution's per-channel weight scale and its bias take a (bias' = a (bias - mean) + beta).
+- Conv -> ReLU -> BN with every a > 0: a passes through the ReLU (relu(a z) = a relu(z)) into the scale and bias; the
+  shift t travels on through MaxPool (max(y + t) = max(y) + t) and a flattening Reshape into the next Conv/Gemm's
+  bias (W (y + t) = W y + W t), which must have no zero padding (padding would see 0, not t).
+
+Quantized layers keep their integers: only the scale next to them (`DequantizeLinear` or `Mul(Cast)`) changes, so
+the stored size does not move. A negative a stays a BatchNorm node (TensorRT needs positive scales, and a negative
+factor cannot pass a ReLU). Everything else is left as it is.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["fold_batchnorm"]
+
+SHIFT_TRANSPARENT = ("MaxPool", "Reshape", "Flatten")  # ops that carry a per-channel shift through unchanged
+SHAPE_ONLY = ("Shape",)  # consumers that read a tensor's shape, not its values
+
+
+class _Graph:
+    """Lookups over an ONNX graph that the folds edit in place."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.graph = model.graph
+        self.initializers = {i.name: i for i in self.graph.initializer}
+        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.outputs = {o.name for o in self.graph.output}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer, also through the Identity nodes the exporter writes for deduplicated ones."""
+        while name not in self.initializers and name in self.producer and self.producer[name].op_type == "Identity":
+            name = self.producer[name].input[0]
+        return numpy_helper.to_array(self.initializers[name]) if name in self.initializers else None
+
+    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
+        """The one node reading `name`'s values (shape reads aside), or None."""
+        readers = [n for n in self.consumers[name] if n.op_type not in SHAPE_ONLY]
+        return readers[0] if len(readers) == 1 and name not in self.outputs else None
+
+    def set_initializer(self, name: str, value: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(value.astype(np.float32), name)
+        if name in self.initializers:
+            self.initializers[name].CopyFrom(tensor)
+        else:
+            self.graph.initializer.append(tensor)
+            self.initializers[name] = self.graph.initializer[-1]
+
+
+class _Layer:
+    """A Conv or Gemm(transB=1) whose weight is a float initializer or integers times a per-channel scale initializer,
+    each used by this layer alone: its weight can be read and its output channels rescaled."""
+
+    def __init__(self, g: _Graph, node: onnx.NodeProto) -> None:
+        self.g, self.node = g, node
+        weight = node.input[1]
+        self.scale_name, self.integers = weight, None
+        source = g.producer.get(weight)
+        if source is not None and source.op_type in ("DequantizeLinear", "Mul"):
+            data, scale = source.input[0], source.input[1]
+            if source.op_type == "Mul":
+                data = next((i for i in source.input if i not in g.initializers), "")
+                scale = next((i for i in source.input if i in g.initializers), "")
+                cast = g.producer.get(data)
+                data = cast.input[0] if cast is not None and cast.op_type == "Cast" else ""
+            self.integers, self.scale_name = g.constant(data), scale
+        if self.scale_name not in g.initializers or len(g.consumers[weight]) != 1:
+            raise LookupError(f"{node.name}: its weight is not one layer's own constant")
+        if len(g.consumers[self.scale_name]) != 1:
+            raise LookupError(f"{node.name}: its weight scale is shared")
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        gemm = [attributes.get(k, default) for k, default in (("transA", 0), ("transB", 0), ("alpha", 1.0), ("beta", 1.0))]
+        if node.op_type == "Gemm" and gemm != [0, 1, 1.0, 1.0]:
+            raise LookupError(f"{node.name}: a Gemm other than x W^T + b")
+        padding = attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")
+        self.padded = padding or any(attributes.get("pads", [0]))
+
+    @property
+    def weight(self) -> np.ndarray:
+        scale = self.g.constant(self.scale_name)
+        if self.integers is None:
+            return scale.astype(np.float64)
+        return self.integers.astype(np.float64) * scale.reshape((-1,) + (1,) * (self.integers.ndim - 1))
+
+    @property
+    def bias(self) -> np.ndarray:
+        present = len(self.node.input) > 2 and self.node.input[2]
+        value = self.g.constant(self.node.input[2]) if present else None
+        return value.astype(np.float64) if value is not None else np.zeros(self.weight.shape[0])
+
+    def set_bias(self, bias: np.ndarray) -> None:
+        name = f"{self.node.name}.folded_bias"
+        self.g.set_initializer(name, bias)
+        if len(self.node.input) > 2:
+            self.node.input[2] = name
+        else:
+            self.node.input.append(name)
+
+    def scale_outputs(self, factor: np.ndarray) -> None:
+        """Multiply every output channel (weights and bias) by `factor` (> 0): the integers stay as they are."""
+        scale = self.g.constant(self.scale_name)
+        self.set_bias(self.bias * factor)
+        self.g.set_initializer(self.scale_name, scale * factor.reshape((-1,) + (1,) * (scale.ndim - 1)))
+
+
+def _layer(g: _Graph, node: onnx.NodeProto | None) -> _Layer | None:
+    if node is None or node.op_type not in ("Conv", "Gemm"):
+        return None
+    try:
+        return _Layer(g, node)
+    except LookupError:
+        return None
+
+
+def _shift_target(g: _Graph, tensor: str) -> _Layer | None:
+    """The unpadded layer that a per-channel shift added to `tensor` reaches as its input, through shift-transparent
+    ops only."""
+    node = g.sole_consumer(tensor)
+    while node is not None and node.input[0] == tensor and node.op_type in SHIFT_TRANSPARENT:
+        tensor = node.output[0]
+        node = g.sole_consumer(tensor)
+    layer = _layer(g, node) if node is not None and node.input[0] == tensor else None
+    return None if layer is None or layer.padded else layer
+
+
+def _fold_one(g: _Graph, bn: onnx.NodeProto) -> bool:
+    params = [g.constant(name) for name in bn.input[1:5]]
+    if any(p is None for p in params):
+        return False
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    a = gamma / np.sqrt(var + np.float32(epsilon))
+    shift = beta - a * mean
+    source = g.producer.get(bn.input[0])
+    if source is None or g.sole_consumer(bn.input[0]) is not bn or not np.all(a > 0):
+        return False
+    if source.op_type in ("Conv", "Gemm"):  # Conv -> BN
+        layer = _layer(g, source)
+        if layer is None:
+            return False
+        bias = layer.bias
+        layer.scale_outputs(a)
+        layer.set_bias(a * bias + shift)
+    elif source.op_type == "Relu":  # Conv -> ReLU -> BN: a into the conv, the shift into the next layer's bias
+        layer = _layer(g, g.producer.get(source.input[0]))
+        nxt = _shift_target(g, bn.output[0])
+        if layer is None or g.sole_consumer(source.input[0]) is not source or nxt is None:
+            return False
+        weight = nxt.weight
+        inputs = weight.shape[1]
+        if inputs % shift.size:
+            return False
+        spread = np.repeat(shift, inputs // shift.size)  # channel-major, as Reshape/Flatten of NCHW lay them out
+        correction = (weight.reshape(weight.shape[0], inputs, -1).sum(2) * spread).sum(1)
+        layer.scale_outputs(a)
+        nxt.set_bias(nxt.bias + correction)
+    else:
+        return False
+    for node in g.consumers[bn.output[0]]:  # BN's readers now read its input
+        for i, name in enumerate(node.input):
+            if name == bn.output[0]:
+                node.input[i] = bn.input[0]
+    g.graph.node.remove(bn)
+    return True
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nobody reads (the Identity copies of BatchNorm parameters) and unused initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [node for node in graph.node if not any(out in used for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
+    """Fold every BatchNormalization node of `model` that folds exactly (see the module docstring), in place; returns
+    the names of the folded nodes."""
+    folded = []
+    for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
+        if len(bn.output) == 1 and _fold_one(_Graph(model), bn):
+            folded.append(bn.name)
+    _prune(model.graph)
+    return folded
