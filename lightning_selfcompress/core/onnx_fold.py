@@ -81,7 +81,8 @@ class _Layer:
         if len(g.consumers[self.scale_name]) != 1:
             raise LookupError(f"{node.name}: its weight scale is shared")
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        gemm = [attributes.get(k, default) for k, default in (("transA", 0), ("transB", 0), ("alpha", 1.0), ("beta", 1.0))]
+        defaults = {"transA": 0, "transB": 0, "alpha": 1.0, "beta": 1.0}
+        gemm = [attributes.get(k, default) for k, default in defaults.items()]
         if node.op_type == "Gemm" and gemm != [0, 1, 1.0, 1.0]:
             raise LookupError(f"{node.name}: a Gemm other than x W^T + b")
         padding = attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")
