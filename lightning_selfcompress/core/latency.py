@@ -1,17 +1,22 @@
-"""Median latency of an ONNX file in ONNX Runtime on CPU, the reference runner of this machine."""
+"""Median latency of an ONNX file in ONNX Runtime on CPU, the reference runner of this machine, and the kernels it
+runs for each layer."""
 
 from __future__ import annotations
 
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from .parity import onnx_session
 
-__all__ = ["ort_latency_ms"]
+__all__ = ["INTEGER_KERNELS", "ort_kernels", "ort_latency_ms"]
+
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat")
 
 
 def ort_latency_ms(
@@ -38,3 +43,24 @@ def ort_latency_ms(
             times.append(1e3 * (time.perf_counter() - start))
         medians[batch] = statistics.median(times)
     return medians
+
+
+def ort_kernels(path: str | os.PathLike) -> dict[str, str]:
+    """Each Conv/Gemm/MatMul node of the file -> the op ONNX Runtime runs it as in a default session, read from the
+    optimized graph it writes (not assumed): an integer kernel such as "QLinearConv", the op itself, or "float (fused)"
+    where it became part of a node named after another (ONNX Runtime's float Conv+activation fusions)."""
+    import onnx
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as scratch:
+        options = onnxruntime.SessionOptions()
+        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+        onnxruntime.set_default_logger_severity(3)  # its note that the saved graph is specific to this CPU
+        onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = [(n.name, n.op_type) for n in onnx.load(options.optimized_model_filepath).graph.node]
+    kernels = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            same = [op for name, op in optimized if name == node.name or name.startswith(f"{node.name}_token")]
+            kernels[node.name] = same[0] if same else "float (fused)"
+    return kernels

@@ -1,0 +1,143 @@
+"""Deployed speed: our exported files against what a user would ship instead, in a default ONNX Runtime session.
+
+`python bench/deploy.py --run RUN_DIR [--float-run FLOAT_RUN_DIR] [--batches 1 64] [--quick]`
+
+Four files of the same network, timed side by side in one process on CPU (ONNX Runtime's default session options,
+random inputs, alternating rounds, the best of the rounds' medians):
+
+1. float: the float network as built, `torch.onnx.export` in eval mode (the legacy exporter, which folds a Conv's
+   BatchNorm into its weight), what a user exports without us;
+2. ORT int8: that file quantized by ONNX Runtime's own `quantize_static` (after `quant_pre_process`; QDQ format,
+   per-channel int8 weights, int8 activations calibrated on the same training images as ours);
+3. ours, weights: the run's compressed network, `export_onnx` (int8 weights folded at load, BatchNorm folded);
+4. ours, int8: the same with int8 activations calibrated on those images (Q/DQ where ONNX Runtime fuses them).
+
+The float network is the run's, rebuilt from its config (untrained: speed does not depend on the values), or the
+trained float run given with `--float-run`, in which case its test accuracy and that of its `quantize_static` file
+are measured too. Each row says how many of the file's convolutions ONNX Runtime runs as integer kernels (read from
+its optimized graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from lightning_selfcompress.core.export import export_onnx
+from lightning_selfcompress.core.latency import INTEGER_KERNELS, ort_kernels, ort_latency_ms
+from lightning_selfcompress.core.parity import onnx_session
+
+
+def load_run(path: str) -> tuple[nn.Module, nn.Module, object]:
+    """(the float network as built, the run's trained network, its datamodule)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lightning_selfcompress.core.surgery import load_compressed
+    from lightning_selfcompress.export_cli import find_checkpoint, find_run_config
+    from lightning_selfcompress.models import ImageClassifier
+
+    checkpoint = find_checkpoint(path)
+    cfg = OmegaConf.load(find_run_config(checkpoint, None))
+    float_net = ImageClassifier(instantiate(cfg.model), **cfg.optim).eval()
+    trained = load_compressed(ImageClassifier(instantiate(cfg.model), **cfg.optim), checkpoint).eval()
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    return float_net, trained, datamodule
+
+
+def plain_export(net: nn.Module, x: torch.Tensor, path: Path) -> None:
+    torch.onnx.export(net.eval(), (x,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})  # fmt: skip
+
+
+def ort_quantize_static(source: Path, path: Path, calibration: list[torch.Tensor]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": x.numpy()} for x in calibration])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = path.with_suffix(".pre.onnx")
+    quant_pre_process(str(source), str(prepared))
+    quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+
+
+def accuracy(path: Path, batches) -> float:
+    session = onnx_session(path)
+    right = total = 0
+    for x, y in batches:
+        right += int((session.run(None, {"input": x.numpy()})[0].argmax(1) == y.numpy()).sum())
+        total += len(y)
+    return right / total
+
+
+def integer_share(path: Path) -> str:
+    kernels = ort_kernels(path)
+    return f"{sum(k in INTEGER_KERNELS for k in kernels.values())}/{len(kernels)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="an lsc-train run directory or checkpoint (the compressed model)")
+    parser.add_argument("--float-run", help="a trained float lsc-train run of the same network (for accuracies)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--calibration-batches", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="few runs and rounds, no accuracy (a smoke run)")
+    args = parser.parse_args()
+    runs, rounds = (5, 1) if args.quick else (100, 5)
+    console = Console(width=200)
+    console.print(f"load average before: {os.getloadavg()}, {os.cpu_count()} cores, torch {torch.__version__}")
+
+    float_net, ours, datamodule = load_run(args.run)
+    if args.float_run:
+        float_net = load_run(args.float_run)[1]
+    train = iter(datamodule.train_dataloader())
+    calibration = [next(train)[0] for _ in range(args.calibration_batches)]
+    x = calibration[0][:2]
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {key: Path(scratch) / f"{key}.onnx" for key in ("float", "ORT int8", "ours, weights", "ours, int8")}
+        plain_export(float_net, x, files["float"])
+        ort_quantize_static(files["float"], files["ORT int8"], calibration)
+        export_onnx(ours, x, files["ours, weights"])
+        export_onnx(ours, x, files["ours, int8"], calibration=calibration, tolerance=None)
+        best = {key: dict.fromkeys(args.batches, float("inf")) for key in files}
+        shape = tuple(x.shape[1:])
+        for _ in range(rounds):  # alternate, so that drift in machine speed hits every file alike
+            for key, path in files.items():
+                for b, ms in ort_latency_ms(path, shape, args.batches, runs=runs, warmup=5).items():
+                    best[key][b] = min(best[key][b], ms)
+        trained = {"ours, weights", "ours, int8"} | ({"float", "ORT int8"} if args.float_run else set())
+        test = None if args.quick else list(datamodule.test_dataloader())
+        table = Table(title=f"ONNX Runtime CPU, default session, median ms per batch (best of {rounds} rounds of {runs})")
+        for column in ("file", "bytes", "integer kernels", "test accuracy",
+                       *(f"batch {b}" for b in args.batches), *(f"speed-up, batch {b}" for b in args.batches)):  # fmt: skip
+            table.add_column(column, justify="left" if column == "file" else "right")
+        for key, path in files.items():
+            acc = f"{accuracy(path, test):.2%}" if test is not None and key in trained else ""
+            table.add_row(key, f"{path.stat().st_size:,}", integer_share(path), acc,
+                          *(f"{best[key][b]:.3f}" for b in args.batches),
+                          *(f"{best['float'][b] / best[key][b]:.2f}x" for b in args.batches))  # fmt: skip
+        console.print(table)
+        graph = onnx.load(str(files["ours, int8"])).graph
+        console.print(f"ours, int8: {np.sum([n.op_type == 'QuantizeLinear' for n in graph.node])} QuantizeLinear nodes; "
+                      f"kernels per layer: {ort_kernels(files['ours, int8'])}")  # fmt: skip
+    console.print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
