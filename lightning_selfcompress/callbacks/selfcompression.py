@@ -48,6 +48,9 @@ class SelfCompression(Callback):
         freeze_bits_at: the whole-bit phase: after this fraction of the run's optimizer steps, each b is set to the
             whole bits its channel's integers need and frozen, and the size term stops; weights and scales train on
             at exactly the deployable size. None: bits train to the end.
+        int8_activations: also quantize each layer's input to int8 with a learned per-tensor step (LSQ), so that the
+            exported file runs integer kernels (TensorRT, ONNX Runtime's QLinearConv) at the accuracy it trained with,
+            without calibration.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class SelfCompression(Callback):
         init_scale: str = "absmax",
         learn_bits: bool = True,
         freeze_bits_at: float | None = None,
+        int8_activations: bool = False,
     ) -> None:
         self.schedule = GammaSchedule(gamma, gamma_warmup_steps, target_bits_per_weight)
         self.config = QuantizationConfig(
@@ -75,6 +79,7 @@ class SelfCompression(Callback):
             init_bits=init_bits,
             init_exponent=init_exponent,
             init_scale=init_scale,
+            int8_activations=int8_activations,
         )
         if not isinstance(learn_bits, bool):
             raise TypeError(f"learn_bits={learn_bits!r} must be True or False.")

@@ -63,6 +63,7 @@ INT_RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
 NUMPY_TYPE = {"int8": np.int8, "int4": ml_dtypes.int4}  # onnx packs int4 two to a byte
 WEIGHT_OPS = ("Conv", "Gemm")
 COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten")  # f(q(x)) = q(f(x)) for symmetric int8 q
+TRAINED_ACTIVATION_TOLERANCE = 1e-2  # the least parity tolerance of a model trained with int8 activations
 OPSET = 20  # the legacy exporter's highest; int4 storage converts the file to 21
 
 
@@ -270,8 +271,10 @@ def _dequantize(name: str, storage: str, scale: Tensor, stored: str, output: str
 
 
 def _rewrite_weights(
-    model: onnx.ModelProto, layers: dict[str, nn.Module], weights: dict[str, np.ndarray], int4: bool, as_qdq: bool
-) -> list[LayerExport]:
+    model: onnx.ModelProto, layers: dict[str, nn.Module], weights: dict[str, np.ndarray], int4: bool, qdq: set[str]
+) -> tuple[list[LayerExport], dict[str, list[onnx.NodeProto]]]:
+    """Integer weights in place of the float ones; those of the layers in `qdq` behind a DequantizeLinear (their input
+    will be quantized too), the others behind Mul(Cast). Returns the reports and each layer's Conv/Gemm nodes."""
     graph = model.graph
     matches = _match_layers(model, weights)
     new_nodes, reports = [], []
@@ -288,6 +291,7 @@ def _rewrite_weights(
         if storage == "float":
             continue
         scale = torch.where(bits > 0, scale, torch.ones_like(scale))  # a dead channel's integers are 0: any scale
+        as_qdq = name in qdq
         if not as_qdq:
             scale = scale.view((-1,) + (1,) * (integers.dim() - 1))  # broadcast over each channel's weights
         stored, dequantized = f"{name}.weight_{storage}", f"{name}.weight_dequantized"
@@ -302,7 +306,7 @@ def _rewrite_weights(
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused_initializers(graph)
-    return reports
+    return reports, matches
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
@@ -370,32 +374,41 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
                         f"{layer.name}.output")  # fmt: skip
 
 
-def _quantize_activations(model: onnx.ModelProto, batches: Iterable[Tensor]) -> dict[str, float]:
-    """Per-tensor symmetric int8 Q/DQ on the input of every node whose weight is dequantized, and on its output where
-    that is exact (`_quantize_outputs`); returns the input scales."""
+def _quantize_activations(
+    model: onnx.ModelProto, layers: list[onnx.NodeProto], trained: dict[str, float], batches: Iterable[Tensor] | None
+) -> dict[str, float]:
+    """Per-tensor symmetric int8 Q/DQ on the input of each of `layers`: with its trained scale where `trained` (node
+    name -> scale) has one, else calibrated on `batches`; and on its output where that is exact (`_quantize_outputs`).
+    Returns the scale of each quantized input tensor."""
     graph = model.graph
-    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    layers = [n for n in graph.node if n.op_type in WEIGHT_OPS and n.input[1] in dequantized]
-    tensors = list(dict.fromkeys(n.input[0] for n in layers))
-    if not tensors:
+    if not layers:
         raise ExportError(
             "calibration was given, but the model has no quantized layer to calibrate (activation Q/DQ goes on the "
             "input of each layer stored as int8/int4). Attach quantizers (SelfCompression) first, or export without "
             "calibration (calibrate_batches=0)."
         )
-    absmax = _calibrate(model, tensors, batches)
-    scales = {t: max(absmax[t], 1e-12) / 127.0 for t in tensors}
-    for i, t in enumerate(tensors):
+    untrained = list(dict.fromkeys(n.input[0] for n in layers if n.name not in trained))
+    absmax = _calibrate(model, untrained, batches) if untrained else {}
+    scale_of = {n.name: trained.get(n.name) or max(absmax[n.input[0]], 1e-12) / 127.0 for n in layers}
+    groups: dict[tuple[str, float], list[onnx.NodeProto]] = defaultdict(list)
+    for node in layers:
+        groups[node.input[0], scale_of[node.name]].append(node)
+    for i, ((tensor, scale), readers) in enumerate(groups.items()):
         graph.initializer.extend(
             [
-                numpy_helper.from_array(np.array(scales[t], np.float32), f"act{i}.scale"),
+                numpy_helper.from_array(np.array(scale, np.float32), f"act{i}.scale"),
                 numpy_helper.from_array(np.array(0, np.int8), f"act{i}.zero_point"),
             ]
         )
-        readers = [n for n in layers if n.input[0] == t]
-        _insert_qdq(graph, t, readers, [f"act{i}.scale", f"act{i}.zero_point"], f"act{i}")
+        _insert_qdq(graph, tensor, readers, [f"act{i}.scale", f"act{i}.zero_point"], f"act{i}")
     _quantize_outputs(graph, layers)
-    return scales
+    return {tensor: scale for tensor, scale in groups}
+
+
+def _by_name(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The graph's own node objects for `nodes` (a version conversion copies the graph), in graph order."""
+    names = {n.name for n in nodes}
+    return [n for n in model.graph.node if n.name in names]
 
 
 def export_onnx(
@@ -414,9 +427,13 @@ def export_onnx(
     Args:
         example_input: one input batch; the batch dimension is dynamic in the file.
         int4: store layers whose integers all fit [-8, 7] as int4 (opset 21; ONNX Runtime only); the others as int8.
-        calibration: input batches; when given, each quantized layer's input gets a per-tensor int8 Q/DQ pair.
+        calibration: input batches; when given, each quantized layer's input gets a per-tensor int8 Q/DQ pair. Layers
+            trained with int8 inputs (an `input_quantizer`) get one with their trained scale in any case.
         parity_inputs: batches on which ONNX Runtime and PyTorch are compared (default: `example_input`).
         tolerance: the largest relative error (max |ort - torch| / max |torch|) accepted; None: measure, never fail.
+            A model trained with int8 activations is held to at least 1e-2: ONNX Runtime's and TensorRT's integer
+            kernels round each bias to the int32 grid of input scale x weight scale, and folded BatchNorms move it,
+            which its training did not simulate.
         float_path: where to keep the same network exported with float32 weights (for comparisons); default: not kept.
     """
     path, keep_float = Path(path), float_path
@@ -437,16 +454,25 @@ def export_onnx(
             _export_float(model, example, float_path)
         float_bytes = float_path.stat().st_size
         onnx_model = onnx.load(str(float_path))
-        reports = _rewrite_weights(onnx_model, layers, weights, int4, as_qdq=calibration is not None)
-        folded = fold_batchnorm(onnx_model)
+        trained = {name: m.input_quantizer.scale for name, m in layers.items() if "input_quantizer" in m._modules}
+        qdq = set(layers) if calibration is not None else set(trained)
+        reports, matches = _rewrite_weights(onnx_model, layers, weights, int4, qdq)
         if int4 and any(r.storage == "int4" for r in reports):
             onnx_model = onnx.version_converter.convert_version(onnx_model, 21)
             del onnx_model.graph.value_info[:]  # shapes the converter inferred: optional, and not free
-        scales = _quantize_activations(onnx_model, calibration) if calibration is not None else {}
+        stored = {r.name for r in reports if r.storage != "float"}
+        quantized = [node for name in qdq & stored for node in matches[name]]
+        node_scales = {node.name: trained[name] for name in trained.keys() & stored for node in matches[name]}
+        folded = fold_batchnorm(onnx_model, fixed=set(node_scales))
+        scales = {}
+        if calibration is not None or quantized:
+            scales = _quantize_activations(onnx_model, _by_name(onnx_model, quantized), node_scales, calibration)
         onnx.checker.check_model(onnx_model, full_check=True)
         check_explicit_quantization(onnx_model)
         onnx.save(onnx_model, str(tmp))
         inputs = list(parity_inputs) if parity_inputs is not None else [example]
+        if trained and tolerance is not None:  # integer kernels round biases to the int32 grid; training does not
+            tolerance = max(tolerance, TRAINED_ACTIVATION_TOLERANCE)
         parity = check_parity(tmp, model, inputs, tolerance)
         file_bytes = tmp.stat().st_size
         if keep_float is not None:  # only now: a failed export leaves no float copy either

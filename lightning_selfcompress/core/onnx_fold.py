@@ -15,6 +15,7 @@ factor cannot pass a ReLU). Everything else is left as it is.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 
 import numpy as np
 import onnx
@@ -136,7 +137,7 @@ def _shift_target(g: _Graph, tensor: str) -> _Layer | None:
     return None if layer is None or layer.padded else layer
 
 
-def _fold_one(g: _Graph, bn: onnx.NodeProto) -> bool:
+def _fold_one(g: _Graph, bn: onnx.NodeProto, fixed: Collection[str]) -> bool:
     params = [g.constant(name) for name in bn.input[1:5]]
     if any(p is None for p in params):
         return False
@@ -157,7 +158,7 @@ def _fold_one(g: _Graph, bn: onnx.NodeProto) -> bool:
     elif source.op_type == "Relu":  # Conv -> ReLU -> BN: a into the conv, the shift into the next layer's bias
         layer = _layer(g, g.producer.get(source.input[0]))
         nxt = _shift_target(g, bn.output[0])
-        if layer is None or g.sole_consumer(source.input[0]) is not source or nxt is None:
+        if layer is None or g.sole_consumer(source.input[0]) is not source or nxt is None or nxt.node.name in fixed:
             return False
         weight = nxt.weight
         inputs = weight.shape[1]
@@ -193,12 +194,13 @@ def _prune(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(keep)
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
+def fold_batchnorm(model: onnx.ModelProto, fixed: Collection[str] = ()) -> list[str]:
     """Fold every BatchNormalization node of `model` that folds exactly (see the module docstring), in place; returns
-    the names of the folded nodes."""
+    the names of the folded nodes. No shift moves into the input of a node named in `fixed` (an input quantized
+    with a trained scale: the tensor it was trained on must stay the one it quantizes)."""
     folded = []
     for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
-        if len(bn.output) == 1 and _fold_one(_Graph(model), bn):
+        if len(bn.output) == 1 and _fold_one(_Graph(model), bn, fixed):
             folded.append(bn.name)
     _prune(model.graph)
     return folded

@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "ActivationQuantizer",
     "ChannelQuantizer",
     "QuantizationConfig",
     "QuantizedConv1d",
     "QuantizedConv2d",
     "QuantizedConv3d",
     "QuantizedLinear",
+    "attach_activation_quantizers",
     "attach_quantizers",
     "freeze_bits",
     "integer_bits",
@@ -112,6 +114,62 @@ def lsq_exponent(weight: Tensor, bits: float) -> Tensor:
     return torch.log2(2 * mean_abs / math.sqrt(max(2.0 ** (bits - 1) - 1, 1.0)))
 
 
+class _QuantizeInt8(torch.autograd.Function):
+    """Symmetric int8 fake quantization of a tensor with one learned step s = 2^a, LSQ's gradients (Esser et al., 2020).
+
+    Forward: q = s * round(clamp(x / s, -128, 127)), the float32 operations ONNX's QuantizeLinear/DequantizeLinear
+    pair performs (x / s, round half to even, saturate, times s), so an exported file reproduces it exactly.
+    Backward: straight through inside the range; ds gets, per element, round(x/s) - x/s inside and the clamp bound
+    outside, scaled by LSQ's 1 / sqrt(features * 127); da = ds * s ln2.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, log2_scale: Tensor) -> Tensor:
+        scale = torch.exp2(log2_scale.float())
+        scaled = x.float() / scale
+        clamped = scaled.clamp(-128.0, 127.0)
+        rounded = clamped.round()
+        ctx.save_for_backward(scaled, rounded, scale)
+        return (rounded * scale).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        scaled, rounded, scale = ctx.saved_tensors
+        inside = (scaled >= -128.0) & (scaled <= 127.0)
+        grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_log2 = None
+        if ctx.needs_input_grad[1]:
+            features = max(scaled[0].numel() if scaled.dim() > 1 else scaled.numel(), 1)
+            step = torch.where(inside, rounded - scaled, rounded)  # outside, rounded is the bound
+            grad_scale = (grad.float() * step).sum() / math.sqrt(features * 127.0)
+            grad_log2 = (grad_scale * scale * _LN2).reshape(())
+        return grad_x, grad_log2
+
+
+class ActivationQuantizer(nn.Module):
+    """A layer's input as int8, per tensor, with a learned step: what TensorRT and ONNX Runtime need to run the layer
+    as an integer kernel, trained rather than calibrated afterwards. The step starts at max|x| / 127 of the first
+    batch it sees (`initialized` travels in the state_dict, so a resumed run does not start it again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log2_scale = nn.Parameter(torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def scale(self) -> float:
+        return float(torch.exp2(self.log2_scale.detach().float()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.initialized:
+            with torch.no_grad():
+                absmax = x.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+                self.log2_scale.copy_(torch.log2(absmax / 127.0))
+                self.initialized.fill_(True)
+        return _QuantizeInt8.apply(x, self.log2_scale)
+
+
 class ChannelQuantizer(nn.Module):
     """Learned bit depth and exponent, one of each per output channel."""
 
@@ -174,14 +232,20 @@ def freeze_bits(layers: dict[str, nn.Module], frozen: bool = True) -> None:
 
 
 class _QuantizedWeight:
-    """Mixin for Conv layers: run the layer's own convolution with the quantized weight."""
+    """Mixin for Conv layers: run the layer's own convolution with the quantized weight (and input, where an
+    `input_quantizer` is attached)."""
 
     weight: Tensor
     bias: Tensor | None
     weight_quantizer: ChannelQuantizer
+    _modules: dict[str, nn.Module | None]
+
+    def _input(self, input: Tensor) -> Tensor:
+        quantizer = self._modules.get("input_quantizer")
+        return input if quantizer is None else quantizer(input)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.weight_quantizer(self.weight), self.bias)  # type: ignore[attr-defined]
+        return self._conv_forward(self._input(input), self.weight_quantizer(self.weight), self.bias)  # type: ignore[attr-defined]
 
 
 class QuantizedConv1d(_QuantizedWeight, nn.Conv1d):
@@ -200,7 +264,7 @@ class QuantizedLinear(_QuantizedWeight, nn.Linear):
     """`nn.Linear` whose weight passes through a `ChannelQuantizer`."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self._input(input), self.weight_quantizer(self.weight), self.bias)
 
 
 QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
@@ -223,6 +287,7 @@ class QuantizationConfig:
     the exponent from `init_scale`: `"absmax"`, where the bit range spans the channel's largest magnitude (at 8 bits
     the quantized network starts within about 1% of the float one), or `"lsq"`, LSQ's step from the mean magnitude
     (better at a fixed 2 to 4 bits, where spanning the largest weight rounds most others to 0).
+    `int8_activations` also quantizes each selected layer's input to int8 with a learned step (`ActivationQuantizer`).
     """
 
     layer_types: Sequence[str] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
@@ -231,6 +296,7 @@ class QuantizationConfig:
     init_bits: float = 8.0
     init_exponent: float | None = None
     init_scale: str = "absmax"
+    int8_activations: bool = False
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.layer_types if t not in _BY_NAME]
@@ -286,4 +352,13 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
         quantizer = ChannelQuantizer(weight.shape[0], config.init_bits, exponent).to(weight.device)
         module.__class__ = QUANTIZED_CLASS[type(module)]
         module.add_module("weight_quantizer", quantizer)
+    if config.int8_activations:
+        attach_activation_quantizers(quantized_layers(model))
     return quantized_layers(model)
+
+
+def attach_activation_quantizers(layers: dict[str, nn.Module]) -> None:
+    """Give each quantized layer without one an `input_quantizer` (int8, learned step), on its weight's device."""
+    for module in layers.values():
+        if "input_quantizer" not in module._modules:
+            module.add_module("input_quantizer", ActivationQuantizer().to(module.weight.device))

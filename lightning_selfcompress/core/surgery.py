@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .groups import ChannelGraph, GraphError, channels_of, is_grouped
-from .quant import QuantizationConfig, attach_quantizers
+from .quant import QuantizationConfig, attach_activation_quantizers, attach_quantizers
 from .reembed import GATHER, set_reembedding
 from .sparsity import DROPPED, MASK
 
@@ -506,7 +506,10 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
     quantized = sorted(k.removesuffix(".weight_quantizer.bits") for k in state_dict if k.endswith(".weight_quantizer.bits"))
     if quantized:
         config = QuantizationConfig(include=tuple(quantized))
-        attach_quantizers(model, config)
+        layers = attach_quantizers(model, config)
+        key = ".input_quantizer.log2_scale"  # layers trained with int8 inputs
+        int8_inputs = {k.removesuffix(key) for k in state_dict if k.endswith(key)}
+        attach_activation_quantizers({name: m for name, m in layers.items() if name in int8_inputs})
     for key, buffer in ((k, b) for k in state_dict for b in (MASK, DROPPED) if k.endswith(f".{b}")):
         owner = model.get_submodule(key.removesuffix(f".{buffer}"))  # 2:4 buffers the fresh model lacks
         if not isinstance(getattr(owner, buffer, None), torch.Tensor):

@@ -1,0 +1,98 @@
+"""int8 activations learned in training (LSQ): the quantizer is ONNX's Q/DQ pair bit for bit, its gradients are LSQ's,
+and a real run (with surgery) exports a file whose layers run as integer kernels; its checkpoint keeps the steps."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import trainer_kwargs
+from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression
+from lightning_selfcompress.core.latency import ort_kernels
+from lightning_selfcompress.core.quant import ActivationQuantizer, quantized_layers
+from lightning_selfcompress.core.surgery import load_compressed
+from lightning_selfcompress.models import BaselineCNN, ImageClassifier
+
+
+def onnx_qdq(x: np.ndarray, scale: float) -> np.ndarray:
+    """What a QuantizeLinear -> DequantizeLinear pair (int8, zero point 0) computes in ONNX Runtime."""
+    args = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))], args)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_the_activation_quantizer_is_onnxs_quantize_dequantize_pair_bit_for_bit():
+    quantizer = ActivationQuantizer()
+    quantizer.log2_scale.data.fill_(-4.3)
+    scale = quantizer.scale
+    ties = (torch.arange(-140, 140, dtype=torch.float32) + 0.5) * scale  # half-way values, and past both ends
+    x = torch.cat([ties, torch.randn(1000) * 3]).view(1, -1)
+    quantizer.initialized.fill_(True)
+    assert torch.equal(quantizer(x), torch.from_numpy(onnx_qdq(x.numpy(), scale)))
+
+
+def test_its_gradients_are_lsqs():
+    """Against autograd on LSQ's composite form (step gradient scaled by 1/sqrt(features * 127)), in float64."""
+    from lightning_selfcompress.core.quant import _QuantizeInt8
+
+    x = (torch.randn(4, 8, 5, 5, dtype=torch.float64) * 4).requires_grad_()
+    a = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    got = torch.autograd.grad(_QuantizeInt8.apply(x, a), (x, a), g)
+    step = torch.exp2(a)
+    shrink = step / math.sqrt(8 * 5 * 5 * 127)
+    step = (step - shrink).detach() + shrink  # LSQ's gradient scale
+    clamped = (x / step).clamp(-128, 127)
+    expected = torch.autograd.grad(((clamped.round() - clamped).detach() + clamped) * step, (x, a), g)
+    assert torch.equal(got[0], expected[0])
+    assert torch.allclose(got[1], expected[1], rtol=1e-5)
+    assert 0 < (got[0] == 0).float().mean() < 0.5, "values past the ends get no gradient, the rest pass through"
+
+
+def test_a_run_with_int8_activations_exports_integer_kernels_and_keeps_its_steps(tiny_fmnist, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
+    compression = SelfCompression(gamma=0.5, init_bits=3.0, quantizer_lr=0.1, int8_activations=True)
+    surgeon = ChannelSurgeon(every_n_steps=4)
+    export = CompressedExport(tmp_path / "model.onnx", latency_batches=(1,), latency_runs=1, engine="never")
+    saver = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    initial = {}
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # some channels at 0 bits, for the surgeon to cut
+            for m in quantized_layers(pl_module).values():
+                m.weight_quantizer.bits.data[:2] = -1.0
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if not initial:  # after the first step: each step started at max|x| / 127 of its first batch
+                initial.update({n: m.input_quantizer.scale for n, m in quantized_layers(pl_module).items()})
+
+    kwargs = trainer_kwargs(tmp_path, max_steps=12, enable_checkpointing=True)
+    pl.Trainer(callbacks=[compression, surgeon, Spy(), saver, export], **kwargs).fit(module, tiny_fmnist)
+    layers = quantized_layers(module)
+    assert surgeon.surgeon.history, "channels were cut while the input steps trained"
+    assert set(initial) == set(layers)
+    assert all(m.input_quantizer.scale != initial[n] for n, m in layers.items()), "every step is learned"
+    report = export.report
+    assert report["activation_quantized"] and report["parity"]["max_rel"] <= 1e-2
+    kernels = ort_kernels(tmp_path / "model.onnx")
+    assert list(kernels.values()).count("QLinearConv") >= 2, kernels  # BatchNorm after a ReLU keeps the others float
+
+    restored = load_compressed(ImageClassifier(BaselineCNN(1, 10, width=8)), saver.last_model_path)
+    for name, m in quantized_layers(restored).items():
+        assert m.input_quantizer.initialized and m.input_quantizer.scale == layers[name].input_quantizer.scale, name
+    x = next(iter(tiny_fmnist.train_dataloader()))[0]
+    assert torch.equal(restored(x), module.eval()(x)), "the checkpoint holds the trained steps"
+    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
+    assert written["act0.scale"] == np.float32(layers["net.features.0"].input_quantizer.scale), "the trained step"
