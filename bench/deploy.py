@@ -123,8 +123,8 @@ def main() -> None:
         test = None if args.quick else list(datamodule.test_dataloader())
         title = f"ONNX Runtime CPU, default session, median ms per batch (best of {rounds} rounds of {runs})"
         table = Table(title=title)
-        for column in ("file", "bytes", "integer kernels", "test accuracy",
-                       *(f"batch {b}" for b in args.batches), *(f"speed-up, batch {b}" for b in args.batches)):  # fmt: skip
+        timed = [f"batch {b}" for b in args.batches] + [f"speed-up, batch {b}" for b in args.batches]
+        for column in ("file", "bytes", "integer kernels", "test accuracy", *timed):
             table.add_column(column, justify="left" if column == "file" else "right")
         for key, path in files.items():
             acc = f"{accuracy(path, test):.2%}" if test is not None and key in trained else ""
