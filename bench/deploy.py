@@ -10,7 +10,9 @@ random inputs, alternating rounds, the best of the rounds' medians):
 2. ORT int8: that file quantized by ONNX Runtime's own `quantize_static` (after `quant_pre_process`; QDQ format,
    per-channel int8 weights, int8 activations calibrated on the same training images as ours);
 3. ours, weights: the run's compressed network, `export_onnx` (int8 weights folded at load, BatchNorm folded);
-4. ours, int8: the same with int8 activations calibrated on those images (Q/DQ where ONNX Runtime fuses them).
+4. ours, int8: the same with int8 activations calibrated on those images (Q/DQ where ONNX Runtime fuses them);
+   for a run trained with int8 activations (`compression.int8_activations=true`) one file instead, with its trained
+   steps.
 
 The float network is the run's, rebuilt from its config (untrained: speed does not depend on the values), or the
 trained float run given with `--float-run`, in which case its test accuracy and that of its `quantize_static` file
@@ -33,6 +35,7 @@ from torch import nn
 from lightning_selfcompress.core.export import export_onnx
 from lightning_selfcompress.core.latency import INTEGER_KERNELS, ort_kernels, ort_latency_ms
 from lightning_selfcompress.core.parity import onnx_session
+from lightning_selfcompress.core.quant import quantized_layers
 
 
 def load_run(path: str) -> tuple[nn.Module, nn.Module, object]:
@@ -107,19 +110,21 @@ def main() -> None:
     train = iter(datamodule.train_dataloader())
     calibration = [next(train)[0] for _ in range(args.calibration_batches)]
     x = calibration[0][:2]
+    trained_steps = any("input_quantizer" in m._modules for m in quantized_layers(ours).values())
+    mine = ["ours, int8 (trained steps)"] if trained_steps else ["ours, weights", "ours, int8"]
     with tempfile.TemporaryDirectory() as scratch:
-        files = {key: Path(scratch) / f"{key}.onnx" for key in ("float", "ORT int8", "ours, weights", "ours, int8")}
+        files = {key: Path(scratch) / f"{key}.onnx" for key in ("float", "ORT int8", *mine)}
         plain_export(float_net, x, files["float"])
         ort_quantize_static(files["float"], files["ORT int8"], calibration)
-        export_onnx(ours, x, files["ours, weights"])
-        export_onnx(ours, x, files["ours, int8"], calibration=calibration, tolerance=None)
+        for key in mine:  # a model trained with int8 inputs exports its trained steps, calibration or not
+            export_onnx(ours, x, files[key], calibration=calibration if key == "ours, int8" else None, tolerance=None)
         best = {key: dict.fromkeys(args.batches, float("inf")) for key in files}
         shape = tuple(x.shape[1:])
         for _ in range(rounds):  # alternate, so that drift in machine speed hits every file alike
             for key, path in files.items():
                 for b, ms in ort_latency_ms(path, shape, args.batches, runs=runs, warmup=5).items():
                     best[key][b] = min(best[key][b], ms)
-        trained = {"ours, weights", "ours, int8"} | ({"float", "ORT int8"} if args.float_run else set())
+        trained = set(mine) | ({"float", "ORT int8"} if args.float_run else set())
         test = None if args.quick else list(datamodule.test_dataloader())
         title = f"ONNX Runtime CPU, default session, median ms per batch (best of {rounds} rounds of {runs})"
         table = Table(title=title)
@@ -132,7 +137,7 @@ def main() -> None:
                           *(f"{best[key][b]:.3f}" for b in args.batches),
                           *(f"{best['float'][b] / best[key][b]:.2f}x" for b in args.batches))  # fmt: skip
         console.print(table)
-        for key in ("ours, weights", "ours, int8"):
+        for key in mine:
             console.print(f"{key}, kernel per layer: {ort_kernels(files[key])}")
     console.print(f"load average after: {os.getloadavg()}")
 

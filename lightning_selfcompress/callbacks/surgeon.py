@@ -10,16 +10,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from ..core.groups import ChannelGraph
 from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord
+from ..core.widths import latency_tables
 from ..report import print_surgery_table
 
 __all__ = ["ChannelSurgeon"]
+
+WIDTHS = ("any", "onnxruntime-cpu")
 
 
 class ChannelSurgeon(Callback):
@@ -36,6 +39,11 @@ class ChannelSurgeon(Callback):
             0 (the default) removes only what provably leaves the function unchanged.
         round_to: keep every layer whose width is a multiple of this a multiple of it (8 for GPU tensor cores),
             leaving some dead channels in place until enough have died.
+        widths: "any", or "onnxruntime-cpu": cut each layer only to the widths on its latency staircase, measured
+            once in ONNX Runtime on this machine's CPU (`core.widths`, cached on disk), so that every cut makes the
+            deployed layer faster; dead channels wait as exact zeros until the next step down is reached.
+        latency_batch: the batch size at which the latency tables are measured.
+        width_tolerance: a width counts as a step only if it is at least this fraction faster than the next one up.
     """
 
     def __init__(
@@ -46,6 +54,9 @@ class ChannelSurgeon(Callback):
         constant_pull: float = 1e-3,
         atol: float = 0.0,
         round_to: int = 1,
+        widths: str = "any",
+        latency_batch: int = 64,
+        width_tolerance: float = 0.02,
     ) -> None:
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer, or None.")
@@ -54,6 +65,14 @@ class ChannelSurgeon(Callback):
         if not constant_pull >= 0:
             raise ValueError(f"constant_pull={constant_pull} must be >= 0 (0 turns the pull off).")
         Surgeon.check_options(atol, round_to)
+        if widths not in WIDTHS:
+            raise ValueError(f"widths={widths!r} is not one of {WIDTHS}.")
+        if not isinstance(latency_batch, int) or latency_batch < 1:
+            raise ValueError(f"latency_batch={latency_batch!r} must be a positive integer.")
+        if not 0 <= width_tolerance < 1:
+            raise ValueError(f"width_tolerance={width_tolerance} must be a fraction in [0, 1).")
+        self.widths, self.latency_batch, self.width_tolerance = widths, latency_batch, width_tolerance
+        self.step_widths: dict[str, list[int]] = {}  # per layer, the widths it may be cut to (widths != "any")
         self.every_n_steps = every_n_steps
         self.on_epoch_end = on_epoch_end
         self.constant_pull = constant_pull
@@ -131,7 +150,11 @@ class ChannelSurgeon(Callback):
         device = next(pl_module.parameters()).device
         self.example_input = example.detach()[:2].to(device)
         graph = ChannelGraph(pl_module, self.example_input)
-        self.surgeon = Surgeon(graph, self.atol, self.round_to)
+        if self.widths == "onnxruntime-cpu":  # traced before any cut: the tables cover every width
+            tables = latency_tables(graph, self.example_input.cpu(), batch=self.latency_batch)
+            self.step_widths = {name: t.step_widths(self.width_tolerance) for name, t in tables.items()}
+            rank_zero_info(f"ChannelSurgeon: widths each layer may be cut to (ONNX Runtime CPU): {self.step_widths}")
+        self.surgeon = Surgeon(graph, self.atol, self.round_to, self.step_widths or None)
         self.original = {
             name: (len(groups), pl_module.get_submodule(name).weight.numel()) for name, groups in graph.outputs.items()
         }

@@ -16,7 +16,7 @@ producer channel is at 0 bits and the branch adds exactly zero for it, in both m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,12 +101,27 @@ def _folds_into_bias(module: nn.Module) -> bool:
 class Surgeon:
     """Finds dead channel groups of a traced model and removes them, in place, from the model and its optimizers."""
 
-    def __init__(self, graph: ChannelGraph, atol: float = 0.0, round_to: int = 1) -> None:
+    def __init__(
+        self,
+        graph: ChannelGraph,
+        atol: float = 0.0,
+        round_to: int = 1,
+        widths: Mapping[str, Collection[int]] | None = None,
+    ) -> None:
+        """`widths`: per producer, the output widths it may be cut to (the steps of its latency table,
+        `core.widths`); a cut to any other width waits, dead channels kept as zeros, until enough have died."""
         self.check_options(atol, round_to)
         self.graph = graph
         self.atol = atol
         self.round_to = round_to
+        self.widths = {name: set(allowed) for name, allowed in (widths or {}).items()}
         self.history: list[SurgeryRecord] = []
+
+    def _width_ok(self, producer: str, width: int, was: int) -> bool:
+        """May the producer's outputs go from `was` to `width` channels (round_to, and its latency steps)?"""
+        step = self.round_to if was % self.round_to == 0 else 1
+        allowed = self.widths.get(producer)
+        return width > 0 and width % step == 0 and (allowed is None or width in allowed or width == was)
 
     @staticmethod
     def check_options(atol: float, round_to: int) -> None:
@@ -255,8 +270,7 @@ class Surgeon:
             cut = staying & dead & (t.abs() <= self.atol) & (e.abs() <= self.atol)
             going = cut.nonzero().flatten().tolist()
             width = int(staying.sum())
-            step = self.round_to if int(present.sum()) % self.round_to == 0 else 1
-            while going and ((left := width - len(going)) == 0 or left % step):
+            while going and not self._width_ok(producer, width - len(going), int(present.sum())):
                 cut[going.pop()] = False
             if going:
                 cuts[producer] = cut
@@ -264,7 +278,8 @@ class Surgeon:
 
     def _fit_widths(self, removable: Tensor) -> Tensor:
         """Give groups back until every layer keeps at least one position (PyTorch has no zero-width layers) and
-        every producer whose width is a multiple of `round_to` stays one (tensor cores want multiples of 8)."""
+        every producer's width is one it may have (`_width_ok`): the smallest allowed width that holds its live
+        channels, which on a latency staircase is the fastest."""
         g = self.graph
         changed = True
         while changed:
@@ -272,9 +287,12 @@ class Surgeon:
             for role in ("outputs", "inputs", "members"):
                 for name, groups in getattr(g, role).items():
                     present = groups[g.present(name, role)]
-                    step = self.round_to if role == "outputs" and len(present) % self.round_to == 0 else 1
                     going = present[removable[present]].tolist()
-                    while going and ((left := int((~removable[present]).sum())) == 0 or left % step):
+                    while going and not (
+                        self._width_ok(name, int((~removable[present]).sum()), len(present))
+                        if role == "outputs"
+                        else int((~removable[present]).sum()) > 0
+                    ):
                         removable[going.pop()] = False
                         changed = True
         return removable

@@ -1,0 +1,200 @@
+"""Widths on the hardware's steps: per prunable layer, latency against its output channel count, measured on the
+target, and the widths worth cutting to.
+
+Kernels work in blocks of channels (16 on this CPU's ONNX Runtime, 8 or 32 on GPU tensor cores), so latency against
+width is a staircase: a width one past a step costs almost a whole step more. For each Conv/Linear whose output
+channels the surgeon may remove, `latency_tables` times that layer together with every layer that reads its channels,
+as one ONNX graph per width in ONNX Runtime (CPU), at the shapes they have in the model, and caches the table on disk
+keyed by backend, device and shapes. `step_widths` keeps the widths that are measurably faster than every wider
+one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place (exact zeros)
+until enough have died to reach the next step down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from .atomic import atomic_path
+from .groups import ChannelGraph
+
+__all__ = ["LatencyTable", "default_cache_dir", "latency_tables", "step_widths"]
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    layer: str
+    widths: list[int]  # 1 .. the layer's full output width
+    ms: list[float]  # median latency of the layer and its readers at each width
+    device: str
+    batch: int
+
+    def step_widths(self, tolerance: float = 0.02) -> list[int]:
+        return step_widths(self.widths, self.ms, tolerance)
+
+
+def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.02) -> list[int]:
+    """The widths worth cutting to, ascending: from the full width down, each width kept is at least `tolerance`
+    (a fraction) faster than the narrowest one kept above it. On a staircase these are the step edges; widths inside
+    a step, no faster than its edge above, are left out; on a smooth slope every few widths stay."""
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    kept = [order[0]]
+    for i in order[1:]:
+        if ms[i] < ms[kept[-1]] * (1 - tolerance):
+            kept.append(i)
+    return sorted(widths[i] for i in kept)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_selfcompress" / "latency"
+
+
+def _device() -> str:
+    """The CPU's model name and the threads ONNX Runtime will use: what the timings depend on."""
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))  # fmt: skip
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__} CPU, {name}, {os.cpu_count()} cores"
+
+
+def _spec(module: nn.Module, input_shape: Sequence[int]) -> dict:
+    """What fixes a layer's cost, apart from the channel counts: its kind and geometry and its input's shape."""
+    if isinstance(module, nn.Linear):
+        return {"op": "Gemm", "in": module.in_features, "out": module.out_features, "shape": list(input_shape[1:-1])}
+    if not isinstance(module, _ConvNd) or module.groups != 1 or isinstance(module.padding, str):
+        raise TypeError(f"{type(module).__name__} (groups={getattr(module, 'groups', '-')}) is not timed here")
+    return {"op": "Conv", "in": module.in_channels, "out": module.out_channels, "shape": list(input_shape[2:]),
+            "kernel": list(module.kernel_size), "stride": list(module.stride), "pads": list(module.padding) * 2,
+            "dilation": list(module.dilation), "bias": module.bias is not None}  # fmt: skip
+
+
+def _graph(specs: list[dict], batch: int):
+    """One ONNX model computing every layer in `specs` on its own random input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inputs, outputs, initializers = [], [], [], []
+    for i, s in enumerate(specs):
+        x, w, y = f"x{i}", f"w{i}", f"y{i}"
+        if s["op"] == "Gemm":
+            inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch * int(np.prod(s["shape"])), s["in"]]))
+            weight = rng.standard_normal((s["out"], s["in"]), dtype=np.float32)
+            nodes.append(helper.make_node("Gemm", [x, w], [y], transB=1))
+        else:
+            inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch, s["in"], *s["shape"]]))
+            weight = rng.standard_normal((s["out"], s["in"], *s["kernel"]), dtype=np.float32)
+            names = [x, w]
+            if s["bias"]:
+                initializers.append(numpy_helper.from_array(np.zeros(s["out"], np.float32), f"b{i}"))
+                names.append(f"b{i}")
+            nodes.append(helper.make_node("Conv", names, [y], kernel_shape=s["kernel"], strides=s["stride"],
+                                          pads=s["pads"], dilations=s["dilation"]))  # fmt: skip
+        initializers.append(numpy_helper.from_array(weight, w))
+        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "widths", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _time(specs: list[dict], batch: int, runs: int) -> float:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(_graph(specs, batch).SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal(i.shape, dtype=np.float32) for i in session.get_inputs()}
+    for _ in range(3):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _input_shapes(model: nn.Module, example_input: Tensor) -> dict[str, list[int]]:
+    shapes, handles = {}, []
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, list(args[0].shape))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, _ConvNd)):
+            handles.append(module.register_forward_pre_hook(record(name)))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_input[:1])
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def latency_tables(
+    graph: ChannelGraph,
+    example_input: Tensor,
+    *,
+    batch: int = 64,
+    runs: int = 20,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, LatencyTable]:
+    """Per Conv/Linear producer of removable channels (as the model is now, every channel present), its latency
+    table, from the cache where this device measured the same shapes before, else measured and cached."""
+    model = graph.model
+    shapes = _input_shapes(model, example_input)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    device = _device()
+    tables = {}
+    for producer, groups in graph.outputs.items():
+        module = model.get_submodule(producer)
+        if producer not in shapes or bool(graph.pinned_mask[groups].all()):
+            continue
+        try:
+            own = _spec(module, shapes[producer])
+            readers = []  # (spec, input positions per producer channel)
+            for name, inputs in graph.inputs.items():
+                share = int(torch.isin(inputs, groups).sum())
+                if share and name != producer and name in shapes:
+                    readers.append((_spec(model.get_submodule(name), shapes[name]), share // len(groups)))
+        except TypeError:
+            continue  # grouped convolutions and the like: no table, the surgeon cuts them as before
+        full = own["out"]
+        key = {"device": device, "batch": batch, "layer": own, "readers": [[s, per] for s, per in readers]}
+        path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            tables[producer] = LatencyTable(producer, stored["widths"], stored["ms"], device, batch)
+            continue
+        widths = list(range(1, full + 1))
+        ms = []
+        for width in widths:
+            specs = [{**own, "out": width}]
+            specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
+            ms.append(_time(specs, batch, runs))
+        table = LatencyTable(producer, widths, ms, device, batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({**asdict(table), "key": key}))
+        tables[producer] = table
+    return tables

@@ -1,0 +1,102 @@
+"""Widths on the hardware's steps: the staircase's edges, latency tables measured in ONNX Runtime and cached, and a
+surgeon that cuts only to those widths (waiting, exactly, while the live count sits between them)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from conftest import trainer_kwargs
+from lightning_selfcompress import ChannelSurgeon, SelfCompression
+from lightning_selfcompress.core.groups import ChannelGraph
+from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
+from lightning_selfcompress.core.surgery import Surgeon
+from lightning_selfcompress.core.widths import latency_tables, step_widths
+from lightning_selfcompress.models import BaselineCNN, ImageClassifier
+
+
+def test_the_steps_of_a_staircase_are_its_edges():
+    widths = list(range(1, 65))
+    ms = [math.ceil(w / 16) + 0.001 * w for w in widths]  # blocks of 16, a faint slope inside each
+    assert step_widths(widths, ms) == [16, 32, 48, 64]
+    linear = [1.0 + w for w in widths]  # no staircase: every width is cheaper than the next by a few percent
+    kept = step_widths(widths, linear, tolerance=0.02)
+    assert kept[-1] == 64 and len(kept) > 16 and all(b - a <= 2 for a, b in zip(kept[40:], kept[41:]))
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 32, 3), nn.Conv2d(32, 4, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize(("dead", "width"), [(5, 32), (16, 16), (20, 16), (31, 16)])
+def test_the_surgeon_cuts_only_to_allowed_widths(dead, width):
+    """With steps {16, 32}: 5 dead channels wait (27 live would cost a full step of 32 anyway); 16, 20, 31 dead cut
+    to 16, keeping 0, 4, 15 dead channels in place as exact zeros."""
+    torch.manual_seed(0)
+    net = Two().eval()
+    attach_quantizers(net)
+    x = torch.randn(2, 3, 8, 8)
+    graph = ChannelGraph(net, x[:1])
+    with torch.no_grad():
+        net.a.weight_quantizer.bits[:dead] = 0.0
+        net.a.bias[:dead] = 0.0
+    before = net(x)
+    surgeon = Surgeon(graph, widths={"a": [16, 32]})
+    surgeon.remove(surgeon.find())
+    assert net.a.out_channels == width and net.b.in_channels == width
+    assert torch.allclose(net(x), before, atol=1e-6), "the function is unchanged"
+
+
+def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path):
+    net = BaselineCNN(1, 10, width=4)
+    x = torch.randn(2, 1, 28, 28)
+    graph = ChannelGraph(net, x[:1])
+    tables = latency_tables(graph, x, batch=2, runs=2, cache_dir=tmp_path)
+    assert set(tables) == {"features.0", "features.2", "features.6", "features.8"}, "the classifier's are pinned"
+    for name, table in tables.items():
+        full = net.get_submodule(name).out_channels
+        assert table.widths == list(range(1, full + 1)) and all(ms > 0 for ms in table.ms)
+        assert table.step_widths()[-1] == full
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == 4 and json.loads(files[0].read_text())["key"]["batch"] == 2
+    for f in files:  # what the cache holds is what is read back, without timing again
+        stored = json.loads(f.read_text())
+        f.write_text(json.dumps({**stored, "ms": [7.0] * len(stored["ms"])}))
+    again = latency_tables(graph, x, batch=2, runs=2, cache_dir=tmp_path)
+    assert all(t.ms == [7.0] * len(t.ms) for t in again.values())
+    assert len(latency_tables(graph, x, batch=3, runs=1, cache_dir=tmp_path / "b3")) == 4, "another batch, new tables"
+
+
+def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
+    surgeon = ChannelSurgeon(every_n_steps=2, widths="onnxruntime-cpu", latency_batch=4)
+
+    class Kill(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            for m in quantized_layers(pl_module).values():
+                m.weight_quantizer.bits.data[: m.weight_quantizer.bits.numel() // 2] = -1.0
+
+    callbacks = [SelfCompression(gamma=0.0, init_bits=4.0), Kill(), surgeon]
+    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=4)).fit(module, tiny_fmnist)
+    assert set(surgeon.step_widths) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"}
+    assert list((tmp_path / "cache").rglob("*.json")), "the tables went to the cache"
+    assert surgeon.history, "a surgery ran"
+    for name, allowed in surgeon.step_widths.items():
+        layer = module.get_submodule(name)
+        alive = int((layer.weight_quantizer.bits > 0).sum())
+        expected = min(w for w in allowed if w >= alive)  # the fastest width that holds the live channels
+        assert layer.out_channels == expected, (name, alive, allowed)
+    with pytest.raises(ValueError, match="widths='gpu' is not one of"):
+        ChannelSurgeon(widths="gpu")
