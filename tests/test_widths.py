@@ -100,3 +100,15 @@ def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeyp
         assert layer.out_channels == expected, (name, alive, allowed)
     with pytest.raises(ValueError, match="widths='gpu' is not one of"):
         ChannelSurgeon(widths="gpu")
+
+
+def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):
+    from lightning_selfcompress.latency_cli import main
+
+    main(["--model", "baseline_cnn", "--set", "width=2", "--batch", "1", "--runs", "1", "--cache", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("features.0", "features.2", "features.6", "features.8")), out
+    assert len(list(tmp_path.glob("*.json"))) == 4
+    with pytest.raises(SystemExit):
+        main(["--model", "no_such_model"])
+    assert "no model config 'no_such_model'" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""`lsc-latency`: the latency tables of a model's prunable layers on this machine (ONNX Runtime, CPU), and the widths
+the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads the same cache).
+
+    lsc-latency                                   # the main job's network (conf/model/baseline_cnn.yaml), 1x28x28
+    lsc-latency --model resnet9 --set width=16 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .core.groups import ChannelGraph
+from .core.widths import default_cache_dir, latency_tables
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from .train import CONFIG_DIR
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="baseline_cnn", help="a config in conf/model (default: baseline_cnn)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the model config")
+    parser.add_argument("--input", type=int, nargs="+", default=[1, 28, 28], help="one sample's shape (C H W)")
+    parser.add_argument("--batch", type=int, default=64, help="the batch size at which latency is measured")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per width (the median counts)")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="a step is at least this much faster")
+    parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default {default_cache_dir()})")
+    args = parser.parse_args(argv)
+
+    config_path = Path(CONFIG_DIR) / "model" / f"{args.model}.yaml"
+    if not config_path.is_file():
+        choices = sorted(p.stem for p in config_path.parent.glob("*.yaml"))
+        parser.error(f"no model config '{args.model}' in {config_path.parent}; choose one of {choices}")
+    config = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(args.set))
+    model = instantiate(config).eval()
+    example = torch.randn(2, *args.input)
+    tables = latency_tables(ChannelGraph(model, example[:1]), example, batch=args.batch, runs=args.runs,
+                            cache_dir=args.cache)  # fmt: skip
+    table = Table(title=f"Latency against width, batch {args.batch}, {next(iter(tables.values())).device}")
+    for column in ("layer", "width", "ms at full width", "ms at half", "widths it may be cut to (steps)"):
+        table.add_column(column, justify="left" if column in ("layer", "widths it may be cut to (steps)") else "right")
+    for name, t in tables.items():
+        full = t.widths[-1]
+        table.add_row(name, str(full), f"{t.ms[-1]:.3f}", f"{t.ms[full // 2 - 1]:.3f}" if full > 1 else "",
+                      ", ".join(map(str, t.step_widths(args.tolerance))))  # fmt: skip
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
