@@ -16,11 +16,14 @@ How it is built:
    - with activation quantization: `DequantizeLinear(integers, scale, zero_point=0, axis=0)` on the weight and a
      per-tensor int8 Q/DQ pair on the layer's input, the pattern from which TensorRT and ONNX Runtime pick int8
      kernels. Bias stays float.
+3. BatchNorm is folded into the scale beside the integers and into the biases where that is exact (`onnx_fold`).
+4. With activation quantization, each quantized layer's input gets a Q/DQ pair with its trained step (a layer with
+   an `input_quantizer`) or one calibrated on a few batches (max |x| / 127), and its output the next layer's pair
+   where only ops that commute with rounding lie between, so that ONNX Runtime fuses an integer kernel.
 
 A layer whose integers do not all fit int8 (a channel above 8 bits) stays float32 as a whole, holding q exactly, and
 is reported so; so does a layer whose scale 2^e is not a positive normal float32. Optional: int4 storage (opset 21)
-for layers whose integers all fit [-8, 7], and per-tensor int8 activation Q/DQ on each quantized layer's input,
-calibrated on a few batches (max |x| / 127), so that TensorRT can pick INT8 kernels.
+for layers whose integers all fit [-8, 7].
 
 The file is written to a temporary name, checked (onnx.checker, TensorRT's explicit-quantization rules, parity with
 PyTorch in ONNX Runtime) and only then renamed into place: a failed export leaves no file behind (nor the optional
@@ -89,7 +92,7 @@ class ExportResult:
     float_file_bytes: int  # the same network exported with float32 weights
     weight_bits: int  # whole bits per channel that the file's integer weights need (`stored_weight_bits`)
     parity: Parity | None
-    activation_scales: dict[str, float] = field(default_factory=dict)  # tensor -> per-tensor scale, when calibrated
+    activation_scales: dict[str, float] = field(default_factory=dict)  # input tensor -> int8 step (trained or calibrated)
     folded_batchnorm: list[str] = field(default_factory=list)  # BatchNorm nodes folded into scales and biases
 
     def to_dict(self) -> dict:
