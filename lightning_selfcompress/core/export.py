@@ -92,7 +92,7 @@ class ExportResult:
     float_file_bytes: int  # the same network exported with float32 weights
     weight_bits: int  # whole bits per channel that the file's integer weights need (`stored_weight_bits`)
     parity: Parity | None
-    activation_scales: dict[str, float] = field(default_factory=dict)  # input tensor -> int8 step (trained or calibrated)
+    activation_scales: dict[str, float] = field(default_factory=dict)  # input tensor -> int8 step (trained/calibrated)
     folded_batchnorm: list[str] = field(default_factory=list)  # BatchNorm nodes folded into scales and biases
 
     def to_dict(self) -> dict:
