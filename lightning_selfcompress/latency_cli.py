@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", type=int, nargs="+", default=[1, 28, 28], help="one sample's shape (C H W)")
     parser.add_argument("--batch", type=int, default=64, help="the batch size at which latency is measured")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per width (the median counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all widths (the best counts)")
     parser.add_argument("--tolerance", type=float, default=0.02, help="a step is at least this much faster")
     parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default {default_cache_dir()})")
     args = parser.parse_args(argv)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     config = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(args.set))
     model = instantiate(config).eval()
     example = torch.randn(2, *args.input)
-    tables = latency_tables(ChannelGraph(model, example[:1]), example, batch=args.batch, runs=args.runs,
+    tables = latency_tables(ChannelGraph(model, example[:1]), example, batch=args.batch, runs=args.runs, rounds=args.rounds,
                             cache_dir=args.cache)  # fmt: skip
     table = Table(title=f"Latency against width, batch {args.batch}, {next(iter(tables.values())).device}")
     for column in ("layer", "width", "ms at full width", "ms at half", "widths it may be cut to (steps)"):
