@@ -405,7 +405,35 @@ def _quantize_activations(
         )
         _insert_qdq(graph, tensor, readers, [f"act{i}.scale", f"act{i}.zero_point"], f"act{i}")
     _quantize_outputs(graph, layers)
+    _fold_unfused_weights(graph, layers)
     return {tensor: scale for tensor, scale in groups}
+
+
+def _fold_unfused_weights(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> None:
+    """A layer whose output goes to no QuantizeLinear cannot become an integer kernel in ONNX Runtime, which would then
+    dequantize its weight on every call: its weight goes back to the Mul(Cast) form, folded once at load. (TensorRT
+    could still run such a layer in INT8 with a float output; ONNX Runtime cannot, and it is what is measured here.)"""
+    readers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node.op_type)
+    producer = {node.output[0]: node for node in graph.node}
+    initializers = {i.name: i for i in graph.initializer}
+    for layer in layers:
+        dq = producer.get(layer.input[1])
+        if readers[layer.output[0]] == ["QuantizeLinear"] or dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        stored, scale = dq.input[0], numpy_helper.to_array(initializers[dq.input[1]])
+        shape = (-1,) + (1,) * (len(initializers[stored].dims) - 1)
+        per_channel = f"{dq.input[1]}.per_channel"
+        graph.initializer.append(numpy_helper.from_array(scale.reshape(shape), per_channel))
+        cast = helper.make_node("Cast", [stored], [f"{stored}.cast"], name=f"{dq.name}.cast", to=TensorProto.FLOAT)
+        mul = helper.make_node("Mul", [f"{stored}.cast", per_channel], [dq.output[0]], name=dq.name)
+        position = list(graph.node).index(dq)
+        graph.node.remove(dq)
+        graph.node.insert(position, mul)
+        graph.node.insert(position, cast)
+    _drop_unused_initializers(graph)
 
 
 def _by_name(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
