@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def trainer_kwargs(tmp_path: Path, **overrides) -> dict:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache(tmp_path_factory) -> None:
+    """Latency tables measured by tests go to a folder of their own, not the user's cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 def write_cifar10(directory: Path, per_batch: int = 20, test: int = 20) -> Path:
