@@ -25,7 +25,7 @@ from torch.nn.modules.conv import _ConvNd
 from .check24 import check_onnx
 from .core.export import export_onnx
 from .core.groups import ChannelGraph, GraphError
-from .core.latency import ort_latency_ms
+from .core.latency import ort_kernels, ort_latency_ms
 from .core.parity import onnx_session, reference_output
 from .core.quant import quantized_layers
 from .core.tensorrt import Engine, EngineBuildError, TensorRTUnavailable, build_engine
@@ -126,7 +126,11 @@ def _layer_name(weight: str) -> str:
     return weight.removesuffix("_dequantized").removesuffix(".weight")
 
 
-def _layer_rows(model: nn.Module, before: dict[str, tuple[int, int]], exported: dict[str, Any]) -> list[dict]:
+def _layer_rows(
+    model: nn.Module, before: dict[str, tuple[int, int]], exported: dict[str, Any], kernels: dict[str, str]
+) -> list[dict]:
+    """Per layer: channels and weights before and after, how the file stores it and (quantized layers) which kernel
+    ONNX Runtime runs it with in a default session."""
     rows = []
     quantized = quantized_layers(model)
     for name, (channels, weights) in layer_shapes(model).items():
@@ -143,7 +147,8 @@ def _layer_rows(model: nn.Module, before: dict[str, tuple[int, int]], exported: 
         if name in quantized:
             bits = quantized[name].weight_quantizer.bits.detach().float().relu()
             layer = exported[name]
-            row.update(storage=layer.storage, mean_bits=round(float(bits.mean()), 3), max_bits=round(layer.max_bits, 3))
+            row.update(storage=layer.storage, mean_bits=round(float(bits.mean()), 3), max_bits=round(layer.max_bits, 3),
+                       ort_kernel=", ".join(dict.fromkeys(kernels.get(n, "?") for n in layer.nodes)))  # fmt: skip
             if layer.reason:
                 row["reason"] = layer.reason
         rows.append(row)
@@ -222,7 +227,7 @@ def export_and_report(
         "macs_before": macs_before or macs_after,
         "macs_after": macs_after,
         "sparse_24_layers": sparse,
-        "layers": _layer_rows(model, before or {}, exported),
+        "layers": _layer_rows(model, before or {}, exported, ort_kernels(path)),
         "ort_cpu_latency_ms": ort_latency_ms(
             path, tuple(example.shape[1:]), list(options.latency_batches), runs=options.latency_runs
         ),  # fmt: skip
@@ -240,13 +245,13 @@ def export_and_report(
 
 def print_export_table(report: dict[str, Any], console: Console | None = None) -> None:
     table = Table(title=f"Export: {report['path']}")
-    for column in ("layer", "channels", "weights", "stored as", "mean bits", "2:4"):
-        table.add_column(column, justify="left" if column in ("layer", "stored as") else "right")
+    for column in ("layer", "channels", "weights", "stored as", "mean bits", "2:4", "ONNX Runtime kernel"):
+        table.add_column(column, justify="left" if column in ("layer", "stored as", "ONNX Runtime kernel") else "right")
     sparse = set(report["sparse_24_layers"])
     for row in report["layers"]:
         table.add_row(row["layer"], f"{row['channels_after']}/{row['channels_before']}",
                       f"{row['weights_after']:,}/{row['weights_before']:,}", row["storage"], f"{row['mean_bits']:.2f}",
-                      "yes" if row["layer"] in sparse else "")  # fmt: skip
+                      "yes" if row["layer"] in sparse else "", row.get("ort_kernel", ""))  # fmt: skip
     console = console or Console()
     console.print(table)
     parity = report["parity"]

@@ -36,6 +36,7 @@ def test_fit_ends_with_an_exact_export_of_the_thinned_sparse_network(tiny_fmnist
     rows = {r["layer"]: r for r in report["layers"]}
     assert sum(r["channels_after"] for r in rows.values()) < sum(r["channels_before"] for r in rows.values())
     assert {r["storage"] for r in rows.values()} == {"int8"}
+    assert {r["ort_kernel"] for r in rows.values()} <= {"float (fused)", "FusedConv", "Conv"}, "weight-only: float"
     assert report["macs_after"] < report["macs_before"] and report["parameters_after"] < report["parameters_before"]
     assert report["parity"]["max_rel"] <= 1e-4
     assert report["file_bytes"] < report["float_file_bytes"]

@@ -82,6 +82,7 @@ class LayerExport:
     weights: int
     max_bits: float  # the largest bit depth of an alive channel (0 when all are dead)
     reason: str | None = None  # why a quantized layer stays float
+    nodes: tuple[str, ...] = ()  # its Conv/Gemm nodes in the file
 
 
 @dataclass
@@ -290,7 +291,8 @@ def _rewrite_weights(
         storage, reason = _storage(integers, scale, bits, int4)
         if not matches[name]:
             storage, reason = "float", "its weight is not a Conv/Gemm weight initializer of the ONNX graph"
-        reports.append(LayerExport(name, storage, int(integers.shape[0]), integers.numel(), max_bits, reason))
+        nodes = tuple(node.name for node in matches[name])
+        reports.append(LayerExport(name, storage, int(integers.shape[0]), integers.numel(), max_bits, reason, nodes))
         if storage == "float":
             continue
         scale = torch.where(bits > 0, scale, torch.ones_like(scale))  # a dead channel's integers are 0: any scale
