@@ -16,7 +16,7 @@ from lightning_selfcompress import ChannelSurgeon, SelfCompression
 from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
 from lightning_selfcompress.core.surgery import Surgeon
-from lightning_selfcompress.core.widths import latency_tables, step_widths
+from lightning_selfcompress.core.widths import latency_tables, step_pressure, step_widths
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier
 
 
@@ -112,3 +112,33 @@ def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "no_such_model"])
     assert "no model config 'no_such_model'" in capsys.readouterr().err
+
+
+def test_the_step_pressure_pushes_the_weakest_live_channels_above_the_step_below():
+    bits = torch.tensor([3.0, 0.0, 1.0, 2.5, 0.5, 2.0, -1.0, 4.0])  # 6 live channels
+    grad = step_pressure(bits, [2, 4, 8], strength=0.5)
+    assert grad.tolist() == [0, 0, 0.5, 0, 0.5, 0, 0, 0], "6 live, step below 4: the two with the fewest bits"
+    assert step_pressure(bits, [6, 8], 0.3) is None, "on a step"
+    assert step_pressure(bits, [8], 0.3) is None, "no step below: a layer is never pushed to nothing"
+
+
+def test_with_step_pressure_a_real_run_reaches_the_steps(tiny_fmnist, tmp_path):
+    """Steps {4, 8} for every layer of a width-4/8 network with 3 and 6 live channels: the pressure pushes the
+    weakest to 0 bits and the surgeon cuts to the step, keeping no dead channel."""
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(BaselineCNN(1, 10, width=4), optimizer="adam", lr=0.003)
+    surgeon = ChannelSurgeon(every_n_steps=5, widths="onnxruntime-cpu", width_pressure=1.0)
+
+    class Setup(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            if trainer.global_step == 0:  # after the surgeon traced the model: fixed steps, one channel dead
+                surgeon.step_widths = {name: [2, 4, 8] for name in surgeon.step_widths}
+                surgeon.surgeon.widths = {name: set(steps) for name, steps in surgeon.step_widths.items()}
+                for name in surgeon.step_widths:
+                    pl_module.get_submodule(name).weight_quantizer.bits.data[0] = -1.0
+
+    callbacks = [SelfCompression(gamma=0.0, init_bits=2.0, quantizer_lr=0.1), surgeon, Setup()]
+    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=40)).fit(module, tiny_fmnist)
+    for name in surgeon.step_widths:
+        layer = module.get_submodule(name)
+        assert layer.out_channels in (2, 4) and bool((layer.weight_quantizer.bits > 0).all()), name

@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from ..core.groups import ChannelGraph
 from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord
-from ..core.widths import latency_tables
+from ..core.widths import latency_tables, step_pressure
 from ..report import print_surgery_table
 
 __all__ = ["ChannelSurgeon"]
@@ -44,6 +44,9 @@ class ChannelSurgeon(Callback):
             deployed layer faster; dead channels wait as exact zeros until the next step down is reached.
         latency_batch: the batch size at which the latency tables are measured.
         width_tolerance: a width counts as a step only if it is at least this fraction faster than the next one up.
+        width_pressure: with latency steps, added per optimizer step to the gradient of b of each layer's weakest
+            live channels above the step below its live count (`core.widths.step_pressure`), so that the layer
+            reaches that step instead of keeping dead channels that the file still stores. 0: off.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class ChannelSurgeon(Callback):
         widths: str = "any",
         latency_batch: int = 64,
         width_tolerance: float = 0.02,
+        width_pressure: float = 0.0,
     ) -> None:
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer, or None.")
@@ -71,7 +75,10 @@ class ChannelSurgeon(Callback):
             raise ValueError(f"latency_batch={latency_batch!r} must be a positive integer.")
         if not 0 <= width_tolerance < 1:
             raise ValueError(f"width_tolerance={width_tolerance} must be a fraction in [0, 1).")
+        if not (width_pressure >= 0 and (width_pressure == 0 or widths != "any")):
+            raise ValueError(f"width_pressure={width_pressure} must be >= 0, and needs latency steps (widths != 'any').")
         self.widths, self.latency_batch, self.width_tolerance = widths, latency_batch, width_tolerance
+        self.width_pressure = width_pressure
         self.step_widths: dict[str, list[int]] = {}  # per layer, the widths it may be cut to (widths != "any")
         self.every_n_steps = every_n_steps
         self.on_epoch_end = on_epoch_end
@@ -173,6 +180,18 @@ class ChannelSurgeon(Callback):
                     "`example_input_array` on the LightningModule."
                 )
             self._trace(pl_module, example)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self.width_pressure:
+            return
+        for name, steps in self.step_widths.items():
+            bits = pl_module.get_submodule(name).weight_quantizer.bits
+            grad = step_pressure(bits, steps, self.width_pressure) if bits.requires_grad else None
+            if grad is not None:  # after the backward pass (and AMP unscaling): added as it is
+                bits.grad = grad if bits.grad is None else bits.grad.add_(grad)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

@@ -31,7 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 from .atomic import atomic_path
 from .groups import ChannelGraph
 
-__all__ = ["LatencyTable", "default_cache_dir", "latency_tables", "step_widths"]
+__all__ = ["LatencyTable", "default_cache_dir", "latency_tables", "step_pressure", "step_widths"]
 
 
 @dataclass(frozen=True)
@@ -202,3 +202,19 @@ def latency_tables(
             tmp.write_text(json.dumps({**asdict(table), "key": key}))
         tables[producer] = table
     return tables
+
+
+def step_pressure(bits: Tensor, steps: Sequence[int], strength: float) -> Tensor | None:
+    """A gradient for one layer's bit depths that pushes its weakest live channels (the fewest bits) down towards 0,
+    as many as its live count exceeds the step below it; None where the live count is on a step (or below every
+    step but the narrowest, where nothing is pushed: a layer is never pushed to nothing). Added to b's gradient,
+    it lets the surgeon reach the next step down instead of keeping dead channels that the file still stores."""
+    live = bits.detach() > 0
+    count = int(live.sum())
+    below = max((w for w in steps if w < count), default=0)
+    if count in steps or below == 0:
+        return None
+    weakest = live.nonzero().flatten()[bits.detach()[live].argsort()[: count - below]]
+    grad = torch.zeros_like(bits)
+    grad[weakest] = strength
+    return grad
