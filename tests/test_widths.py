@@ -142,3 +142,8 @@ def test_with_step_pressure_a_real_run_reaches_the_steps(tiny_fmnist, tmp_path):
     for name in surgeon.step_widths:
         layer = module.get_submodule(name)
         assert layer.out_channels in (2, 4) and bool((layer.weight_quantizer.bits > 0).all()), name
+
+
+def test_pressure_without_latency_steps_is_refused():
+    with pytest.raises(ValueError, match="width_pressure=0.1 must be >= 0 and needs latency steps"):
+        ChannelSurgeon(width_pressure=0.1)

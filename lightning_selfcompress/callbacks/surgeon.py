@@ -76,7 +76,7 @@ class ChannelSurgeon(Callback):
         if not 0 <= width_tolerance < 1:
             raise ValueError(f"width_tolerance={width_tolerance} must be a fraction in [0, 1).")
         if not (width_pressure >= 0 and (width_pressure == 0 or widths != "any")):
-            raise ValueError(f"width_pressure={width_pressure} must be >= 0, and needs latency steps (widths != 'any').")
+            raise ValueError(f"width_pressure={width_pressure} must be >= 0 and needs latency steps (not widths='any').")
         self.widths, self.latency_batch, self.width_tolerance = widths, latency_batch, width_tolerance
         self.width_pressure = width_pressure
         self.step_widths: dict[str, list[int]] = {}  # per layer, the widths it may be cut to (widths != "any")
@@ -188,9 +188,12 @@ class ChannelSurgeon(Callback):
         if not self.width_pressure:
             return
         for name, steps in self.step_widths.items():
-            bits = pl_module.get_submodule(name).weight_quantizer.bits
-            grad = step_pressure(bits, steps, self.width_pressure) if bits.requires_grad else None
+            quantizer = getattr(pl_module.get_submodule(name), "weight_quantizer", None)
+            if quantizer is None or not quantizer.bits.requires_grad:  # a float layer, or the whole-bit phase
+                continue
+            grad = step_pressure(quantizer.bits, steps, self.width_pressure)
             if grad is not None:  # after the backward pass (and AMP unscaling): added as it is
+                bits = quantizer.bits
                 bits.grad = grad if bits.grad is None else bits.grad.add_(grad)
 
     @override
