@@ -76,7 +76,9 @@ class ChannelSurgeon(Callback):
         if not 0 <= width_tolerance < 1:
             raise ValueError(f"width_tolerance={width_tolerance} must be a fraction in [0, 1).")
         if not (width_pressure >= 0 and (width_pressure == 0 or widths != "any")):
-            raise ValueError(f"width_pressure={width_pressure} must be >= 0 and needs latency steps (not widths='any').")
+            raise ValueError(
+                f"width_pressure={width_pressure} must be >= 0 and needs latency steps (not widths='any')."
+            )
         self.widths, self.latency_batch, self.width_tolerance = widths, latency_batch, width_tolerance
         self.width_pressure = width_pressure
         self.step_widths: dict[str, list[int]] = {}  # per layer, the widths it may be cut to (widths != "any")
