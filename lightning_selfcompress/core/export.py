@@ -53,7 +53,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from .atomic import atomic_path
-from .onnx_fold import fold_batchnorm
+from .onnx_fold import dequantized_weight, fold_batchnorm
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import QUANTIZED_CLASS, integer_bits, integer_weights, quantized_layers
@@ -111,28 +111,14 @@ class ExportResult:
 
 def stored_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Dequantized weight tensor -> (its integers, the per-output-channel scale) for every integer weight the file
-    stores, in either form the export writes: `DequantizeLinear(integers, scale)` or `Mul(Cast(integers), scale)`."""
+    stores, in either form the export writes (`onnx_fold.dequantized_weight`)."""
     initializers = {i.name: i for i in model.graph.initializer}
-
-    def integer(name: str) -> np.ndarray | None:
-        stored = initializers.get(name)
-        if stored is None or stored.data_type not in (TensorProto.INT8, TensorProto.INT4) or len(stored.dims) < 2:
-            return None  # activations, float layers
-        return numpy_helper.to_array(stored).astype(np.int32)
-
-    def constant(name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(initializers[name]).reshape(-1) if name in initializers else None
-
-    cast = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    producer = {out: node for node in model.graph.node for out in node.output}
     found = {}
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and (ints := integer(node.input[0])) is not None:
-            found[node.output[0]] = ints, constant(node.input[1])
-        elif node.op_type == "Mul":
-            for data, scale in (node.input, reversed(node.input)):
-                ints = integer(cast[data]) if data in cast else None
-                if ints is not None and scale in initializers:
-                    found[node.output[0]] = ints, constant(scale)
+        if (stored := dequantized_weight(node, producer, initializers)) is not None:
+            integers, scale = (numpy_helper.to_array(initializers[name]) for name in stored)
+            found[node.output[0]] = integers.astype(np.int32), scale.reshape(-1)
     return found
 
 

@@ -19,12 +19,32 @@ from collections.abc import Collection
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["dequantized_weight", "fold_batchnorm"]
 
 SHIFT_TRANSPARENT = ("MaxPool", "Reshape", "Flatten")  # ops that carry a per-channel shift through unchanged
 SHAPE_ONLY = ("Shape",)  # consumers that read a tensor's shape, not its values
+INTEGER_TYPES = (TensorProto.INT8, TensorProto.INT4)
+
+
+def dequantized_weight(
+    node: onnx.NodeProto, producer: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto]
+) -> tuple[str, str] | None:
+    """(integer initializer, scale initializer) of a node that dequantizes a constant integer weight, in either form
+    the export writes: `DequantizeLinear(integers, scale)` or `Mul(Cast(integers), scale)`; None for anything else."""
+    if node.op_type == "DequantizeLinear":
+        data, scale = node.input[0], node.input[1]
+    elif node.op_type == "Mul":
+        scale = next((i for i in node.input if i in initializers), "")
+        cast = next((producer.get(i) for i in node.input if i != scale), None)
+        data = cast.input[0] if cast is not None and cast.op_type == "Cast" else ""
+    else:
+        return None
+    stored = initializers.get(data)
+    if stored is None or stored.data_type not in INTEGER_TYPES or len(stored.dims) < 2 or scale not in initializers:
+        return None  # activations, float layers
+    return data, scale
 
 
 class _Graph:
@@ -69,14 +89,9 @@ class _Layer:
         weight = node.input[1]
         self.scale_name, self.integers = weight, None
         source = g.producer.get(weight)
-        if source is not None and source.op_type in ("DequantizeLinear", "Mul"):
-            data, scale = source.input[0], source.input[1]
-            if source.op_type == "Mul":
-                data = next((i for i in source.input if i not in g.initializers), "")
-                scale = next((i for i in source.input if i in g.initializers), "")
-                cast = g.producer.get(data)
-                data = cast.input[0] if cast is not None and cast.op_type == "Cast" else ""
-            self.integers, self.scale_name = g.constant(data), scale
+        stored = dequantized_weight(source, g.producer, g.initializers) if source is not None else None
+        if stored is not None:
+            self.integers, self.scale_name = g.constant(stored[0]), stored[1]
         if self.scale_name not in g.initializers or len(g.consumers[weight]) != 1:
             raise LookupError(f"{node.name}: its weight is not one layer's own constant")
         if len(g.consumers[self.scale_name]) != 1:
