@@ -411,16 +411,17 @@ def _fold_unfused_weights(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) 
         dq = producer.get(layer.input[1])
         if readers[layer.output[0]] == ["QuantizeLinear"] or dq is None or dq.op_type != "DequantizeLinear":
             continue
-        stored, scale = dq.input[0], numpy_helper.to_array(initializers[dq.input[1]])
-        shape = (-1,) + (1,) * (len(initializers[stored].dims) - 1)
-        per_channel = f"{dq.input[1]}.per_channel"
-        graph.initializer.append(numpy_helper.from_array(scale.reshape(shape), per_channel))
-        cast = helper.make_node("Cast", [stored], [f"{stored}.cast"], name=f"{dq.name}.cast", to=TensorProto.FLOAT)
-        mul = helper.make_node("Mul", [f"{stored}.cast", per_channel], [dq.output[0]], name=dq.name)
+        stored, scale = initializers[dq.input[0]], initializers[dq.input[1]]
+        graph.initializer.remove(scale)  # the Mul(Cast) form's scale takes its name, shaped to broadcast
+        per_channel = torch.from_numpy(numpy_helper.to_array(scale).reshape((-1,) + (1,) * (len(stored.dims) - 1)))
+        storage = "int4" if stored.data_type == TensorProto.INT4 else "int8"
+        name = dq.name.removesuffix(".dequantize")
+        new_initializers, nodes = _dequantize(name, storage, per_channel, stored.name, dq.output[0], as_qdq=False)
+        graph.initializer.extend(new_initializers)
         position = list(graph.node).index(dq)
         graph.node.remove(dq)
-        graph.node.insert(position, mul)
-        graph.node.insert(position, cast)
+        for node in reversed(nodes):
+            graph.node.insert(position, node)
     _drop_unused_initializers(graph)
 
 
