@@ -197,8 +197,7 @@ def latency_tables(
                 specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
                 ms[i] = min(ms[i], _time(specs, batch, runs))
         table = LatencyTable(producer, widths, ms, device, batch)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:  # parent folders included
             tmp.write_text(json.dumps({**asdict(table), "key": key}))
         tables[producer] = table
     return tables
@@ -206,8 +205,8 @@ def latency_tables(
 
 def step_pressure(bits: Tensor, steps: Sequence[int], strength: float) -> Tensor | None:
     """A gradient for one layer's bit depths that pushes its weakest live channels (the fewest bits) down towards 0,
-    as many as its live count exceeds the step below it; None where the live count is on a step (or below every
-    step but the narrowest, where nothing is pushed: a layer is never pushed to nothing). Added to b's gradient,
+    as many as its live count exceeds the step below it; None where the live count is on a step or no step lies
+    below it (a layer is never pushed to nothing). Added to b's gradient,
     it lets the surgeon reach the next step down instead of keeping dead channels that the file still stores."""
     live = bits.detach() > 0
     count = int(live.sum())
