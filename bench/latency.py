@@ -32,7 +32,7 @@ from lightning_selfcompress.core.export import export_onnx, inference_form
 from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.latency import ort_latency_ms
 from lightning_selfcompress.core.quant import attach_quantizers
-from lightning_selfcompress.core.surgery import Surgeon, load_compressed
+from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.core.tensorrt import Engine, EngineBuildError, TensorRTUnavailable, build_engine
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 from lightning_selfcompress.testing import choose_groups, kill_groups
@@ -56,18 +56,9 @@ def synthetic(make, shape: tuple[int, ...], round_to: int, seed: int = 0) -> tup
 
 
 def from_run(path: str) -> tuple[nn.Module, nn.Module, Tensor]:
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from deploy import load_run  # bench/ is on the path when this runs as a script
 
-    from lightning_selfcompress.export_cli import find_checkpoint, find_run_config
-    from lightning_selfcompress.models import ImageClassifier
-
-    checkpoint = find_checkpoint(path)
-    cfg = OmegaConf.load(find_run_config(checkpoint, None))
-    float_net = ImageClassifier(instantiate(cfg.model), **cfg.optim).eval()
-    compressed = load_compressed(ImageClassifier(instantiate(cfg.model), **cfg.optim), checkpoint)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("test")
+    float_net, compressed, datamodule = load_run(path)
     x, _ = next(iter(datamodule.test_dataloader()))
     return float_net, compressed, x[:2]
 
