@@ -53,7 +53,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from .atomic import atomic_path
-from .onnx_fold import dequantized_weight, fold_batchnorm
+from .onnx_fold import dequantized_weight, fold_batchnorm, readers_of
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import QUANTIZED_CLASS, integer_bits, integer_weights, quantized_layers
@@ -344,14 +344,11 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
     """Q/DQ on each quantized layer's output where it reaches the next layer's input Q only through ops that commute
     with symmetric rounding (ReLU, MaxPool, reshapes): with that Q's scale, the added rounding changes no value, and
     ONNX Runtime fuses DQ -> Conv -> Q into one integer kernel (QLinearConv)."""
-    readers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node)
+    reading = readers_of(graph)
     outputs = {o.name for o in graph.output}
 
     def sole_reader(tensor: str) -> onnx.NodeProto | None:
-        values = [n for n in readers[tensor] if n.op_type != "Shape"]
+        values = [n for n in reading[tensor] if n.op_type != "Shape"]
         return values[0] if len(values) == 1 and tensor not in outputs and values[0].input[0] == tensor else None
 
     for layer in layers:
@@ -401,15 +398,13 @@ def _fold_unfused_weights(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) 
     """A layer whose output goes to no QuantizeLinear cannot become an integer kernel in ONNX Runtime, which would then
     dequantize its weight on every call: its weight goes back to the Mul(Cast) form, folded once at load. (TensorRT
     could still run such a layer in INT8 with a float output; ONNX Runtime cannot, and it is what is measured here.)"""
-    readers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node.op_type)
+    reading = readers_of(graph)
     producer = {node.output[0]: node for node in graph.node}
     initializers = {i.name: i for i in graph.initializer}
     for layer in layers:
         dq = producer.get(layer.input[1])
-        if readers[layer.output[0]] == ["QuantizeLinear"] or dq is None or dq.op_type != "DequantizeLinear":
+        fused = [n.op_type for n in reading[layer.output[0]]] == ["QuantizeLinear"]
+        if fused or dq is None or dq.op_type != "DequantizeLinear":
             continue
         stored, scale = initializers[dq.input[0]], initializers[dq.input[1]]
         graph.initializer.remove(scale)  # the Mul(Cast) form's scale takes its name, shaped to broadcast

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["dequantized_weight", "fold_batchnorm"]
+__all__ = ["dequantized_weight", "fold_batchnorm", "readers_of"]
 
 SHIFT_TRANSPARENT = ("MaxPool", "Reshape", "Flatten")  # ops that carry a per-channel shift through unchanged
 SHAPE_ONLY = ("Shape",)  # consumers that read a tensor's shape, not its values
@@ -47,6 +47,15 @@ def dequantized_weight(
     return data, scale
 
 
+def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    found: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            found[name].append(node)
+    return found
+
+
 class _Graph:
     """Lookups over an ONNX graph that the folds edit in place."""
 
@@ -54,10 +63,7 @@ class _Graph:
         self.graph = model.graph
         self.initializers = {i.name: i for i in self.graph.initializer}
         self.producer = {out: node for node in self.graph.node for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.graph.node:
-            for name in node.input:
-                self.consumers[name].append(node)
+        self.consumers = readers_of(self.graph)
         self.outputs = {o.name for o in self.graph.output}
 
     def constant(self, name: str) -> np.ndarray | None:
