@@ -96,3 +96,14 @@ def test_a_run_with_int8_activations_exports_integer_kernels_and_keeps_its_steps
     assert torch.equal(restored(x), module.eval()(x)), "the checkpoint holds the trained steps"
     written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
     assert written["act0.scale"] == np.float32(layers["net.features.0"].input_quantizer.scale), "the trained step"
+
+
+def test_the_step_starts_from_the_first_batch_and_a_loaded_state_decides_again():
+    quantizer = ActivationQuantizer()
+    quantizer(torch.full((2, 3), 127.0))
+    assert quantizer.initialized and quantizer.scale == 1.0, "max|x| / 127 of the first batch"
+    quantizer(torch.full((2, 3), 254.0))
+    assert quantizer.scale == 1.0, "later batches do not restart it"
+    quantizer.load_state_dict(ActivationQuantizer().state_dict())  # a state from before any batch
+    quantizer(torch.full((2, 3), 254.0))
+    assert quantizer.scale == 2.0, "started again from the batch after the load"

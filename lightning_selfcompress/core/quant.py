@@ -20,6 +20,7 @@ import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -156,17 +157,24 @@ class ActivationQuantizer(nn.Module):
         super().__init__()
         self.log2_scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._checked = False  # the buffer read once, not on every forward (on a GPU each read waits for the device)
 
     @property
     def scale(self) -> float:
         return float(torch.exp2(self.log2_scale.detach().float()))
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._checked = False  # the loaded buffer decides again
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
-        if not self.initialized:
-            with torch.no_grad():
-                absmax = x.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-                self.log2_scale.copy_(torch.log2(absmax / 127.0))
-                self.initialized.fill_(True)
+        if not self._checked:
+            if not self.initialized:
+                with torch.no_grad():
+                    absmax = x.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+                    self.log2_scale.copy_(torch.log2(absmax / 127.0))
+                    self.initialized.fill_(True)
+            self._checked = True
         return _QuantizeInt8.apply(x, self.log2_scale)
 
 
