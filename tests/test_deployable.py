@@ -28,6 +28,27 @@ def test_integer_bits_is_the_signed_width_of_each_channels_integers():
     assert integer_bits(integers).tolist() == [1, 2, 2, 3, 0, 8, 4]
 
 
+def test_a_channel_of_odd_integers_stores_its_midrise_levels():
+    odd = torch.tensor([[-1.0, 1.0], [-3.0, 1.0], [1.0, 1.0], [-255.0, 255.0], [-1.0, 2.0]])
+    assert integer_bits(odd).tolist() == [1, 2, 1, 8, 3], "2k + 1 needs the bits of k (and 1 at least)"
+
+
+@pytest.mark.parametrize("bits, width", [(0.5, 1), (1.0, 1), (1.5, 1), (1.9, 2), (2.0, 2), (3.0, 3)])
+def test_midrise_channels_store_in_their_levels_bits_and_keep_their_integers_exact(bits, width):
+    conv = torch.nn.Conv2d(1, 2, 1)
+    attach_quantizers(conv, QuantizationConfig(grid="midrise"))
+    conv.weight.data = torch.linspace(-50, 50, 101).repeat(2, 1).view(2, 101, 1, 1)  # every level reached
+    conv.weight_quantizer.exponent.data.fill_(1.0)
+    conv.weight_quantizer.bits.data.fill_(bits)
+    integers, scale = integer_weights(conv)
+    assert torch.equal(integers * scale.view(-1, 1, 1, 1), conv.weight_quantizer(conv.weight).detach())
+    assert all(len(channel.unique()) == 2**width for channel in integers), "symmetric: 2^width levels"
+    assert integer_bits(integers).tolist() == [width] * 2
+    snap_bits({"conv": conv})
+    assert conv.weight_quantizer.bits.tolist() == [width] * 2, "a live channel stays alive"
+    assert torch.equal(integer_weights(conv)[0], integers)
+
+
 @pytest.mark.parametrize("bits, width", [(1.3, 1), (1.58, 1), (1.6, 2), (2.2, 2), (2.5, 3), (4.0, 4)])
 def test_real_valued_bits_store_in_the_width_of_their_rounded_range(bits, width):
     conv = torch.nn.Conv2d(1, 1, 1)

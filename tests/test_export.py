@@ -18,7 +18,7 @@ from lightning_selfcompress.core.export import ExportError, export_onnx, integer
 from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.onnx_rules import QuantizationRuleError, check_explicit_quantization
 from lightning_selfcompress.core.parity import ParityError
-from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
+from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers, integer_bits, quantized_layers
 from lightning_selfcompress.core.sparsity import attach_masks, masked_layers
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.report import write_json
@@ -101,6 +101,31 @@ def test_initializers_dequantize_exactly_to_the_quantized_weights(tmp_path):
     # An input Q/DQ per layer; neither layer can be an integer kernel (a feeds the float b, c is the output), so
     # their weights stay Mul(Cast), folded at load.
     assert check_explicit_quantization(tmp_path / "qdq.onnx") == 2 * 2
+
+
+def test_midrise_weights_store_as_odd_integers_at_half_the_step(tmp_path):
+    net = ConvLinear()
+    attach_quantizers(net, QuantizationConfig(grid="midrise"))
+    random_quantizers(net, -3.0, 7.0)  # dead, binary (0 < b <= 1) and up to 7 bits: 2k + 1 within int8
+    with torch.no_grad():
+        net.b.weight_quantizer.bits[2] = 7.5  # 2^6.5 levels each side: 2k + 1 reaches past 127, b stays float
+        net.b.weight_quantizer.exponent[2] = -12.0
+        net.a.weight_quantizer.bits[1], net.c.weight_quantizer.bits[0] = 0.6, 1.0  # binary channels
+    x = torch.randn(2, 3, 8, 8)
+    result = export_onnx(net, x, tmp_path / "net.onnx")
+    assert {layer.name: layer.storage for layer in result.layers} == {"a": "int8", "b": "float", "c": "int8"}
+    weights = dequantized_initializers(tmp_path / "net.onnx")
+    for name in weights:
+        m = net.get_submodule(name)
+        assert np.array_equal(weights[name], m.weight_quantizer(m.weight).detach().numpy()), name
+        alive = (m.weight_quantizer.bits > 0).numpy()
+        ints = next(i for o, (i, _) in stored_weights(onnx.load(str(tmp_path / "net.onnx"))).items() if o.startswith(name))
+        assert (ints[alive] % 2 == 1).all() and not ints[~alive].any(), "live channels odd, dead ones zeros"
+        stored, bits = integer_bits(torch.from_numpy(ints).float()), m.weight_quantizer.bits.detach()
+        assert (stored <= bits.ceil().clamp_min(0)).all() and (stored[alive] >= 1).all()
+        binary = (bits > 0) & (bits <= 1)
+        assert (stored[binary] == 1).all(), "0 < b <= 1: one bit, a binary channel"
+    assert result.parity.max_rel < 1e-6
 
 
 def test_int4_storage_where_every_integer_fits_four_bits(tmp_path):

@@ -20,11 +20,14 @@ from lightning_selfcompress.core.quant import (
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 
 
-def reference(w: np.ndarray, b: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """The paper's formula in float64 numpy, with b clamped at 0 and b <= 0 channels zero."""
+OFFSET = {"integer": 0.0, "midrise": 0.5}
+
+
+def reference(w: np.ndarray, b: np.ndarray, e: np.ndarray, grid: str = "integer") -> np.ndarray:
+    """The paper's formula (or its mid-rise form) in float64 numpy, with b clamped at 0 and b <= 0 channels zero."""
     shape = (-1,) + (1,) * (w.ndim - 1)
-    b, e = np.maximum(b, 0).reshape(shape), e.reshape(shape)
-    q = 2.0**e * np.round(np.clip(2.0**-e * w, -(2.0 ** (b - 1)), 2.0 ** (b - 1) - 1))
+    b, e, half = np.maximum(b, 0).reshape(shape), e.reshape(shape), OFFSET[grid]
+    q = 2.0**e * (np.round(np.clip(2.0**-e * w - half, -(2.0 ** (b - 1)), 2.0 ** (b - 1) - 1)) + half)
     return np.where(b > 0, q, 0.0)
 
 
@@ -36,13 +39,22 @@ def random_case(shape=(12, 5, 3, 3), seed=0):
     return w, b, e
 
 
+@pytest.mark.parametrize("grid", ["integer", "midrise"])
 @pytest.mark.parametrize("shape", [(12, 5, 3, 3), (7, 9), (6, 4, 5), (5, 2, 3, 3, 3)])
 @pytest.mark.parametrize("seed", range(3))
-def test_values_match_float64_reference(shape, seed):
+def test_values_match_float64_reference(shape, seed, grid):
     w, b, e = random_case(shape, seed)
-    expected = reference(w.numpy(), b.numpy(), e.numpy())
+    expected = reference(w.numpy(), b.numpy(), e.numpy(), grid)
     # exp2 in torch and numpy may differ in the last bit; the rounding itself must agree everywhere
-    np.testing.assert_allclose(quantize(w, b, e).numpy(), expected, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(quantize(w, b, e, grid).numpy(), expected, rtol=1e-14, atol=0)
+
+
+def test_the_midrise_grid_is_symmetric_and_one_bit_is_binary():
+    w = torch.tensor([[-5.0, -0.2, 0.3, 4.0], [-5.0, -0.2, 0.3, 4.0], [-5.0, -0.2, 0.3, 4.0]])
+    q = quantize(w, torch.tensor([1.0, 2.0, 0.0]), torch.tensor([1.0, 1.0, 1.0]), "midrise")
+    assert q.tolist() == [[-1.0, -1.0, 1.0, 1.0], [-3.0, -1.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="grid='ternary' is not one of"):
+        quantize(w, torch.ones(3), torch.ones(3), "ternary")
 
 
 def test_values_are_integers_times_the_scale_within_the_bit_range():
@@ -73,19 +85,19 @@ def test_fractional_bits_below_one_still_hold_minus_scale():
     assert set(q.flatten().tolist()) <= {-1.0, 0.0} and q[0, 0] == -1.0
 
 
-def surrogate(w, b, e, residual):
+def surrogate(w, b, e, residual, grid="integer"):
     """What the straight-through estimator differentiates: the rounding residual held fixed, so smooth."""
     shape = (-1,) + (1,) * (w.dim() - 1)
-    bb, ee = b.relu().reshape(shape), e.reshape(shape)
+    bb, ee, half = b.relu().reshape(shape), e.reshape(shape), OFFSET[grid]
     high = torch.exp2(bb - 1)
-    clamped = torch.clamp(torch.exp2(-ee) * w, -high, high - 1)
-    return torch.where(bb > 0, torch.exp2(ee) * (clamped + residual), 0.0)
+    clamped = torch.clamp(torch.exp2(-ee) * w - half, -high, high - 1)
+    return torch.where(bb > 0, torch.exp2(ee) * (clamped + residual + half), 0.0)
 
 
-def rounding_residual(w, b, e):
+def rounding_residual(w, b, e, grid="integer"):
     shape = (-1,) + (1,) * (w.dim() - 1)
     high = torch.exp2(b.relu().reshape(shape) - 1)
-    clamped = torch.clamp(torch.exp2(-e.reshape(shape)) * w, -high, high - 1)
+    clamped = torch.clamp(torch.exp2(-e.reshape(shape)) * w - OFFSET[grid], -high, high - 1)
     return torch.round(clamped) - clamped
 
 
@@ -145,6 +157,21 @@ def test_attach_keeps_modules_and_parameters_and_a_readable_state_dict():
     assert list(again) == list(layers) and not hasattr(conv.weight_quantizer, "weight_quantizer")
 
 
+def test_the_grid_travels_in_the_state_dict_and_older_checkpoints_load_as_integer():
+    trained = BaselineCNN(width=4)
+    attach_quantizers(trained, QuantizationConfig(grid="midrise"))
+    state = trained.state_dict()
+    assert state["features.0.weight_quantizer.midrise"].item() is True
+    fresh = BaselineCNN(width=4)
+    attach_quantizers(fresh)  # built with the default grid: the checkpoint decides
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 1, 28, 28)
+    assert fresh.features[0].weight_quantizer.grid == "midrise" and torch.equal(fresh(x), trained(x))
+    older = {k: v for k, v in state.items() if not k.endswith(".midrise")}  # written before the grid existed
+    fresh.load_state_dict(older)
+    assert {m.weight_quantizer.grid for m in quantized_layers(fresh).values()} == {"integer"}
+
+
 def test_filters_select_layers_by_type_and_name():
     net = ResNet9(in_channels=1, width=4)
     layers = attach_quantizers(net, QuantizationConfig(layer_types=("Conv2d",), exclude=("prep.*", "layer3.*")))
@@ -172,6 +199,8 @@ def test_bad_configurations_are_named():
         QuantizationConfig(init_exponent=float("inf"))
     with pytest.raises(ValueError, match="init_bits=0"):
         QuantizationConfig(init_bits=0)
+    with pytest.raises(ValueError, match=r"grid='mid-rise' is not one of \['integer', 'midrise'\]"):
+        QuantizationConfig(grid="mid-rise")
 
 
 def test_quantized_layers_finds_attached_layers_only():
@@ -181,14 +210,15 @@ def test_quantized_layers_finds_attached_layers_only():
     assert list(quantized_layers(net)) == ["1"]
 
 
+@pytest.mark.parametrize("grid", ["integer", "midrise"])
 @pytest.mark.parametrize("seed", range(4))
-def test_fused_gradients_equal_autograd_through_the_composite_formula(seed):
+def test_fused_gradients_equal_autograd_through_the_composite_formula(seed, grid):
     w, b, e = random_case((16, 8, 3, 3), seed)  # b in [-2, 9): dead, fractional and clipped channels
     probe = torch.randn_like(w)
     ours = [t.clone().requires_grad_() for t in (w, b, e)]
-    (quantize(*ours) * probe).sum().backward()
+    (quantize(*ours, grid) * probe).sum().backward()
     composite = [t.clone().requires_grad_() for t in (w, b, e)]
-    (surrogate(*composite, rounding_residual(w, b, e)) * probe).sum().backward()
+    (surrogate(*composite, rounding_residual(w, b, e, grid), grid) * probe).sum().backward()
     for mine, theirs in zip(ours, composite):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-12)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers
 from lightning_selfcompress.core.sparsity import (
     as_rows, from_rows, ineligible_reason, is_24, kept_magnitude, mask_1d, mask_2d,
 )  # fmt: skip
@@ -81,6 +82,11 @@ def test_weights_that_cannot_hold_the_pattern_are_a_clear_error():
         mask_2d(torch.randn(6, 8))
 
 
+def midrise(layer: nn.Module) -> nn.Module:
+    attach_quantizers(layer, QuantizationConfig(grid="midrise"))
+    return layer
+
+
 @pytest.mark.parametrize(
     ("module", "reason"),
     [
@@ -90,6 +96,7 @@ def test_weights_that_cannot_hold_the_pattern_are_a_clear_error():
         (nn.Conv2d(4, 8, 1), "only 4 input channels"),
         (nn.BatchNorm2d(8), "neither a convolution nor a Linear"),
         (nn.ConvTranspose2d(8, 8, 3), "transposed convolution: its weight is \\[in, out, ...\\]"),
+        (midrise(nn.Conv2d(16, 16, 3)), "mid-rise grid has no zero level"),
     ],
 )
 def test_ineligible_layers_say_why(module, reason):

@@ -41,6 +41,9 @@ class SelfCompression(Callback):
         init_exponent: starting exponent; None picks it per channel by `init_scale`.
         init_scale: "absmax" (the bit range spans the channel's largest weight) or "lsq" (LSQ's step, 2 mean|w| /
             sqrt(2^(b-1) - 1), for fixed low bit depths).
+        grid: "integer" (the paper's, {-2, -1, 0, 1} at 2 bits) or "midrise" (levels at half steps, symmetric: 1 bit
+            is a binary channel, so a channel can go below 2 bits and still be useful; no zero level, so not with
+            2:4 sparsity).
         quantizer_lr: learning rate of b and e at the start of the LR schedule (None: that of their param group).
         quantizer_weight_decay: weight decay of b and e (0 unless asked: decay would drag e towards 1.0 scales).
         learn_bits: False keeps every b at `init_bits` (a whole number) and learns only the scales: fixed-bit
@@ -67,6 +70,7 @@ class SelfCompression(Callback):
         quantizer_lr: float | None = None,
         quantizer_weight_decay: float = 0.0,
         init_scale: str = "absmax",
+        grid: str = "integer",
         learn_bits: bool = True,
         freeze_bits_at: float | None = None,
         int8_activations: bool = False,
@@ -79,6 +83,7 @@ class SelfCompression(Callback):
             init_bits=init_bits,
             init_exponent=init_exponent,
             init_scale=init_scale,
+            grid=grid,
             int8_activations=int8_activations,
         )
         if not isinstance(learn_bits, bool):

@@ -4,6 +4,14 @@ Each output channel i of a Conv/Linear weight learns a bit depth b_i and an expo
 
     q(w) = 2^e * round(clamp(2^-e * w, -2^(b-1), 2^(b-1) - 1))
 
+That grid (`grid="integer"`) has an asymmetric low end: 2 bits hold {-2, -1, 0, 1}, and below 2 bits only {-1, 0},
+a channel of non-positive weights. The mid-rise grid (`grid="midrise"`) shifts every level by half a step,
+
+    q(w) = 2^e * (round(clamp(2^-e * w - 1/2, -2^(b-1), 2^(b-1) - 1)) + 1/2)
+
+so that b bits hold 2^b levels symmetric about 0 and 1 bit is a binary channel {-1/2, 1/2} 2^e; it has no zero
+level, so 0 bits (a dead channel) is the only way to zero. Its integers are stored as 2k + 1 with the scale 2^(e-1).
+
 Rounding is straight-through, so gradients reach the weight (inside the clamp range), e and b. Two traps of the
 literal formula are closed here: b is clamped at 0 inside the bounds (for b < 0 `torch.clamp` would return -2^e),
 and a channel with b <= 0 is masked to exact zeros, with no gradient reaching its b, e or weights.
@@ -27,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "GRIDS",
     "ActivationQuantizer",
     "ChannelQuantizer",
     "QuantizationConfig",
@@ -47,6 +56,7 @@ __all__ = [
 
 
 _LN2 = math.log(2.0)
+GRIDS = ("integer", "midrise")
 
 
 class _Quantize(torch.autograd.Function):
@@ -57,19 +67,25 @@ class _Quantize(torch.autograd.Function):
     dq/dw = 0, dq/de = ln2 q, dq/db = -/+ ln2 2^e 2^(b-1).  A dead channel (b <= 0) gets no gradient at all.
     Outside the range the sign of q tells above (q >= 0) from below (q < 0), for any b > 0, so the forward keeps
     only q and a mask of the live elements inside the range. Autograd on the composite formula gives the same
-    numbers (tests check both) at several times the cost.
+    numbers (tests check both) at several times the cost. The mid-rise grid's half-step `offset` changes none of
+    these formulas (its q is positive above the range and negative below it, too).
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:
+    def forward(ctx, weight: Tensor, bits: Tensor, exponent: Tensor, offset: float) -> Tensor:
         shape = (-1,) + (1,) * (weight.dim() - 1)
         alive = (bits > 0).view(shape)
         high = torch.exp2(bits.relu() - 1)
         scaled = weight * torch.exp2(-exponent).view(shape)
+        if offset:
+            scaled.sub_(offset)
         clamped = torch.clamp(scaled, (-high).view(shape), (high - 1).view(shape))
         inside = torch.eq(clamped, scaled).logical_and_(alive)
         scale = torch.exp2(exponent).view(shape) * alive  # a dead channel's scale is 0: exact zeros
-        q = clamped.round_().mul_(scale)
+        q = clamped.round_()
+        if offset:
+            q.add_(offset)
+        q.mul_(scale)
         ctx.save_for_backward(weight, bits, exponent, q, inside)
         return q
 
@@ -88,12 +104,19 @@ class _Quantize(torch.autograd.Function):
             pull = 2 * per_channel(outside.masked_fill_(q < 0, 0)) - total  # above minus below
             high = torch.exp2(bits.relu() - 1)
             grad_bits = _LN2 * torch.exp2(exponent) * high * pull * (bits > 0)
-        return (grad_weight if ctx.needs_input_grad[0] else None), grad_bits, grad_exponent
+        return (grad_weight if ctx.needs_input_grad[0] else None), grad_bits, grad_exponent, None
 
 
-def quantize(weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:
-    """Quantize `weight` per slice along dim 0 with real-valued `bits` and `exponent` (one value per slice)."""
-    return _Quantize.apply(weight, bits, exponent)
+def quantize(weight: Tensor, bits: Tensor, exponent: Tensor, grid: str = "integer") -> Tensor:
+    """Quantize `weight` per slice along dim 0 with real-valued `bits` and `exponent` (one value per slice), on the
+    `grid` of the module docstring."""
+    return _Quantize.apply(weight, bits, exponent, _offset(grid))
+
+
+def _offset(grid: str) -> float:
+    if grid not in GRIDS:
+        raise ValueError(f"grid={grid!r} is not one of {list(GRIDS)}.")
+    return 0.5 if grid == "midrise" else 0.0
 
 
 def initial_exponent(weight: Tensor, bits: float) -> Tensor:
@@ -179,55 +202,91 @@ class ActivationQuantizer(nn.Module):
 
 
 class ChannelQuantizer(nn.Module):
-    """Learned bit depth and exponent, one of each per output channel."""
+    """Learned bit depth and exponent, one of each per output channel, on one grid. The grid travels in the
+    state_dict (`midrise`), so a checkpoint decides it on loading; one written before the grid existed is integer."""
 
-    def __init__(self, channels: int, bits: float | Tensor, exponent: float | Tensor) -> None:
+    def __init__(self, channels: int, bits: float | Tensor, exponent: float | Tensor, grid: str = "integer") -> None:
         super().__init__()
         self.bits = nn.Parameter(torch.as_tensor(bits, dtype=torch.float32).expand(channels).clone())
         self.exponent = nn.Parameter(torch.as_tensor(exponent, dtype=torch.float32).expand(channels).clone())
+        self.register_buffer("midrise", torch.tensor(_offset(grid) > 0))
+        self.grid = grid  # the buffer read once here and on loading, not on every forward (a GPU read would wait)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        state_dict.setdefault(prefix + "midrise", torch.tensor(False))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.grid = GRIDS[int(self.midrise)]
+
+    @property
+    def offset(self) -> float:
+        return _offset(self.grid)
 
     def forward(self, weight: Tensor) -> Tensor:
-        return quantize(weight, self.bits.to(weight.dtype), self.exponent.to(weight.dtype))
+        return quantize(weight, self.bits.to(weight.dtype), self.exponent.to(weight.dtype), self.grid)
 
     def extra_repr(self) -> str:
-        return f"channels={self.bits.numel()}"
+        return f"channels={self.bits.numel()}, grid={self.grid}"
 
 
-@torch.no_grad()
-def integer_weights(module: nn.Module) -> tuple[Tensor, Tensor]:
-    """(integers, scale): the quantized layer's rounded values (a float tensor of whole numbers, dead channels 0) and
-    2^e per output channel (float32), so that integers * scale equals the quantized weight exactly."""
+def _levels(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """(k, alive): each weight's grid level, round(clamp(...)) of the quantizer's forward with the same float32
+    operations (dead channels 0), and per output channel whether b > 0."""
     quantizer = module.weight_quantizer
     weight = module.weight.detach().float()
     bits, exponent = quantizer.bits.detach().float(), quantizer.exponent.detach().float()
     shape = (-1,) + (1,) * (weight.dim() - 1)
     high = torch.exp2(bits.relu() - 1).view(shape)
-    scaled = weight * torch.exp2(-exponent).view(shape)  # the same float32 operations as the quantizer's forward
-    integers = torch.clamp(scaled, -high, high - 1).round() * (bits > 0).view(shape)
-    return integers, torch.exp2(exponent)
+    scaled = weight * torch.exp2(-exponent).view(shape)
+    if quantizer.offset:
+        scaled.sub_(quantizer.offset)
+    alive = bits > 0
+    return torch.clamp(scaled, -high, high - 1).round() * alive.view(shape), alive
 
 
-def integer_bits(integers: Tensor) -> Tensor:
-    """Per output channel, the whole bits its integers need as signed two's complement: the smallest k with every
-    integer in [-2^(k-1), 2^(k-1) - 1], and 0 for a channel of zeros. This, not the real-valued b, is what a file
-    stores: b = 1.3 rounds to {-1, 0} (1 bit), b = 2.2 to {-2, ..., 1} (2 bits)."""
-    flat = integers.flatten(1)
+@torch.no_grad()
+def integer_weights(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """(integers, scale): the quantized layer's stored values (a float tensor of whole numbers, dead channels 0) and
+    the scale per output channel (float32), so that integers * scale equals the quantized weight exactly: the levels
+    k and 2^e on the integer grid, 2k + 1 and 2^(e-1) on the mid-rise grid."""
+    quantizer = module.weight_quantizer
+    levels, alive = _levels(module)
+    exponent = quantizer.exponent.detach().float()
+    if quantizer.offset:
+        return (2 * levels + 1) * alive.view((-1,) + (1,) * (levels.dim() - 1)), torch.exp2(exponent) / 2  # exact half
+    return levels, torch.exp2(exponent)
+
+
+def _twos_complement_bits(flat: Tensor) -> Tensor:
+    """Per row, the smallest k with every value in [-2^(k-1), 2^(k-1) - 1]; 0 for a row of zeros."""
     need = torch.maximum(-flat.amin(1), flat.amax(1) + 1)  # 2^(k-1) must reach this
     bits = torch.log2(need.clamp_min(1)).ceil() + 1
     return torch.where(flat.abs().amax(1) > 0, bits, torch.zeros_like(bits))
 
 
+def integer_bits(integers: Tensor) -> Tensor:
+    """Per output channel, the whole bits its stored integers need: as signed two's complement, or, for a channel
+    of odd integers only (the mid-rise grid's 2k + 1), the bits of k, at least 1; 0 for a channel of zeros. This,
+    not the real-valued b, is what a file stores: b = 1.3 rounds to {-1, 0} (1 bit), b = 2.2 to {-2, ..., 1} (2 bits).
+    """
+    flat = integers.flatten(1)
+    odd = (flat.remainder(2) == 1).all(1)
+    return torch.where(odd, _twos_complement_bits((flat - 1) / 2).clamp_min(1), _twos_complement_bits(flat))
+
+
 @torch.no_grad()
 def snap_bits(layers: dict[str, nn.Module]) -> None:
-    """Set every b to the whole bits its channel's integers need now (channels of zeros to 0 bits).
+    """Set every b to the whole bits its channel's levels need now (integer-grid channels of zeros to 0 bits).
 
     Rounding depends on b only through the integer range [-round(2^(b-1)), round(2^(b-1)) - 1], so a weight whose
     integer stays inside the new range keeps it; a range such as [-3, 2] (b = 2.5, stored in 3 bits) widens to the
     [-4, 3] those bits can hold, and only weights clamped at its ends can move. The size is then what is paid for.
     """
     for module in layers.values():
-        integers, _ = integer_weights(module)
-        module.weight_quantizer.bits.copy_(integer_bits(integers).to(module.weight_quantizer.bits))
+        levels, alive = _levels(module)
+        bits = _twos_complement_bits(levels.flatten(1))
+        if module.weight_quantizer.offset:  # a live mid-rise channel is never zeros: 1 bit at least
+            bits = torch.where(alive, bits.clamp_min(1), bits)
+        module.weight_quantizer.bits.copy_(bits.to(module.weight_quantizer.bits))
 
 
 def freeze_bits(layers: dict[str, nn.Module], frozen: bool = True) -> None:
@@ -295,6 +354,7 @@ class QuantizationConfig:
     the exponent from `init_scale`: `"absmax"`, where the bit range spans the channel's largest magnitude (at 8 bits
     the quantized network starts within about 1% of the float one), or `"lsq"`, LSQ's step from the mean magnitude
     (better at a fixed 2 to 4 bits, where spanning the largest weight rounds most others to 0).
+    `grid` is the quantizer's grid ("integer", the paper's, or "midrise"; see the module docstring).
     `int8_activations` also quantizes each selected layer's input to int8 with a learned step (`ActivationQuantizer`).
     """
 
@@ -304,6 +364,7 @@ class QuantizationConfig:
     init_bits: float = 8.0
     init_exponent: float | None = None
     init_scale: str = "absmax"
+    grid: str = "integer"
     int8_activations: bool = False
 
     def __post_init__(self) -> None:
@@ -316,6 +377,7 @@ class QuantizationConfig:
                 raise ValueError(f"{name}={value} is not a finite number.")
         if self.init_scale not in _INIT_SCALES:
             raise ValueError(f"init_scale={self.init_scale!r} is not one of {sorted(_INIT_SCALES)}.")
+        _offset(self.grid)
         if self.init_bits <= 0:
             raise ValueError(f"init_bits={self.init_bits} would start every channel dead; use a value > 0 (8 is lossless).")
 
@@ -357,7 +419,7 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
         exponent = config.init_exponent
         if exponent is None:
             exponent = _INIT_SCALES[config.init_scale](weight, config.init_bits)
-        quantizer = ChannelQuantizer(weight.shape[0], config.init_bits, exponent).to(weight.device)
+        quantizer = ChannelQuantizer(weight.shape[0], config.init_bits, exponent, config.grid).to(weight.device)
         module.__class__ = QUANTIZED_CLASS[type(module)]
         module.add_module("weight_quantizer", quantizer)
     if config.int8_activations:

@@ -124,7 +124,11 @@ def ineligible_reason(module: nn.Module, calculator: str = "1d") -> str | None:
     """Why this layer cannot be 2:4-sparse the way TensorRT runs it (None: it can). Stated rules: a Linear or an
     ungrouped convolution whose input channels are a multiple of 4, and more than 4 of them (a 3-channel stem or a
     depthwise convolution stays dense: too few inputs per output for a sparse kernel to pay); the 2-D calculator
-    also needs the output channels to be a multiple of 4."""
+    also needs the output channels to be a multiple of 4; a quantizer on the mid-rise grid has no zero level for
+    the pruned weights to take."""
+    quantizer = getattr(module, "weight_quantizer", None)
+    if quantizer is not None and quantizer.offset:
+        return "its quantizer's mid-rise grid has no zero level (train with grid='integer' for 2:4 sparsity)"
     if isinstance(module, _ConvNd):
         if module.transposed:
             return "transposed convolution: its weight is [in, out, ...], not supported"
