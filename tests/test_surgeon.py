@@ -141,6 +141,19 @@ def test_weight_averaging_is_refused_with_a_clear_message(tiny_fmnist, tmp_path)
         trainer.fit(module(), tiny_fmnist)
 
 
+def test_lbfgs_is_refused_before_the_first_step(tiny_fmnist, tmp_path):
+    class WithLBFGS(ImageClassifier):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=2)
+
+    pl.seed_everything(0, verbose=False)
+    net_module, seen = WithLBFGS(BaselineCNN(1, 10, width=8)), LossRecorder()
+    trainer = pl.Trainer(callbacks=[*callbacks(), seen], **trainer_kwargs(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="ChannelSurgeon cannot cut channels under torch.optim.LBFGS"):
+        trainer.fit(net_module, tiny_fmnist)
+    assert not seen.losses, "refused before training"
+
+
 def test_a_checkpoint_from_before_later_cuts_cannot_be_loaded_into_the_cut_module(tiny_fmnist, tmp_path):
     net_module, chosen = module(), callbacks(every=8)
     first = pl.Trainer(callbacks=chosen, **trainer_kwargs(tmp_path, max_steps=8))

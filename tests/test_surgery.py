@@ -31,6 +31,9 @@ OPTIMIZERS = {
     "rmsprop-centered-momentum": (torch.optim.RMSprop, dict(lr=0.003, momentum=0.5, centered=True)),
     "adagrad": (torch.optim.Adagrad, dict(lr=0.05)),
     "adagrad-foreach": (torch.optim.Adagrad, dict(lr=0.05, foreach=True)),
+    "adadelta": (torch.optim.Adadelta, dict(lr=0.5)),
+    "asgd": (torch.optim.ASGD, dict(lr=0.01, t0=2)),
+    "rprop": (torch.optim.Rprop, dict(lr=0.01)),
 }
 
 
@@ -120,6 +123,43 @@ def test_parameters_keep_identity_gradients_are_sliced_and_frozen_stay_frozen():
     assert net.head.in_features == net.mid.out_channels * 4
     net(x).sum().backward()  # and the network still trains
     optimizer.step()
+
+
+def test_factored_state_is_sliced_along_the_dimensions_it_keeps():
+    """Adafactor keeps, per matrix, a variance per row and per column (per conv kernel: its last two dims)."""
+    net = SmallNet()
+    x = torch.randn(4, 3, 8, 8)
+    graph = ChannelGraph(net, x[:2])
+    optimizer = torch.optim.Adafactor(net.parameters(), lr=0.01)
+    net(x).sum().backward()
+    optimizer.step()
+    factored = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in (net.head.weight, net.mid.weight)}
+    killed = choose_groups(graph, 0.5)
+    keep = graph.kept("head", "inputs", killed)
+    Surgeon(graph).remove(Removal(killed), [optimizer])
+    state = optimizer.state[net.head.weight]
+    assert state["row_var"].shape == (5, 1) and torch.equal(state["row_var"], factored[net.head.weight]["row_var"])
+    assert torch.equal(state["col_var"], factored[net.head.weight]["col_var"][:, keep])
+    assert optimizer.state[net.mid.weight]["row_var"].shape[:2] == net.mid.weight.shape[:2]
+    net(x).sum().backward()  # and it trains on
+    optimizer.step()
+
+
+def test_lbfgs_and_state_that_is_not_per_parameter_are_refused_before_anything_changes():
+    net = SmallNet()
+    x = torch.randn(4, 3, 8, 8)
+    graph = ChannelGraph(net, x[:2])
+    killed = choose_groups(graph, 0.5)
+    lbfgs = torch.optim.LBFGS(net.parameters(), lr=0.1, max_iter=2)
+    lbfgs.step(lambda: net(x).sum().backward() or net(x).sum())
+    shapes = [p.shape for p in net.parameters()]
+    with pytest.raises(ValueError, match="LBFGS: its history .* one flat vector over all parameters"):
+        Surgeon(graph).remove(Removal(killed), [lbfgs])
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    sgd.state[net.mid.weight]["flat"] = torch.zeros(7)  # an optimizer of one's own with state of another shape
+    with pytest.raises(ValueError, match=r"SGD keeps state 'flat' of shape \(7,\) for a parameter of shape"):
+        Surgeon(graph).remove(Removal(killed), [sgd])
+    assert [p.shape for p in net.parameters()] == shapes, "nothing was cut"
 
 
 def test_a_failing_surgery_leaves_model_and_optimizer_untouched():

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from ..core.groups import ChannelGraph
-from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord
+from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer
 from ..core.widths import latency_tables, step_pressure
 from ..report import print_surgery_table
 
@@ -170,6 +170,11 @@ class ChannelSurgeon(Callback):
         self.original_macs = graph.macs()
 
     # ---- training ------------------------------------------------------------------------------------------------
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:  # before the first step, not at the first cut
+            check_optimizer(optimizer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

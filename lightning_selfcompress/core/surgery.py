@@ -3,8 +3,10 @@
 A removal is planned in full (every new tensor computed) before anything is assigned, so a surgery either completes
 or leaves the model and the optimizers as they were. Parameters keep their identity (`param.data = ...`), so the
 optimizer, LR schedulers and user references stay valid; every optimizer state tensor of a parameter's old shape is
-sliced the way the parameter is (momentum, Adam moments, max_exp_avg_sq, ...), scalar state such as `step` stays,
-and gradients are sliced too.
+sliced the way the parameter is (momentum, Adam moments, max_exp_avg_sq, ...), a factored one along the dimensions it
+keeps (Adafactor's row and column variances: the means they hold are not recomputed), scalar state such as `step`
+stays, and gradients are sliced too. An optimizer whose state is not per parameter (LBFGS's flat history over all
+of them) is refused.
 
 The dead-channel rule (Self-Compressing Neural Networks, section 3): a group may go when every producer's channel is
 at 0 bits (its weights are exact zeros, so it emits its bias) and what that constant becomes on the way to each
@@ -30,7 +32,7 @@ from .quant import QuantizationConfig, attach_activation_quantizers, attach_quan
 from .reembed import GATHER, set_reembedding
 from .sparsity import DROPPED, MASK
 
-__all__ = ["Removal", "Surgeon", "SurgeryRecord", "load_compressed", "SURGEON_STATE_KEY"]
+__all__ = ["Removal", "Surgeon", "SurgeryRecord", "check_optimizer", "load_compressed", "SURGEON_STATE_KEY"]
 
 SURGEON_STATE_KEY = "ChannelSurgeon"  # where a Lightning checkpoint keeps the surgeon's state
 
@@ -76,6 +78,16 @@ class SurgeryRecord:
         return cls(int(d["step"]), [(str(m), int(c)) for m, c in d["groups"]], dict(d["channels"]),
                    int(d["weights_removed"]), float(d["seconds"]),
                    {str(k): [int(i) for i in v] for k, v in d.get("branches", {}).items()})  # fmt: skip
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer whose state the surgeon cannot slice (raises ValueError)."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            "ChannelSurgeon cannot cut channels under torch.optim.LBFGS: its history (directions, steps, the last "
+            "gradient) is one flat vector over all parameters, not state per parameter. Use a per-parameter "
+            "optimizer (SGD, Adam, AdamW, ...) with the surgeon, or train with LBFGS without it (surgery=none)."
+        )
 
 
 def _quantized_bits(module: nn.Module) -> Tensor | None:
@@ -320,6 +332,8 @@ class Surgeon:
         """Remove the groups in place from the model and every optimizer's state; append the record to the history."""
         g = self.graph
         g.check_unchanged()
+        for optimizer in optimizers:
+            check_optimizer(optimizer)
         remove = removal.groups
         bad = remove & (g.removed | g.pinned_mask)
         if bad.any():
@@ -413,10 +427,10 @@ class _Plan:
             out_count = weight_shape[0]
 
             def slicer(t: Tensor) -> Tensor | None:
-                if t.shape == weight_shape:
-                    if out_keep is not None:
-                        t = t.index_select(0, out_keep.to(t.device))
-                    if in_keep is not None and not grouped:
+                if t.dim() == len(weight_shape) and all(n in (w, 1) for n, w in zip(t.shape, weight_shape)):
+                    if out_keep is not None and t.shape[0] == out_count:  # the weight, or state factored over
+                        t = t.index_select(0, out_keep.to(t.device))  # other dimensions (size 1 there)
+                    if in_keep is not None and not grouped and t.shape[1] == weight_shape[1]:
                         t = t.index_select(1, in_keep.to(t.device))
                     return t
                 if t.dim() == 1 and t.shape[0] == out_count:
@@ -480,8 +494,16 @@ class _Plan:
                 if not state:
                     continue
                 for key, value in state.items():
-                    if isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0:
-                        self.state.append((state, key, slicer(value)))
+                    if not isinstance(value, Tensor) or value.dim() == 0:
+                        continue
+                    new = slicer(value)
+                    if new is None:
+                        raise ValueError(
+                            f"{type(optimizer).__name__} keeps state '{key}' of shape {tuple(value.shape)} for a "
+                            f"parameter of shape {tuple(p.shape)}: the surgeon cannot tell how to slice it. Use an "
+                            "optimizer whose state is per parameter, or no ChannelSurgeon."
+                        )
+                    self.state.append((state, key, new))
 
     def apply(self) -> None:
         for state, key, value in self.state:
