@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_selfcompress.core.groups import ChannelGraph, GraphError
 from lightning_selfcompress.core.quant import attach_quantizers
-from lightning_selfcompress.core.surgery import Surgeon
+from lightning_selfcompress.core.surgery import Removal, Surgeon
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 
 from lightning_selfcompress.testing import (
@@ -88,6 +88,35 @@ def test_a_width_written_into_the_code_pins_its_channels():
 
     graph = ChannelGraph(Fixed(), torch.randn(1, 3, 2, 2))
     assert {graph.pinned[int(g)] for g in graph.outputs["a"]} == {"given a fixed width (16) by node 'reshape'"}
+
+
+@pytest.mark.parametrize(
+    "flatten",
+    [lambda x: x.view(x.size(0), -1), lambda x: x.view(x.shape[0], -1), lambda x: x.reshape(x.size(0), -1),
+     lambda x: torch.flatten(x, 1), lambda x: x.flatten(start_dim=1), nn.Flatten(),
+     lambda x: x.contiguous().view(-1, x.shape[1] * x.shape[2] * x.shape[3])],
+    ids=["view-size", "view-shape", "reshape-size", "torch-flatten", "flatten-kwarg", "nn-flatten", "view-minus-one"],
+)
+def test_the_flatten_idioms_users_write_are_followed_and_cut_exactly(flatten):
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 3), nn.Linear(6 * 16, 2)
+            self.flatten = flatten if isinstance(flatten, nn.Module) else None
+
+        def forward(self, x):
+            x = torch.nn.functional.max_pool2d(torch.relu(self.a(x)), 2)
+            return self.b(self.flatten(x) if self.flatten is not None else flatten(x))
+
+    net, x = Flat().double(), torch.randn(4, 3, 10, 10, dtype=torch.float64)
+    graph = ChannelGraph(net, x[:2])
+    assert torch.equal(graph.inputs["b"], graph.outputs["a"].repeat_interleave(16))
+    killed = choose_groups(graph, 0.5)
+    kill_groups(graph, killed, bits=False)
+    before = net(x)
+    Surgeon(graph).remove(Removal(killed))
+    assert net.a.out_channels == 3 and net.b.in_features == 3 * 16
+    torch.testing.assert_close(net(x), before)
 
 
 def test_untraceable_model_is_a_clear_error():

@@ -630,7 +630,8 @@ class _Walker:
     def run_on_ids(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None) -> object:
         """Run the node's op on a tensor of the source's shape whose every element is its channel index."""
         x = self.env[source].real
-        ids = torch.arange(x.shape[1], dtype=torch.float64).view([1, -1] + [1] * (x.dim() - 2)).expand(x.shape)
+        ids = torch.arange(x.shape[1], dtype=torch.float64).view([1, -1] + [1] * (x.dim() - 2))
+        ids = torch.empty_like(x, dtype=torch.float64).copy_(ids)  # laid out as x: a view that works on x works here
         if module is not None:
             return module(ids)
         args, kwargs = (fx.node.map_arg(a, lambda n: ids if n is source else self.env[n].real) for a in (node.args, node.kwargs))
