@@ -9,11 +9,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 from typing_extensions import override
 
+from ..core.inputs import image_batch, model_input
 from ..export_report import ExportOptions, check_output_path, export_and_report, layer_shapes, parameter_count
-from .surgeon import ChannelSurgeon, _first_tensor
+from .surgeon import ChannelSurgeon
 
 __all__ = ["CompressedExport"]
 
@@ -69,15 +69,9 @@ class CompressedExport(Callback):
         if not trainer.is_global_zero:
             return
         wanted = max(self.options.calibrate_batches, self.options.parity_batches)
-        batches = [
-            x for x in (_first_tensor(b) for b in itertools.islice(trainer.train_dataloader, wanted)) if x is not None
-        ]
-        if isinstance(pl_module.example_input_array, Tensor) and not batches:
-            batches = [pl_module.example_input_array]
-        if not batches:
-            raise RuntimeError(
-                "CompressedExport needs input batches: the training batches hold no tensor. Set `example_input_array`."
-            )
+        loaded = list(itertools.islice(trainer.train_dataloader, wanted))  # real data, to calibrate and compare on
+        batches = [x for x in map(image_batch, loaded) if x is not None]
+        batches = batches or [model_input(pl_module, loaded[0] if loaded else None, "CompressedExport")]
         surgeon = next((cb for cb in trainer.callbacks if isinstance(cb, ChannelSurgeon) and cb.surgeon), None)
         self.report = export_and_report(
             pl_module,

@@ -10,13 +10,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from ..core.inputs import model_input
 from ..core.permute import PermutationReport, permute_for_24
 from ..core.sparsity import (
     CALCULATORS, DROPPED, MASK, MaskEnforcer, apply_masks, eligible_layers, ineligible_reason, is_24, kept_magnitude,
     recompute_mask, stow_dropped,
 )  # fmt: skip
-
-from .surgeon import ChannelSurgeon, _first_tensor
+from .surgeon import ChannelSurgeon
 
 __all__ = ["Sparsity24"]
 
@@ -154,13 +154,7 @@ class Sparsity24(Callback):
                 "reorder what that history has already removed around. Prune earlier (start_step=0, or a start_epoch "
                 "before the first surgery), or use permute=False."
             )
-        example = pl_module.example_input_array
-        example = example if isinstance(example, torch.Tensor) else _first_tensor(batch)
-        if example is None:
-            raise RuntimeError(
-                "Sparsity24(permute=True) needs an example input to trace the model: the batch holds no tensor. Set "
-                "`example_input_array` on the LightningModule."
-            )
+        example = model_input(pl_module, batch, "Sparsity24(permute=True)")
         device = next(pl_module.parameters()).device
         self.permutation = permute_for_24(
             pl_module, example.detach()[:2].to(device), list(self.layers), trainer.optimizers, self.calculator

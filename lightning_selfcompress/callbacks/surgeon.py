@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from ..core.groups import ChannelGraph
+from ..core.inputs import model_input
 from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer
 from ..core.widths import latency_tables, step_pressure
 from ..report import print_surgery_table
@@ -179,14 +180,7 @@ class ChannelSurgeon(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.surgeon is None:
-            example = pl_module.example_input_array
-            example = example if isinstance(example, Tensor) else _first_tensor(batch)
-            if example is None:
-                raise RuntimeError(
-                    "ChannelSurgeon needs an example input to trace the model: the batch holds no tensor. Set "
-                    "`example_input_array` on the LightningModule."
-                )
-            self._trace(pl_module, example)
+            self._trace(pl_module, model_input(pl_module, batch, "ChannelSurgeon"))
 
     @override
     def on_before_optimizer_step(
@@ -288,10 +282,3 @@ class ChannelSurgeon(Callback):
         # The history was replayed before the weights loaded (see setup); here it only has to agree.
         if state_dict.get("history") and [r.to_dict() for r in self.history] != list(state_dict["history"]):
             raise RuntimeError("ChannelSurgeon: the checkpoint's surgery history was not replayed on this model.")
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else ()
-    return next((v for v in values if isinstance(v, Tensor)), None)

@@ -53,6 +53,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from .atomic import atomic_path
+from .inputs import describe
 from .onnx_fold import dequantized_weight, fold_batchnorm, readers_of
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
@@ -190,9 +191,10 @@ def _export_float(model: nn.Module, example: Tensor, path: Path) -> None:
     except Exception as error:
         first_line = next(iter(str(error).splitlines()), "")  # the rest is the exporter's dump of the whole graph
         raise ExportError(
-            f"torch.onnx.export (TorchScript exporter) could not export {type(model).__name__}: "
-            f"{type(error).__name__}: {first_line}. Replace the operation it names with one ONNX supports, or leave "
-            "that part out of the exported module."
+            f"torch.onnx.export (TorchScript exporter) could not export {type(model).__name__} on the example input "
+            f"({describe(example)}): {type(error).__name__}: {first_line}. If forward takes something else than "
+            "that tensor, give it the image batch alone; else replace the operation the error names with one ONNX "
+            "supports, or leave that part out of the exported module."
         ) from error
     finally:
         model.train(was_training)

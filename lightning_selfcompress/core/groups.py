@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .graph import _PRODUCERS, _LeafTracer, _op_name  # the same tracing as the size accounting's lenient graph
+from .inputs import HINT, describe
 from .reembed import reembedding_of
 
 __all__ = ["Branch", "ChannelGraph", "GraphError"]
@@ -428,14 +429,30 @@ class _Walker:
 
     def run(self, example_input: Tensor) -> None:
         nodes = list(self.g.fx_graph.nodes)
-        placeholders = [n for n in nodes if n.op == "placeholder"]
-        if len(placeholders) != 1 or not isinstance(example_input, Tensor) or example_input.dim() < 2:
+        placeholders = [n.name for n in nodes if n.op == "placeholder"]
+        name = type(self.g.model).__name__
+        if len(placeholders) != 1:
             raise GraphError(
-                f"The channel graph needs a forward(x) of one tensor input [batch, channels, ...]; this model takes "
-                f"{len(placeholders)} inputs and the example input is {type(example_input).__name__}."
+                f"The channel graph traces forward(x) with one tensor [batch, channels, ...]; {name}.forward takes "
+                f"{placeholders}. Give surgery a module whose forward takes the image batch alone (unpack dicts "
+                "or extra inputs in training_step)."
+            )
+        if not isinstance(example_input, Tensor) or example_input.dim() < 2:
+            raise GraphError(
+                f"The channel graph traces {name}.forward with one tensor [batch, channels, ...], and the example "
+                f"input is {describe(example_input)}. {HINT}"
             )
         for node in nodes:
-            self.env[node] = self.visit(node, example_input)
+            try:
+                self.env[node] = self.visit(node, example_input)
+            except GraphError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the model itself failed on the example: say on what
+                raise GraphError(
+                    f"{name}.forward fails on the example input ({describe(example_input)}) at {_where(node)}: "
+                    f"{type(error).__name__}: {error}. The channel graph traces forward(x) with the image batch "
+                    "alone: if forward takes a dict or a tuple, unpack it in training_step instead."
+                ) from error
 
     def real(self, arg: object) -> object:
         return fx.node.map_arg(arg, lambda n: self.env[n].real)
