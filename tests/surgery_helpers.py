@@ -48,8 +48,9 @@ ZOO = {
     "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32, 32)),
     "resnet9": (lambda: ResNet9(3, 10, width=16), (3, 32, 32)),
     "baseline_cnn": (lambda: BaselineCNN(1, 10), (1, 28, 28)),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), (3, 32, 32)),
 }
-LARGE = {"resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn"}
+LARGE = {"resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn", "efficientnet_b0"}
 
 
 def zoo_model(name: str, batch: int = 4) -> tuple[nn.Module, Tensor]:
@@ -62,6 +63,6 @@ def zoo_model(name: str, batch: int = 4) -> tuple[nn.Module, Tensor]:
         net.train()(x)
     freeze_statistics(net)
     for m in net.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0  # a dropout mask is drawn per element: it would not follow the channels
+        if isinstance(m, (nn.Dropout, torchvision.ops.StochasticDepth)):
+            m.p = 0.0  # masks are drawn per element or sample: two forwards would not see the same one
     return net, x

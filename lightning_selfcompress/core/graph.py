@@ -48,7 +48,8 @@ _CHANNELWISE_OPS = {
     "leaky_relu", "elu", "dropout", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
     "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
     "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "contiguous", "clone", "float", "to", "type_as",
-    "neg", "clamp", "clamp_min",
+    "neg", "clamp", "clamp_min", "clamp_max", "softplus", "detach", "dropout1d", "dropout2d", "dropout3d",
+    "stochastic_depth",
 }
 _ELEMENTWISE_OPS = {"add", "add_", "iadd", "sub", "mul", "mul_", "imul", "truediv", "div"}
 _FLATTENING_OPS = {"flatten", "view", "reshape"}

@@ -60,7 +60,8 @@ _CONSTANT_PRESERVING_OPS = {
     "contiguous", "clone", "float", "to", "type_as", "detach",
 }  # fmt: skip
 _AVG_POOL_OPS = {"avg_pool1d", "avg_pool2d", "avg_pool3d"}  # padding may be counted: only zeros stay exact
-_DROPOUT_OPS = {"dropout", "dropout1d", "dropout2d", "dropout3d"}
+# the identity in eval mode; in train mode each sample (or channel) is zeroed or scaled: only a zero stays constant
+_DROPOUT_OPS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "stochastic_depth"}  # torchvision.ops
 _ELEMENTWISE = {
     "add": operator.add, "iadd": operator.add, "add_": operator.add, "sub": operator.sub, "isub": operator.sub,
     "mul": operator.mul, "imul": operator.mul, "mul_": operator.mul, "truediv": operator.truediv,
