@@ -20,7 +20,7 @@ from lightning_selfcompress.core.onnx_rules import QuantizationRuleError, check_
 from lightning_selfcompress.core.parity import ParityError
 from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers, integer_bits, quantized_layers
 from lightning_selfcompress.core.sparsity import attach_masks, masked_layers
-from lightning_selfcompress.core.surgery import Surgeon
+from lightning_selfcompress.core.surgery import Removal, Surgeon
 from lightning_selfcompress.report import write_json
 from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups
 
@@ -126,6 +126,28 @@ def test_midrise_weights_store_as_odd_integers_at_half_the_step(tmp_path):
         binary = (bits > 0) & (bits <= 1)
         assert (stored[binary] == 1).all(), "0 < b <= 1: one bit, a binary channel"
     assert result.parity.max_rel < 1e-6
+
+
+def test_a_branch_cut_before_a_non_global_adaptive_pooling_still_exports(tmp_path):
+    class PooledTwice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+            self.head = nn.Linear(8 * 4, 5)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            x = x + self.branch(x)
+            return self.head(torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+    net, x = PooledTwice().eval(), torch.randn(2, 3, 8, 8)
+    graph = ChannelGraph(net, x)
+    cuts = choose_branch_channels(graph, 0.5)
+    kill_branch_channels(graph, cuts, bits=False)
+    Surgeon(graph).remove(Removal(torch.zeros(graph.num_groups, dtype=torch.bool), cuts=cuts))
+    assert net.branch[0].out_channels == 4 < net.stem.out_channels, "the branch is re-embedded"
+    assert export_onnx(net, x, tmp_path / "net.onnx").parity.max_rel < 1e-5
 
 
 def test_int4_storage_where_every_integer_fits_four_bits(tmp_path):

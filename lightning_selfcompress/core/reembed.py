@@ -5,7 +5,8 @@ branches separately). The branch's last module then emits fewer channels than th
 on it puts them back at their places, zeros where channels went, so the add sees the width it always saw. The
 channels removed carried exactly zero (that is the rule that removed them), so the function is unchanged.
 
-The hook pads one channel of zeros on and gathers (ONNX Pad and Gather, which every exporter and runtime follows).
+The hook appends one channel of zeros and gathers (ONNX Concat and Gather, which every exporter and runtime follows;
+with a Pad, TorchScript's export loses the static height and width that a later adaptive pooling needs).
 Its gather index is a non-persistent buffer of the module: it moves with the module between devices, stays out of
 the state_dict (the surgery history recreates it), and is fixed between surgeries, so torch.compile guards on it
 once.
@@ -14,7 +15,6 @@ once.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["GATHER", "reembed", "reembedding_of", "set_reembedding"]
@@ -24,7 +24,7 @@ GATHER = "reembed_gather"  # per stream position: the branch channel it takes, o
 
 def reembed(module: nn.Module, args: object, output: Tensor) -> Tensor:
     """Forward hook: the branch's channels at their stream positions, zeros elsewhere."""
-    padded = F.pad(output, [0, 0] * (output.dim() - 2) + [0, 1])
+    padded = torch.cat([output, torch.zeros_like(output[:, :1])], 1)  # ONNX keeps every other dim's size (Pad did not)
     return padded.index_select(1, getattr(module, GATHER))
 
 
