@@ -1,7 +1,10 @@
 """A network that compresses itself while it trains: learned per-channel bit depths inside a Lightning run."""
 
 from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
-from .core import ChannelGraph, QuantizationConfig, SizeModel, Surgeon, attach_quantizers, load_compressed, quantize
+from .core import (
+    ChannelGraph, QuantizationConfig, Rule, SizeModel, Surgeon, attach_quantizers, load_compressed, quantize,
+    register_rule,
+)  # fmt: skip
 
 __all__ = [
     "ChannelGraph",
@@ -9,6 +12,7 @@ __all__ = [
     "CompressedExport",
     "Distillation",
     "QuantizationConfig",
+    "Rule",
     "SelfCompression",
     "SizeModel",
     "Sparsity24",
@@ -16,5 +20,6 @@ __all__ = [
     "attach_quantizers",
     "load_compressed",
     "quantize",
+    "register_rule",
 ]
 __version__ = "0.1.0"

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import trainer_kwargs
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression
 from lightning_selfcompress.core.groups import ChannelGraph, GraphError
 from lightning_selfcompress.core.inputs import describe, image_batch
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier
+
+from conftest import trainer_kwargs
 
 
 class LabelFirst(Dataset):

@@ -7,6 +7,7 @@ from .onnx_rules import QuantizationRuleError, check_explicit_quantization
 from .parity import Parity, ParityError, check_parity
 from .permute import PermutationReport, permute_for_24
 from .quant import QuantizationConfig, attach_quantizers, quantize, quantized_layers, quantizer_parameters
+from .rules import Rule, register_rule
 from .size import GammaSchedule, SizeModel, SizeReport, float_size_report
 from .surgery import Removal, Surgeon, SurgeryRecord, load_compressed
 
@@ -31,6 +32,7 @@ __all__ = [
     "PermutationReport",
     "permute_for_24",
     "QuantizationConfig",
+    "Rule",
     "SizeModel",
     "SizeReport",
     "attach_quantizers",
@@ -38,4 +40,5 @@ __all__ = [
     "quantize",
     "quantized_layers",
     "quantizer_parameters",
+    "register_rule",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .reembed import channel_map, reembedding_of
+from .rules import Rule, rule_of
 
 __all__ = ["ChannelMap", "input_sources"]
 
@@ -57,8 +58,10 @@ _NON_TENSOR_OPS = {"size", "dim", "numel", "getattr"}
 
 
 class _LeafTracer(fx.Tracer):
+    """Keeps Conv/Linear layers and modules with a registered rule whole."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _PRODUCERS) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _PRODUCERS) or rule_of(m) is not None or super().is_leaf_module(m, qualname)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -126,6 +129,8 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
                 sources[node.target] = inputs
                 out_features = module.out_channels if isinstance(module, _ConvNd) else module.out_features
                 env[node] = tuple(frozenset({(node.target, i)}) for i in range(out_features))
+            elif (rule := rule_of(module)) is not None:
+                env[node] = None if rule is Rule.MIXES_CHANNELS else first
             elif isinstance(module, nn.Flatten) and module.start_dim == 1:
                 env[node] = _flatten(first)
             elif isinstance(module, _CHANNELWISE_MODULES):
@@ -136,7 +141,9 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
             if gather is not None and isinstance(env[node], tuple):
                 env[node] = channel_map(gather, env[node])
         elif node.op in ("call_function", "call_method"):
-            if name in _NON_TENSOR_OPS or (node.target is operator.getitem and first is _NOT_A_TENSOR):
+            if (rule := rule_of(node.target)) is not None:
+                env[node] = None if rule is Rule.MIXES_CHANNELS else first
+            elif name in _NON_TENSOR_OPS or (node.target is operator.getitem and first is _NOT_A_TENSOR):
                 env[node] = _NOT_A_TENSOR
             elif name in _FLATTENING_OPS and _flattens_from_dim1(node):
                 env[node] = _flatten(first)

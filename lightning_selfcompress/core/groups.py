@@ -33,6 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 from .graph import _PRODUCERS, _LeafTracer, _op_name  # the same tracing as the size accounting's lenient graph
 from .inputs import HINT, describe
 from .reembed import reembedding_of
+from .rules import Rule, rule_of
 
 __all__ = ["Branch", "ChannelGraph", "GraphError"]
 
@@ -467,7 +468,9 @@ class _Walker:
     def fail(self, node: fx.Node, why: str) -> GraphError:
         return GraphError(
             f"The channel graph cannot follow {_where(node)}: {why}. Surgery refuses the model rather than risk a "
-            "wrong slice; wrap that part in a module the tracer keeps whole, or leave this model out of surgery."
+            "wrong slice. If that op or module treats each channel on its own, teach it: register_rule(<its module "
+            "class or function>, Rule.ELEMENTWISE / KEEPS_CONSTANTS / ZEROS_ONLY / MIXES_CHANNELS) from "
+            "lightning_selfcompress; else leave this model out of surgery."
         )
 
     def add_step(self, node: fx.Node, kind: str, sources: list[fx.Node], slots: list[int], payload=None) -> list[int]:
@@ -517,6 +520,8 @@ class _Walker:
             raise self.fail(node, "a module applied to a tuple of tensors")
         if isinstance(module, _PRODUCERS):
             return self.produce(node, module, source, real)
+        if (rule := rule_of(module)) is not None:
+            return self.ruled(node, rule, source, slots, node.target)
         if isinstance(module, (*_NORMS, nn.GroupNorm)) or (isinstance(module, nn.PReLU) and module.num_parameters > 1):
             if channels_of(module) != len(slots):
                 raise self.fail(node, f"{channels_of(module)} channels in the module, {len(slots)} reach it")
@@ -546,6 +551,12 @@ class _Walker:
         if isinstance(module, nn.Flatten):
             return self.layout(node, source, module)
         raise self.fail(node, f"it does not know how {type(module).__name__} treats channels")
+
+    def ruled(self, node: fx.Node, rule: Rule, source: fx.Node, slots: list[int], apply: object) -> list[int]:
+        """A module or function with a registered rule (core/rules.py)."""
+        if rule is Rule.MIXES_CHANNELS:
+            self.g.pin(slots, f"read across channels by '{node.name}' (its registered rule)")
+        return self.add_step(node, rule.value, [source], slots, apply if rule is Rule.ELEMENTWISE else None)
 
     def produce(self, node: fx.Node, module: nn.Module, source: fx.Node, real: Tensor) -> list[int]:
         g, x, slots = self.g, self.env[source].real, self.env[source].slots
@@ -582,6 +593,9 @@ class _Walker:
         slots = self.env[source].slots
         if slots is None:
             raise self.fail(node, "an op applied to a tuple of tensors")
+        if node.op == "call_function" and (rule := rule_of(node.target)) is not None:
+            rest, kwargs = self.real(node.args[1:]), self.real(node.kwargs)
+            return _Value(real, self.ruled(node, rule, source, slots, lambda c: node.target(c, *rest, **kwargs)))
         if name in _ACTIVATION_OPS:
             target = node.target if node.op == "call_function" else getattr(torch.Tensor, name)
             rest = self.real(node.args[1:])

@@ -1,0 +1,57 @@
+"""Rules that teach the channel tracers a module or a function of one's own.
+
+Both tracers (the strict channel graph of surgery, the lenient one of size accounting) follow torch's own ops by
+name. A block they do not know (a custom activation, a pooling written by hand) stops surgery with an error naming
+it; a rule says how it treats the channels that reach it along dim 1, and the tracers then keep a registered
+module whole (a leaf of the torch.fx trace) and follow it by its rule:
+
+    from lightning_selfcompress import Rule, register_rule
+
+    class ScaledErf(nn.Module):          # each channel on its own, the same function for every channel
+        def forward(self, x):
+            return torch.erf(x) * 1.5
+
+    register_rule(ScaledErf, Rule.ELEMENTWISE)
+
+A function registers the same way; torch.fx must see it as one call (`torch.fx.wrap` it where it is defined).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+from torch import nn
+
+__all__ = ["Rule", "register_rule", "rule_of"]
+
+
+class Rule(enum.Enum):
+    """How a module or function treats the channels (dim 1) of its one tensor input; the output has the same ones."""
+
+    ELEMENTWISE = "apply"  # every value on its own, by the same function (an activation): a constant c becomes f(c)
+    KEEPS_CONSTANTS = "keep"  # moves values within a channel (pooling, resampling): a constant channel stays itself
+    ZEROS_ONLY = "zeros_only"  # within a channel, but only a channel of zeros stays constant (a zero-padded average)
+    MIXES_CHANNELS = "opaque"  # reads across channels (a normalisation over them): its channels are never removed
+
+
+_RULES: dict[object, Rule] = {}
+
+
+def register_rule(target: type[nn.Module] | Callable, rule: Rule) -> None:
+    """Teach both channel tracers `target` (a module class, for it and its subclasses, or a function)."""
+    if not isinstance(rule, Rule):
+        raise TypeError(f"rule={rule!r} is not a Rule; use one of {[r.name for r in Rule]}.")
+    if not (isinstance(target, type) and issubclass(target, nn.Module)) and not callable(target):
+        raise TypeError(f"target={target!r} is neither an nn.Module class nor a function.")
+    _RULES[target] = rule
+
+
+def rule_of(target: object) -> Rule | None:
+    """The rule registered for a module (by its class, or the nearest registered base class) or a function."""
+    if isinstance(target, nn.Module):
+        return next((_RULES[c] for c in type(target).__mro__ if c in _RULES), None)
+    try:
+        return _RULES.get(target)
+    except TypeError:  # an unhashable target has no rule
+        return None
