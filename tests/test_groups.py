@@ -74,7 +74,29 @@ def test_split_and_cat_map_channels_by_offset():
     a, b = graph.outputs["a"], graph.outputs["b"]
     assert torch.equal(graph.inputs["b"], a[4:6])
     assert torch.equal(graph.inputs["c"], torch.cat([a[1:4], b]))
-    assert int(a[0]) not in graph.pinned, "a channel nobody reads is free to go"
+    assert {graph.pinned[int(g)] for g in a} == {"split into fixed sizes by node 'split'"}, "split([4, 2]) needs 6"
+
+
+def test_chunks_lose_the_same_positions_and_stay_equal():
+    class Chunks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 3, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            left, right = self.a(x).chunk(2, dim=1)
+            return self.c(torch.cat([left, self.b(right)], 1))
+
+    net, x = Chunks().double(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    graph = ChannelGraph(net, x)
+    assert torch.equal(graph.outputs["a"][:3], graph.outputs["a"][3:]), "channel j of each chunk goes together"
+    killed = torch.zeros(graph.num_groups, dtype=torch.bool)
+    killed[graph.outputs["a"][1]] = True
+    kill_groups(graph, killed, bits=False)
+    before = net(x)
+    Surgeon(graph).remove(Removal(killed))
+    assert net.a.out_channels == 4 and net.b.in_channels == 2
+    torch.testing.assert_close(net(x), before)
 
 
 def test_a_width_written_into_the_code_pins_its_channels():

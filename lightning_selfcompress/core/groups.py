@@ -613,6 +613,7 @@ class _Walker:
                 raise self.fail(node, "a reduction over the channel dimension")
             if name in ("split", "chunk"):
                 pieces = [self.positions(node, p) for p in self.run_on_ids(node, source)]
+                self.keep_pieces_apart(node, source, pieces)
                 return _Value(real, pieces=pieces, source=source)
             return _Value(real, self.layout(node, source))
         raise self.fail(node, f"'{name}' is not an op it knows")
@@ -679,6 +680,18 @@ class _Walker:
         if width > 1 and width in [v for v in literals if type(v) is int]:  # e.g. x.view(n, 576): fixed width
             self.g.pin(slots, f"given a fixed width ({width}) by node '{node.name}'")
         return slots
+
+    def keep_pieces_apart(self, node: fx.Node, source: fx.Node, pieces: list[list[int]]) -> None:
+        """After a cut the op must cut the same pieces: sizes written into the code (`split([4, 2])`) fix them, so
+        their channels stay; equal pieces of a size computed at run time (`chunk(2)`) lose the same positions."""
+        slots = self.env[source].slots
+        sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("chunks"))
+        fixed = _op_name(node) == "split" and not isinstance(sizes, fx.Node)
+        if fixed or len({len(p) for p in pieces}) > 1:
+            self.g.pin([slots[i] for p in pieces for i in p], f"split into fixed sizes by node '{node.name}'")
+            return
+        for piece in pieces[1:]:
+            self.g.tie([slots[i] for i in pieces[0]], [slots[i] for i in piece])
 
     def gather(self, node: fx.Node, source: fx.Node, positions: list[int]) -> list[int]:
         slots = [self.env[source].slots[p] for p in positions]
