@@ -49,6 +49,7 @@ ZOO = {
     "resnet9": (lambda: ResNet9(3, 10, width=16), (3, 32, 32)),
     "baseline_cnn": (lambda: BaselineCNN(1, 10), (1, 28, 28)),
     "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), (3, 32, 32)),
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10), (3, 32, 32)),
 }
 LARGE = {"resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn", "efficientnet_b0"}
 

@@ -141,6 +141,32 @@ def test_the_flatten_idioms_users_write_are_followed_and_cut_exactly(flatten):
     torch.testing.assert_close(net(x), before)
 
 
+def test_a_channel_shuffle_is_followed_and_cuts_the_same_place_in_every_group():
+    class Shuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):  # torchvision's channel_shuffle, groups=2
+            x = self.a(x)
+            n, c, h, w = x.size()
+            x = x.view(n, 2, c // 2, h, w)  # 2 written into the code, c // 2 computed at run time
+            return self.b(torch.transpose(x, 1, 2).contiguous().view(n, -1, h, w))
+
+    net, x = Shuffle().double(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    graph = ChannelGraph(net, x)
+    a = graph.outputs["a"]
+    assert torch.equal(a[:3], a[3:]), "channel j of each shuffle group goes together"
+    assert torch.equal(graph.inputs["b"], a[[0, 3, 1, 4, 2, 5]]), "b reads them interleaved"
+    killed = torch.zeros(graph.num_groups, dtype=torch.bool)
+    killed[a[1]] = True
+    kill_groups(graph, killed, bits=False)
+    before = net(x)
+    Surgeon(graph).remove(Removal(killed))
+    assert net.a.out_channels == net.b.in_channels == 4
+    torch.testing.assert_close(net(x), before)
+
+
 def test_untraceable_model_is_a_clear_error():
     class DataDependent(nn.Module):
         def __init__(self) -> None:

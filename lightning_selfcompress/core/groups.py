@@ -74,6 +74,7 @@ _LAYOUT_OPS = {
     "expand", "permute", "transpose",
 }  # fmt: skip
 _NON_TENSOR_OPS = {"size", "dim", "numel", "getattr"}
+_MOVES = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "clone", "squeeze", "unsqueeze"}
 
 
 @dataclass
@@ -413,12 +414,13 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
 
 class _Value:
     """A node's real output, and for channel tensors the slot of each position along dim 1 (or, for the tuple a
-    split returns, the positions of each piece)."""
+    split returns, the positions of each piece; or, while layout ops have moved the channels out of dim 1, the
+    channel of each element of the output, as positions of `source`'s channels)."""
 
-    __slots__ = ("pieces", "real", "slots", "source")
+    __slots__ = ("moved", "pieces", "real", "slots", "source")
 
-    def __init__(self, real: object, slots=None, pieces=None, source: fx.Node | None = None) -> None:
-        self.real, self.slots, self.pieces, self.source = real, slots, pieces, source
+    def __init__(self, real: object, slots=None, pieces=None, source: fx.Node | None = None, moved=None) -> None:
+        self.real, self.slots, self.pieces, self.source, self.moved = real, slots, pieces, source, moved
 
 
 class _Walker:
@@ -463,7 +465,8 @@ class _Walker:
         """The node's arguments that carry channels (or pieces of them)."""
         found: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), found.append)
-        return [n for n in dict.fromkeys(found) if self.env[n].slots is not None or self.env[n].pieces is not None]
+        return [n for n in dict.fromkeys(found)
+                if any(v is not None for v in (self.env[n].slots, self.env[n].pieces, self.env[n].moved))]  # fmt: skip
 
     def fail(self, node: fx.Node, why: str) -> GraphError:
         return GraphError(
@@ -516,6 +519,8 @@ class _Walker:
             raise self.fail(node, "its channels were cut from a residual branch already; trace the model before "
                             "surgery and replay the history on it (Surgeon.replay, load_compressed)")
         slots = self.env[source].slots
+        if self.env[source].moved is not None:
+            raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
         if slots is None:
             raise self.fail(node, "a module applied to a tuple of tensors")
         if isinstance(module, _PRODUCERS):
@@ -582,6 +587,10 @@ class _Walker:
 
     def function(self, node: fx.Node, real: object, tracked: list[fx.Node]) -> _Value:
         name = _op_name(node)
+        if any(self.env[n].moved is not None for n in tracked):
+            if name not in _MOVES or len(tracked) > 1:
+                raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
+            return self.follow_move(node, real, self.single(node, tracked))
         if name == "getitem" and self.env[tracked[0]].pieces is not None:  # one piece of a split/chunk
             split = self.env[tracked[0]]
             return _Value(real, self.gather(node, split.source, split.pieces[node.args[1]]))
@@ -615,8 +624,42 @@ class _Walker:
                 pieces = [self.positions(node, p) for p in self.run_on_ids(node, source)]
                 self.keep_pieces_apart(node, source, pieces)
                 return _Value(real, pieces=pieces, source=source)
-            return _Value(real, self.layout(node, source))
+            ids = self.run_on_ids(node, source)
+            if name in _MOVES and _channel_dims(ids) not in ([], [1]):
+                return self.move_out(node, real, source, ids)
+            return _Value(real, self.layout(node, source, ids=ids))
         raise self.fail(node, f"'{name}' is not an op it knows")
+
+    def move_out(self, node: fx.Node, real: Tensor, source: fx.Node, ids: Tensor) -> _Value:
+        """Channels leave dim 1 (a permute, or a view that splits them, as a channel shuffle does): follow them until
+        a layout op brings them back. A split must split the same way after a cut: one of its sizes is computed at
+        run time, and along the sizes written into the code, the channels at the same place go together."""
+        dims, slots = _channel_dims(ids), self.env[source].slots
+        if len(dims) > 1:
+            sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            if _op_name(node) not in ("view", "reshape") or dims != list(range(1, len(dims) + 1)) or len(sizes) != ids.dim():
+                raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
+            literal = [type(sizes[d]) is int and sizes[d] != -1 for d in dims]
+            if all(literal):
+                self.g.pin(slots, f"split into fixed sizes by node '{node.name}'")
+            elif not any(literal):
+                raise self.fail(node, "channels are split into sizes that are all computed at run time")
+            grid = ids[tuple(slice(None) if d in dims else 0 for d in range(ids.dim()))].long()
+            for k in (k for k, fixed in enumerate(literal) if fixed):
+                first = grid.select(k, 0).flatten().tolist()
+                for t in range(1, grid.shape[k]):
+                    self.g.tie([slots[i] for i in first], [slots[i] for i in grid.select(k, t).flatten().tolist()])
+        return _Value(real, source=source, moved=ids)
+
+    def follow_move(self, node: fx.Node, real: Tensor, source: fx.Node) -> _Value:
+        value = self.env[source]
+        ids = self.run_on_ids(node, source, ids=value.moved)
+        dims = _channel_dims(ids)
+        if dims == [1]:  # back in dim 1
+            return _Value(real, self.gather(node, value.source, self.positions(node, ids)))
+        if len(dims) > len(_channel_dims(value.moved)):
+            raise self.fail(node, "channels are split again while out of dim 1")
+        return _Value(real, source=value.source, moved=ids)
 
     def elementwise(self, node: fx.Node, real: object, tracked: list[fx.Node]) -> list[int]:
         if not isinstance(real, Tensor) or real.dim() < 2:
@@ -660,10 +703,11 @@ class _Walker:
             self.g.tie(first, self.env[t].slots)
         return self.add_step(node, "cat_other", list(parts), list(first))
 
-    def run_on_ids(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None) -> object:
-        """Run the node's op on a tensor of the source's shape whose every element is its channel index."""
+    def run_on_ids(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: Tensor | None = None) -> object:
+        """Run the node's op on a tensor of the source's shape whose every element is its channel index (or `ids`)."""
         x = self.env[source].real
-        ids = torch.arange(x.shape[1], dtype=torch.float64).view([1, -1] + [1] * (x.dim() - 2))
+        if ids is None:
+            ids = torch.arange(x.shape[1], dtype=torch.float64).view([1, -1] + [1] * (x.dim() - 2))
         ids = torch.empty_like(x, dtype=torch.float64).copy_(ids)  # laid out as x: a view that works on x works here
         if module is not None:
             return module(ids)
@@ -672,8 +716,9 @@ class _Walker:
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
 
-    def layout(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None) -> list[int]:
-        slots = self.gather(node, source, self.positions(node, self.run_on_ids(node, source, module)))
+    def layout(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: object = None) -> list[int]:
+        ids = self.run_on_ids(node, source, module) if ids is None else ids
+        slots = self.gather(node, source, self.positions(node, ids))
         width = len(slots)
         literals: list[object] = []
         fx.node.map_aggregate(node.args[1:], literals.append)
@@ -705,6 +750,13 @@ class _Walker:
         if not torch.equal(low, high):
             raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
         return [int(p) for p in low]
+
+
+def _channel_dims(ids: object) -> list[int]:
+    """The dimensions along which a tensor of channel indices varies."""
+    if not isinstance(ids, Tensor):
+        return []
+    return [d for d in range(ids.dim()) if not bool((ids == ids.narrow(d, 0, 1)).all())]
 
 
 def _reduced_dims(node: fx.Node, x: Tensor) -> set[int]:
