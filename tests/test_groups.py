@@ -185,10 +185,10 @@ def test_untraceable_model_is_a_clear_error():
     [
         (lambda self, x: self.b(torch.softmax(self.a(x), dim=1)), "'softmax' is not an op it knows"),
         (lambda self, x: self.b(self.a(x).sum(1, keepdim=True).expand(-1, 4, -1, -1)), "'sum' is not an op"),
-        (lambda self, x: self.b(self.a(x).permute(0, 2, 1, 3)), "channels are moved out of dim 1"),
-        (lambda self, x: self.b(self.a(x) * self.scale), "per-channel tensor that is not a parameter"),
+        (lambda self, x: self.b(self.a(x).permute(0, 2, 1, 3)), r"a convolution on channels in dim 2 \(it reads"),
+        (lambda self, x: self.b(self.a(x).view(x.shape[0], 2, -1, 4, 4)[:, 0]), "channels are moved out of dim 1 or mixed"),
     ],
-    ids=["softmax", "sum-over-channels", "permute", "free-parameter"],
+    ids=["softmax", "sum-over-channels", "permute", "split-view"],
 )
 def test_an_op_it_cannot_follow_is_a_clear_error_naming_the_node(forward, message):
     class Odd(nn.Module):
@@ -201,6 +201,47 @@ def test_an_op_it_cannot_follow_is_a_clear_error_naming_the_node(forward, messag
     with pytest.raises(GraphError, match=message) as error:
         ChannelGraph(Odd(), torch.randn(1, 3, 4, 4))
     assert "node '" in str(error.value)
+
+
+def test_a_per_channel_tensor_it_cannot_slice_keeps_those_channels_whole():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+            self.scale = nn.Parameter(torch.ones(4, 1, 1))  # ConvNeXt's layer scale
+
+        def forward(self, x):
+            return self.b(self.scale * self.a(x))
+
+    graph = ChannelGraph(Scaled(), torch.randn(1, 3, 4, 4))
+    assert {graph.pinned[int(g)] for g in graph.outputs["a"]} == {
+        "scaled by a per-channel tensor it cannot slice at node 'mul'"
+    }
+
+
+def test_channels_last_blocks_are_followed_and_their_hidden_units_cut_exactly():
+    class ChannelsLast(nn.Module):  # ConvNeXt's block: depthwise conv, then LayerNorm and an MLP over channels last
+        def __init__(self) -> None:
+            super().__init__()
+            self.dw, self.norm = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.LayerNorm(4)
+            self.up, self.down, self.head = nn.Linear(4, 8), nn.Linear(8, 4), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+            y = self.down(torch.nn.functional.gelu(self.up(y))).permute(0, 3, 1, 2)
+            return self.head(x + y)
+
+    net, x = ChannelsLast().double(), torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    graph = ChannelGraph(net, x)
+    assert all(int(g) in graph.pinned for g in graph.outputs["dw"]), "normalised across channels"
+    assert torch.equal(graph.inputs["down"], graph.outputs["up"]) and torch.equal(graph.inputs["head"], graph.outputs["down"])
+    killed = torch.zeros(graph.num_groups, dtype=torch.bool)
+    killed[graph.outputs["up"][[2, 5]]] = True
+    kill_groups(graph, killed, bits=False)
+    before = net(x)
+    Surgeon(graph).remove(Removal(killed))
+    assert (net.up.out_features, net.down.in_features) == (6, 6)
+    torch.testing.assert_close(net(x), before)
 
 
 def test_a_model_changed_after_tracing_is_refused():

@@ -58,8 +58,8 @@ _ACTIVATION_OPS = {
 _CONSTANT_PRESERVING_OPS = {
     "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
     "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate",
-    "contiguous", "clone", "float", "to", "type_as", "detach",
 }  # fmt: skip
+_VALUE_OPS = {"contiguous", "clone", "float", "to", "type_as", "detach"}  # every value kept where it is
 _AVG_POOL_OPS = {"avg_pool1d", "avg_pool2d", "avg_pool3d"}  # padding may be counted: only zeros stay exact
 # the identity in eval mode; in train mode each sample (or channel) is zeroed or scaled: only a zero stays constant
 _DROPOUT_OPS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "stochastic_depth"}  # torchvision.ops
@@ -414,13 +414,14 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
 
 class _Value:
     """A node's real output, and for channel tensors the slot of each position along dim 1 (or, for the tuple a
-    split returns, the positions of each piece; or, while layout ops have moved the channels out of dim 1, the
-    channel of each element of the output, as positions of `source`'s channels)."""
+    split returns, the positions of each piece; or, while a layout op has split the channels over several dimensions,
+    the channel of each element of the output, as positions of `source`'s channels)."""
 
-    __slots__ = ("moved", "pieces", "real", "slots", "source")
+    __slots__ = ("dim", "moved", "pieces", "real", "slots", "source")
 
-    def __init__(self, real: object, slots=None, pieces=None, source: fx.Node | None = None, moved=None) -> None:
+    def __init__(self, real: object, slots=None, pieces=None, source: fx.Node | None = None, moved=None, dim=1) -> None:
         self.real, self.slots, self.pieces, self.source, self.moved = real, slots, pieces, source, moved
+        self.dim = dim  # the dimension the slots lie along: 1, or the last one of a channels-last tensor
 
 
 class _Walker:
@@ -505,7 +506,7 @@ class _Walker:
         if not tracked or _op_name(node) in _NON_TENSOR_OPS:
             return _Value(real)
         if node.op == "call_module":
-            return _Value(real, self.module(node, self.modules[node.target], real, tracked))
+            return _Value(real, self.module(node, self.modules[node.target], real, tracked), dim=self.env[tracked[0]].dim)
         return self.function(node, real, tracked)
 
     def single(self, node: fx.Node, tracked: list[fx.Node]) -> fx.Node:
@@ -527,48 +528,56 @@ class _Walker:
             return self.produce(node, module, source, real)
         if (rule := rule_of(module)) is not None:
             return self.ruled(node, rule, source, slots, node.target)
+        dim = self.env[source].dim
+        if isinstance(module, nn.LayerNorm):  # normalises its last dims: across the channels if they are among them
+            if dim >= real.dim() - len(module.normalized_shape):
+                g.pin(slots, f"normalised across channels by '{node.target}'")
+            return self.add_step(node, "opaque", [source], slots)
+        if isinstance(module, _ACTIVATION_MODULES + (nn.modules.dropout._DropoutNd, nn.Identity)) and not (
+            isinstance(module, nn.PReLU) and module.num_parameters > 1
+        ):
+            kind = "dropout" if isinstance(module, nn.modules.dropout._DropoutNd) else "keep" if isinstance(module, nn.Identity) else "apply"
+            return self.add_step(node, kind, [source], slots, module.p if kind == "dropout" else node.target)
+        if dim != 1 and not isinstance(module, nn.Flatten):
+            raise self.fail(node, f"a {type(module).__name__} on channels in dim {dim} (it reads them in dim 1)")
         if isinstance(module, (*_NORMS, nn.GroupNorm)) or (isinstance(module, nn.PReLU) and module.num_parameters > 1):
             if channels_of(module) != len(slots):
                 raise self.fail(node, f"{channels_of(module)} channels in the module, {len(slots)} reach it")
             g.record("members", node.target, slots)
         if isinstance(module, _NORMS):
             return self.add_step(node, "norm", [source], slots, node.target)
-        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-            mixes = (
-                module.num_groups != module.num_channels
-                if isinstance(module, nn.GroupNorm)
-                else len(module.normalized_shape) >= real.dim() - 1
-            )
-            if isinstance(module, nn.LayerNorm) and mixes and module.elementwise_affine:
-                raise self.fail(node, "a LayerNorm with parameters over the channel dimension")
-            if mixes:
+        if isinstance(module, nn.GroupNorm):
+            if module.num_groups != module.num_channels:
                 g.pin(slots, f"normalised across channels by '{node.target}'")
             return self.add_step(node, "opaque", [source], slots)
-        if isinstance(module, _ACTIVATION_MODULES):
+        if isinstance(module, nn.PReLU):
             return self.add_step(node, "apply", [source], slots, node.target)
         if isinstance(module, _CONSTANT_PRESERVING_MODULES):
             return self.add_step(node, "keep", [source], slots)
         if isinstance(module, nn.modules.pooling._AvgPoolNd):
             padded = any(p != 0 for p in _as_tuple(module.padding)) and module.count_include_pad
             return self.add_step(node, "zeros_only" if padded else "keep", [source], slots)
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            return self.add_step(node, "dropout", [source], slots, module.p)
         if isinstance(module, nn.Flatten):
-            return self.layout(node, source, module)
+            return self.layout(node, source, module)[0]
         raise self.fail(node, f"it does not know how {type(module).__name__} treats channels")
 
     def ruled(self, node: fx.Node, rule: Rule, source: fx.Node, slots: list[int], apply: object) -> list[int]:
         """A module or function with a registered rule (core/rules.py)."""
+        if rule in (Rule.KEEPS_CONSTANTS, Rule.ZEROS_ONLY) and self.env[source].dim != 1:
+            raise self.fail(node, f"a {rule.name} block on channels in dim {self.env[source].dim} (it reads them in dim 1)")
         if rule is Rule.MIXES_CHANNELS:
             self.g.pin(slots, f"read across channels by '{node.name}' (its registered rule)")
         return self.add_step(node, rule.value, [source], slots, apply if rule is Rule.ELEMENTWISE else None)
 
     def produce(self, node: fx.Node, module: nn.Module, source: fx.Node, real: Tensor) -> list[int]:
         g, x, slots = self.g, self.env[source].real, self.env[source].slots
+        dim = self.env[source].dim
         if isinstance(module, nn.Linear):
-            if x.dim() != 2:
-                raise self.fail(node, f"a Linear on a {x.dim()}-D input (the graph follows dim 1 of [batch, features])")
+            if dim != x.dim() - 1:
+                raise self.fail(node, f"a Linear on a {x.dim()}-D input whose channels are in dim {dim}, not the last")
             in_features, out_features = module.in_features, module.out_features
+        elif dim != 1:
+            raise self.fail(node, f"a convolution on channels in dim {dim} (it reads them in dim 1)")
         else:
             in_features, out_features = module.in_channels, module.out_channels
         if len(slots) != in_features:
@@ -593,41 +602,50 @@ class _Walker:
             return self.follow_move(node, real, self.single(node, tracked))
         if name == "getitem" and self.env[tracked[0]].pieces is not None:  # one piece of a split/chunk
             split = self.env[tracked[0]]
-            return _Value(real, self.gather(node, split.source, split.pieces[node.args[1]]))
+            return _Value(real, self.gather(node, split.source, split.pieces[node.args[1]]), dim=split.dim)
         if name in ("cat", "concat"):
-            return _Value(real, self.concat(node, real))
+            return _Value(real, self.concat(node, real), dim=self.env[tracked[0]].dim)
         if name in _ELEMENTWISE:
-            return _Value(real, self.elementwise(node, real, tracked))
+            return _Value(real, self.elementwise(node, real, tracked), dim=self.env[tracked[0]].dim)
         source = self.single(node, tracked)
-        slots = self.env[source].slots
+        slots, dim = self.env[source].slots, self.env[source].dim
         if slots is None:
             raise self.fail(node, "an op applied to a tuple of tensors")
         if node.op == "call_function" and (rule := rule_of(node.target)) is not None:
             rest, kwargs = self.real(node.args[1:]), self.real(node.kwargs)
-            return _Value(real, self.ruled(node, rule, source, slots, lambda c: node.target(c, *rest, **kwargs)))
+            return _Value(real, self.ruled(node, rule, source, slots, lambda c: node.target(c, *rest, **kwargs)), dim=dim)
         if name in _ACTIVATION_OPS:
             target = node.target if node.op == "call_function" else getattr(torch.Tensor, name)
             rest = self.real(node.args[1:])
             kwargs = {k: v for k, v in self.real(node.kwargs).items() if k != "inplace"}
-            return _Value(real, self.add_step(node, "apply", [source], slots, lambda c: target(c, *rest, **kwargs)))
+            return _Value(real, self.add_step(node, "apply", [source], slots, lambda c: target(c, *rest, **kwargs)), dim=dim)
+        if name in _DROPOUT_OPS:
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+            return _Value(real, self.add_step(node, "dropout", [source], slots, p), dim=dim)
+        if name in _VALUE_OPS:
+            return _Value(real, self.add_step(node, "keep", [source], slots), dim=dim)
+        if name == "layer_norm":  # F.layer_norm(x, normalized_shape, ...): its last dims
+            if dim >= real.dim() - len(self.real(node.args[1])):
+                self.g.pin(slots, f"normalised across channels by node '{node.name}'")
+            return _Value(real, self.add_step(node, "opaque", [source], slots), dim=dim)
+        if dim != 1 and name in _CONSTANT_PRESERVING_OPS | _AVG_POOL_OPS:
+            raise self.fail(node, f"'{name}' on channels in dim {dim} (it reads them in dim 1)")
         if name in _CONSTANT_PRESERVING_OPS:
             return _Value(real, self.add_step(node, "keep", [source], slots))
         if name in _AVG_POOL_OPS:
             return _Value(real, self.add_step(node, "zeros_only", [source], slots))
-        if name in _DROPOUT_OPS:
-            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-            return _Value(real, self.add_step(node, "dropout", [source], slots, p))
         if name in _LAYOUT_OPS:
-            if name in ("mean", "amax", "amin") and 1 in _reduced_dims(node, self.env[source].real):
+            if name in ("mean", "amax", "amin") and dim in _reduced_dims(node, self.env[source].real):
                 raise self.fail(node, "a reduction over the channel dimension")
             if name in ("split", "chunk"):
-                pieces = [self.positions(node, p) for p in self.run_on_ids(node, source)]
+                pieces = [self.positions(node, p)[0] for p in self.run_on_ids(node, source)]
                 self.keep_pieces_apart(node, source, pieces)
-                return _Value(real, pieces=pieces, source=source)
+                return _Value(real, pieces=pieces, source=source, dim=dim)
             ids = self.run_on_ids(node, source)
-            if name in _MOVES and _channel_dims(ids) not in ([], [1]):
+            if name in _MOVES and len(_channel_dims(ids)) > 1:
                 return self.move_out(node, real, source, ids)
-            return _Value(real, self.layout(node, source, ids=ids))
+            slots, dim = self.layout(node, source, ids=ids)
+            return _Value(real, slots, dim=dim)
         raise self.fail(node, f"'{name}' is not an op it knows")
 
     def move_out(self, node: fx.Node, real: Tensor, source: fx.Node, ids: Tensor) -> _Value:
@@ -637,7 +655,8 @@ class _Walker:
         dims, slots = _channel_dims(ids), self.env[source].slots
         if len(dims) > 1:
             sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-            if _op_name(node) not in ("view", "reshape") or dims != list(range(1, len(dims) + 1)) or len(sizes) != ids.dim():
+            first = self.env[source].dim
+            if _op_name(node) not in ("view", "reshape") or dims != list(range(first, first + len(dims))) or len(sizes) != ids.dim():
                 raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
             literal = [type(sizes[d]) is int and sizes[d] != -1 for d in dims]
             if all(literal):
@@ -655,8 +674,9 @@ class _Walker:
         value = self.env[source]
         ids = self.run_on_ids(node, source, ids=value.moved)
         dims = _channel_dims(ids)
-        if dims == [1]:  # back in dim 1
-            return _Value(real, self.gather(node, value.source, self.positions(node, ids)))
+        if len(dims) == 1:  # along one dimension again
+            positions, dim = self.positions(node, ids)
+            return _Value(real, self.gather(node, value.source, positions), dim=dim)
         if len(dims) > len(_channel_dims(value.moved)):
             raise self.fail(node, "channels are split again while out of dim 1")
         return _Value(real, source=value.source, moved=ids)
@@ -666,7 +686,10 @@ class _Walker:
             raise self.fail(node, "an elementwise op without a channel dimension in its result")
         if node.kwargs:
             raise self.fail(node, f"an elementwise op with keyword arguments {sorted(node.kwargs)}")
-        width, operands, payload = real.shape[1], [], []
+        dim = self.env[tracked[0]].dim
+        if any(self.env[n].dim != dim or self.env[n].real.dim() != real.dim() for n in tracked if self.env[n].slots):
+            raise self.fail(node, "an elementwise op on tensors whose channels lie in different dimensions")
+        width, operands, payload, pinned = real.shape[dim], [], [], []
         for arg in node.args:
             if isinstance(arg, fx.Node) and arg in tracked:
                 slots = self.env[arg].slots
@@ -680,11 +703,13 @@ class _Walker:
                 operands.append(arg)
                 continue
             other = self.real(arg)
-            channel_dim = 1 - (real.dim() - other.dim()) if isinstance(other, Tensor) else -1
-            if channel_dim >= 0 and other.shape[channel_dim] != 1:
-                raise self.fail(node, "a per-channel tensor that is not a parameter of a module it can slice")
+            channel_dim = dim - (real.dim() - other.dim()) if isinstance(other, Tensor) else -1
+            if channel_dim >= 0 and other.shape[channel_dim] != 1:  # a tensor it cannot slice: those channels stay
+                pinned.append(f"scaled by a per-channel tensor it cannot slice at node '{node.name}'")
             payload.append(("value", other) if isinstance(other, (int, float)) else None)
         slots = self.env[operands[0]].slots
+        for reason in pinned:
+            self.g.pin(slots, reason)
         for other in operands[1:]:
             self.g.tie(slots, self.env[other].slots)
         return self.add_step(node, "elementwise", operands, list(slots), (_ELEMENTWISE[_op_name(node)], payload))
@@ -694,7 +719,9 @@ class _Walker:
         dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % real.dim()
         if any(not isinstance(t, fx.Node) or self.env[t].slots is None for t in parts):
             raise self.fail(node, "a concatenation of channel tensors with other tensors")
-        if dim == 1:
+        if len({self.env[t].dim for t in parts}) > 1:
+            raise self.fail(node, "a concatenation of tensors whose channels lie in different dimensions")
+        if dim == self.env[parts[0]].dim:
             return self.add_step(node, "cat", list(parts), [s for t in parts for s in self.env[t].slots])
         first = self.env[parts[0]].slots
         for t in parts[1:]:
@@ -705,9 +732,9 @@ class _Walker:
 
     def run_on_ids(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: Tensor | None = None) -> object:
         """Run the node's op on a tensor of the source's shape whose every element is its channel index (or `ids`)."""
-        x = self.env[source].real
+        x, dim = self.env[source].real, self.env[source].dim
         if ids is None:
-            ids = torch.arange(x.shape[1], dtype=torch.float64).view([1, -1] + [1] * (x.dim() - 2))
+            ids = torch.arange(x.shape[dim], dtype=torch.float64).view([1] * dim + [-1] + [1] * (x.dim() - dim - 1))
         ids = torch.empty_like(x, dtype=torch.float64).copy_(ids)  # laid out as x: a view that works on x works here
         if module is not None:
             return module(ids)
@@ -716,15 +743,17 @@ class _Walker:
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
 
-    def layout(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: object = None) -> list[int]:
+    def layout(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: object = None) -> tuple[list[int], int]:
+        """(slots, the dim they lie along) of a layout op's result."""
         ids = self.run_on_ids(node, source, module) if ids is None else ids
-        slots = self.gather(node, source, self.positions(node, ids))
+        positions, dim = self.positions(node, ids)
+        slots = self.gather(node, source, positions)
         width = len(slots)
         literals: list[object] = []
         fx.node.map_aggregate(node.args[1:], literals.append)
         if width > 1 and width in [v for v in literals if type(v) is int]:  # e.g. x.view(n, 576): fixed width
             self.g.pin(slots, f"given a fixed width ({width}) by node '{node.name}'")
-        return slots
+        return slots, dim
 
     def keep_pieces_apart(self, node: fx.Node, source: fx.Node, pieces: list[list[int]]) -> None:
         """After a cut the op must cut the same pieces: sizes written into the code (`split([4, 2])`) fix them, so
@@ -742,21 +771,22 @@ class _Walker:
         slots = [self.env[source].slots[p] for p in positions]
         return self.add_step(node, "gather", [source], slots, positions)
 
-    def positions(self, node: fx.Node, out: object) -> list[int]:
+    def positions(self, node: fx.Node, out: object) -> tuple[list[int], int]:
+        """(the channel at each index of the one dimension along which the channels lie, that dimension)."""
         if not isinstance(out, Tensor) or out.dim() < 2:
             raise self.fail(node, "its result has no channel dimension (dim 1)")
-        per_position = out.movedim(1, 0).flatten(1)
-        low, high = per_position.amin(1), per_position.amax(1)
-        if not torch.equal(low, high):
+        dims = _channel_dims(out) or [1]  # one channel: it stays where it was
+        if len(dims) > 1 or dims[0] == 0:
             raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
-        return [int(p) for p in low]
+        line = out[tuple(slice(None) if d == dims[0] else 0 for d in range(out.dim()))]
+        return [int(p) for p in line], dims[0]
 
 
 def _channel_dims(ids: object) -> list[int]:
     """The dimensions along which a tensor of channel indices varies."""
-    if not isinstance(ids, Tensor):
+    if not isinstance(ids, Tensor) or ids.numel() == 0:
         return []
-    return [d for d in range(ids.dim()) if not bool((ids == ids.narrow(d, 0, 1)).all())]
+    return [d for d in range(ids.dim()) if ids.shape[d] > 1 and not bool((ids == ids.narrow(d, 0, 1)).all())]
 
 
 def _reduced_dims(node: fx.Node, x: Tensor) -> set[int]:

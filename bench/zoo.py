@@ -1,0 +1,96 @@
+"""Channel surgery on every torchvision classifier: `python bench/zoo.py [--models resnet18 vgg11 ...] [--out FILE]`.
+
+Per model (weights=None, 10 classes, the smallest input it takes, float64): running statistics made non-trivial
+and then frozen, dropout and stochastic depth off (their masks are drawn per call), quantizers attached, 30% of the
+removable channel groups and 30% of each residual branch's channels killed, then `Surgeon.find()` and `remove()`.
+The outputs before and after are compared in train and in eval mode. Status: `exact` (largest relative difference
+<= 1e-5 in both modes), `refused` (a GraphError naming what the graph cannot follow), `wrong` (a difference past
+1e-5) or `crashed` (any other exception). Writes a markdown table (docs/zoo.md by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from lightning_selfcompress.core.groups import ChannelGraph, GraphError
+from lightning_selfcompress.core.quant import attach_quantizers
+from lightning_selfcompress.core.surgery import Surgeon
+from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups
+
+INPUT = {"inception_v3": 75, "vit": 224, "maxvit": 224, "swin": 64}  # the smallest sides they take; others 32
+
+
+def side(name: str) -> int:
+    return next((s for prefix, s in INPUT.items() if name.startswith(prefix)), 32)
+
+
+def survey(name: str, max_params: float) -> dict:
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    row = {"model": name, "status": "", "detail": "", "groups_removed": 0, "branch_channels": 0}
+    try:
+        kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+        net = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+        params = sum(p.numel() for p in net.parameters())
+        if params > max_params:
+            row.update(status="not run", detail=f"{params / 1e6:.0f} M parameters, past --max-params", seconds=0.0)
+            return row
+        net = net.double()
+        x = torch.randn(2, 3, side(name), side(name), dtype=torch.float64)
+        with torch.no_grad():
+            net.train()(x)
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0
+            if isinstance(m, (nn.Dropout, torchvision.ops.StochasticDepth)):
+                m.p = 0.0
+        attach_quantizers(net)
+        graph = ChannelGraph(net, x)
+        killed = choose_groups(graph, 0.3)
+        cuts = choose_branch_channels(graph, 0.3, spare=killed)
+        kill_groups(graph, killed)
+        kill_branch_channels(graph, cuts)
+        before = {mode: net.train(mode)(x).detach() for mode in (True, False)}
+        surgeon = Surgeon(graph)
+        removal = surgeon.find()
+        surgeon.remove(removal)
+        worst = max(float((net.train(m)(x) - before[m]).abs().max() / before[m].abs().max()) for m in (True, False))
+        row.update(status="exact" if worst <= 1e-5 else "wrong", detail=f"max relative difference {worst:.1e}",
+                   groups_removed=int(removal.groups.sum()), branch_channels=sum(int(c.sum()) for c in cuts.values()))  # fmt: skip
+    except GraphError as error:
+        row.update(status="refused", detail=str(error).split(". Surgery refuses")[0])
+    except Exception as error:  # noqa: BLE001 - the survey reports every failure
+        row.update(status="crashed", detail=f"{type(error).__name__}: {error}".splitlines()[0])
+        traceback.print_exc()
+    row["seconds"] = time.perf_counter() - started
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=torchvision.models.list_models(module=torchvision.models))
+    parser.add_argument("--out", type=Path, default=Path("docs/zoo.md"))
+    parser.add_argument("--max-params", type=float, default=150e6, help="skip larger models (float64 copies)")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
+        rows.append(survey(name, args.max_params))
+        print(rows[-1], flush=True)
+    lines = ["| model | status | groups removed | branch channels | seconds | detail |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['model']} | {r['status']} | {r['groups_removed']} | {r['branch_channels']} | {r['seconds']:.1f} | "
+              f"{r['detail'].replace('|', '/')} |" for r in rows]  # fmt: skip
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("exact", "refused", "wrong", "crashed", "not run")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"{len(rows)} models: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n\n" + "\n".join(lines) + "\n")
+    print(counts)
+
+
+if __name__ == "__main__":
+    main()
