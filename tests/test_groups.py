@@ -77,6 +77,21 @@ def test_split_and_cat_map_channels_by_offset():
     assert {graph.pinned[int(g)] for g in a} == {"split into fixed sizes by node 'split'"}, "split([4, 2]) needs 6"
 
 
+def test_a_split_along_the_height_constrains_no_channel():
+    class Halves(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            top, bottom = self.a(x).split(2, dim=2)
+            return self.b(torch.cat([bottom, top], 2))
+
+    graph = ChannelGraph(Halves(), torch.randn(1, 3, 4, 4))
+    assert not any(int(g) in graph.pinned for g in graph.outputs["a"])
+    assert len(set(graph.outputs["a"].tolist())) == 4, "no ties"
+
+
 def test_chunks_lose_the_same_positions_and_stay_equal():
     class Chunks(nn.Module):
         def __init__(self) -> None:

@@ -665,9 +665,9 @@ class _Walker:
                 raise self.fail(node, "channels are split into sizes that are all computed at run time")
             grid = ids[tuple(slice(None) if d in dims else 0 for d in range(ids.dim()))].long()
             for k in (k for k, fixed in enumerate(literal) if fixed):
-                first = grid.select(k, 0).flatten().tolist()
+                base = [slots[i] for i in grid.select(k, 0).flatten().tolist()]
                 for t in range(1, grid.shape[k]):
-                    self.g.tie([slots[i] for i in first], [slots[i] for i in grid.select(k, t).flatten().tolist()])
+                    self.g.tie(base, [slots[i] for i in grid.select(k, t).flatten().tolist()])
         return _Value(real, source=source, moved=ids)
 
     def follow_move(self, node: fx.Node, real: Tensor, source: fx.Node) -> _Value:
@@ -758,7 +758,10 @@ class _Walker:
     def keep_pieces_apart(self, node: fx.Node, source: fx.Node, pieces: list[list[int]]) -> None:
         """After a cut the op must cut the same pieces: sizes written into the code (`split([4, 2])`) fix them, so
         their channels stay; equal pieces of a size computed at run time (`chunk(2)`) lose the same positions."""
-        slots = self.env[source].slots
+        slots, x = self.env[source].slots, self.env[source].real
+        split_dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if split_dim % x.dim() != self.env[source].dim:  # each piece holds every channel
+            return
         sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("chunks"))
         fixed = _op_name(node) == "split" and not isinstance(sizes, fx.Node)
         if fixed or len({len(p) for p in pieces}) > 1:
