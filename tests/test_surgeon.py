@@ -56,6 +56,22 @@ def test_the_surgeon_cuts_while_training_and_the_optimizer_follows(tiny_fmnist, 
     assert report.weights_kept <= sum(r["weights_after"] for r in rows)
 
 
+def test_each_surgery_is_logged_once(tiny_fmnist, tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    net_module, (compression, surgeon) = module(), callbacks(every=4)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    trainer = pl.Trainer(callbacks=[compression, surgeon], **trainer_kwargs(tmp_path, max_steps=24, logger=logger,
+                                                                             log_every_n_steps=2))  # fmt: skip
+    trainer.fit(net_module, tiny_fmnist)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
+    logged = [float(r["surgeon/channels_removed"]) for r in rows if r.get("surgeon/channels_removed")]
+    assert len(surgeon.history) >= 2 and len(logged) == len(surgeon.history)
+    assert sum(logged) == sum(sum(r.channels.values()) for r in surgeon.history)
+
+
 @pytest.mark.parametrize("net", list(NETS))
 def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(tiny_fmnist, tmp_path, net):
     """512 images in batches of 32: 16 steps an epoch; the run stops after epoch 2 (step 32) and resumes to 48.

@@ -228,16 +228,15 @@ class ChannelSurgeon(Callback):
             trainer.strategy.configure_ddp()
         seconds = time.perf_counter() - start
         record.seconds = round(seconds, 4)
-        pl_module.log_dict(
-            {
-                "surgeon/channels_removed": float(sum(record.channels.values())),
-                "surgeon/weights_removed": float(record.weights_removed),
-                "surgeon/seconds": seconds,
-                "surgeon/macs": float(self.surgeon.graph.macs()),
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        metrics = {
+            "surgeon/channels_removed": float(sum(record.channels.values())),
+            "surgeon/weights_removed": float(record.weights_removed),
+            "surgeon/seconds": seconds,
+            "surgeon/macs": float(self.surgeon.graph.macs()),
+        }
+        if trainer.is_global_zero:  # straight to the loggers, once: `log` would repeat them at every logging step
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
         return record
 
     @override
