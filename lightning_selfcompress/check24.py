@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from .core.checkpoint import read_checkpoint
 from .core.export import stored_weights
 from .core.sparsity import as_rows, is_24
 
@@ -80,7 +81,7 @@ def check_path(path: str | Path) -> list[WeightCheck]:
         raise FileNotFoundError(f"{path} does not exist: give an ONNX file or a PyTorch checkpoint.")
     if path.suffix == ".onnx":
         return check_onnx(path)
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint or state_dict.")

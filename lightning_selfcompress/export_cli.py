@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .core.export import export_onnx
+from .core.checkpoint import read_checkpoint
 from .core.surgery import load_compressed
 from .export_report import ExportOptions, check_output_path, export_and_report, layer_shapes, macs, parameter_count
 from .models import ImageClassifier
@@ -57,6 +58,7 @@ def run(cfg: DictConfig) -> dict:
     check_output_path(cfg.output)  # before any work
     options = ExportOptions(**{k: (tuple(v) if k == "latency_batches" else v) for k, v in cfg.options.items()})
     checkpoint = find_checkpoint(cfg.checkpoint)
+    state = read_checkpoint(checkpoint)  # before any work: a damaged or unsafe file is named first
     run_cfg = OmegaConf.load(find_run_config(checkpoint, cfg.run_config))
     module = ImageClassifier(instantiate(run_cfg.model), **run_cfg.optim)
     datamodule = instantiate(run_cfg.data)
@@ -68,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
         tempfile.TemporaryDirectory() as scratch
     ):  # the network as built, in float32: the size compression started from
         original = export_onnx(module, batches[0], Path(scratch) / "original.onnx").file_bytes
-    load_compressed(module, checkpoint)
+    load_compressed(module, state)
     accuracy_batches = None
     if cfg.accuracy:
         datamodule.setup("test")

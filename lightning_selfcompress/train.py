@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
+from .core.checkpoint import read_checkpoint
 from .core.size import float_size_report
 from .models import ImageClassifier
 from .plots import write_size_plot
@@ -73,7 +74,7 @@ def _load_weights(module: ImageClassifier, path: str, option: str = "init_from")
             f"{option}={path!r} does not exist: give the path of a Lightning checkpoint (.ckpt) or of the network's "
             "state_dict (e.g. torchvision's resnet50-0676ba61.pth)."
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .checkpoint import read_checkpoint
 from .groups import ChannelGraph, GraphError, channels_of, is_grouped
 from .quant import QuantizationConfig, attach_activation_quantizers, attach_quantizers
 from .reembed import GATHER, set_reembedding
@@ -534,10 +535,7 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
     mode.
     """
     if not isinstance(checkpoint, Mapping):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint)
     state_dict = checkpoint.get("state_dict", checkpoint)
     surgeon_state = checkpoint.get("callbacks", {}).get(SURGEON_STATE_KEY, {})
     if surgeon_state.get("history"):
