@@ -212,9 +212,12 @@ class ChannelQuantizer(nn.Module):
         self.register_buffer("midrise", torch.tensor(_offset(grid) > 0))
         self.grid = grid  # the buffer read once here and on loading, not on every forward (a GPU read would wait)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
-        state_dict.setdefault(prefix + "midrise", torch.tensor(False))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        if prefix + "midrise" not in state_dict:  # written before the grid existed: the integer grid
+            self.midrise.fill_(False)
+            if prefix + "midrise" in missing_keys:
+                missing_keys.remove(prefix + "midrise")
         self.grid = GRIDS[int(self.midrise)]
 
     @property
