@@ -1,7 +1,8 @@
 """Channel surgery on every torchvision classifier: `python bench/zoo.py [--models resnet18 vgg11 ...] [--out FILE]`.
 
 Per model (weights=None, 10 classes, a batch of 4 at 64 x 64 or the side it needs, float64): running statistics
-made non-trivial and then frozen, dropout and stochastic depth off (their masks are drawn per call), quantizers attached, 30% of the
+made non-trivial and then frozen, dropout and stochastic depth off (their masks are drawn per call), quantizers
+attached, 30% of the
 removable channel groups and 30% of each residual branch's channels killed, then `Surgeon.find()` and `remove()`.
 The outputs before and after are compared in train and in eval mode. Status: `exact` (largest relative difference
 <= 1e-5 in both modes), `refused` (a GraphError naming what the graph cannot follow), `wrong` (a difference past

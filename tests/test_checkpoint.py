@@ -39,7 +39,7 @@ def files(tmp_path):
 def test_every_entry_point_names_a_file_that_is_not_a_checkpoint(files, tmp_path):
     garbage, _, _ = files
     module = ImageClassifier(BaselineCNN(1, 10, width=4))
-    for read in (read_checkpoint, check_path, lambda p: load_compressed(module, p), lambda p: _load_weights(module, str(p))):
+    for read in (read_checkpoint, check_path, lambda p: load_compressed(module, p), lambda p: _load_weights(module, p)):
         with pytest.raises(CheckpointError, match="garbage.ckpt' is not a PyTorch checkpoint that can be read"):
             read(garbage)
     (tmp_path / ".hydra").mkdir()

@@ -119,7 +119,8 @@ def test_midrise_weights_store_as_odd_integers_at_half_the_step(tmp_path):
         m = net.get_submodule(name)
         assert np.array_equal(weights[name], m.weight_quantizer(m.weight).detach().numpy()), name
         alive = (m.weight_quantizer.bits > 0).numpy()
-        ints = next(i for o, (i, _) in stored_weights(onnx.load(str(tmp_path / "net.onnx"))).items() if o.startswith(name))
+        stored = stored_weights(onnx.load(str(tmp_path / "net.onnx")))
+        ints = next(i for output, (i, _) in stored.items() if output.startswith(name))
         assert (ints[alive] % 2 == 1).all() and not ints[~alive].any(), "live channels odd, dead ones zeros"
         stored, bits = integer_bits(torch.from_numpy(ints).float()), m.weight_quantizer.bits.detach()
         assert (stored <= bits.ceil().clamp_min(0)).all() and (stored[alive] >= 1).all()

@@ -506,7 +506,8 @@ class _Walker:
         if not tracked or _op_name(node) in _NON_TENSOR_OPS:
             return _Value(real)
         if node.op == "call_module":
-            return _Value(real, self.module(node, self.modules[node.target], real, tracked), dim=self.env[tracked[0]].dim)
+            slots = self.module(node, self.modules[node.target], real, tracked)
+            return _Value(real, slots, dim=self.env[tracked[0]].dim)  # a module keeps its input's channel dim
         return self.function(node, real, tracked)
 
     def single(self, node: fx.Node, tracked: list[fx.Node]) -> fx.Node:
@@ -536,8 +537,10 @@ class _Walker:
         if isinstance(module, _ACTIVATION_MODULES + (nn.modules.dropout._DropoutNd, nn.Identity)) and not (
             isinstance(module, nn.PReLU) and module.num_parameters > 1
         ):
-            kind = "dropout" if isinstance(module, nn.modules.dropout._DropoutNd) else "keep" if isinstance(module, nn.Identity) else "apply"
-            return self.add_step(node, kind, [source], slots, module.p if kind == "dropout" else node.target)
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                return self.add_step(node, "dropout", [source], slots, module.p)
+            kind = "keep" if isinstance(module, nn.Identity) else "apply"
+            return self.add_step(node, kind, [source], slots, node.target)
         if dim != 1 and not isinstance(module, nn.Flatten):
             raise self.fail(node, f"a {type(module).__name__} on channels in dim {dim} (it reads them in dim 1)")
         if isinstance(module, (*_NORMS, nn.GroupNorm)) or (isinstance(module, nn.PReLU) and module.num_parameters > 1):
@@ -564,7 +567,7 @@ class _Walker:
     def ruled(self, node: fx.Node, rule: Rule, source: fx.Node, slots: list[int], apply: object) -> list[int]:
         """A module or function with a registered rule (core/rules.py)."""
         if rule in (Rule.KEEPS_CONSTANTS, Rule.ZEROS_ONLY) and self.env[source].dim != 1:
-            raise self.fail(node, f"a {rule.name} block on channels in dim {self.env[source].dim} (it reads them in dim 1)")
+            raise self.fail(node, f"a {rule.name} block on channels in dim {self.env[source].dim} (it reads dim 1)")
         if rule is Rule.MIXES_CHANNELS:
             self.g.pin(slots, f"read across channels by '{node.name}' (its registered rule)")
         return self.add_step(node, rule.value, [source], slots, apply if rule is Rule.ELEMENTWISE else None)
@@ -613,12 +616,14 @@ class _Walker:
             raise self.fail(node, "an op applied to a tuple of tensors")
         if node.op == "call_function" and (rule := rule_of(node.target)) is not None:
             rest, kwargs = self.real(node.args[1:]), self.real(node.kwargs)
-            return _Value(real, self.ruled(node, rule, source, slots, lambda c: node.target(c, *rest, **kwargs)), dim=dim)
+            slots = self.ruled(node, rule, source, slots, lambda c: node.target(c, *rest, **kwargs))
+            return _Value(real, slots, dim=dim)
         if name in _ACTIVATION_OPS:
             target = node.target if node.op == "call_function" else getattr(torch.Tensor, name)
             rest = self.real(node.args[1:])
             kwargs = {k: v for k, v in self.real(node.kwargs).items() if k != "inplace"}
-            return _Value(real, self.add_step(node, "apply", [source], slots, lambda c: target(c, *rest, **kwargs)), dim=dim)
+            slots = self.add_step(node, "apply", [source], slots, lambda c: target(c, *rest, **kwargs))
+            return _Value(real, slots, dim=dim)
         if name in _DROPOUT_OPS:
             p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
             return _Value(real, self.add_step(node, "dropout", [source], slots, p), dim=dim)
@@ -656,7 +661,8 @@ class _Walker:
         if len(dims) > 1:
             sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
             first = self.env[source].dim
-            if _op_name(node) not in ("view", "reshape") or dims != list(range(first, first + len(dims))) or len(sizes) != ids.dim():
+            split = dims == list(range(first, first + len(dims))) and len(sizes) == ids.dim()
+            if _op_name(node) not in ("view", "reshape") or not split:
                 raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
             literal = [type(sizes[d]) is int and sizes[d] != -1 for d in dims]
             if all(literal):
@@ -730,7 +736,9 @@ class _Walker:
             self.g.tie(first, self.env[t].slots)
         return self.add_step(node, "cat_other", list(parts), list(first))
 
-    def run_on_ids(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: Tensor | None = None) -> object:
+    def run_on_ids(
+        self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: Tensor | None = None
+    ) -> object:
         """Run the node's op on a tensor of the source's shape whose every element is its channel index (or `ids`)."""
         x, dim = self.env[source].real, self.env[source].dim
         if ids is None:
@@ -738,12 +746,16 @@ class _Walker:
         ids = torch.empty_like(x, dtype=torch.float64).copy_(ids)  # laid out as x: a view that works on x works here
         if module is not None:
             return module(ids)
-        args, kwargs = (fx.node.map_arg(a, lambda n: ids if n is source else self.env[n].real) for a in (node.args, node.kwargs))
+        args, kwargs = (
+            fx.node.map_arg(a, lambda n: ids if n is source else self.env[n].real) for a in (node.args, node.kwargs)
+        )
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
 
-    def layout(self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: object = None) -> tuple[list[int], int]:
+    def layout(
+        self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: object = None
+    ) -> tuple[list[int], int]:
         """(slots, the dim they lie along) of a layout op's result."""
         ids = self.run_on_ids(node, source, module) if ids is None else ids
         positions, dim = self.positions(node, ids)
@@ -762,7 +774,8 @@ class _Walker:
         split_dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         if split_dim % x.dim() != self.env[source].dim:  # each piece holds every channel
             return
-        sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("chunks"))
+        named = [node.kwargs[k] for k in ("split_size_or_sections", "chunks") if k in node.kwargs]
+        sizes = node.args[1] if len(node.args) > 1 else named[0] if named else None
         fixed = _op_name(node) == "split" and not isinstance(sizes, fx.Node)
         if fixed or len({len(p) for p in pieces}) > 1:
             self.g.pin([slots[i] for p in pieces for i in p], f"split into fixed sizes by node '{node.name}'")
