@@ -153,7 +153,19 @@ class PoisonBits(Callback):
 
 def test_non_finite_quantizer_parameters_are_named(tiny_fmnist, tmp_path):
     trainer = pl.Trainer(callbacks=[PoisonBits(), SelfCompression()], **trainer_kwargs(tmp_path))
-    with pytest.raises(FloatingPointError, match=r"\['net.features.6.weight_quantizer.bits'\]"):
+    with pytest.raises(FloatingPointError, match=r"Non-finite values in \['net.features.6.weight_quantizer.bits'\]"):
+        trainer.fit(classifier(), tiny_fmnist)
+
+
+class PoisonWeight(Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 1:
+            pl_module.net.features[2].weight.data[0, 0, 0, 0] = float("inf")
+
+
+def test_a_non_finite_weight_is_named_before_the_quantizer_parameters_it_spoils(tiny_fmnist, tmp_path):
+    trainer = pl.Trainer(callbacks=[PoisonWeight(), SelfCompression()], **trainer_kwargs(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"Non-finite values in \['net.features.2.weight'\]"):
         trainer.fit(classifier(), tiny_fmnist)
 
 

@@ -188,12 +188,17 @@ class SelfCompression(Callback):
         self.schedule.step += 1
 
     def _check_finite(self, pl_module: pl.LightningModule) -> None:
-        quantizers = [m.weight_quantizer for m in self.size.layers.values()]
-        if torch.stack([p.detach().isfinite().all() for q in quantizers for p in (q.bits, q.exponent)]).all():
+        layers = self.size.layers.values()
+        tensors = [t for m in layers for t in (m.weight, m.weight_quantizer.bits, m.weight_quantizer.exponent)]
+        if torch.stack([t.detach().isfinite().all() for t in tensors]).all():
             return
-        bad = [n for n, p in pl_module.named_parameters() if ".weight_quantizer." in n and not p.isfinite().all()]
+        named = [(n, p) for n, p in pl_module.named_parameters() if n.endswith(".weight") or ".weight_quantizer." in n]
+        bad = [n for n, p in named if not p.detach().isfinite().all()]
+        weights = [n for n in bad if n.endswith(".weight")]  # a weight spoils its quantizer: name the weight first
+        spoiled = f" (and so in {[n for n in bad if n not in weights]})" if weights and len(bad) > len(weights) else ""
         raise FloatingPointError(
-            f"Non-finite quantizer parameters: {bad}. Lower quantizer_lr or the learning rate, or check the data."
+            f"Non-finite values in {weights or bad}{spoiled}. Lower the learning rate or quantizer_lr, or check the "
+            "data and the loss for NaN or inf."
         )
 
     @override
