@@ -49,7 +49,7 @@ _ACTIVATION_MODULES = (
 )  # fmt: skip
 _CONSTANT_PRESERVING_MODULES = (  # a constant channel stays the same constant
     nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.Upsample, nn.Identity,
+    nn.Upsample,
 )  # fmt: skip
 _ACTIVATION_OPS = {
     "relu", "relu_", "relu6", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
@@ -530,20 +530,19 @@ class _Walker:
         if (rule := rule_of(module)) is not None:
             return self.ruled(node, rule, source, slots, node.target)
         dim = self.env[source].dim
-        if isinstance(module, nn.LayerNorm):  # normalises its last dims: across the channels if they are among them
-            if dim >= real.dim() - len(module.normalized_shape):
-                g.pin(slots, f"normalised across channels by '{node.target}'")
-            return self.add_step(node, "opaque", [source], slots)
-        if isinstance(module, _ACTIVATION_MODULES + (nn.modules.dropout._DropoutNd, nn.Identity)) and not (
-            isinstance(module, nn.PReLU) and module.num_parameters > 1
-        ):
-            if isinstance(module, nn.modules.dropout._DropoutNd):
-                return self.add_step(node, "dropout", [source], slots, module.p)
-            kind = "keep" if isinstance(module, nn.Identity) else "apply"
-            return self.add_step(node, kind, [source], slots, node.target)
+        per_channel_prelu = isinstance(module, nn.PReLU) and module.num_parameters > 1
+        # Modules that act on each value alone, or on the last dims: channels in any dimension
+        if isinstance(module, nn.LayerNorm):
+            return self.normalise_last(node, source, len(module.normalized_shape), f"'{node.target}'")
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            return self.add_step(node, "dropout", [source], slots, module.p)
+        if isinstance(module, nn.Identity):
+            return self.add_step(node, "keep", [source], slots)
+        if isinstance(module, _ACTIVATION_MODULES) and not per_channel_prelu:
+            return self.add_step(node, "apply", [source], slots, node.target)
         if dim != 1 and not isinstance(module, nn.Flatten):
             raise self.fail(node, f"a {type(module).__name__} on channels in dim {dim} (it reads them in dim 1)")
-        if isinstance(module, (*_NORMS, nn.GroupNorm)) or (isinstance(module, nn.PReLU) and module.num_parameters > 1):
+        if isinstance(module, (*_NORMS, nn.GroupNorm)) or per_channel_prelu:
             if channels_of(module) != len(slots):
                 raise self.fail(node, f"{channels_of(module)} channels in the module, {len(slots)} reach it")
             g.record("members", node.target, slots)
@@ -553,7 +552,7 @@ class _Walker:
             if module.num_groups != module.num_channels:
                 g.pin(slots, f"normalised across channels by '{node.target}'")
             return self.add_step(node, "opaque", [source], slots)
-        if isinstance(module, nn.PReLU):
+        if per_channel_prelu:
             return self.add_step(node, "apply", [source], slots, node.target)
         if isinstance(module, _CONSTANT_PRESERVING_MODULES):
             return self.add_step(node, "keep", [source], slots)
@@ -563,6 +562,13 @@ class _Walker:
         if isinstance(module, nn.Flatten):
             return self.layout(node, source, module)[0]
         raise self.fail(node, f"it does not know how {type(module).__name__} treats channels")
+
+    def normalise_last(self, node: fx.Node, source: fx.Node, count: int, by: str) -> list[int]:
+        """A normalisation over the last `count` dims: across the channels if they lie among them."""
+        value = self.env[source]
+        if value.dim >= value.real.dim() - count:
+            self.g.pin(value.slots, f"normalised across channels by {by}")
+        return self.add_step(node, "opaque", [source], value.slots)
 
     def ruled(self, node: fx.Node, rule: Rule, source: fx.Node, slots: list[int], apply: object) -> list[int]:
         """A module or function with a registered rule (core/rules.py)."""
@@ -629,10 +635,9 @@ class _Walker:
             return _Value(real, self.add_step(node, "dropout", [source], slots, p), dim=dim)
         if name in _VALUE_OPS:
             return _Value(real, self.add_step(node, "keep", [source], slots), dim=dim)
-        if name == "layer_norm":  # F.layer_norm(x, normalized_shape, ...): its last dims
-            if dim >= real.dim() - len(self.real(node.args[1])):
-                self.g.pin(slots, f"normalised across channels by node '{node.name}'")
-            return _Value(real, self.add_step(node, "opaque", [source], slots), dim=dim)
+        if name == "layer_norm":  # F.layer_norm(x, normalized_shape, ...)
+            slots = self.normalise_last(node, source, len(self.real(node.args[1])), f"node '{node.name}'")
+            return _Value(real, slots, dim=dim)
         if dim != 1 and name in _CONSTANT_PRESERVING_OPS | _AVG_POOL_OPS:
             raise self.fail(node, f"'{name}' on channels in dim {dim} (it reads them in dim 1)")
         if name in _CONSTANT_PRESERVING_OPS:
