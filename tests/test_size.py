@@ -171,6 +171,12 @@ def test_budget_switches_the_size_term_off_at_or_below_the_target():
     assert restored.step == 7
 
 
+def test_a_budget_band_makes_gamma_proportional_to_the_distance_both_ways():
+    schedule = GammaSchedule(0.2, target_bits_per_weight=1.0, band=0.1)
+    values = [schedule.value(bits) for bits in (1.5, 1.1, 1.05, 1.0, 0.95, 0.9, 0.5)]
+    assert values == pytest.approx([0.2, 0.2, 0.1, 0.0, -0.1, -0.2, -0.2])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -179,6 +185,7 @@ def test_budget_switches_the_size_term_off_at_or_below_the_target():
         (dict(gamma=0.1, warmup_steps=-1), "gamma_warmup_steps=-1"),
         (dict(gamma=0.1, target_bits_per_weight=0.0), "target_bits_per_weight=0.0 must be a finite number > 0"),
         (dict(gamma=0.1, target_bits_per_weight=float("inf")), "target_bits_per_weight=inf"),
+        (dict(gamma=0.1, target_bits_per_weight=1.0, band=1.0), "budget_band=1.0 must be in"),
     ],
 )
 def test_bad_schedules_are_named(kwargs, message):

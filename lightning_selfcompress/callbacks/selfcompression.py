@@ -35,6 +35,8 @@ class SelfCompression(Callback):
         gamma: weight of the size term (the paper's compression factor). 0 trains the quantizers without pressure.
         target_bits_per_weight: a budget in deployable bits per weight (whole bits per channel, as a file stores
             them): the size term acts only while the network is above it.
+        budget_band: 0 switches the size term on above the budget and off below it; a fraction of the budget (0.1)
+            makes gamma proportional to the distance from it, negative below it, so a low budget is not overshot.
         gamma_warmup_steps: ramp gamma linearly from 0 over this many optimizer steps.
         layer_types, include, exclude: which layers to quantize (class names; glob patterns on module names).
         init_bits: starting bit depth (8: the quantized network starts within about 1% of the float one).
@@ -61,6 +63,7 @@ class SelfCompression(Callback):
         gamma: float = 0.01,
         *,
         target_bits_per_weight: float | None = None,
+        budget_band: float = 0.0,
         gamma_warmup_steps: int = 0,
         layer_types: Sequence[str] = ("Conv1d", "Conv2d", "Conv3d", "Linear"),
         include: Sequence[str] = ("*",),
@@ -75,7 +78,7 @@ class SelfCompression(Callback):
         freeze_bits_at: float | None = None,
         int8_activations: bool = False,
     ) -> None:
-        self.schedule = GammaSchedule(gamma, gamma_warmup_steps, target_bits_per_weight)
+        self.schedule = GammaSchedule(gamma, gamma_warmup_steps, target_bits_per_weight, budget_band)
         self.config = QuantizationConfig(
             layer_types=tuple(layer_types),
             include=tuple(include),

@@ -221,15 +221,18 @@ def _index_bits(b: Tensor, kept: Tensor, sparse: bool) -> Tensor:
 class GammaSchedule:
     """The weight of the size term: optional linear warm-up, optionally a budget of bits per weight.
 
-    With a target, gamma switches on while the network is above it and off once it is at or below it (a
-    bang-bang controller; the size term becomes gamma * max(bits_per_weight - target, 0)). Below the target the
-    task gradient alone moves the bit depths, so the run settles at the budget instead of overshooting it, which
-    an integrating controller does once Adam's moments carry the bit depths past the target.
+    With a target and no band, gamma switches on while the network is above it and off once it is at or below it
+    (a bang-bang controller; the size term becomes gamma * max(bits_per_weight - target, 0)): below the target
+    the task gradient alone moves the bit depths. Adam's momentum still carries them past a target far below the
+    start (2 -> 1 bit per weight ended at 0.65). With a band (a fraction of the target), gamma is proportional to
+    the distance instead: full at target * (1 + band), 0 at the target, and negative below it, down to -gamma at
+    target * (1 - band), so bits lost past the target flow back to the live channels.
     """
 
     gamma: float
     warmup_steps: int = 0
     target_bits_per_weight: float | None = None
+    band: float = 0.0
     step: int = 0
 
     def __post_init__(self) -> None:
@@ -240,14 +243,20 @@ class GammaSchedule:
         target = self.target_bits_per_weight
         if target is not None and not (math.isfinite(target) and target > 0):
             raise ValueError(f"target_bits_per_weight={target} must be a finite number > 0 (or None for no budget).")
+        if not (math.isfinite(self.band) and 0 <= self.band < 1):
+            raise ValueError(f"budget_band={self.band} must be in [0, 1): a fraction of the budget (0: on/off).")
 
     def value(self, bits_per_weight: float) -> float:
         """Gamma for the current step, given the network's bits per weight now."""
-        if self.target_bits_per_weight is not None and bits_per_weight <= self.target_bits_per_weight:
-            return 0.0
+        gamma = self.gamma
         if self.warmup_steps and self.step < self.warmup_steps:
-            return self.gamma * (self.step + 1) / self.warmup_steps
-        return self.gamma
+            gamma *= (self.step + 1) / self.warmup_steps
+        target = self.target_bits_per_weight
+        if target is None:
+            return gamma
+        if not self.band:
+            return gamma if bits_per_weight > target else 0.0
+        return gamma * min(max((bits_per_weight - target) / (self.band * target), -1.0), 1.0)
 
     def state_dict(self) -> dict:
         return {"step": self.step}

@@ -1,0 +1,93 @@
+"""The core is plain PyTorch: it imports, trains, cuts and exports with Lightning and the CLI's libraries absent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from conftest import requires_fashion_mnist
+
+from lightning_selfcompress.data.fashion_mnist import DEBIAN_DIR, find_idx
+
+ABSENT = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "hydra", "omegaconf", "rich", "matplotlib")
+
+# Any import of those fails, as in an environment where they are not installed.
+BLOCK = f"""
+import sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def run_without_lightning(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCK + textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_blocker_really_blocks_lightning():
+    out = run_without_lightning("""
+        try:
+            import lightning
+        except ModuleNotFoundError as e:
+            print("blocked:", e)
+        import lightning_selfcompress
+        try:
+            lightning_selfcompress.SelfCompression
+        except ModuleNotFoundError as e:
+            print("callbacks need it:", e)
+    """)
+    assert "blocked: No module named 'lightning'" in out and "callbacks need it" in out
+
+
+@requires_fashion_mnist
+def test_a_plain_pytorch_loop_compresses_cuts_and_exports_without_lightning(tmp_path):
+    images, labels = find_idx(DEBIAN_DIR, "train", "images"), find_idx(DEBIAN_DIR, "train", "labels")
+    out = run_without_lightning(f"""
+        import torch, torch.nn.functional as F
+        from lightning_selfcompress.core import (
+            ChannelGraph, QuantizationConfig, SizeModel, Surgeon, attach_quantizers, export_onnx)
+        from lightning_selfcompress.data.idx import read_idx
+        from lightning_selfcompress.models import BaselineCNN
+
+        torch.manual_seed(0)
+        x = (read_idx({str(images)!r})[:512].float().unsqueeze(1) / 255 - 0.286) / 0.353
+        y = read_idx({str(labels)!r})[:512].long()
+        model = BaselineCNN(width=8)
+        attach_quantizers(model, QuantizationConfig(init_bits=2.0, init_scale="lsq", grid="midrise"))
+        size = SizeModel(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        start = size.bits_per_weight().item()
+        for step in range(40):
+            batch = slice(step % 4 * 128, step % 4 * 128 + 128)
+            loss = F.cross_entropy(model(x[batch]), y[batch]) + 0.5 * size.bits_per_weight()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        print("bits", start, size.bits_per_weight().item())
+
+        model.eval()
+        conv = model.features[0]                       # three of its channels reach 0 bits
+        with torch.no_grad():
+            conv.weight_quantizer.bits[:3] = -1.0
+            before = model(x[:64])
+        surgeon = Surgeon(ChannelGraph(model, x[:2]))
+        record = surgeon.remove(surgeon.find(), [optimizer])
+        with torch.no_grad():
+            after = model(x[:64])
+        print("removed", sum(record.channels.values()), "diff", (after - before).abs().max().item())
+        result = export_onnx(model, x[:1], {str(tmp_path / "plain.onnx")!r})
+        print("exported", type(result).__name__)
+    """)
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    start, end = map(float, lines["bits"].split())
+    assert end < start, "the size term lowered the bits per weight"
+    removed, diff = lines["removed"].split(" diff ")
+    assert int(removed) >= 3 and float(diff) < 1e-5, lines
+    assert (tmp_path / "plain.onnx").stat().st_size > 0
