@@ -4,24 +4,32 @@ The core (`lightning_selfcompress.core`) is plain PyTorch; the Lightning callbac
 a training loop without Lightning imports none of it.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
 from .core import (
-    ChannelGraph, QuantizationConfig, Rule, SizeModel, Surgeon, attach_quantizers, load_compressed, quantize,
+    ChannelGraph,
+    QuantizationConfig,
+    Rule,
+    SizeModel,
+    Surgeon,
+    attach_quantizers,
+    load_compressed,
+    quantize,
     register_rule,
 )  # fmt: skip
 
 if TYPE_CHECKING:
     from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
 
-_CALLBACKS = ("ChannelSurgeon", "CompressedExport", "Distillation", "SelfCompression", "Sparsity24")
+from .extras import lazy
+
+_CALLBACKS = dict.fromkeys(
+    ("ChannelSurgeon", "CompressedExport", "Distillation", "SelfCompression", "Sparsity24"), ".callbacks"
+)
 
 
 def __getattr__(name: str):
-    if name in _CALLBACKS:
-        return getattr(import_module(".callbacks", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy(__name__, _CALLBACKS, name)
 
 
 __all__ = [

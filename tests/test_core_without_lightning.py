@@ -10,7 +10,9 @@ from conftest import requires_fashion_mnist
 
 from lightning_selfcompress.data.fashion_mnist import DEBIAN_DIR, find_idx
 
-ABSENT = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "hydra", "omegaconf", "rich", "matplotlib")
+ABSENT = (
+    "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "hydra", "omegaconf", "rich", "matplotlib"
+)  # fmt: skip
 
 # Any import of those fails, as in an environment where they are not installed.
 BLOCK = f"""
@@ -18,7 +20,7 @@ import sys
 class Absent:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {ABSENT!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
 sys.meta_path.insert(0, Absent())
 """
 
@@ -91,3 +93,52 @@ def test_a_plain_pytorch_loop_compresses_cuts_and_exports_without_lightning(tmp_
     removed, diff = lines["removed"].split(" diff ")
     assert int(removed) >= 3 and float(diff) < 1e-5, lines
     assert (tmp_path / "plain.onnx").stat().st_size > 0
+
+
+def test_a_missing_extra_is_named_with_the_line_that_installs_it():
+    out = run_without_lightning("""
+        from lightning_selfcompress.extras import MissingExtraError
+        import lightning_selfcompress.data, lightning_selfcompress.models
+        from lightning_selfcompress import commands
+        for attempt in (
+            lambda: lightning_selfcompress.ChannelSurgeon,
+            lambda: lightning_selfcompress.models.ImageClassifier,
+            lambda: lightning_selfcompress.data.FashionMNISTDataModule,
+            commands.train,
+            commands.pareto,
+        ):
+            try:
+                attempt()
+            except MissingExtraError as e:
+                print(e)
+    """)
+    lines = out.strip().splitlines()
+    assert len(lines) == 5, out
+    assert "lightning_selfcompress.callbacks.ChannelSurgeon needs 'lightning'" in lines[0]
+    assert all("pip install 'lightning_selfcompress[lightning]'" in line for line in lines[:3]), lines
+    assert "lsc-train needs 'lightning'" in lines[3] and "lsc-pareto needs 'matplotlib'" in lines[4], lines
+    assert "pip install 'lightning_selfcompress[cli]'" in lines[4]
+
+
+def test_without_onnx_the_core_trains_and_the_export_says_which_extra_it_needs():
+    block_onnx = BLOCK.replace("'matplotlib')", "'matplotlib', 'onnx', 'onnxruntime')")
+    assert block_onnx != BLOCK
+    code = """
+        import torch
+        from lightning_selfcompress.core import SizeModel, attach_quantizers
+        from lightning_selfcompress.extras import MissingExtraError
+        from lightning_selfcompress.models import BaselineCNN
+        model = BaselineCNN(width=4)
+        attach_quantizers(model)
+        print("bits", SizeModel(model).bits_per_weight().item())
+        try:
+            from lightning_selfcompress.core import export_onnx
+        except MissingExtraError as e:
+            print(e)
+    """
+    done = subprocess.run([sys.executable, "-c", block_onnx + textwrap.dedent(code)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bits, message = done.stdout.strip().splitlines()
+    assert float(bits.split()[1]) == 8.0
+    assert message.startswith("lightning_selfcompress.core.export_onnx needs 'onnx'")
+    assert message.endswith("pip install 'lightning_selfcompress[onnx]'")

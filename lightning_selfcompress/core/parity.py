@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..extras import require
+
 __all__ = ["Parity", "ParityError", "check_parity", "onnx_session", "reference_output"]
 
 
@@ -26,6 +28,7 @@ class Parity:
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     """An ONNX Runtime CPU session with the options a user gets by default (and `threads` intra-op threads if given)."""
+    require("An ONNX Runtime session", "onnxruntime")
     import onnxruntime
 
     options = onnxruntime.SessionOptions()

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from ..extras import require
 from .atomic import atomic_path
 from .groups import ChannelGraph
 
@@ -164,6 +165,7 @@ def latency_tables(
     """Per Conv/Linear producer of removable channels (as the model is now, every channel present), its latency
     table, from the cache where this device measured the same shapes before, else measured (the median of `runs`,
     the best of `rounds`) and cached. Measure on an otherwise idle machine: the steps are read from these numbers."""
+    require("Latency tables (ChannelSurgeon's widths='onnxruntime-cpu')", "onnx", "onnxruntime")
     model = graph.model
     shapes = _input_shapes(model, example_input)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -1,8 +1,8 @@
 """Reference networks the recipes use (plain PyTorch), and the LightningModule that trains them."""
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
+from ..extras import lazy
 from .baseline_cnn import BaselineCNN
 from .resnet9 import ResNet9
 
@@ -11,9 +11,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    if name == "ImageClassifier":  # imports Lightning: only when asked for
-        return import_module(".classifier", __name__).ImageClassifier
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy(__name__, {"ImageClassifier": ".classifier"}, name)  # imports Lightning: only when asked for
 
 
 __all__ = ["BaselineCNN", "ImageClassifier", "ResNet9"]
