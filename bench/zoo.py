@@ -47,6 +47,10 @@ def survey(name: str, max_params: float) -> dict:
             row.update(status="not run", detail=f"{params / 1e6:.0f} M parameters, past --max-params", seconds=0.0)
             return row
         net = net.double()
+        with torch.no_grad():  # weights initialised to zeros (ViT's head, its class token) would hide any difference
+            for p in net.parameters():
+                if p.dim() > 1 and not p.any():
+                    p.normal_(0, 0.02)
         # 4 samples: train-mode BatchNorm over 2 samples of 1 x 1 amplifies round-off past 1e-5 (RegNet at 32 x 32)
         x = torch.randn(4, 3, side(name), side(name), dtype=torch.float64)
         with torch.no_grad():

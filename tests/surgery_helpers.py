@@ -8,6 +8,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from torchvision.models.maxvit import MaxVit
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
+
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 
 
@@ -50,7 +54,15 @@ ZOO = {
     "baseline_cnn": (lambda: BaselineCNN(1, 10), (1, 28, 28)),
     "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), (3, 32, 32)),
     "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10), (3, 32, 32)),
-}
+    # transformers at toy sizes, the same code: attention stays whole (Rule.OPAQUE), the MLP hidden units are cut
+    "vit": (lambda: VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10),
+            (3, 32, 32)),
+    "swin": (lambda: SwinTransformer([4, 4], 16, [1, 1], [2, 2], [2, 2], stochastic_depth_prob=0.0, num_classes=10),
+             (3, 32, 32)),
+    "maxvit": (lambda: MaxVit((32, 32), 8, 2, [16, 32], [1, 1], head_dim=8, stochastic_depth_prob=0.0,
+                              num_classes=10), (3, 32, 32)),
+}  # fmt: skip
+TRANSFORMERS = {"vit", "swin", "maxvit"}
 LARGE = {"resnet50", "resnext50_32x4d", "densenet121", "vgg11_bn", "efficientnet_b0"}
 
 
@@ -61,6 +73,9 @@ def zoo_model(name: str, batch: int = 4) -> tuple[nn.Module, Tensor]:
     net = make().double()
     x = torch.randn(batch, *shape, dtype=torch.float64)
     with torch.no_grad():
+        for p in net.parameters():  # weights initialised to zeros (ViT's head, its class token) hide any difference
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.02)
         net.train()(x)
     freeze_statistics(net)
     for m in net.modules():

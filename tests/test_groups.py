@@ -270,7 +270,7 @@ def test_a_model_changed_after_tracing_is_refused():
 
 # ---- function preservation on a zoo ------------------------------------------------------------------------------
 
-RESIDUAL = {"resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "resnet9"}
+RESIDUAL = {"resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "resnet9", "vit", "maxvit"}
 
 
 def assert_same_outputs(net: nn.Module, x: torch.Tensor, before: dict[bool, torch.Tensor]) -> None:

@@ -50,7 +50,10 @@ def test_spaces_follow_residual_streams_and_flatten_blocks():
     assert all(("outputs", "head") not in s.positions for s in spaces.values()), "the model's outputs are pinned"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO])
+# Not Swin: its first layers are the attention's, whose weights the attention function reads itself (never permuted)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO if n != "swin"]
+)
 def test_permutation_preserves_the_function_and_the_greedy_keeps_more(name):
     net, x = zoo_model(name)
     attach_quantizers(net)  # b and e must follow their output channels

@@ -85,3 +85,55 @@ def test_a_block_that_mixes_channels_pins_them_and_bad_registrations_are_named()
         register_rule(ChannelSoftmax, "apply")
     with pytest.raises(TypeError, match="neither an nn.Module class nor a function"):
         register_rule(3, Rule.ELEMENTWISE)
+
+
+class Attention(nn.Module):
+    """Self-attention over the positions of a channels-last sequence: reads every channel, returns (output, weights)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        weights = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.proj(weights @ v), weights
+
+
+class Block(nn.Module):
+    """A transformer block: x + attention(x), then x + MLP(x), its hidden units on the last dim."""
+
+    def __init__(self, attention: nn.Module, dim: int = 8) -> None:
+        super().__init__()
+        self.embed, self.attention, self.head = nn.Conv1d(3, dim, 1), attention, nn.Linear(dim, 2)
+        self.mlp = nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, dim))
+
+    def forward(self, x):
+        x = self.embed(x).transpose(1, 2)
+        attended = self.attention(x, x, x, need_weights=False) if isinstance(self.attention, nn.MultiheadAttention) \
+            else self.attention(x)
+        x = x + attended[0]
+        return self.head(x + self.mlp(x)).mean(1)
+
+
+@pytest.mark.parametrize("attention", [Attention(8), nn.MultiheadAttention(8, 2, batch_first=True)],
+                         ids=["own", "torch"])  # fmt: skip
+def test_an_opaque_block_keeps_what_it_reads_and_writes_and_the_mlp_around_it_is_cut(attention):
+    net, x = Block(attention).double(), torch.randn(4, 3, 5, dtype=torch.float64)
+    attach_quantizers(net)
+    if isinstance(attention, Attention):
+        with pytest.raises(GraphError, match=r"node 'matmul'.*inside module 'attention'.*OPAQUE for a block such as attention"):
+            ChannelGraph(net, x[:2])
+        register_rule(Attention, Rule.OPAQUE)
+    graph = ChannelGraph(net, x[:2])
+    assert graph.pinned_mask[graph.outputs["embed"]].all(), "what attention reads stays"
+    assert not graph.pinned_mask[graph.outputs["mlp.0"]].any(), "the MLP's hidden units can go"
+    killed = torch.zeros(graph.num_groups, dtype=torch.bool)
+    killed[graph.outputs["mlp.0"][[0, 5, 9]]] = True
+    kill_groups(graph, killed)
+    before = {mode: net.train(mode)(x).detach() for mode in (True, False)}
+    surgeon = Surgeon(graph)
+    surgeon.remove(surgeon.find())
+    assert net.mlp[0].out_features == net.mlp[2].in_features == 13
+    for mode in (True, False):
+        torch.testing.assert_close(net.train(mode)(x), before[mode])

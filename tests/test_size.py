@@ -211,3 +211,16 @@ def test_a_two_four_sparse_layer_counts_kept_weights_and_their_two_bit_indices()
     with torch.no_grad():
         net[2].weight_quantizer.bits[:4] = 0.0  # dead channels store nothing, not even indices
     assert {layer.name: layer for layer in size.report().layers}["2"].bits == pytest.approx(6 * 12 * 8 * 9 / 2)
+
+
+def test_a_quantized_layer_whose_weight_the_model_reads_itself_is_refused_by_name():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    net = SwinTransformer([4, 4], 16, [1, 1], [2, 2], [2, 2], num_classes=10)  # attention gets qkv.weight, not qkv(x)
+    attach_quantizers(net)
+    names = r"\['features.1.0.attn.qkv', 'features.1.0.attn.proj', 'features.3.0.attn.qkv', 'features.3.0.attn.proj'\]"
+    with pytest.raises(ValueError, match=rf"reads the weight of the quantized layers {names} itself.*exclude="):
+        SizeModel(net)
+    net = SwinTransformer([4, 4], 16, [1, 1], [2, 2], [2, 2], num_classes=10)
+    attach_quantizers(net, QuantizationConfig(exclude=["*.attn.qkv", "*.attn.proj"]))
+    assert "features.1.0.mlp.0" in SizeModel(net).layers

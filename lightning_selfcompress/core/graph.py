@@ -106,6 +106,7 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
         )
         return {name: None for name, m in model.named_modules() if isinstance(m, _PRODUCERS)}
 
+    _check_weights_go_through_forward(model, graph)
     env: dict[fx.Node, object] = {}
     sources: dict[str, ChannelMap | None] = {}
 
@@ -130,7 +131,7 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
                 out_features = module.out_channels if isinstance(module, _ConvNd) else module.out_features
                 env[node] = tuple(frozenset({(node.target, i)}) for i in range(out_features))
             elif (rule := rule_of(module)) is not None:
-                env[node] = None if rule is Rule.MIXES_CHANNELS else first
+                env[node] = None if rule in (Rule.MIXES_CHANNELS, Rule.OPAQUE) else first
             elif isinstance(module, nn.Flatten) and module.start_dim == 1:
                 env[node] = _flatten(first)
             elif isinstance(module, _CHANNELWISE_MODULES):
@@ -142,7 +143,7 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
                 env[node] = channel_map(gather, env[node])
         elif node.op in ("call_function", "call_method"):
             if (rule := rule_of(node.target)) is not None:
-                env[node] = None if rule is Rule.MIXES_CHANNELS else first
+                env[node] = None if rule in (Rule.MIXES_CHANNELS, Rule.OPAQUE) else first
             elif name in _NON_TENSOR_OPS or (node.target is operator.getitem and first is _NOT_A_TENSOR):
                 env[node] = _NOT_A_TENSOR
             elif name in _FLATTENING_OPS and _flattens_from_dim1(node):
@@ -161,6 +162,20 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
         if isinstance(m, _PRODUCERS):
             sources.setdefault(name, None)
     return sources
+
+
+def _check_weights_go_through_forward(model: nn.Module, graph: fx.Graph) -> None:
+    """A quantized layer whose weight the model reads itself (Swin's attention passes `qkv.weight` to a function)
+    would train and be counted as quantized while its float weight is what runs: refuse, naming it."""
+    weights = [str(n.target) for n in graph.nodes if n.op == "get_attr" and str(n.target).endswith(".weight")]
+    read = [target.rpartition(".")[0] for target in weights]
+    bypassed = [name for name in dict.fromkeys(read) if hasattr(model.get_submodule(name), "weight_quantizer")]
+    if bypassed:
+        raise ValueError(
+            f"The model reads the weight of the quantized layers {bypassed} itself, not through their forward, so "
+            f"their quantizers would not act. Leave them out: exclude={bypassed} (SelfCompression, QuantizationConfig, "
+            "or compression.exclude in lsc-train)."
+        )
 
 
 def _flatten(value: object) -> _Flat | None:

@@ -71,10 +71,13 @@ _ELEMENTWISE = {
 # Ops that move values without mixing channels: followed exactly by running them on a tensor of channel ids.
 _LAYOUT_OPS = {
     "flatten", "view", "reshape", "squeeze", "unsqueeze", "getitem", "split", "chunk", "mean", "amax", "amin",
-    "expand", "permute", "transpose",
+    "expand", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis",
 }  # fmt: skip
 _NON_TENSOR_OPS = {"size", "dim", "numel", "getattr"}
-_MOVES = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "clone", "squeeze", "unsqueeze"}
+_MOVES = {
+    "view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "flatten", "contiguous",
+    "clone", "squeeze", "unsqueeze",
+}  # fmt: skip
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Branch:
     tail: str  # the module whose output the add reads
     tail_node: str
     steps: list[int]  # the chain's steps, tail first
+    dim: int = 1  # the dimension the tail's output holds its channels in (the last, channels-last)
 
 
 _BRANCH_ADDS = (operator.add, operator.sub)  # a channel that went adds exactly zero
@@ -147,6 +151,7 @@ class ChannelGraph:
         self._pins: dict[int, str] = {}
         self._tables: dict[str, dict[str, list[int]]] = {"outputs": {}, "inputs": {}, "members": {}}
         self.steps: list[_Step] = []
+        self.channel_dims: dict[str, int] = {}  # per node whose channels lie in a dim other than 1
         self.consumers: dict[str, list[str]] = {}
         self.spatial: dict[str, int] = {}
         modes = {m: m.training for m in model.modules()}
@@ -245,7 +250,7 @@ class ChannelGraph:
             if step.kind == "produce":
                 if is_grouped(self.model.get_submodule(step.payload)):
                     return None
-                return Branch(step.payload, members, tail.target, tail.name, chain)
+                return Branch(step.payload, members, tail.target, tail.name, chain, self.channel_dims.get(tail.name, 1))
             if step.kind not in _CHAIN_KINDS or step.sources[0] not in index:
                 return None
             if self.steps[index[step.sources[0]]].slots != step.slots:
@@ -450,6 +455,8 @@ class _Walker:
         for node in nodes:
             try:
                 self.env[node] = self.visit(node, example_input)
+                if self.env[node].dim != 1:
+                    self.g.channel_dims[node.name] = self.env[node].dim
             except GraphError:
                 raise
             except Exception as error:  # noqa: BLE001 - the model itself failed on the example: say on what
@@ -472,9 +479,9 @@ class _Walker:
     def fail(self, node: fx.Node, why: str) -> GraphError:
         return GraphError(
             f"The channel graph cannot follow {_where(node)}: {why}. Surgery refuses the model rather than risk a "
-            "wrong slice. If that op or module treats each channel on its own, teach it: register_rule(<its module "
-            "class or function>, Rule.ELEMENTWISE / KEEPS_CONSTANTS / ZEROS_ONLY / MIXES_CHANNELS) from "
-            "lightning_selfcompress; else leave this model out of surgery."
+            "wrong slice. Teach it that op or module: register_rule(<its module class or function>, Rule.ELEMENTWISE "
+            "/ KEEPS_CONSTANTS / ZEROS_ONLY / MIXES_CHANNELS, or OPAQUE for a block such as attention whose inputs "
+            "and outputs may all stay) from lightning_selfcompress; else leave this model out of surgery."
         )
 
     def add_step(self, node: fx.Node, kind: str, sources: list[fx.Node], slots: list[int], payload=None) -> list[int]:
@@ -505,6 +512,9 @@ class _Walker:
         tracked = self.tracked(node)
         if not tracked or _op_name(node) in _NON_TENSOR_OPS:
             return _Value(real)
+        target = self.modules[node.target] if node.op == "call_module" else node.target
+        if node.op != "call_method" and rule_of(target) is Rule.OPAQUE:
+            return self.opaque(node, real, tracked, f"read whole by '{node.name}' (its registered rule)")
         if node.op == "call_module":
             slots = self.module(node, self.modules[node.target], real, tracked)
             return _Value(real, slots, dim=self.env[tracked[0]].dim)  # a module keeps its input's channel dim
@@ -578,6 +588,20 @@ class _Walker:
             self.g.pin(slots, f"read across channels by '{node.name}' (its registered rule)")
         return self.add_step(node, rule.value, [source], slots, apply if rule is Rule.ELEMENTWISE else None)
 
+    def opaque(self, node: fx.Node, real: object, tracked: list[fx.Node], why: str) -> _Value:
+        """Every channel it reads stays, and what it writes are new channels that stay too: along the dim its first
+        input had them in, if the result has as many dims; else untracked (a residual add tracks them again)."""
+        for n in tracked:
+            value = self.env[n]
+            source = self.env[value.source] if value.source is not None else value
+            self.g.pin(value.slots or source.slots or [], why)
+        first = self.env[tracked[0]]
+        if not isinstance(real, Tensor) or not isinstance(first.real, Tensor) or real.dim() != first.real.dim():
+            return _Value(real)
+        dim = first.dim
+        slots = self.g.new_slots(real.shape[dim], pin=f"written by '{node.name}'")
+        return _Value(real, self.add_step(node, "new", [], slots), dim=dim)
+
     def produce(self, node: fx.Node, module: nn.Module, source: fx.Node, real: Tensor) -> list[int]:
         g, x, slots = self.g, self.env[source].real, self.env[source].slots
         dim = self.env[source].dim
@@ -613,7 +637,7 @@ class _Walker:
             split = self.env[tracked[0]]
             return _Value(real, self.gather(node, split.source, split.pieces[node.args[1]]), dim=split.dim)
         if name in ("cat", "concat"):
-            return _Value(real, self.concat(node, real), dim=self.env[tracked[0]].dim)
+            return self.concat(node, real, tracked)
         if name in _ELEMENTWISE:
             return _Value(real, self.elementwise(node, real, tracked), dim=self.env[tracked[0]].dim)
         source = self.single(node, tracked)
@@ -725,21 +749,26 @@ class _Walker:
             self.g.tie(slots, self.env[other].slots)
         return self.add_step(node, "elementwise", operands, list(slots), (_ELEMENTWISE[_op_name(node)], payload))
 
-    def concat(self, node: fx.Node, real: Tensor) -> list[int]:
+    def concat(self, node: fx.Node, real: Tensor, tracked: list[fx.Node]) -> _Value:
         parts = node.args[0] if node.args else node.kwargs["tensors"]
         dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % real.dim()
+        channel_dim = self.env[tracked[0]].dim
         if any(not isinstance(t, fx.Node) or self.env[t].slots is None for t in parts):
-            raise self.fail(node, "a concatenation of channel tensors with other tensors")
+            if dim == channel_dim or len(tracked) > 1:
+                raise self.fail(node, "a concatenation of channel tensors with other tensors")
+            # along another dim (a class token before the patches): rows the channels cannot be sliced in
+            return self.opaque(node, real, tracked, f"concatenated with a tensor it does not track at '{node.name}'")
         if len({self.env[t].dim for t in parts}) > 1:
             raise self.fail(node, "a concatenation of tensors whose channels lie in different dimensions")
-        if dim == self.env[parts[0]].dim:
-            return self.add_step(node, "cat", list(parts), [s for t in parts for s in self.env[t].slots])
+        if dim == channel_dim:
+            return _Value(real, self.add_step(node, "cat", list(parts), [s for t in parts for s in self.env[t].slots]),
+                          dim=channel_dim)  # fmt: skip
         first = self.env[parts[0]].slots
         for t in parts[1:]:
             if len(self.env[t].slots) != len(first):
                 raise self.fail(node, "a concatenation along another dimension of tensors with different channels")
             self.g.tie(first, self.env[t].slots)
-        return self.add_step(node, "cat_other", list(parts), list(first))
+        return _Value(real, self.add_step(node, "cat_other", list(parts), list(first)), dim=channel_dim)
 
     def run_on_ids(
         self, node: fx.Node, source: fx.Node, module: nn.Module | None = None, ids: Tensor | None = None

@@ -20,12 +20,15 @@ from torch import Tensor, nn
 __all__ = ["GATHER", "reembed", "reembedding_of", "set_reembedding"]
 
 GATHER = "reembed_gather"  # per stream position: the branch channel it takes, or the zero channel past the last
+DIM = "reembed_dim"  # the dimension of the channels (1, or the last of a channels-last output)
 
 
 def reembed(module: nn.Module, args: object, output: Tensor) -> Tensor:
     """Forward hook: the branch's channels at their stream positions, zeros elsewhere."""
-    padded = torch.cat([output, torch.zeros_like(output[:, :1])], 1)  # ONNX keeps every other dim's size (Pad did not)
-    return padded.index_select(1, getattr(module, GATHER))
+    dim = getattr(module, DIM)
+    zeros = torch.zeros_like(output.narrow(dim, 0, 1))
+    padded = torch.cat([output, zeros], dim)  # ONNX keeps every other dim's size (Pad did not)
+    return padded.index_select(dim, getattr(module, GATHER))
 
 
 def reembedding_of(module: nn.Module) -> Tensor | None:
@@ -33,18 +36,20 @@ def reembedding_of(module: nn.Module) -> Tensor | None:
     return module._buffers.get(GATHER) if reembed in module._forward_hooks.values() else None
 
 
-def set_reembedding(module: nn.Module, kept: Tensor | None, device: torch.device | str = "cpu") -> None:
-    """Re-embed the module's output: `kept` says, per stream position, whether the branch still has that channel;
-    None (or all kept) removes the re-embedding."""
+def set_reembedding(module: nn.Module, kept: Tensor | None, device: torch.device | str = "cpu", dim: int = 1) -> None:
+    """Re-embed the module's output along `dim`: `kept` says, per stream position, whether the branch still has that
+    channel; None (or all kept) removes the re-embedding."""
     hooked = [key for key, hook in module._forward_hooks.items() if hook is reembed]
     if kept is None or kept.all():
         for key in hooked:
             del module._forward_hooks[key]
         module._buffers.pop(GATHER, None)
+        module.__dict__.pop(DIM, None)
         return
     gather = torch.full((len(kept),), int(kept.sum()), dtype=torch.long)
     gather[kept] = torch.arange(int(kept.sum()))
     module.register_buffer(GATHER, gather.to(device), persistent=False)
+    setattr(module, DIM, dim)
     if not hooked:
         module.register_forward_hook(reembed)
 

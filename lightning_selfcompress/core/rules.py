@@ -14,6 +14,11 @@ module whole (a leaf of the torch.fx trace) and follow it by its rule:
     register_rule(ScaledErf, Rule.ELEMENTWISE)
 
 A function registers the same way; torch.fx must see it as one call (`torch.fx.wrap` it where it is defined).
+
+Attention is OPAQUE: it reads every channel of every input (queries, keys, values) and writes values the tracer
+cannot map back to them. So everything it reads keeps all its channels and what it returns counts as new channels
+that stay, while the layers around it (a transformer's MLP hidden units) are still cut. PyTorch's and torchvision's
+attention blocks are registered so; register your own the same way.
 """
 
 from __future__ import annotations
@@ -33,9 +38,24 @@ class Rule(enum.Enum):
     KEEPS_CONSTANTS = "keep"  # moves values within a channel (pooling, resampling): a constant channel stays itself
     ZEROS_ONLY = "zeros_only"  # within a channel, but only a channel of zeros stays constant (a zero-padded average)
     MIXES_CHANNELS = "opaque"  # reads across channels (a normalisation over them): its channels are never removed
+    OPAQUE = "new"  # reads all its inputs whole, writes new channels (attention): all of them stay
 
 
 _RULES: dict[object, Rule] = {}
+
+# Attention blocks known by name, so that neither PyTorch's nor torchvision's module has to be imported to know them.
+_BUILTIN: dict[str, Rule] = {
+    "torch.nn.modules.activation.MultiheadAttention": Rule.OPAQUE,
+    "torch._C._nn.scaled_dot_product_attention": Rule.OPAQUE,
+    "torchvision.models.swin_transformer.shifted_window_attention": Rule.OPAQUE,
+    # zero-pads height and width of a channels-last tensor before patch merging, whose LayerNorm keeps them anyway
+    "torchvision.models.swin_transformer._patch_merging_pad": Rule.OPAQUE,
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": Rule.OPAQUE,
+}
+
+
+def _builtin(target: object) -> Rule | None:
+    return _BUILTIN.get(f"{getattr(target, '__module__', None)}.{getattr(target, '__qualname__', None)}")
 
 
 def register_rule(target: type[nn.Module] | Callable, rule: Rule) -> None:
@@ -50,8 +70,8 @@ def register_rule(target: type[nn.Module] | Callable, rule: Rule) -> None:
 def rule_of(target: object) -> Rule | None:
     """The rule registered for a module (by its class, or the nearest registered base class) or a function."""
     if isinstance(target, nn.Module):
-        return next((_RULES[c] for c in type(target).__mro__ if c in _RULES), None)
+        return next((_RULES.get(c) or _builtin(c) for c in type(target).__mro__ if c in _RULES or _builtin(c)), None)
     try:
-        return _RULES.get(target)
+        return _RULES.get(target) or _builtin(target)
     except TypeError:  # an unhashable target has no rule
         return None

@@ -382,7 +382,8 @@ class Surgeon:
         for producer, branch in g.branches.items():
             stream = ~g.removed[g.outputs[producer]]
             device = g.model.get_submodule(producer).weight.device
-            set_reembedding(g.model.get_submodule(branch.tail), g.present(producer, "outputs")[stream], device)
+            kept = g.present(producer, "outputs")[stream]
+            set_reembedding(g.model.get_submodule(branch.tail), kept, device, branch.dim)
 
     def replay(self, history: Iterable[SurgeryRecord | dict]) -> None:
         """Re-apply recorded removals to a freshly built model (values come from its checkpoint afterwards)."""
