@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -235,3 +237,48 @@ def test_a_budget_stops_the_size_pull_once_reached(tiny_fmnist, tmp_path):
     assert added[0] > 0, "at 8 bits per weight the network is above budget: the size term pulls"
     assert added[-1] == 0, "one step at lr 0.5 takes it below 7.99: no more pull"
     assert compression.last_report.bits_per_weight <= 7.99
+
+
+class OneCycleClassifier(ImageClassifier):
+    """A user's module with a warm-up schedule: OneCycleLR starts at max_lr / 25 (its `initial_lr`)."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        steps = self.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr, total_steps=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@pytest.mark.parametrize("max_bits", [8.0, None])
+def test_bits_stay_within_max_bits_under_a_warm_up_schedule(max_bits, tiny_fmnist, tmp_path):
+    module = OneCycleClassifier(BaselineCNN(width=4), lr=1e-3)
+    compression = SelfCompression(gamma=0.0, init_bits=7.9, quantizer_lr=0.5, max_bits=max_bits)
+    trainer = pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=12))
+    trainer.fit(module, tiny_fmnist)
+    top = max(float(b.max()) for b in bits_of(module).values())
+    if max_bits is not None:
+        assert top <= 8.0
+    else:
+        assert top > 8.5, "without the bound the task gradient lifts b past int8 (the test can fail)"
+
+
+def test_a_layer_that_falls_back_to_float_in_the_file_is_warned_by_name(tmp_path):
+    from lightning_selfcompress.core.export import export_onnx
+    from lightning_selfcompress.core.quant import attach_quantizers
+
+    net = BaselineCNN(width=4).eval()
+    attach_quantizers(net)
+    x = torch.randn(2, 1, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # 8 bits: every layer int8, no warning
+        assert {layer.storage for layer in export_onnx(net, x, tmp_path / "int8.onnx").layers} == {"int8"}
+    with torch.no_grad():
+        net.features[2].weight_quantizer.bits.fill_(12.0)
+        net.features[2].weight_quantizer.exponent.sub_(4.0)  # a 16 times finer step: integers past int8
+    with pytest.warns(UserWarning, match=r"1 quantized layer\(s\) stay float32 in the file.*'features.2'.*max_bits"):
+        export_onnx(net, x, tmp_path / "float.onnx")
+
+
+def test_a_bad_max_bits_is_named():
+    with pytest.raises(ValueError, match="max_bits=4 must be a number >= init_bits"):
+        SelfCompression(init_bits=8, max_bits=4)

@@ -47,3 +47,20 @@ def test_weight_decay_is_overridden_and_state_dict_keeps_the_users_layout():
     assert set(state["state"]) == {0, 1}, "Adam moments for both parameters, keyed as the user built them"
     fresh_weight, fresh_bits, fresh = make(torch.optim.AdamW, lr=0.1, weight_decay=0.5)
     fresh.load_state_dict(state)
+
+
+def test_a_warm_up_schedule_never_lifts_the_quantizer_rate_past_its_own():
+    """OneCycleLR starts at max_lr / 25 (its initial_lr): the quantizer rate follows the cycle's shape, peaking at
+    `lr`, instead of being multiplied up to 25 times."""
+    weight, bits, optimizer = make(torch.optim.SGD, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=20, cycle_momentum=False)
+    HyperparameterOverride(optimizer, [bits], lr=1.0, weight_decay=0.0)
+    rates = []
+    for _ in range(20):
+        before = bits.detach().clone()
+        step(optimizer, weight, bits)  # SGD, gradient 1: the step is the rate
+        rates.append(float(before[0] - bits.detach()[0]))
+        scheduler.step()
+    assert max(rates) == pytest.approx(1.0, rel=1e-6)
+    assert rates[0] == pytest.approx(1.0 / 25, rel=1e-6), "the cycle's start: max_lr / 25, not 1"
+    assert rates[-1] < 0.01, "and its annealed end"

@@ -16,6 +16,7 @@ from ..core.optim import HyperparameterOverride
 from ..core.quant import (
     QuantizationConfig,
     attach_quantizers,
+    clamp_bits,
     freeze_bits,
     quantized_layers,
     quantizer_parameters,
@@ -40,6 +41,7 @@ class SelfCompression(Callback):
         gamma_warmup_steps: ramp gamma linearly from 0 over this many optimizer steps.
         layer_types, include, exclude: which layers to quantize (class names; glob patterns on module names).
         init_bits: starting bit depth (8: the quantized network starts within about 1% of the float one).
+        max_bits: the largest bit depth b may reach (8: every layer exports as int8; None: no bound).
         init_exponent: starting exponent; None picks it per channel by `init_scale`.
         init_scale: "absmax" (the bit range spans the channel's largest weight) or "lsq" (LSQ's step, 2 mean|w| /
             sqrt(2^(b-1) - 1), for fixed low bit depths).
@@ -69,6 +71,7 @@ class SelfCompression(Callback):
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         init_bits: float = 8.0,
+        max_bits: float | None = 8.0,
         init_exponent: float | None = None,
         quantizer_lr: float | None = None,
         quantizer_weight_decay: float = 0.0,
@@ -99,6 +102,9 @@ class SelfCompression(Callback):
         fraction = isinstance(freeze_bits_at, (int, float)) and not isinstance(freeze_bits_at, bool)
         if freeze_bits_at is not None and not (fraction and 0 < freeze_bits_at <= 1):
             raise ValueError(f"freeze_bits_at={freeze_bits_at!r} must be a fraction of the run in (0, 1], or None.")
+        if max_bits is not None and not (math.isfinite(max_bits) and max_bits >= max(init_bits, 2)):
+            raise ValueError(f"max_bits={max_bits} must be a number >= init_bits ({init_bits}) and >= 2, or None.")
+        self.max_bits = max_bits
         self.learn_bits = learn_bits
         self.freeze_bits_at = freeze_bits_at
         self.bits_frozen = False
@@ -206,6 +212,8 @@ class SelfCompression(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.max_bits is not None and self.learn_bits and not self.bits_frozen:
+            clamp_bits(self._current_size(pl_module).layers, self.max_bits)
         metrics = {"selfcompress/size_loss": self._size_loss, "selfcompress/gamma": self._gamma}
         if not math.isnan(self._bits_per_weight):
             metrics["selfcompress/bits_per_weight"] = self._bits_per_weight

@@ -478,6 +478,12 @@ def export_onnx(
             onnx_model = onnx.version_converter.convert_version(onnx_model, 21)
             del onnx_model.graph.value_info[:]  # shapes the converter inferred: optional, and not free
         stored = {r.name for r in reports if r.storage != "float"}
+        if floats := {r.name: r.reason for r in reports if r.storage == "float"}:
+            warnings.warn(
+                f"{len(floats)} quantized layer(s) stay float32 in the file (exact, but neither smaller nor integer): "
+                f"{floats}. SelfCompression's max_bits (8 by default) keeps every layer within int8.",
+                stacklevel=2,
+            )
         quantized = [node for name in qdq & stored for node in matches[name]]
         node_scales = {node.name: trained[name] for name in trained.keys() & stored for node in matches[name]}
         folded = fold_batchnorm(onnx_model, fixed=set(node_scales))

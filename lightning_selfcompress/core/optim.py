@@ -20,8 +20,10 @@ __all__ = ["HyperparameterOverride"]
 class HyperparameterOverride:
     """Step `params` with `lr` (scaled along with the group's LR schedule) and `weight_decay`.
 
-    `lr=None` keeps each group's own learning rate. The schedule scaling uses `initial_lr`, which every
-    `torch.optim.lr_scheduler` sets, so a cosine decay of the group decays the quantizer LR in proportion.
+    `lr=None` keeps each group's own learning rate. Otherwise `lr` is the rate at the schedule's peak: it is scaled
+    by the group's rate over the largest of its `initial_lr` (which every `torch.optim.lr_scheduler` sets), its
+    `max_lr` (OneCycleLR's peak; its `initial_lr` is 25 times lower) and the largest rate seen, so a cosine decay
+    decays the quantizer rate in proportion and a warm-up never lifts it past `lr`.
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class HyperparameterOverride:
         self.lr = lr
         self.weight_decay = weight_decay
         self._saved: list[list[nn.Parameter]] | None = None
+        self._peaks: dict[int, float] = {}  # per group index: the largest rate it has had
         self._handles = [
             optimizer.register_step_pre_hook(lambda *_: self._split()),
             optimizer.register_step_post_hook(lambda *_: self._restore()),
@@ -40,14 +43,16 @@ class HyperparameterOverride:
     def _split(self) -> None:
         groups = self.optimizer.param_groups
         self._saved = [group["params"] for group in groups]
-        for group in list(groups):
+        for index, group in enumerate(list(groups)):
             ours = [p for p in group["params"] if id(p) in self.params]
             if not ours:
                 continue
             group["params"] = [p for p in group["params"] if id(p) not in self.params]
             lr = group["lr"]
             if self.lr is not None:
-                lr = self.lr * group["lr"] / group.get("initial_lr", group["lr"])
+                peak = max(lr, group.get("initial_lr", lr), group.get("max_lr", lr), self._peaks.get(index, lr))
+                self._peaks[index] = peak
+                lr = self.lr * lr / peak
             shadow = {k: v for k, v in group.items() if k != "params"}
             shadow.update(params=ours, lr=lr, weight_decay=self.weight_decay)
             groups.append(shadow)

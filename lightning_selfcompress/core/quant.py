@@ -45,6 +45,7 @@ __all__ = [
     "QuantizedLinear",
     "attach_activation_quantizers",
     "attach_quantizers",
+    "clamp_bits",
     "freeze_bits",
     "integer_bits",
     "integer_weights",
@@ -290,6 +291,15 @@ def snap_bits(layers: dict[str, nn.Module]) -> None:
         if module.weight_quantizer.offset:  # a live mid-rise channel is never zeros: 1 bit at least
             bits = torch.where(alive, bits.clamp_min(1), bits)
         module.weight_quantizer.bits.copy_(bits.to(module.weight_quantizer.bits))
+
+
+@torch.no_grad()
+def clamp_bits(layers: dict[str, nn.Module], max_bits: float) -> None:
+    """Keep every b at or below `max_bits` (after each optimizer step), so that the file stores every layer in
+    `max_bits`-bit integers: on the mid-rise grid, whose file stores 2k + 1, b stays one bit lower."""
+    for module in layers.values():
+        quantizer = module.weight_quantizer
+        quantizer.bits.clamp_(max=max_bits - (1 if quantizer.offset else 0))
 
 
 def freeze_bits(layers: dict[str, nn.Module], frozen: bool = True) -> None:
