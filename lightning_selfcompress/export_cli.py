@@ -39,11 +39,11 @@ def find_run_config(checkpoint: Path, given: str | None) -> Path:
 
 
 def find_checkpoint(given: str) -> Path:
-    """`given` itself, or for a run directory its newest checkpoint (Lightning's names hold '=', which Hydra's
-    command line wants quoted: checkpoint="'.../epoch=5-step=1200.ckpt'")."""
+    """`given` itself, or for a run directory its last.ckpt (lsc-train writes one at the end of every run), else its
+    newest checkpoint."""
     path = Path(given)
     if path.is_dir():
-        found = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = sorted(path.rglob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime))
         if not found:
             raise FileNotFoundError(f"checkpoint={given!r} is a directory without a .ckpt file under it.")
         return found[-1]

@@ -9,6 +9,7 @@ import hydra
 import torch
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -137,9 +138,15 @@ def run(cfg: DictConfig) -> dict:
     surgeon: ChannelSurgeon | None = instantiate(cfg.surgery) if cfg.get("surgery") else None
     sparsity: Sparsity24 | None = instantiate(cfg.sparsity) if cfg.get("sparsity") else None
     export: CompressedExport | None = instantiate(cfg.export) if cfg.get("export") else None
+    # Names without '=' (a Hydra override takes them unquoted), and last.ckpt at the end of every run, short or not
+    checkpoints = (
+        ModelCheckpoint(filename="epoch{epoch}-step{step}", auto_insert_metric_name=False, save_last=True)
+        if cfg.trainer.get("enable_checkpointing", True)
+        else None
+    )
     trainer = pl.Trainer(
         **cfg.trainer,
-        callbacks=[c for c in (compression, surgeon, sparsity, distillation, export) if c],
+        callbacks=[c for c in (compression, surgeon, sparsity, distillation, export, checkpoints) if c],
         logger=CSVLogger(out_dir, name="csv", version=""),
         default_root_dir=out_dir,
     )
@@ -156,7 +163,7 @@ def run(cfg: DictConfig) -> dict:
         "surgery": _surgery_summary(surgeon, module),
         "sparsity": _sparsity_summary(sparsity),
         "export": export.report if export else None,
-        "checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+        "checkpoint": checkpoints.last_model_path if checkpoints else None,
         "train_steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
         "config": OmegaConf.to_container(cfg, resolve=True),

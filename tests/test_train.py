@@ -15,6 +15,7 @@ from omegaconf import open_dict
 
 from conftest import requires_fashion_mnist
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression, Sparsity24
+from lightning_selfcompress.export_cli import find_checkpoint
 from lightning_selfcompress.train import CONFIG_DIR, run
 
 GROUPS = {
@@ -87,6 +88,15 @@ def test_main_job_writes_its_report(tmp_path, compression):
     assert {r["storage"] for r in export["layers"]} == ({"float32"} if compression == "float" else {"int8"})
     surgery = on_disk["surgery"]
     assert surgery["channels_after"] <= surgery["channels_before"] == 8 + 8 + 16 + 16 + 10 and len(surgery["layers"]) == 5
+
+
+@requires_fashion_mnist
+def test_a_run_shorter_than_its_validation_interval_still_leaves_a_checkpoint_named_without_equals(tmp_path):
+    report = run(compose_job([*TINY, "trainer.max_steps=4", "trainer.val_check_interval=200", "export=none",
+                              f"report_path={tmp_path}/report.json"]))  # fmt: skip
+    checkpoints = sorted(p.name for p in (tmp_path / "csv" / "checkpoints").iterdir())
+    assert report["checkpoint"] == str(tmp_path / "csv" / "checkpoints" / "last.ckpt") and checkpoints == ["last.ckpt"]
+    assert find_checkpoint(str(tmp_path)) == Path(report["checkpoint"]), "lsc-export finds it from the run folder"
 
 
 @pytest.mark.slow
@@ -202,8 +212,9 @@ def test_an_interrupted_run_continues_from_its_checkpoint_as_if_uninterrupted(tm
 
     whole = job("whole", "+trainer.max_epochs=2")
     first = job("first", "+trainer.max_epochs=1")
-    resumed = job("resumed", "+trainer.max_epochs=2", f"ckpt_path='{first['checkpoint']}'")
-    assert first["checkpoint"].endswith("step=5.ckpt") and whole["train_steps"] == resumed["train_steps"] == 10
+    assert first["checkpoint"].endswith("last.ckpt") and (Path(first["checkpoint"]).parent / "epoch0-step5.ckpt").is_file()
+    resumed = job("resumed", "+trainer.max_epochs=2", f"ckpt_path={first['checkpoint']}")  # no '=' to quote
+    assert whole["train_steps"] == resumed["train_steps"] == 10
     load = lambda report: torch.load(report["checkpoint"], map_location="cpu", weights_only=False)  # noqa: E731
     weights = [load(r)["state_dict"] for r in (whole, resumed)]
     assert weights[0].keys() == weights[1].keys()
