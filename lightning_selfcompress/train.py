@@ -95,6 +95,21 @@ def _load_weights(module: ImageClassifier, path: str, option: str = "init_from")
         raise ValueError(f"{option}={path!r} does not fit model={model} as configured: {error}") from error
 
 
+def _check_resume(path: str, surgeon: ChannelSurgeon | None) -> None:
+    """A checkpoint of a cut network continues only with a surgeon, which replays its history before the weights
+    load; without one Lightning would print a size mismatch per layer and no hint."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ckpt_path={path!r} does not exist: give a checkpoint of an lsc-train run.")
+    callbacks = read_checkpoint(path).get("callbacks", {})
+    cuts = [len(s.get("history", [])) for key, s in callbacks.items() if key.startswith("ChannelSurgeon")]
+    if surgeon is None and any(cuts):
+        raise ValueError(
+            f"ckpt_path={path!r} holds a network the channel surgeon cut {max(cuts)} times, and this run has no "
+            "surgeon to replay those cuts before the weights load: continue it with the run's own surgery setting "
+            "(surgery=channel_surgeon), or read the cut network with load_compressed()."
+        )
+
+
 def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
     if sparsity is None:
         return None
@@ -150,6 +165,8 @@ def run(cfg: DictConfig) -> dict:
         logger=CSVLogger(out_dir, name="csv", version=""),
         default_root_dir=out_dir,
     )
+    if cfg.get("ckpt_path"):
+        _check_resume(cfg.ckpt_path, surgeon)
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = time.perf_counter() - start

@@ -99,6 +99,20 @@ def test_a_run_shorter_than_its_validation_interval_still_leaves_a_checkpoint_na
     assert find_checkpoint(str(tmp_path)) == Path(report["checkpoint"]), "lsc-export finds it from the run folder"
 
 
+@requires_fashion_mnist
+def test_resuming_a_cut_network_without_a_surgeon_says_so(tmp_path):
+    strong = ["compression.gamma=2.0", "compression.target_bits_per_weight=0.3", "compression.quantizer_lr=0.3",
+              "surgery.widths=any", "surgery.width_pressure=0", "export=none"]  # fmt: skip
+    cut = run(compose_job([*TINY, *strong, f"report_path={tmp_path}/a/report.json"]))
+    assert cut["surgery"]["channels_after"] < cut["surgery"]["channels_before"], "the network was cut"
+    tiny = [o for o in TINY if not o.startswith("surgery.")]
+    resume = [*tiny, "export=none", "surgery=none", f"ckpt_path={cut['checkpoint']}"]
+    with pytest.raises(ValueError, match=r"holds a network the channel surgeon cut \d+ times.*surgery=channel_surgeon"):
+        run(compose_job([*resume, f"report_path={tmp_path}/b/report.json"]))  # before any training
+    with pytest.raises(FileNotFoundError, match="ckpt_path='missing.ckpt' does not exist"):
+        run(compose_job([*tiny, "ckpt_path=missing.ckpt", f"report_path={tmp_path}/c/report.json"]))
+
+
 @pytest.mark.slow
 @requires_fashion_mnist
 def test_a_distilled_job_trains_its_float_teacher_first_or_reads_one(tmp_path):
