@@ -171,9 +171,9 @@ def test_budget_switches_the_size_term_off_at_or_below_the_target():
     assert restored.step == 7
 
 
-def test_a_budget_band_makes_gamma_proportional_to_the_distance_both_ways():
+def test_a_budget_band_makes_gamma_proportional_to_the_distance_both_ways_under_the_budget():
     schedule = GammaSchedule(0.2, target_bits_per_weight=1.0, band=0.1)
-    values = [schedule.value(bits) for bits in (1.5, 1.1, 1.05, 1.0, 0.95, 0.9, 0.5)]
+    values = [schedule.value(bits) for bits in (1.5, 1.0, 0.95, 0.9, 0.85, 0.8, 0.5)]
     assert values == pytest.approx([0.2, 0.2, 0.1, 0.0, -0.1, -0.2, -0.2])
 
 

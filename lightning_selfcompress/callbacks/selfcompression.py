@@ -36,8 +36,9 @@ class SelfCompression(Callback):
         gamma: weight of the size term (the paper's compression factor). 0 trains the quantizers without pressure.
         target_bits_per_weight: a budget in deployable bits per weight (whole bits per channel, as a file stores
             them): the size term acts only while the network is above it.
-        budget_band: 0 switches the size term on above the budget and off below it; a fraction of the budget (0.1)
-            makes gamma proportional to the distance from it, negative below it, so a low budget is not overshot.
+        budget_band: 0 switches the size term on above the budget and off below it; a fraction of the budget (0.05)
+            is a band under it: gamma falls from full at the budget to 0 at its floor and turns negative below, so
+            the run settles in the band instead of overshooting a low budget.
         gamma_warmup_steps: ramp gamma linearly from 0 over this many optimizer steps.
         layer_types, include, exclude: which layers to quantize (class names; glob patterns on module names).
         init_bits: starting bit depth (8: the quantized network starts within about 1% of the float one).

@@ -225,8 +225,9 @@ class GammaSchedule:
     (a bang-bang controller; the size term becomes gamma * max(bits_per_weight - target, 0)): below the target
     the task gradient alone moves the bit depths. Adam's momentum still carries them past a target far below the
     start (2 -> 1 bit per weight ended at 0.65). With a band (a fraction of the target), gamma is proportional to
-    the distance instead: full at target * (1 + band), 0 at the target, and negative below it, down to -gamma at
-    target * (1 - band), so bits lost past the target flow back to the live channels.
+    the distance from the band's floor instead: full at the target and above, 0 at target * (1 - band), and
+    negative below, down to -gamma at target * (1 - 2 band). The run settles inside the band, under the budget,
+    and bits lost past it flow back to the live channels.
     """
 
     gamma: float
@@ -256,7 +257,7 @@ class GammaSchedule:
             return gamma
         if not self.band:
             return gamma if bits_per_weight > target else 0.0
-        return gamma * min(max((bits_per_weight - target) / (self.band * target), -1.0), 1.0)
+        return gamma * min(max((bits_per_weight - target) / (self.band * target) + 1.0, -1.0), 1.0)
 
     def state_dict(self) -> dict:
         return {"step": self.step}
