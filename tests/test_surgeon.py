@@ -54,6 +54,11 @@ def test_the_surgeon_cuts_while_training_and_the_optimizer_follows(tiny_fmnist, 
     report = compression.report(net_module)
     assert report.float_weights == sum(r["weights_before"] for r in rows), "size stays measured against the float net"
     assert report.weights_kept <= sum(r["weights_after"] for r in rows)
+    # one denominator everywhere: each row and the total count the original network's channels and weights
+    assert [(layer.channels, layer.weights) for layer in report.layers] == [
+        (r["channels_before"], r["weights_before"]) for r in rows
+    ]
+    assert report.channels == sum(r["channels_before"] for r in rows) > report.channels_alive
 
 
 def test_each_surgery_is_logged_once(tiny_fmnist, tmp_path):

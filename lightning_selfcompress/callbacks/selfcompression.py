@@ -132,7 +132,7 @@ class SelfCompression(Callback):
         # Before configure_optimizers (so the user's optimizer holds b and e) and before a checkpoint's weights load.
         attach_quantizers(pl_module, self.config)
         if self.size is None or set(self.size.layers) != set(quantized_layers(pl_module)) or self.size.stale():
-            self.size = SizeModel(pl_module, self.size.float_weights if self.size else None)
+            self.size = self.size.rebuilt(pl_module) if self.size else SizeModel(pl_module)
 
     def report(self, pl_module: pl.LightningModule) -> SizeReport:
         """The size of `pl_module` now."""
@@ -141,7 +141,7 @@ class SelfCompression(Callback):
     def _current_size(self, pl_module: pl.LightningModule) -> SizeModel:
         """The size model, rebuilt after a surgeon (ChannelSurgeon) changed layer shapes."""
         if self.size.stale():
-            self.size = SizeModel(pl_module, self.size.float_weights)
+            self.size = self.size.rebuilt(pl_module)
         return self.size
 
     @override

@@ -34,6 +34,9 @@ __all__ = ["GammaSchedule", "LayerSize", "SizeModel", "SizeReport", "float_size_
 
 @dataclass(frozen=True)
 class LayerSize:
+    """One layer's size. `channels` and `weights` count the layer as it was before any cut, so every row and the
+    total share one denominator: 'alive/channels' and 'kept/weights' of the original network."""
+
     name: str
     channels: int
     channels_alive: int
@@ -127,14 +130,18 @@ def float_size_report(model: nn.Module) -> SizeReport:
 class SizeModel:
     """Size accounting for the quantized layers of one model. The channel graph is traced once, here.
 
-    `float_weights` is the weight count of the float network the size is measured against; it defaults to the
-    model's now, and is passed on when channels have been removed since.
+    `float_weights` is the weight count of the float network the size is measured against, and `original` each
+    layer's (channels, weights) in it; both default to the model's now. After a cut, `rebuilt` carries them over.
     """
 
-    def __init__(self, model: nn.Module, float_weights: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, float_weights: int | None = None, original: dict[str, tuple[int, int]] | None = None
+    ) -> None:
         self.layers = quantized_layers(model)
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no quantized layer; attach quantizers first.")
+        now = {name: (m.weight.shape[0], m.weight.numel()) for name, m in self.layers.items()}
+        self.original = {**now, **(original or {})}
         self.float_weights = float_weights or sum(m.weight.numel() for m in self.layers.values())
         self._shapes = [m.weight.shape for m in self.layers.values()]
         index = {name: i for i, name in enumerate(self.layers)}
@@ -155,6 +162,10 @@ class SizeModel:
                             edges[p][1].append(ch)
             edge_tensors = [(p, torch.tensor(ins), torch.tensor(chs)) for p, (ins, chs) in edges.items()]
             self._plans.append((always_live, edge_tensors, groups, kernel))
+
+    def rebuilt(self, model: nn.Module) -> SizeModel:
+        """The same accounting for `model` after a cut: sizes still per weight and channel of the original network."""
+        return SizeModel(model, self.float_weights, self.original)
 
     def stale(self) -> bool:
         """Whether a layer changed shape since this was built (channels were removed): then build it anew."""
@@ -201,9 +212,9 @@ class SizeModel:
             layers.append(
                 LayerSize(
                     name=name,
-                    channels=b.numel(),
+                    channels=self.original[name][0],
                     channels_alive=int(alive.sum()),
-                    weights=module.weight.numel(),
+                    weights=self.original[name][1],
                     weights_kept=int((c * alive).sum()),
                     bits=float((b.relu() * c).sum()) + index,
                     deployable_bits=int((integer_bits(integer_weights(module)[0]) * c).sum()) + int(index),
