@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 
+from .report import make_console
 from .core.checkpoint import read_checkpoint
 from .core.export import stored_weights
 from .core.sparsity import as_rows, is_24
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     for c in checks:
         table.add_row(c.name, c.op, "x".join(map(str, c.shape)), f"{100 * c.fraction_zero:.0f}%",
                       "[green]yes[/green]" if c.sparse else "no")  # fmt: skip
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(f"{sum(c.sparse for c in checks)} of {len(checks)} weights are 2:4.")
 

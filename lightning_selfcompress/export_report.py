@@ -29,7 +29,7 @@ from .core.latency import ort_kernels, ort_latency_ms
 from .core.parity import onnx_session, reference_output
 from .core.quant import quantized_layers
 from .core.tensorrt import Engine, EngineBuildError, TensorRTUnavailable, build_engine
-from .report import write_json
+from .report import make_console, write_json
 
 __all__ = ["ExportOptions", "check_output_path", "export_and_report", "layer_shapes", "parameter_count"]
 
@@ -252,7 +252,7 @@ def print_export_table(report: dict[str, Any], console: Console | None = None) -
         table.add_row(row["layer"], f"{row['channels_after']}/{row['channels_before']}",
                       f"{row['weights_after']:,}/{row['weights_before']:,}", row["storage"], f"{row['mean_bits']:.2f}",
                       "yes" if row["layer"] in sparse else "", row.get("ort_kernel", ""))  # fmt: skip
-    console = console or Console()
+    console = console or make_console()
     console.print(table)
     parity = report["parity"]
     lines = [

@@ -11,9 +11,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
+from .report import make_console
 from .core.groups import ChannelGraph
 from .core.widths import default_cache_dir, latency_tables
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         full = t.widths[-1]
         table.add_row(name, str(full), f"{t.ms[-1]:.3f}", f"{t.ms[full // 2 - 1]:.3f}" if full > 1 else "",
                       ", ".join(map(str, t.step_widths(args.tolerance))))  # fmt: skip
-    Console(width=160).print(table)
+    make_console().print(table)
 
 
 if __name__ == "__main__":

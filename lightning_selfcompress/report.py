@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,12 @@ from .core.size import SizeReport
 
 __all__ = ["print_size_table", "print_surgery_table", "write_json"]
 
+
+
+def make_console() -> Console:
+    """rich's console; without a terminal (a log file, CI) 160 columns wide instead of rich's 80, so that the
+    tables are not cut."""
+    return Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=160)
 
 def print_size_table(report: SizeReport, title: str, console: Console | None = None) -> None:
     table = Table(title=title)
@@ -38,7 +45,7 @@ def print_size_table(report: SizeReport, title: str, console: Console | None = N
         f"{report.bits_per_weight:.2f}",
         f"{report.deployable_bits_per_weight:.2f}",
     )
-    console = console or Console()
+    console = console or make_console()
     console.print(table)
     console.print(
         f"{report.size_bytes:,} bytes ({report.deployable_bytes:,} deployable: whole bits per channel) vs "
@@ -61,7 +68,7 @@ def print_surgery_table(rows: list[dict[str, Any]], history: list, console: Cons
     total = {k: sum(r[k] for r in rows) for k in ("channels_before", "channels_after", "weights_before", "weights_after")}
     table.add_row("total", f"{total['channels_after']}/{total['channels_before']}",
                   f"{total['weights_after']:,}/{total['weights_before']:,}")  # fmt: skip
-    (console or Console()).print(table)
+    (console or make_console()).print(table)
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:

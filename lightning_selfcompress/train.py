@@ -12,14 +12,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
 from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
 from .core.checkpoint import read_checkpoint
 from .core.size import float_size_report
 from .models import ImageClassifier
 from .plots import write_size_plot
-from .report import print_size_table, write_json
+from .report import make_console, print_size_table, write_json
 
 
 def _required(what: str) -> None:
@@ -188,7 +187,7 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         path = write_json(cfg.report_path, report)
         write_size_plot(out_dir / "csv" / "metrics.csv", out_dir / "size.png")  # bits and weights over training
-        console = Console()
+        console = make_console()
         if not compression:
             print_size_table(size, title="Float32 network: size per layer", console=console)
         console.print(

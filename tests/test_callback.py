@@ -54,6 +54,7 @@ def test_quantizers_train_inside_the_users_optimizer(tiny_fmnist, tmp_path):
         assert id(layer.weight_quantizer.bits) in held and id(layer.weight_quantizer.exponent) in held
         assert not torch.equal(after[name], torch.full_like(after[name], 8.0)), f"{name}: b must be trained"
     assert "selfcompress/bits_per_weight" in trainer.callback_metrics
+    assert "bits_per_weight" in trainer.progress_bar_metrics, "the size in the progress bar"
     assert compression.schedule.step == 6
     assert compression.last_report is not None and compression.last_report.bits_per_weight < 8.0, "pulled down"
 

@@ -224,3 +224,14 @@ def test_a_quantized_layer_whose_weight_the_model_reads_itself_is_refused_by_nam
     net = SwinTransformer([4, 4], 16, [1, 1], [2, 2], [2, 2], num_classes=10)
     attach_quantizers(net, QuantizationConfig(exclude=["*.attn.qkv", "*.attn.proj"]))
     assert "features.1.0.mlp.0" in SizeModel(net).layers
+
+
+def test_the_size_table_is_not_cut_to_80_columns_without_a_terminal(capsys):
+    from lightning_selfcompress.report import print_size_table
+
+    net = nn.Sequential()
+    net.add_module("a_convolution_whose_name_alone_is_longer_than_forty_characters", nn.Conv2d(3, 4, 3))
+    attach_quantizers(net)
+    print_size_table(SizeModel(net).report(), title="size")
+    out = capsys.readouterr().out  # pytest's capture is not a terminal
+    assert "a_convolution_whose_name_alone_is_longer_than_forty_characters" in out and "…" not in out

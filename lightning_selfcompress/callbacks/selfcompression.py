@@ -226,6 +226,8 @@ class SelfCompression(Callback):
             metrics["selfcompress/deployable_bits_per_weight"] = report.deployable_bits_per_weight
             metrics["selfcompress/weights_kept"] = float(report.weights_kept)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        if not math.isnan(bits := metrics.get("selfcompress/bits_per_weight", math.nan)):
+            pl_module.log("bits_per_weight", bits, on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
