@@ -235,3 +235,18 @@ def test_the_size_table_is_not_cut_to_80_columns_without_a_terminal(capsys):
     print_size_table(SizeModel(net).report(), title="size")
     out = capsys.readouterr().out  # pytest's capture is not a terminal
     assert "a_convolution_whose_name_alone_is_longer_than_forty_characters" in out and "…" not in out
+
+
+@pytest.mark.parametrize(
+    "middle, followed",
+    [(nn.Softplus(), True), (nn.Dropout2d(), True), (nn.GroupNorm(4, 4), True), (nn.GroupNorm(2, 4), False)],
+    ids=["softplus", "dropout2d", "groupnorm-per-channel", "groupnorm-across-channels"],
+)
+def test_size_accounting_follows_the_ops_surgery_follows_and_no_others(middle, followed):
+    """One table of ops for both tracers: what keeps each channel in place is followed, a GroupNorm over several
+    channels is not (a dead channel's output there depends on the others: its consumer's weights stay counted)."""
+    from lightning_selfcompress.core.graph import input_sources
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), middle, nn.Conv2d(4, 2, 1))
+    expected = tuple(frozenset({("0", i)}) for i in range(4)) if followed else None
+    assert input_sources(net)["2"] == expected

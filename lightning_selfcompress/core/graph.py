@@ -16,6 +16,16 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from .ops import (
+    CHANNELWISE_MODULES,
+    CHANNELWISE_OPS,
+    ELEMENTWISE,
+    FLATTENING_OPS,
+    NON_TENSOR_OPS,
+    PRODUCERS,
+    LeafTracer,
+    op_name,
+)
 from .reembed import channel_map, reembedding_of
 from .rules import Rule, rule_of
 
@@ -33,40 +43,8 @@ class _Flat:
 
 
 _NOT_A_TENSOR = object()
-_PRODUCERS = (_ConvNd, nn.Linear)
-_CHANNELWISE_MODULES = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.dropout._DropoutNd, nn.Identity, nn.Upsample,
-)
-_CHANNELWISE_OPS = {
-    "relu", "relu_", "relu6", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
-    "leaky_relu", "elu", "dropout", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
-    "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "contiguous", "clone", "float", "to", "type_as",
-    "neg", "clamp", "clamp_min", "clamp_max", "softplus", "detach", "dropout1d", "dropout2d", "dropout3d",
-    "stochastic_depth",
-}
-_ELEMENTWISE_OPS = {"add", "add_", "iadd", "sub", "mul", "mul_", "imul", "truediv", "div"}
-_FLATTENING_OPS = {"flatten", "view", "reshape"}
-_NON_TENSOR_OPS = {"size", "dim", "numel", "getattr"}
-
-
-class _LeafTracer(fx.Tracer):
-    """Keeps Conv/Linear layers and modules with a registered rule whole."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _PRODUCERS) or rule_of(m) is not None or super().is_leaf_module(m, qualname)
-
-
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+def _one_channel_per_group(module: nn.Module) -> bool:
+    return isinstance(module, nn.GroupNorm) and module.num_groups == module.num_channels
 
 
 def _merge(values: list) -> ChannelMap | _Flat | None:
@@ -97,14 +75,14 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
     `None` means the layer's inputs could not be followed and count as live.
     """
     try:
-        graph = _LeafTracer().trace(model)
+        graph = LeafTracer().trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure only disables the refinement
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {error}); size accounting "
             "counts every input channel as live, so the reported size is an upper bound.",
             stacklevel=2,
         )
-        return {name: None for name, m in model.named_modules() if isinstance(m, _PRODUCERS)}
+        return {name: None for name, m in model.named_modules() if isinstance(m, PRODUCERS)}
 
     _check_weights_go_through_forward(model, graph)
     env: dict[fx.Node, object] = {}
@@ -117,12 +95,12 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
         args = [value(a) for a in node.args]
         tensors = [a for a in args if a is not _NOT_A_TENSOR]
         first = args[0] if args else None
-        name = _op_name(node)
+        name = op_name(node)
         if node.op == "placeholder":
             env[node] = None
         elif node.op == "call_module":
             module = model.get_submodule(node.target)
-            if isinstance(module, _PRODUCERS):
+            if isinstance(module, PRODUCERS):
                 in_features = module.in_channels if isinstance(module, _ConvNd) else module.in_features
                 inputs = _as_inputs(first, in_features)
                 if node.target in sources and sources[node.target] != inputs:  # a layer called twice
@@ -134,7 +112,7 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
                 env[node] = None if rule in (Rule.MIXES_CHANNELS, Rule.OPAQUE) else first
             elif isinstance(module, nn.Flatten) and module.start_dim == 1:
                 env[node] = _flatten(first)
-            elif isinstance(module, _CHANNELWISE_MODULES):
+            elif isinstance(module, CHANNELWISE_MODULES) or _one_channel_per_group(module):
                 env[node] = first
             else:
                 env[node] = None
@@ -144,22 +122,22 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
         elif node.op in ("call_function", "call_method"):
             if (rule := rule_of(node.target)) is not None:
                 env[node] = None if rule in (Rule.MIXES_CHANNELS, Rule.OPAQUE) else first
-            elif name in _NON_TENSOR_OPS or (node.target is operator.getitem and first is _NOT_A_TENSOR):
+            elif name in NON_TENSOR_OPS or (node.target is operator.getitem and first is _NOT_A_TENSOR):
                 env[node] = _NOT_A_TENSOR
-            elif name in _FLATTENING_OPS and _flattens_from_dim1(node):
+            elif name in FLATTENING_OPS and _flattens_from_dim1(node):
                 env[node] = _flatten(first)
             elif name == "cat" and _cat_dim(node) == 1 and all(isinstance(t, tuple) for t in _cat_inputs(node, env)):
                 env[node] = tuple(c for t in _cat_inputs(node, env) for c in t)
-            elif name in _ELEMENTWISE_OPS:
+            elif name in ELEMENTWISE:
                 env[node] = _merge(tensors)
-            elif name in _CHANNELWISE_OPS and tensors:
+            elif name in CHANNELWISE_OPS and tensors:
                 env[node] = tensors[0]
             else:
                 env[node] = None
         else:
             env[node] = None
     for name, m in model.named_modules():
-        if isinstance(m, _PRODUCERS):
+        if isinstance(m, PRODUCERS):
             sources.setdefault(name, None)
     return sources
 
@@ -186,7 +164,7 @@ def _flatten(value: object) -> _Flat | None:
 
 def _flattens_from_dim1(node: fx.Node) -> bool:
     """`x.flatten(1)`, `torch.flatten(x, 1)`, `x.view(n, -1)`, `x.reshape(n, f, 1, 1)`: batch kept, channels first."""
-    if _op_name(node) == "flatten":
+    if op_name(node) == "flatten":
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         return start == 1
     return len(node.args) > 1  # view/reshape keep channel-major order as long as dim 0 is the batch

@@ -30,8 +30,24 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .graph import _PRODUCERS, _LeafTracer, _op_name  # the same tracing as the size accounting's lenient graph
 from .inputs import HINT, describe
+from .ops import (
+    ACTIVATION_MODULES,
+    ACTIVATION_OPS,
+    AVG_POOL_OPS,
+    CONSTANT_PRESERVING_MODULES,
+    CONSTANT_PRESERVING_OPS,
+    DROPOUT_OPS,
+    ELEMENTWISE,
+    LAYOUT_OPS,
+    MOVES,
+    NON_TENSOR_OPS,
+    NORMS,
+    PRODUCERS,
+    VALUE_OPS,
+    LeafTracer,
+    op_name,
+)  # fmt: skip
 from .reembed import reembedding_of
 from .rules import Rule, rule_of
 
@@ -42,42 +58,6 @@ class GraphError(ValueError):
     """The channel graph cannot follow the model, or the model no longer matches the graph."""
 
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-_ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
-)  # fmt: skip
-_CONSTANT_PRESERVING_MODULES = (  # a constant channel stays the same constant
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.Upsample,
-)  # fmt: skip
-_ACTIVATION_OPS = {
-    "relu", "relu_", "relu6", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
-    "leaky_relu", "elu", "softplus", "clamp", "clamp_min", "clamp_max", "neg",
-}  # fmt: skip
-_CONSTANT_PRESERVING_OPS = {
-    "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate",
-}  # fmt: skip
-_VALUE_OPS = {"contiguous", "clone", "float", "to", "type_as", "detach"}  # every value kept where it is
-_AVG_POOL_OPS = {"avg_pool1d", "avg_pool2d", "avg_pool3d"}  # padding may be counted: only zeros stay exact
-# the identity in eval mode; in train mode each sample (or channel) is zeroed or scaled: only a zero stays constant
-_DROPOUT_OPS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "stochastic_depth"}  # torchvision.ops
-_ELEMENTWISE = {
-    "add": operator.add, "iadd": operator.add, "add_": operator.add, "sub": operator.sub, "isub": operator.sub,
-    "mul": operator.mul, "imul": operator.mul, "mul_": operator.mul, "truediv": operator.truediv,
-    "div": operator.truediv,
-}  # fmt: skip
-# Ops that move values without mixing channels: followed exactly by running them on a tensor of channel ids.
-_LAYOUT_OPS = {
-    "flatten", "view", "reshape", "squeeze", "unsqueeze", "getitem", "split", "chunk", "mean", "amax", "amin",
-    "expand", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis",
-}  # fmt: skip
-_NON_TENSOR_OPS = {"size", "dim", "numel", "getattr"}
-_MOVES = {
-    "view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "flatten", "contiguous",
-    "clone", "squeeze", "unsqueeze",
-}  # fmt: skip
 
 
 @dataclass
@@ -111,7 +91,7 @@ class _Step:
 def _where(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     inside = f" inside module '{list(stack)[-1]}'" if stack else ""
-    return f"node '{node.name}' ({node.op} '{_op_name(node)}'){inside}"
+    return f"node '{node.name}' ({node.op} '{op_name(node)}'){inside}"
 
 
 def channels_of(m: nn.Module) -> int:
@@ -141,7 +121,7 @@ class ChannelGraph:
     def __init__(self, model: nn.Module, example_input: Tensor) -> None:
         self.model = model
         try:
-            self.fx_graph = _LeafTracer().trace(model)
+            self.fx_graph = LeafTracer().trace(model)
         except Exception as error:  # noqa: BLE001 - any tracing failure is reported with its cause
             raise GraphError(
                 f"torch.fx cannot trace {type(model).__name__}: {type(error).__name__}: {error}. Channel surgery "
@@ -510,7 +490,7 @@ class _Walker:
         else:
             real = getattr(args[0], node.target)(*args[1:], **kwargs)
         tracked = self.tracked(node)
-        if not tracked or _op_name(node) in _NON_TENSOR_OPS:
+        if not tracked or op_name(node) in NON_TENSOR_OPS:
             return _Value(real)
         target = self.modules[node.target] if node.op == "call_module" else node.target
         if node.op != "call_method" and rule_of(target) is Rule.OPAQUE:
@@ -535,7 +515,7 @@ class _Walker:
             raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
         if slots is None:
             raise self.fail(node, "a module applied to a tuple of tensors")
-        if isinstance(module, _PRODUCERS):
+        if isinstance(module, PRODUCERS):
             return self.produce(node, module, source, real)
         if (rule := rule_of(module)) is not None:
             return self.ruled(node, rule, source, slots, node.target)
@@ -548,15 +528,15 @@ class _Walker:
             return self.add_step(node, "dropout", [source], slots, module.p)
         if isinstance(module, nn.Identity):
             return self.add_step(node, "keep", [source], slots)
-        if isinstance(module, _ACTIVATION_MODULES) and not per_channel_prelu:
+        if isinstance(module, ACTIVATION_MODULES) and not per_channel_prelu:
             return self.add_step(node, "apply", [source], slots, node.target)
         if dim != 1 and not isinstance(module, nn.Flatten):
             raise self.fail(node, f"a {type(module).__name__} on channels in dim {dim} (it reads them in dim 1)")
-        if isinstance(module, (*_NORMS, nn.GroupNorm)) or per_channel_prelu:
+        if isinstance(module, (*NORMS, nn.GroupNorm)) or per_channel_prelu:
             if channels_of(module) != len(slots):
                 raise self.fail(node, f"{channels_of(module)} channels in the module, {len(slots)} reach it")
             g.record("members", node.target, slots)
-        if isinstance(module, _NORMS):
+        if isinstance(module, NORMS):
             return self.add_step(node, "norm", [source], slots, node.target)
         if isinstance(module, nn.GroupNorm):
             if module.num_groups != module.num_channels:
@@ -564,7 +544,7 @@ class _Walker:
             return self.add_step(node, "opaque", [source], slots)
         if per_channel_prelu:
             return self.add_step(node, "apply", [source], slots, node.target)
-        if isinstance(module, _CONSTANT_PRESERVING_MODULES):
+        if isinstance(module, CONSTANT_PRESERVING_MODULES):
             return self.add_step(node, "keep", [source], slots)
         if isinstance(module, nn.modules.pooling._AvgPoolNd):
             padded = any(p != 0 for p in _as_tuple(module.padding)) and module.count_include_pad
@@ -628,9 +608,9 @@ class _Walker:
         return self.add_step(node, "produce", [source], outputs, node.target)
 
     def function(self, node: fx.Node, real: object, tracked: list[fx.Node]) -> _Value:
-        name = _op_name(node)
+        name = op_name(node)
         if any(self.env[n].moved is not None for n in tracked):
-            if name not in _MOVES or len(tracked) > 1:
+            if name not in MOVES or len(tracked) > 1:
                 raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
             return self.follow_move(node, real, self.single(node, tracked))
         if name == "getitem" and self.env[tracked[0]].pieces is not None:  # one piece of a split/chunk
@@ -638,7 +618,7 @@ class _Walker:
             return _Value(real, self.gather(node, split.source, split.pieces[node.args[1]]), dim=split.dim)
         if name in ("cat", "concat"):
             return self.concat(node, real, tracked)
-        if name in _ELEMENTWISE:
+        if name in ELEMENTWISE:
             return _Value(real, self.elementwise(node, real, tracked), dim=self.env[tracked[0]].dim)
         source = self.single(node, tracked)
         slots, dim = self.env[source].slots, self.env[source].dim
@@ -648,27 +628,27 @@ class _Walker:
             rest, kwargs = self.real(node.args[1:]), self.real(node.kwargs)
             slots = self.ruled(node, rule, source, slots, lambda c: node.target(c, *rest, **kwargs))
             return _Value(real, slots, dim=dim)
-        if name in _ACTIVATION_OPS:
+        if name in ACTIVATION_OPS:
             target = node.target if node.op == "call_function" else getattr(torch.Tensor, name)
             rest = self.real(node.args[1:])
             kwargs = {k: v for k, v in self.real(node.kwargs).items() if k != "inplace"}
             slots = self.add_step(node, "apply", [source], slots, lambda c: target(c, *rest, **kwargs))
             return _Value(real, slots, dim=dim)
-        if name in _DROPOUT_OPS:
+        if name in DROPOUT_OPS:
             p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
             return _Value(real, self.add_step(node, "dropout", [source], slots, p), dim=dim)
-        if name in _VALUE_OPS:
+        if name in VALUE_OPS:
             return _Value(real, self.add_step(node, "keep", [source], slots), dim=dim)
         if name == "layer_norm":  # F.layer_norm(x, normalized_shape, ...)
             slots = self.normalise_last(node, source, len(self.real(node.args[1])), f"node '{node.name}'")
             return _Value(real, slots, dim=dim)
-        if dim != 1 and name in _CONSTANT_PRESERVING_OPS | _AVG_POOL_OPS:
+        if dim != 1 and name in CONSTANT_PRESERVING_OPS | AVG_POOL_OPS:
             raise self.fail(node, f"'{name}' on channels in dim {dim} (it reads them in dim 1)")
-        if name in _CONSTANT_PRESERVING_OPS:
+        if name in CONSTANT_PRESERVING_OPS:
             return _Value(real, self.add_step(node, "keep", [source], slots))
-        if name in _AVG_POOL_OPS:
+        if name in AVG_POOL_OPS:
             return _Value(real, self.add_step(node, "zeros_only", [source], slots))
-        if name in _LAYOUT_OPS:
+        if name in LAYOUT_OPS:
             if name in ("mean", "amax", "amin") and dim in _reduced_dims(node, self.env[source].real):
                 raise self.fail(node, "a reduction over the channel dimension")
             if name in ("split", "chunk"):
@@ -676,7 +656,7 @@ class _Walker:
                 self.keep_pieces_apart(node, source, pieces)
                 return _Value(real, pieces=pieces, source=source, dim=dim)
             ids = self.run_on_ids(node, source)
-            if name in _MOVES and len(_channel_dims(ids)) > 1:
+            if name in MOVES and len(_channel_dims(ids)) > 1:
                 return self.move_out(node, real, source, ids)
             slots, dim = self.layout(node, source, ids=ids)
             return _Value(real, slots, dim=dim)
@@ -691,7 +671,7 @@ class _Walker:
             sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
             first = self.env[source].dim
             split = dims == list(range(first, first + len(dims))) and len(sizes) == ids.dim()
-            if _op_name(node) not in ("view", "reshape") or not split:
+            if op_name(node) not in ("view", "reshape") or not split:
                 raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
             literal = [type(sizes[d]) is int and sizes[d] != -1 for d in dims]
             if all(literal):
@@ -747,7 +727,7 @@ class _Walker:
             self.g.pin(slots, reason)
         for other in operands[1:]:
             self.g.tie(slots, self.env[other].slots)
-        return self.add_step(node, "elementwise", operands, list(slots), (_ELEMENTWISE[_op_name(node)], payload))
+        return self.add_step(node, "elementwise", operands, list(slots), (ELEMENTWISE[op_name(node)], payload))
 
     def concat(self, node: fx.Node, real: Tensor, tracked: list[fx.Node]) -> _Value:
         parts = node.args[0] if node.args else node.kwargs["tensors"]
@@ -810,7 +790,7 @@ class _Walker:
             return
         named = [node.kwargs[k] for k in ("split_size_or_sections", "chunks") if k in node.kwargs]
         sizes = node.args[1] if len(node.args) > 1 else named[0] if named else None
-        fixed = _op_name(node) == "split" and not isinstance(sizes, fx.Node)
+        fixed = op_name(node) == "split" and not isinstance(sizes, fx.Node)
         if fixed or len({len(p) for p in pieces}) > 1:
             self.g.pin([slots[i] for p in pieces for i in p], f"split into fixed sizes by node '{node.name}'")
             return
