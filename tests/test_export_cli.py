@@ -69,3 +69,11 @@ def test_a_wrong_output_or_options_are_refused_before_the_checkpoint_is_read(tmp
         run(cfg("x.onnx", calibrate_batches=4))
     with pytest.raises(FileNotFoundError, match="checkpoint='nope.ckpt' does not exist"):
         run(cfg("x.onnx"))
+
+
+def test_lsc_export_help_lists_its_own_options_only(tmp_path):
+    done = _cli("lightning_selfcompress.export_cli", "--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("lsc-export: export a trained lsc-train run")
+    assert "checkpoint: ???" in done.stdout and "calibrate_batches" in done.stdout
+    assert "compression:" not in done.stdout and "surgery:" not in done.stdout, "not the training config groups"
