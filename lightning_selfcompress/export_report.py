@@ -10,6 +10,7 @@ The engine comes last. With engine="auto" an engine that cannot be built is reco
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -81,13 +82,24 @@ class ExportOptions:
 
 
 def check_output_path(path: str | Path) -> Path:
-    """`path` as a Path, if it names an .onnx file (the engine and report take its name with .engine and .json)."""
-    if Path(path).suffix != ".onnx":
+    """`path` as a Path, if it names an .onnx file (the engine and report take its name with .engine and .json) in
+    a folder that can be written: checked before any training, so that a run does not end on an unwritable path."""
+    path = Path(path)
+    if path.suffix != ".onnx":
         raise ValueError(
             f"The output {str(path)!r} should end in .onnx: the engine and the report are written beside it with "
             "the suffixes .engine and .json."
         )
-    return Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"The export cannot write to {str(path.parent)!r} ({type(error).__name__}: {error.strerror or error}): "
+            "choose an export path in a folder you can write."
+        ) from error
+    return path
 
 
 @dataclass

@@ -93,3 +93,14 @@ def test_an_int4_export_is_reported_without_an_engine_and_why(tmp_path):
     assert on_disk["engine"] == report["engine"] == {"built": False, "reason": report["engine"]["reason"]}
     assert "for ONNX Runtime only" in report["engine"]["reason"] and "block-wise" in report["engine"]["reason"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.onnx"]
+
+
+def test_an_export_path_that_cannot_be_written_is_refused_when_the_callback_is_built(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("kept")
+    with pytest.raises(ValueError, match=r"cannot write to '.*a_file' \(.*choose an export path"):
+        CompressedExport(blocker / "model.onnx")  # a parent that is a file
+    assert blocker.read_text() == "kept", "nothing on disk is touched"
+    with pytest.raises(ValueError, match=r"cannot write to '/sys'"):
+        CompressedExport("/sys/model.onnx")
+    assert CompressedExport(tmp_path / "new" / "folder" / "model.onnx").path.parent.is_dir()
