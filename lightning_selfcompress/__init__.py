@@ -21,6 +21,7 @@ from .core import (
 if TYPE_CHECKING:
     from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
 
+from .errors import SelfCompressError
 from .extras import lazy
 
 _CALLBACKS = dict.fromkeys(
@@ -39,6 +40,7 @@ __all__ = [
     "Distillation",
     "QuantizationConfig",
     "Rule",
+    "SelfCompressError",
     "SelfCompression",
     "SizeModel",
     "Sparsity24",

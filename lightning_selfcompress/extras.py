@@ -9,6 +9,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from .errors import SelfCompressError
+
 EXTRA_OF = {  # top-level module -> the extra that installs it (pyproject.toml's optional-dependencies)
     "lightning": "lightning",
     "torchmetrics": "lightning",
@@ -25,7 +27,7 @@ EXTRA_OF = {  # top-level module -> the extra that installs it (pyproject.toml's
 }
 
 
-class MissingExtraError(ModuleNotFoundError):
+class MissingExtraError(SelfCompressError, ModuleNotFoundError):
     """An optional dependency is not installed; the message names the extra that installs it."""
 
 

@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
+from ..errors import SelfCompressError
+
 __all__ = ["CheckpointError", "read_checkpoint"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SelfCompressError, ValueError):
     """A file that is not a checkpoint this library can read safely."""
 
 

@@ -52,6 +52,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
+from ..errors import SelfCompressError
 from .atomic import atomic_path
 from .inputs import describe
 from .onnx_fold import dequantized_weight, fold_batchnorm, readers_of
@@ -71,7 +72,7 @@ TRAINED_ACTIVATION_TOLERANCE = 1e-2  # the least parity tolerance of a model tra
 OPSET = 20  # the legacy exporter's highest; int4 storage converts the file to 21
 
 
-class ExportError(RuntimeError):
+class ExportError(SelfCompressError, RuntimeError):
     """The model could not be exported, or the file could not be written."""
 
 

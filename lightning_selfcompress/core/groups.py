@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from ..errors import SelfCompressError
 from .inputs import HINT, describe
 from .ops import (
     ACTIVATION_MODULES,
@@ -54,7 +55,7 @@ from .rules import Rule, rule_of
 __all__ = ["Branch", "ChannelGraph", "GraphError"]
 
 
-class GraphError(ValueError):
+class GraphError(SelfCompressError, ValueError):
     """The channel graph cannot follow the model, or the model no longer matches the graph."""
 
 

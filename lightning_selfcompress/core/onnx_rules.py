@@ -14,12 +14,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ..errors import SelfCompressError
+
 __all__ = ["QuantizationRuleError", "check_explicit_quantization"]
 
 SIGNED = {TensorProto.INT8, TensorProto.INT4}
 
 
-class QuantizationRuleError(ValueError):
+class QuantizationRuleError(SelfCompressError, ValueError):
     """The file breaks one of TensorRT's explicit-quantization rules."""
 
 

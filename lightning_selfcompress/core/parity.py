@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import SelfCompressError
 from ..extras import require
 
 __all__ = ["Parity", "ParityError", "check_parity", "onnx_session", "reference_output"]
 
 
-class ParityError(ValueError):
+class ParityError(SelfCompressError, ValueError):
     """The exported file's outputs differ from the model's by more than the tolerance."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import SelfCompressError
 from .atomic import atomic_path
 
 __all__ = ["Engine", "EngineBuildError", "TensorRTUnavailable", "build_engine", "import_tensorrt"]
@@ -25,11 +26,11 @@ __all__ = ["Engine", "EngineBuildError", "TensorRTUnavailable", "build_engine", 
 INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt"
 
 
-class TensorRTUnavailable(ImportError):
+class TensorRTUnavailable(SelfCompressError, ImportError):
     """`tensorrt` is not installed, or there is no CUDA GPU to build for."""
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(SelfCompressError, RuntimeError):
     """TensorRT parsed or built nothing; the message carries its own errors."""
 
 
