@@ -7,7 +7,9 @@ import itertools
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -44,7 +46,8 @@ COMBINATIONS = [  # every model with every data set, and every combination of th
 def test_every_config_composes_and_instantiates(choice, tmp_path):
     required = [f"data.data_dir={tmp_path}"] if choice.get("data") == "imagenet" else []  # read in setup(), not here
     cfg = compose_job([f"{group}={value}" for group, value in choice.items()] + required)
-    assert instantiate(cfg.model) is not None and instantiate(cfg.data) is not None
+    assert isinstance(instantiate(cfg.model), torch.nn.Module)
+    assert isinstance(instantiate(cfg.data), pl.LightningDataModule)
     if cfg.compression:
         assert isinstance(instantiate(cfg.compression), SelfCompression)
     if cfg.surgery:
@@ -146,7 +149,6 @@ def test_the_asp_workflow_prunes_a_dense_checkpoint_and_retrains(tmp_path):
         run(compose_job([*base, "init_from=missing.ckpt", f"report_path={tmp_path}/x/report.json"]))
     with pytest.raises(ValueError, match="comes from a compressed or sparse run: start from a dense float one"):
         run(compose_job([*base, f"init_from='{sparse['checkpoint']}'", f"report_path={tmp_path}/y/report.json"]))
-    import torch
 
     torch.save({"net.unknown": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="does not fit model=ResNet9 as configured"):
@@ -158,7 +160,6 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.y
 
 def tiny_experiment(name: str, tmp_path: Path) -> list[str]:
     """Overrides that run an experiment for 2 steps on generated data in its real on-disk format, on the CPU."""
-    import torch
     from torchvision.models import resnet50
 
     from conftest import write_cifar10, write_imagenet
@@ -182,7 +183,6 @@ def tiny_experiment(name: str, tmp_path: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_runs_on_generated_data(name, tmp_path):
-    import torch
 
     from lightning_selfcompress.core.sparsity import is_24
 
@@ -215,7 +215,6 @@ def test_the_imagenet_recipe_says_what_it_needs(tmp_path):
 def test_an_interrupted_run_continues_from_its_checkpoint_as_if_uninterrupted(tmp_path):
     """80 generated CIFAR-10 training images in batches of 16: 5 steps an epoch. A run of 2 epochs against one of 1
     epoch continued to 2 from its end-of-epoch checkpoint (constant learning rate: a schedule's length would differ)."""
-    import torch
 
     def job(folder: str, *overrides: str) -> dict:
         tiny = tiny_experiment("cifar10_resnet9", tmp_path / folder)
