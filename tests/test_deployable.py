@@ -167,3 +167,23 @@ def test_a_checkpoint_from_the_whole_bit_phase_resumes_with_its_bits_frozen(tiny
     for name, m in quantized_layers(module).items():
         assert torch.equal(m.weight_quantizer.bits, checkpoint[f"{name}.weight_quantizer.bits"]), f"{name}: b stayed"
         assert not torch.equal(m.weight, checkpoint[f"{name}.weight"]), f"{name}: the weights trained on"
+
+
+@pytest.mark.parametrize("budget, frozen_at", [(None, 12), (1.0, 18)])
+def test_a_run_over_its_budget_waits_for_it_before_the_whole_bit_phase(budget, frozen_at, tiny_fmnist, tmp_path):
+    """24 steps, the phase from step 12; 3 bits cannot fall to 1 with a size term this weak, so with a budget of 1
+    the freeze waits, up to half the phase (step 18), then comes anyway."""
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(BaselineCNN(1, 10, width=4), optimizer="adam", lr=0.003)
+    compression = SelfCompression(gamma=1e-6, init_bits=3.0, quantizer_lr=0.01, freeze_bits_at=0.5,
+                                  target_bits_per_weight=budget)  # fmt: skip
+    steps = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if compression.bits_frozen and not steps:
+                steps.append(trainer.global_step - 1)  # the step whose batch start froze the bits
+
+    pl.Trainer(callbacks=[compression, Spy()], **trainer_kwargs(tmp_path, max_steps=24)).fit(module, tiny_fmnist)
+    assert steps == [frozen_at]
+    assert compression.report(module).deployable_bits_per_weight > 2.5, "the budget was out of reach"

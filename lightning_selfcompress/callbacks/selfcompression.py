@@ -55,7 +55,8 @@ class SelfCompression(Callback):
             quantization-aware training with a learned step (LSQ-style), the baseline self-compression must beat.
         freeze_bits_at: the whole-bit phase: after this fraction of the run's optimizer steps, each b is set to the
             whole bits its channel's integers need and frozen, and the size term stops; weights and scales train on
-            at exactly the deployable size. None: bits train to the end.
+            at exactly the deployable size. A run over its budget then waits until it is within it, for at most
+            half of the phase. None: bits train to the end.
         int8_activations: also quantize each layer's input to int8 with a learned per-tensor step (LSQ), so that the
             exported file runs integer kernels (TensorRT, ONNX Runtime's QLinearConv) at the accuracy it trained with,
             without calibration.
@@ -165,8 +166,13 @@ class SelfCompression(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.bits_frozen or self.freeze_bits_at is None:
             return
-        if trainer.global_step >= self.freeze_bits_at * trainer.estimated_stepping_batches:
-            layers = self._current_size(pl_module).layers
+        total = trainer.estimated_stepping_batches
+        if trainer.global_step >= self.freeze_bits_at * total:
+            size, budget = self._current_size(pl_module), self.schedule.target_bits_per_weight
+            over = budget is not None and size.report().deployable_bits_per_weight > budget
+            if over and trainer.global_step < (1 + self.freeze_bits_at) / 2 * total:
+                return  # the size term goes on until the run is within its budget, for at most half the phase
+            layers = size.layers
             snap_bits(layers)
             freeze_bits(layers)
             self.bits_frozen = True
