@@ -237,3 +237,14 @@ def test_recompute_rederives_every_mask_from_the_kept_and_the_stowed_weights_and
     assert resumed_witness.restored.keys() == stowed.keys() and any(v.any() for v in stowed.values())
     assert all(torch.equal(resumed_witness.restored[n], v) for n, v in stowed.items()), "from the checkpoint"
     assert resumed.recomputed == 3 and resumed_witness.checked == 1 and resumed.masked_at_step == 6
+
+
+def test_include_and_exclude_choose_the_layers_that_get_masks(tiny_fmnist, tmp_path):
+    net = module()
+    sparsity = Sparsity24(0, exclude=["net.layer1.*", "net.linear"])
+    pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=2)).fit(net, tiny_fmnist)
+    assert sparsity.skipped["net.linear"] == "left out by include/exclude"
+    assert set(sparse_layers(net)) == set(sparsity.layers) and len(sparsity.layers) == 4  # of the 8 above
+    assert not any(name.startswith("net.layer1.") or name == "net.linear" for name in sparsity.layers)
+    with pytest.raises(TypeError, match=r"exclude='net.linear' must be a list of glob patterns"):
+        Sparsity24(0, exclude="net.linear")

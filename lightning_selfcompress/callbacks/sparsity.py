@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,6 +13,7 @@ from typing_extensions import override
 
 from ..core.inputs import model_input
 from ..core.permute import PermutationReport, permute_for_24
+from ..core.quant import check_patterns
 from ..core.sparsity import (
     CALCULATORS, DROPPED, MASK, MaskEnforcer, apply_masks, eligible_layers, ineligible_reason, is_24, kept_magnitude,
     recompute_mask, stow_dropped,
@@ -46,6 +48,7 @@ class Sparsity24(Callback):
             cut: a permutation keeps every layer's shape and moves channels only among positions that live in the
             same modules, so the surgeon's traced graph stays true and its history replays onto the permuted
             checkpoint.
+        include, exclude: glob patterns on module names: which eligible layers get masks (default: all).
     """
 
     def __init__(
@@ -56,6 +59,8 @@ class Sparsity24(Callback):
         calculator: str = "1d",
         recompute_every_n_steps: int | None = None,
         permute: bool = False,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
     ) -> None:
         if (start_step is None) == (start_epoch is None):
             raise ValueError("Give exactly one of start_step (0: sparse from the start) and start_epoch.")
@@ -84,6 +89,7 @@ class Sparsity24(Callback):
         self.masked_at_step = 0  # the optimizer step of the last prune or recompute of every mask
         self.recomputed, self.masks_changed = 0, 0.0
         self.permute = permute
+        self.include, self.exclude = check_patterns("include", include), check_patterns("exclude", exclude)
         self.permutation: PermutationReport | None = None  # kept magnitude per layer before and after permuting
         self.pruned = False
         self.layers: dict[str, torch.nn.Module] = {}
@@ -101,7 +107,7 @@ class Sparsity24(Callback):
                 "off a multiple of 4 makes it dense. Set round_to=4 (or 8, 16) to keep the widths 2:4 can use."
             )
         # All-ones masks now, before the optimizer is built and before a checkpoint's weights (and masks) load.
-        self.layers, self.skipped = eligible_layers(pl_module, self.calculator)
+        self.layers, self.skipped = eligible_layers(pl_module, self.calculator, self.include, self.exclude)
         for module in self.layers.values():
             if not isinstance(getattr(module, MASK, None), torch.Tensor):
                 module.register_buffer(MASK, torch.ones_like(module.weight, dtype=torch.bool))

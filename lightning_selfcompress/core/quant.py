@@ -45,6 +45,7 @@ __all__ = [
     "QuantizedLinear",
     "attach_activation_quantizers",
     "attach_quantizers",
+    "check_patterns",
     "clamp_bits",
     "freeze_bits",
     "integer_bits",
@@ -381,6 +382,8 @@ class QuantizationConfig:
     int8_activations: bool = False
 
     def __post_init__(self) -> None:
+        check_patterns("include", self.include)
+        check_patterns("exclude", self.exclude)
         unknown = [t for t in self.layer_types if t not in _BY_NAME]
         if unknown:
             raise ValueError(f"layer_types {unknown} are not supported; choose from {sorted(_BY_NAME)}.")
@@ -400,6 +403,14 @@ class QuantizationConfig:
             and any(fnmatch.fnmatchcase(name, p) for p in self.include)
             and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
         )
+
+
+def check_patterns(name: str, patterns: Sequence[str]) -> tuple[str, ...]:
+    """`patterns` as a tuple of glob patterns on module names; a lone string (which would match by its letters) or a
+    non-string is named."""
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{name}={patterns!r} must be a list of glob patterns on module names, e.g. ['layer4.*'].")
+    return tuple(patterns)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

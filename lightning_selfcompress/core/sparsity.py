@@ -15,6 +15,8 @@ Two ways to choose the kept weights by magnitude (NVIDIA ASP's calculators):
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 
 import torch
 from torch import Tensor, nn
@@ -156,14 +158,18 @@ def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(getattr(m, MASK, None), Tensor)}
 
 
-def eligible_layers(model: nn.Module, calculator: str = "1d") -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """(the Conv/Linear layers that can hold a 2:4 pattern, {the others: why not}); an error if none can."""
+def eligible_layers(
+    model: nn.Module, calculator: str = "1d", include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """(the Conv/Linear layers that can hold a 2:4 pattern and that `include`/`exclude`, glob patterns on module
+    names, select; {the others: why not}); an error if none can."""
     if calculator not in CALCULATORS:
         raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
     eligible, skipped = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, (_ConvNd, nn.Linear)):
-            reason = ineligible_reason(module, calculator)
+            chosen = any(fnmatchcase(name, p) for p in include) and not any(fnmatchcase(name, p) for p in exclude)
+            reason = ineligible_reason(module, calculator) if chosen else "left out by include/exclude"
             if reason is None:
                 eligible[name] = module
             else:
@@ -177,12 +183,14 @@ def eligible_layers(model: nn.Module, calculator: str = "1d") -> tuple[dict[str,
 
 
 @torch.no_grad()
-def attach_masks(model: nn.Module, calculator: str = "1d") -> tuple[dict[str, nn.Module], dict[str, str]]:
+def attach_masks(
+    model: nn.Module, calculator: str = "1d", include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Give every eligible Conv/Linear a 2:4 mask by magnitude (a `weight_mask` buffer) and zero what it drops.
 
     Returns (masked layers, {skipped layer: why}). A layer that already has a mask gets a new one from its weights.
     """
-    masked, skipped = eligible_layers(model, calculator)
+    masked, skipped = eligible_layers(model, calculator, include, exclude)
     for module in masked.values():
         mask = CALCULATORS[calculator](module.weight)
         module.register_buffer(MASK, mask)
