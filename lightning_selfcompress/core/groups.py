@@ -59,8 +59,6 @@ class GraphError(SelfCompressError, ValueError):
     """The channel graph cannot follow the model, or the model no longer matches the graph."""
 
 
-
-
 @dataclass
 class Branch:
     """Producer -> per-channel modules -> tail -> one operand of a residual add; nothing else reads the chain, so
