@@ -23,7 +23,9 @@ from torch import nn
 from lightning_selfcompress.core.groups import ChannelGraph, GraphError
 from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Surgeon
-from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups
+from lightning_selfcompress.testing import (
+    choose_branch_channels, choose_groups, kill_branch_channels, kill_groups, randomize_zero_weights,
+)  # fmt: skip
 
 INPUT = {"inception_v3": 75, "vit": 224, "maxvit": 224}  # the sides they need; others 64
 
@@ -47,10 +49,7 @@ def survey(name: str, max_params: float) -> dict:
             row.update(status="not run", detail=f"{params / 1e6:.0f} M parameters, past --max-params", seconds=0.0)
             return row
         net = net.double()
-        with torch.no_grad():  # weights initialised to zeros (ViT's head, its class token) would hide any difference
-            for p in net.parameters():
-                if p.dim() > 1 and not p.any():
-                    p.normal_(0, 0.02)
+        randomize_zero_weights(net)
         # 4 samples: train-mode BatchNorm over 2 samples of 1 x 1 amplifies round-off past 1e-5 (RegNet at 32 x 32)
         x = torch.randn(4, 3, side(name), side(name), dtype=torch.float64)
         with torch.no_grad():

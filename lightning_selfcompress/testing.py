@@ -8,7 +8,19 @@ from torch import Tensor, nn
 
 from .core.groups import ChannelGraph
 
-__all__ = ["choose_branch_channels", "choose_groups", "kill_branch_channels", "kill_groups", "removable_groups"]
+__all__ = [
+    "choose_branch_channels", "choose_groups", "kill_branch_channels", "kill_groups", "randomize_zero_weights",
+    "removable_groups",
+]  # fmt: skip
+
+
+@torch.no_grad()
+def randomize_zero_weights(net: nn.Module, std: float = 0.02) -> None:
+    """Weights initialised to zeros (ViT's head, its class token) make every output the same before and after a
+    cut, which would hide any difference: give them random values."""
+    for p in net.parameters():
+        if p.dim() > 1 and not p.any():
+            p.normal_(0, std)
 
 
 def removable_groups(graph: ChannelGraph) -> Tensor:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
 from .core.checkpoint import read_checkpoint
+from .core.surgery import SURGEON_STATE_KEY
 from .core.size import float_size_report
 from .models import ImageClassifier
 from .plots import write_size_plot
@@ -99,11 +100,12 @@ def _check_resume(path: str, surgeon: ChannelSurgeon | None) -> None:
     load; without one Lightning would print a size mismatch per layer and no hint."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"ckpt_path={path!r} does not exist: give a checkpoint of an lsc-train run.")
-    callbacks = read_checkpoint(path).get("callbacks", {})
-    cuts = [len(s.get("history", [])) for key, s in callbacks.items() if key.startswith("ChannelSurgeon")]
-    if surgeon is None and any(cuts):
+    if surgeon is not None:  # it replays the history itself; Lightning reads the file once
+        return
+    cuts = len(read_checkpoint(path).get("callbacks", {}).get(SURGEON_STATE_KEY, {}).get("history", []))
+    if cuts:
         raise ValueError(
-            f"ckpt_path={path!r} holds a network the channel surgeon cut {max(cuts)} times, and this run has no "
+            f"ckpt_path={path!r} holds a network the channel surgeon cut {cuts} times, and this run has no "
             "surgeon to replay those cuts before the weights load: continue it with the run's own surgery setting "
             "(surgery=channel_surgeon), or read the cut network with load_compressed()."
         )

@@ -13,6 +13,7 @@ from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
 from lightning_selfcompress.models import BaselineCNN, ResNet9
+from lightning_selfcompress.testing import randomize_zero_weights
 
 
 
@@ -72,10 +73,8 @@ def zoo_model(name: str, batch: int = 4) -> tuple[nn.Module, Tensor]:
     make, shape = ZOO[name]
     net = make().double()
     x = torch.randn(batch, *shape, dtype=torch.float64)
+    randomize_zero_weights(net)
     with torch.no_grad():
-        for p in net.parameters():  # weights initialised to zeros (ViT's head, its class token) hide any difference
-            if p.dim() > 1 and not p.any():
-                p.normal_(0, 0.02)
         net.train()(x)
     freeze_statistics(net)
     for m in net.modules():

@@ -24,6 +24,7 @@ from .ops import (
     NON_TENSOR_OPS,
     PRODUCERS,
     LeafTracer,
+    one_channel_per_group,
     op_name,
 )
 from .reembed import channel_map, reembedding_of
@@ -43,10 +44,6 @@ class _Flat:
 
 
 _NOT_A_TENSOR = object()
-def _one_channel_per_group(module: nn.Module) -> bool:
-    return isinstance(module, nn.GroupNorm) and module.num_groups == module.num_channels
-
-
 def _merge(values: list) -> ChannelMap | _Flat | None:
     """Channel-wise union for elementwise ops; a channel is live if any operand's channel is."""
     if not values or any(v is None for v in values):
@@ -112,7 +109,7 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
                 env[node] = None if rule in (Rule.MIXES_CHANNELS, Rule.OPAQUE) else first
             elif isinstance(module, nn.Flatten) and module.start_dim == 1:
                 env[node] = _flatten(first)
-            elif isinstance(module, CHANNELWISE_MODULES) or _one_channel_per_group(module):
+            elif isinstance(module, CHANNELWISE_MODULES) or one_channel_per_group(module):
                 env[node] = first
             else:
                 env[node] = None

@@ -47,6 +47,7 @@ from .ops import (
     PRODUCERS,
     VALUE_OPS,
     LeafTracer,
+    one_channel_per_group,
     op_name,
 )  # fmt: skip
 from .reembed import reembedding_of
@@ -538,7 +539,7 @@ class _Walker:
         if isinstance(module, NORMS):
             return self.add_step(node, "norm", [source], slots, node.target)
         if isinstance(module, nn.GroupNorm):
-            if module.num_groups != module.num_channels:
+            if not one_channel_per_group(module):
                 g.pin(slots, f"normalised across channels by '{node.target}'")
             return self.add_step(node, "opaque", [source], slots)
         if per_channel_prelu:

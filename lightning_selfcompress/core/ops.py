@@ -63,6 +63,11 @@ CHANNELWISE_MODULES = (
 FLATTENING_OPS = {"flatten", "view", "reshape"}
 
 
+def one_channel_per_group(module: nn.Module) -> bool:
+    """A GroupNorm with one channel per group normalises each channel alone; with more it mixes them."""
+    return isinstance(module, nn.GroupNorm) and module.num_groups == module.num_channels
+
+
 class LeafTracer(fx.Tracer):
     """Keeps Conv/Linear layers and modules with a registered rule whole."""
 
