@@ -10,7 +10,9 @@ random inputs, alternating rounds, the best of the rounds' medians):
 2. ORT int8: that file quantized by ONNX Runtime's own `quantize_static` (after `quant_pre_process`; QDQ format,
    per-channel int8 weights, int8 activations calibrated on the same training images as ours);
 3. ours, weights: the run's compressed network, `export_onnx` (int8 weights folded at load, BatchNorm folded);
-4. ours, int8: the same with int8 activations calibrated on those images (Q/DQ where ONNX Runtime fuses them);
+4. ours, int8: the same with int8 activations calibrated on those images (Q/DQ where ONNX Runtime fuses them),
+   in the layout TensorRT takes (symmetric) and in the one ONNX Runtime runs fastest (`runtime="onnxruntime"`: a
+   ReLU's output over the whole int8 range, fused into the integer kernel; the first layer on the image float);
    for a run trained with int8 activations (`compression.int8_activations=true`) one file instead, with its trained
    steps.
 
@@ -111,13 +113,15 @@ def main() -> None:
     calibration = [next(train)[0] for _ in range(args.calibration_batches)]
     x = calibration[0][:2]
     trained_steps = any("input_quantizer" in m._modules for m in quantized_layers(ours).values())
-    mine = ["ours, int8 (trained steps)"] if trained_steps else ["ours, weights", "ours, int8"]
+    layouts = {"ours, int8 (TensorRT layout)": "tensorrt", "ours, int8 (ONNX Runtime layout)": "onnxruntime"}
+    mine = ["ours, int8 (trained steps)"] if trained_steps else ["ours, weights", *layouts]
     with tempfile.TemporaryDirectory() as scratch:
         files = {key: Path(scratch) / f"{key}.onnx" for key in ("float", "ORT int8", *mine)}
         plain_export(float_net, x, files["float"])
         ort_quantize_static(files["float"], files["ORT int8"], calibration)
         for key in mine:  # a model trained with int8 inputs exports its trained steps, calibration or not
-            export_onnx(ours, x, files[key], calibration=calibration if key == "ours, int8" else None, tolerance=None)
+            export_onnx(ours, x, files[key], calibration=calibration if key in layouts else None, tolerance=None,
+                        runtime=layouts.get(key, "tensorrt"))  # fmt: skip
         best = {key: dict.fromkeys(args.batches, float("inf")) for key in files}
         shape = tuple(x.shape[1:])
         for _ in range(rounds):  # alternate, so that drift in machine speed hits every file alike

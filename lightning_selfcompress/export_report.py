@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .check24 import check_onnx
-from .core.export import export_onnx
+from .core.export import RUNTIMES, export_onnx
 from .core.groups import ChannelGraph, GraphError
 from .core.latency import ort_kernels, ort_latency_ms
 from .core.parity import onnx_session, reference_output
@@ -39,6 +39,10 @@ INT4_NO_ENGINE = (
     "int4 files are for ONNX Runtime only: TensorRT's INT4 is weight-only and block-wise (blocks of 64 or 128 input "
     "channels), and this export writes INT4 per output channel"
 )
+ORT_LAYOUT_NO_ENGINE = (
+    "runtime=onnxruntime lays int8 activations out for ONNX Runtime (zero point -128 after a ReLU), which TensorRT "
+    "does not take; export with runtime=tensorrt for an engine"
+)
 CALIBRATED_TOLERANCE = 0.01  # int8 activations change the outputs by about a percent
 
 
@@ -46,7 +50,8 @@ CALIBRATED_TOLERANCE = 0.01  # int8 activations change the outputs by about a pe
 class ExportOptions:
     """How to export. `engine`: "auto" builds a TensorRT engine where it can (else the report says why), "always" fails
     where it cannot, "never" skips it; int4 files get no engine. `calibrate_batches` > 0 adds int8 activation Q/DQ
-    calibrated on that many batches, which needs a tolerance of at least 0.01 (or None)."""
+    calibrated on that many batches, which needs a tolerance of at least 0.01 (or None), laid out for `runtime`
+    ("tensorrt", or "onnxruntime": faster there, no engine; see `export_onnx`)."""
 
     int4: bool = False
     calibrate_batches: int = 0
@@ -56,10 +61,13 @@ class ExportOptions:
     fp16: bool = False
     latency_batches: Sequence[int] = (1, 64)
     latency_runs: int = 30
+    runtime: str = "tensorrt"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"engine={self.engine!r} is not one of {list(ENGINE_CHOICES)}.")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime={self.runtime!r} is not one of {list(RUNTIMES)}.")
         if self.calibrate_batches < 0 or self.parity_batches < 1:
             raise ValueError(
                 f"calibrate_batches={self.calibrate_batches} must be >= 0 and parity_batches={self.parity_batches} >= 1."
@@ -79,6 +87,8 @@ class ExportOptions:
         if self.int4 and self.engine == "always":
             raise ValueError(f"int4=True with engine='always': {INT4_NO_ENGINE}. Use engine='auto' or 'never' with "
                              "int4, or int4=False for a TensorRT engine.")  # fmt: skip
+        if self.runtime == "onnxruntime" and self.engine == "always":
+            raise ValueError(f"engine='always' with {ORT_LAYOUT_NO_ENGINE}.")
 
 
 def check_output_path(path: str | Path) -> Path:
@@ -184,6 +194,8 @@ def _engine(onnx_path: Path, model: nn.Module, inputs: list[Tensor], options: Ex
         return {"built": False, "reason": "engine=never"}
     if options.int4:
         return {"built": False, "reason": INT4_NO_ENGINE}
+    if options.runtime == "onnxruntime":
+        return {"built": False, "reason": ORT_LAYOUT_NO_ENGINE}
     max_batch = max([*options.latency_batches, *(len(x) for x in inputs)])  # every batch that will run through it
     try:
         path = build_engine(onnx_path, onnx_path.with_suffix(".engine"), max_batch=max_batch, sparse_weights=sparse,
@@ -228,7 +240,7 @@ def export_and_report(
     if options.calibrate_batches > len(batches):
         raise ValueError(f"calibrate_batches={options.calibrate_batches} but only {len(batches)} batches were given.")
     result = export_onnx(model, example, path, int4=options.int4, calibration=calibration,
-                         parity_inputs=parity_inputs, tolerance=options.tolerance)  # fmt: skip
+                         parity_inputs=parity_inputs, tolerance=options.tolerance, runtime=options.runtime)  # fmt: skip
     sparse = [_layer_name(c.name) for c in check_onnx(path) if c.sparse]
     exported = {layer.name: layer for layer in result.layers}
     macs_after = macs(model, example)

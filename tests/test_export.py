@@ -262,6 +262,35 @@ def test_the_output_requantization_adds_no_error_of_its_own(tmp_path):
     assert errors[0] <= 1.1 * errors[1], errors
 
 
+def test_an_onnx_runtime_layout_fuses_the_relus_and_keeps_a_first_layer_on_images_float(tmp_path):
+    net = ConvLinear()
+    attach_quantizers(net)
+    random_quantizers(net, 6.0, 8.0)
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    path = tmp_path / "net.onnx"
+    result = export_onnx(net, batches[0], path, calibration=batches, parity_inputs=batches, tolerance=0.05,
+                         runtime="onnxruntime")  # fmt: skip
+    assert 0 < result.parity.max_rel <= 0.05
+    model = onnx.load(str(path))
+    zero_points = [int(numpy_helper.to_array(i)) for i in model.graph.initializer if i.name.startswith("act")
+                   and i.name.endswith("zero_point")]  # fmt: skip
+    assert zero_points == [-128, -128], "b's and c's inputs come from ReLUs; a's (the image, 3 channels) stays float"
+    with torch.no_grad():
+        b_input = max(float(torch.relu(net.a(x)).max()) for x in batches)
+    assert result.activation_scales["/Relu_output_0"] == pytest.approx(b_input / 255, rel=1e-5), "the whole range"
+    with pytest.raises(QuantizationRuleError, match="zero point must be 0"):
+        check_explicit_quantization(model)  # TensorRT's layout is the default, and the only one TensorRT takes
+    ops = optimized_ops(path, tmp_path)
+    assert ops.count("QLinearConv") == 1 and ops.count("Conv") == 1, f"a float, b an integer kernel: {ops}"
+    assert "Relu" not in ops, f"each ReLU fused into the kernel before it: {ops}"
+
+
+def test_an_unknown_runtime_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="runtime='tflite' is not one of"):
+        export_onnx(ConvLinear(), torch.randn(2, 3, 8, 8), tmp_path / "net.onnx", runtime="tflite")
+    assert leftovers(tmp_path) == []
+
+
 def test_a_plain_float_model_exports_unchanged(tmp_path):
     net = ConvLinear().eval()
     result = export_onnx(net, torch.randn(1, 3, 8, 8), tmp_path / "float.onnx")

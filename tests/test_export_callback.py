@@ -67,6 +67,10 @@ def test_its_own_arguments_are_checked_when_it_is_built(tmp_path):
         CompressedExport(tmp_path / "model.onnx", int4=True, engine="always")
     with pytest.raises(ValueError, match="engine='sometimes' is not one of"):
         CompressedExport(tmp_path / "model.onnx", engine="sometimes")
+    with pytest.raises(ValueError, match="runtime='openvino' is not one of \\['tensorrt', 'onnxruntime'\\]"):
+        CompressedExport(tmp_path / "model.onnx", runtime="openvino")
+    with pytest.raises(ValueError, match="engine='always' with runtime=onnxruntime .* which TensorRT does not take"):
+        CompressedExport(tmp_path / "model.onnx", runtime="onnxruntime", engine="always")
     with pytest.raises(ValueError, match="latency_batches=\\[0\\]"):
         CompressedExport(tmp_path / "model.onnx", latency_batches=[0])
     with pytest.raises(ValueError, match="tolerance=0 must be > 0"):
@@ -93,6 +97,16 @@ def test_an_int4_export_is_reported_without_an_engine_and_why(tmp_path):
     assert on_disk["engine"] == report["engine"] == {"built": False, "reason": report["engine"]["reason"]}
     assert "for ONNX Runtime only" in report["engine"]["reason"] and "block-wise" in report["engine"]["reason"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.onnx"]
+
+
+def test_an_onnx_runtime_layout_is_calibrated_reported_and_gets_no_engine(tmp_path):
+    options = ExportOptions(calibrate_batches=2, tolerance=None, runtime="onnxruntime", latency_batches=(1,),
+                            latency_runs=1)  # fmt: skip
+    batches = [torch.randn(4, 1, 28, 28) for _ in range(2)]
+    report = export_and_report(small_quantized_net(), tmp_path / "model.onnx", batches, options)
+    assert report["activation_quantized"]
+    assert report["engine"] == {"built": False, "reason": report["engine"]["reason"]}
+    assert "runtime=onnxruntime" in report["engine"]["reason"] and "runtime=tensorrt" in report["engine"]["reason"]
 
 
 def test_an_export_path_that_cannot_be_written_is_refused_when_the_callback_is_built(tmp_path):

@@ -35,6 +35,9 @@ class CompressedExport(Callback):
         fp16: let TensorRT pick FP16 kernels (TensorRT 10 only: its weakly typed networks).
         latency_batches: batch sizes at which latency is measured.
         latency_runs: timed runs per batch size (the median is reported).
+        runtime: the runtime the int8 activations are laid out for: "tensorrt" (symmetric, the only form TensorRT
+            takes) or "onnxruntime" (a ReLU's output over the whole int8 range, which ONNX Runtime fuses into its
+            integer kernels; no engine). Matters only with int8 activations.
     """
 
     def __init__(
@@ -49,10 +52,11 @@ class CompressedExport(Callback):
         fp16: bool = False,
         latency_batches: Sequence[int] = (1, 64),
         latency_runs: int = 30,
+        runtime: str = "tensorrt",
     ) -> None:
         self.path = check_output_path(path)  # here too, so that a wrong name fails before training, not after
         self.options = ExportOptions(int4, calibrate_batches, parity_batches, tolerance, engine, fp16,
-                                     tuple(latency_batches), latency_runs)  # fmt: skip
+                                     tuple(latency_batches), latency_runs, runtime)  # fmt: skip
         self.before: dict[str, tuple[int, int]] = {}
         self.parameters_before: int | None = None
         self.report: dict[str, Any] | None = None

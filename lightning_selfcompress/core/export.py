@@ -19,7 +19,10 @@ How it is built:
 3. BatchNorm is folded into the scale beside the integers and into the biases where that is exact (`onnx_fold`).
 4. With activation quantization, each quantized layer's input gets a Q/DQ pair with its trained step (a layer with
    an `input_quantizer`) or one calibrated on a few batches (max |x| / 127), and its output the next layer's pair
-   where only ops that commute with rounding lie between, so that ONNX Runtime fuses an integer kernel.
+   where only ops that commute with rounding lie between, so that ONNX Runtime fuses an integer kernel. Laid out for
+   TensorRT (symmetric int8) by default, or for ONNX Runtime (`runtime="onnxruntime"`: a ReLU's output quantized over
+   the whole int8 range, zero point -128, which ONNX Runtime fuses into the kernel before it; first layers on images
+   left float).
 
 A layer whose integers do not all fit int8 (a channel above 8 bits) stays float32 as a whole, holding q exactly, and
 is reported so; so does a layer whose scale 2^e is not a positive normal float32. Optional: int4 storage (opset 21)
@@ -67,7 +70,10 @@ FLOAT_CLASS = {quantized: plain for plain, quantized in QUANTIZED_CLASS.items()}
 INT_RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
 NUMPY_TYPE = {"int8": np.int8, "int4": ml_dtypes.int4}  # onnx packs int4 two to a byte
 WEIGHT_OPS = ("Conv", "Gemm")
-COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten")  # f(q(x)) = q(f(x)) for symmetric int8 q
+COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten")  # f(q(x)) = q(f(x)) for these int8 q
+KEEPS_SIGN = ("MaxPool", "Reshape", "Flatten")  # a ReLU's output stays non-negative through these
+RUNTIMES = ("tensorrt", "onnxruntime")  # the int8 activation layouts export_onnx writes
+FEW_INPUT_CHANNELS = 4  # onnxruntime: a layer reading fewer channels per group keeps float activations
 TRAINED_ACTIVATION_TOLERANCE = 1e-2  # the least parity tolerance of a model trained with int8 activations
 OPSET = 20  # the legacy exporter's highest; int4 storage converts the file to 21
 
@@ -345,8 +351,9 @@ def _insert_qdq(graph: onnx.GraphProto, tensor: str, readers: list[onnx.NodeProt
 
 def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> None:
     """Q/DQ on each quantized layer's output where it reaches the next layer's input Q only through ops that commute
-    with symmetric rounding (ReLU, MaxPool, reshapes): with that Q's scale, the added rounding changes no value, and
-    ONNX Runtime fuses DQ -> Conv -> Q into one integer kernel (QLinearConv)."""
+    with its rounding (ReLU, MaxPool, reshapes; with a zero point of -128 the pair does the ReLU itself): with that Q's
+    scale and zero point, the added rounding changes no value, and ONNX Runtime fuses DQ -> Conv -> Q into one integer
+    kernel (QLinearConv)."""
     reading = readers_of(graph)
     outputs = {o.name for o in graph.output}
 
@@ -365,36 +372,69 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
                         f"{layer.name}.output")  # fmt: skip
 
 
+def _non_negative(graph: onnx.GraphProto, tensor: str) -> bool:
+    """Whether `tensor` is a ReLU's output, directly or through max-pooling and reshapes."""
+    producer = {output: node for node in graph.node for output in node.output}
+    node = producer.get(tensor)
+    while node is not None and node.op_type in KEEPS_SIGN:
+        node = producer.get(node.input[0])
+    return node is not None and node.op_type == "Relu"
+
+
 def _quantize_activations(
-    model: onnx.ModelProto, layers: list[onnx.NodeProto], trained: dict[str, float], batches: Iterable[Tensor] | None
+    model: onnx.ModelProto,
+    layers: list[onnx.NodeProto],
+    trained: dict[str, float],
+    batches: Iterable[Tensor] | None,
+    runtime: str,
 ) -> dict[str, float]:
-    """Per-tensor symmetric int8 Q/DQ on the input of each of `layers`: with its trained scale where `trained` (node
-    name -> scale) has one, else calibrated on `batches`; and on its output where that is exact (`_quantize_outputs`).
+    """Per-tensor int8 Q/DQ on the input of each of `layers`: with its trained scale where `trained` (node name ->
+    scale) has one, else calibrated on `batches`; and on its output where that is exact (`_quantize_outputs`).
+    Symmetric (max |x| / 127, zero point 0), except, for ONNX Runtime, a non-negative input calibrated over the whole
+    range (max x / 255, zero point -128): twice the resolution, and ONNX Runtime then drops the ReLU before it.
     Returns the scale of each quantized input tensor."""
     graph = model.graph
-    if not layers:
-        raise ExportError(
-            "calibration was given, but the model has no quantized layer to calibrate (activation Q/DQ goes on the "
-            "input of each layer stored as int8/int4). Attach quantizers (SelfCompression) first, or export without "
-            "calibration (calibrate_batches=0)."
-        )
     untrained = list(dict.fromkeys(n.input[0] for n in layers if n.name not in trained))
     absmax = _calibrate(model, untrained, batches) if untrained else {}
-    scale_of = {n.name: trained.get(n.name) or max(absmax[n.input[0]], 1e-12) / 127.0 for n in layers}
-    groups: dict[tuple[str, float], list[onnx.NodeProto]] = defaultdict(list)
+    unsigned = {t for t in untrained if runtime == "onnxruntime" and _non_negative(graph, t)}
+
+    def step(node: onnx.NodeProto) -> tuple[float, int]:
+        if node.name in trained:
+            return trained[node.name], 0
+        tensor = node.input[0]
+        return (max(absmax[tensor], 1e-12) / 255.0, -128) if tensor in unsigned else (max(absmax[tensor], 1e-12) / 127.0, 0)
+
+    groups: dict[tuple[str, float, int], list[onnx.NodeProto]] = defaultdict(list)
     for node in layers:
-        groups[node.input[0], scale_of[node.name]].append(node)
-    for i, ((tensor, scale), readers) in enumerate(groups.items()):
+        groups[(node.input[0], *step(node))].append(node)
+    for i, ((tensor, scale, zero_point), readers) in enumerate(groups.items()):
         graph.initializer.extend(
             [
                 numpy_helper.from_array(np.array(scale, np.float32), f"act{i}.scale"),
-                numpy_helper.from_array(np.array(0, np.int8), f"act{i}.zero_point"),
+                numpy_helper.from_array(np.array(zero_point, np.int8), f"act{i}.zero_point"),
             ]
         )
         _insert_qdq(graph, tensor, readers, [f"act{i}.scale", f"act{i}.zero_point"], f"act{i}")
     _quantize_outputs(graph, layers)
+    _drop_relus_after_unsigned_pairs(graph)
     _fold_unfused_weights(graph, layers)
-    return {tensor: scale for tensor, scale in groups}
+    return {tensor: scale for tensor, scale, _ in groups}
+
+
+def _drop_relus_after_unsigned_pairs(graph: onnx.GraphProto) -> None:
+    """A ReLU that reads a DequantizeLinear of zero point -128 is the identity (every value it gets is >= 0): bypassed,
+    so that the integer kernels' outputs reach the next Q/DQ through reshapes and pooling only."""
+    zero_points = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".zero_point")}
+    unsigned = {
+        node.output[0]
+        for node in graph.node
+        if node.op_type == "DequantizeLinear" and len(node.input) > 2 and np.all(zero_points.get(node.input[2], 0) == -128)
+    }
+    outputs = {o.name for o in graph.output}
+    for relu in [n for n in graph.node if n.op_type == "Relu" and n.input[0] in unsigned and n.output[0] not in outputs]:
+        for node in graph.node:
+            node.input[:] = [relu.input[0] if name == relu.output[0] else name for name in node.input]
+        graph.node.remove(relu)
 
 
 def _fold_unfused_weights(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> None:
@@ -439,6 +479,7 @@ def export_onnx(
     parity_inputs: Sequence[Tensor] | None = None,
     tolerance: float | None = 1e-4,
     float_path: str | os.PathLike | None = None,
+    runtime: str = "tensorrt",
 ) -> ExportResult:
     """Export `model` (thinned and quantized, or plain float) to ONNX at `path`.
 
@@ -453,11 +494,18 @@ def export_onnx(
             kernels round each bias to the int32 grid of input scale x weight scale, and folded BatchNorms move it,
             which its training did not simulate.
         float_path: where to keep the same network exported with float32 weights (for comparisons); default: not kept.
+        runtime: whom the int8 activations are laid out for. "tensorrt": symmetric int8 (zero point 0), the only form
+            TensorRT takes, checked against its rules. "onnxruntime": a calibrated input that a ReLU made non-negative
+            spans the whole int8 range (zero point -128), so ONNX Runtime drops the ReLU into the integer kernel; and
+            a layer reading fewer than 4 channels per group (a first convolution on an image) keeps float inputs,
+            where ONNX Runtime's float kernel is faster than its integer one. Trained steps stay symmetric.
     """
     path, keep_float = Path(path), float_path
     _check_model(model)
     if tolerance is not None and not tolerance > 0:
         raise ValueError(f"tolerance={tolerance} must be > 0 (or None to measure without a limit).")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r} is not one of {list(RUNTIMES)}.")
     layers = quantized_layers(model)
     example = example_input.detach().to(next(model.parameters(), example_input).device)
     with contextlib.ExitStack() as stack:
@@ -474,6 +522,8 @@ def export_onnx(
         onnx_model = onnx.load(str(float_path))
         trained = {name: m.input_quantizer.scale for name, m in layers.items() if "input_quantizer" in m._modules}
         qdq = set(layers) if calibration is not None else set(trained)
+        if runtime == "onnxruntime":
+            qdq = {name for name in qdq if name in trained or layers[name].weight.shape[1] >= FEW_INPUT_CHANNELS}
         reports, matches = _rewrite_weights(onnx_model, layers, weights, int4, qdq)
         if int4 and any(r.storage == "int4" for r in reports):
             onnx_model = onnx.version_converter.convert_version(onnx_model, 21)
@@ -486,13 +536,20 @@ def export_onnx(
                 stacklevel=2,
             )
         quantized = [node for name in qdq & stored for node in matches[name]]
+        if calibration is not None and not stored:
+            raise ExportError(
+                "calibration was given, but the model has no quantized layer to calibrate (activation Q/DQ goes on "
+                "the input of each layer stored as int8/int4). Attach quantizers (SelfCompression) first, or export "
+                "without calibration (calibrate_batches=0)."
+            )
         node_scales = {node.name: trained[name] for name in trained.keys() & stored for node in matches[name]}
         folded = fold_batchnorm(onnx_model, fixed=set(node_scales))
         scales = {}
-        if calibration is not None or quantized:
-            scales = _quantize_activations(onnx_model, _by_name(onnx_model, quantized), node_scales, calibration)
+        if quantized:
+            scales = _quantize_activations(onnx_model, _by_name(onnx_model, quantized), node_scales, calibration, runtime)
         onnx.checker.check_model(onnx_model, full_check=True)
-        check_explicit_quantization(onnx_model)
+        if runtime == "tensorrt":
+            check_explicit_quantization(onnx_model)
         onnx.save(onnx_model, str(tmp))
         inputs = list(parity_inputs) if parity_inputs is not None else [example]
         if trained and tolerance is not None:  # integer kernels round biases to the int32 grid; training does not
