@@ -12,7 +12,7 @@ random inputs, alternating rounds, the best of the rounds' medians):
 3. ours, weights: the run's compressed network, `export_onnx` (int8 weights folded at load, BatchNorm folded);
 4. ours, int8: the same with int8 activations calibrated on those images (Q/DQ where ONNX Runtime fuses them),
    in the layout TensorRT takes (symmetric) and in the one ONNX Runtime runs fastest (`runtime="onnxruntime"`: a
-   ReLU's output over the whole int8 range, fused into the integer kernel; the first layer on the image float);
+   uint8, a ReLU's output over the whole range, fused into the integer kernel; the first layer on the image float);
    for a run trained with int8 activations (`compression.int8_activations=true`) one file instead, with its trained
    steps.
 

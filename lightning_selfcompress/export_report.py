@@ -40,7 +40,7 @@ INT4_NO_ENGINE = (
     "channels), and this export writes INT4 per output channel"
 )
 ORT_LAYOUT_NO_ENGINE = (
-    "runtime=onnxruntime lays int8 activations out for ONNX Runtime (zero point -128 after a ReLU), which TensorRT "
+    "runtime=onnxruntime lays int8 activations out for ONNX Runtime (uint8), which TensorRT "
     "does not take; export with runtime=tensorrt for an engine"
 )
 CALIBRATED_TOLERANCE = 0.01  # int8 activations change the outputs by about a percent

@@ -274,15 +274,33 @@ def test_an_onnx_runtime_layout_fuses_the_relus_and_keeps_a_first_layer_on_image
     model = onnx.load(str(path))
     zero_points = [int(numpy_helper.to_array(i)) for i in model.graph.initializer if i.name.startswith("act")
                    and i.name.endswith("zero_point")]  # fmt: skip
-    assert zero_points == [-128, -128], "b's and c's inputs come from ReLUs; a's (the image, 3 channels) stays float"
+    assert zero_points == [0, 0], "b's and c's inputs come from ReLUs: uint8 from 0; a's (the image, 3 channels) float"
     with torch.no_grad():
         b_input = max(float(torch.relu(net.a(x)).max()) for x in batches)
     assert result.activation_scales["/Relu_output_0"] == pytest.approx(b_input / 255, rel=1e-5), "the whole range"
-    with pytest.raises(QuantizationRuleError, match="zero point must be 0"):
+    with pytest.raises(QuantizationRuleError, match="zero point must be 0 of a signed type"):
         check_explicit_quantization(model)  # TensorRT's layout is the default, and the only one TensorRT takes
     ops = optimized_ops(path, tmp_path)
     assert ops.count("QLinearConv") == 1 and ops.count("Conv") == 1, f"a float, b an integer kernel: {ops}"
     assert "Relu" not in ops, f"each ReLU fused into the kernel before it: {ops}"
+
+
+@pytest.mark.parametrize("runtime", ["tensorrt", "onnxruntime"])
+def test_a_residual_add_is_quantized_so_that_both_branches_end_in_integer_kernels(runtime, tmp_path):
+    from lightning_selfcompress.models import ResNet9
+
+    net = ResNet9(1, 10, width=4).eval()
+    attach_quantizers(net, QuantizationConfig(init_bits=6))
+    batches = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+    path = tmp_path / "net.onnx"
+    result = export_onnx(net, batches[0], path, calibration=batches, parity_inputs=batches, tolerance=0.05,
+                         runtime=runtime)  # fmt: skip
+    assert result.parity.max_rel <= 0.05
+    add = next(n for n in onnx.load(str(path)).graph.node if n.name == "/layer1/layer1.2/Add")
+    assert all(i.startswith("act") and ".dequantized" in i for i in add.input), f"both inputs through Q/DQ: {add.input}"
+    if runtime == "onnxruntime":  # the TensorRT layout passed TensorRT's rules inside export_onnx
+        ops = optimized_ops(path, tmp_path)
+        assert ops.count("QLinearConv") == 7 and "QLinearAdd" in ops, f"every conv but the first on the image: {ops}"
 
 
 def test_an_unknown_runtime_is_a_clear_error(tmp_path):

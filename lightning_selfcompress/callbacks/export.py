@@ -36,7 +36,7 @@ class CompressedExport(Callback):
         latency_batches: batch sizes at which latency is measured.
         latency_runs: timed runs per batch size (the median is reported).
         runtime: the runtime the int8 activations are laid out for: "tensorrt" (symmetric, the only form TensorRT
-            takes) or "onnxruntime" (a ReLU's output over the whole int8 range, which ONNX Runtime fuses into its
+            takes) or "onnxruntime" (uint8, a ReLU's output over the whole range, which ONNX Runtime fuses into its
             integer kernels; no engine). Matters only with int8 activations.
     """
 

@@ -20,9 +20,9 @@ How it is built:
 4. With activation quantization, each quantized layer's input gets a Q/DQ pair with its trained step (a layer with
    an `input_quantizer`) or one calibrated on a few batches (max |x| / 127), and its output the next layer's pair
    where only ops that commute with rounding lie between, so that ONNX Runtime fuses an integer kernel. Laid out for
-   TensorRT (symmetric int8) by default, or for ONNX Runtime (`runtime="onnxruntime"`: a ReLU's output quantized over
-   the whole int8 range, zero point -128, which ONNX Runtime fuses into the kernel before it; first layers on images
-   left float).
+   TensorRT (symmetric int8) by default, or for ONNX Runtime (`runtime="onnxruntime"`: uint8, a ReLU's output over
+   the whole range, zero point 0, which ONNX Runtime fuses into the kernel before it; first layers on images left
+   float). A residual Add that feeds a quantized layer gets Q/DQ on both inputs, so that it runs in int8 too.
 
 A layer whose integers do not all fit int8 (a channel above 8 bits) stays float32 as a whole, holding q exactly, and
 is reported so; so does a layer whose scale 2^e is not a positive normal float32. Optional: int4 storage (opset 21)
@@ -338,20 +338,22 @@ def _calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[Ten
 
 
 def _insert_qdq(graph: onnx.GraphProto, tensor: str, readers: list[onnx.NodeProto], args: list[str], name: str) -> None:
-    """Q/DQ on `tensor` (scale and zero point `args`) for `readers`, right after the node that makes it."""
-    q = helper.make_node("QuantizeLinear", [tensor, *args], [f"{name}.quantized"], name=f"{name}.quantize")
-    dq = helper.make_node("DequantizeLinear", [f"{name}.quantized", *args], [f"{name}.dequantized"],
-                          name=f"{name}.dequantize")  # fmt: skip
-    for node in readers:
-        node.input[0] = f"{name}.dequantized"
+    """Q/DQ on `tensor` (scale and zero point `args`) for `readers`, right after the node that makes it: one Q, and a
+    DQ of each reader's own (ONNX Runtime fuses a DQ into an integer kernel only where that kernel is its sole reader)."""
+    nodes = [helper.make_node("QuantizeLinear", [tensor, *args], [f"{name}.quantized"], name=f"{name}.quantize")]
+    for k, reader in enumerate(readers):
+        suffix = f".{k}" if k else ""
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.quantized", *args], [f"{name}.dequantized{suffix}"],
+                                      name=f"{name}.dequantize{suffix}"))  # fmt: skip
+        reader.input[:] = [f"{name}.dequantized{suffix}" if i == tensor else i for i in reader.input]
     position = next((k + 1 for k, node in enumerate(graph.node) if tensor in node.output), 0)
-    graph.node.insert(position, dq)
-    graph.node.insert(position, q)
+    for node in reversed(nodes):
+        graph.node.insert(position, node)
 
 
 def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> None:
     """Q/DQ on each quantized layer's output where it reaches the next layer's input Q only through ops that commute
-    with its rounding (ReLU, MaxPool, reshapes; with a zero point of -128 the pair does the ReLU itself): with that Q's
+    with its rounding (ReLU, MaxPool, reshapes; with its type's least zero point the pair does the ReLU itself): with that Q's
     scale and zero point, the added rounding changes no value, and ONNX Runtime fuses DQ -> Conv -> Q into one integer
     kernel (QLinearConv)."""
     reading = readers_of(graph)
@@ -372,13 +374,30 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
                         f"{layer.name}.output")  # fmt: skip
 
 
-def _non_negative(graph: onnx.GraphProto, tensor: str) -> bool:
-    """Whether `tensor` is a ReLU's output, directly or through max-pooling and reshapes."""
-    producer = {output: node for node in graph.node for output in node.output}
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in graph.node for output in node.output}
+
+
+def _non_negative(producer: dict[str, onnx.NodeProto], tensor: str) -> bool:
+    """Whether `tensor` is a ReLU's output, through max-pooling and reshapes, or a sum of such."""
     node = producer.get(tensor)
     while node is not None and node.op_type in KEEPS_SIGN:
         node = producer.get(node.input[0])
+    if node is not None and node.op_type == "Add":
+        return all(_non_negative(producer, t) for t in node.input)
     return node is not None and node.op_type == "Relu"
+
+
+def _residual_adds(producer: dict[str, onnx.NodeProto], tensors: Iterable[str], constants: set[str]) -> list:
+    """The Adds of two computed tensors whose sum (through a ReLU, pooling or reshapes) is one of `tensors`."""
+    found = []
+    for tensor in tensors:
+        node = producer.get(tensor)
+        while node is not None and node.op_type in ("Relu", *KEEPS_SIGN):
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Add" and not constants & set(node.input) and node not in found:
+            found.append(node)
+    return found
 
 
 def _quantize_activations(
@@ -390,28 +409,42 @@ def _quantize_activations(
 ) -> dict[str, float]:
     """Per-tensor int8 Q/DQ on the input of each of `layers`: with its trained scale where `trained` (node name ->
     scale) has one, else calibrated on `batches`; and on its output where that is exact (`_quantize_outputs`).
-    Symmetric (max |x| / 127, zero point 0), except, for ONNX Runtime, a non-negative input calibrated over the whole
-    range (max x / 255, zero point -128): twice the resolution, and ONNX Runtime then drops the ReLU before it.
+    Symmetric int8 (max |x| / 127, zero point 0) for TensorRT. For ONNX Runtime uint8, the type its x86 integer
+    kernels take (else it converts each pair, and a tensor read by two layers then stays float): zero point 128,
+    except a non-negative input, calibrated over the whole range (max x / 255, zero point 0): twice the resolution,
+    and ONNX Runtime drops the ReLU before it.
+    When calibrating, a residual Add that feeds a quantized layer gets Q/DQ on both inputs too, so that the runtime
+    adds in int8 and the convolutions on either branch end in integer kernels (QLinearAdd, fused Conv+Add).
     Returns the scale of each quantized input tensor."""
     graph = model.graph
-    untrained = list(dict.fromkeys(n.input[0] for n in layers if n.name not in trained))
+    producer = _producers(graph)
+    reads = [(node, node.input[0]) for node in layers]
+    if batches is not None:
+        constants = {i.name for i in graph.initializer}
+        adds = _residual_adds(producer, [n.input[0] for n in layers], constants)
+        reads += [(add, tensor) for add in adds for tensor in dict.fromkeys(add.input)]
+    untrained = list(dict.fromkeys(tensor for node, tensor in reads if node.name not in trained))
     absmax = _calibrate(model, untrained, batches) if untrained else {}
-    unsigned = {t for t in untrained if runtime == "onnxruntime" and _non_negative(graph, t)}
+    unsigned = {t for t in untrained if runtime == "onnxruntime" and _non_negative(producer, t)}
+    zero_type = np.uint8 if runtime == "onnxruntime" else np.int8
 
-    def step(node: onnx.NodeProto) -> tuple[float, int]:
+    def step(node: onnx.NodeProto, tensor: str) -> tuple[float, int]:
+        """(scale, zero point): int8 for TensorRT; uint8 for ONNX Runtime (the type its x86 kernels take)."""
+        shift = 128 if runtime == "onnxruntime" else 0
         if node.name in trained:
-            return trained[node.name], 0
-        tensor = node.input[0]
-        return (max(absmax[tensor], 1e-12) / 255.0, -128) if tensor in unsigned else (max(absmax[tensor], 1e-12) / 127.0, 0)
+            return trained[node.name], shift
+        if tensor in unsigned:
+            return max(absmax[tensor], 1e-12) / 255.0, 0
+        return max(absmax[tensor], 1e-12) / 127.0, shift
 
     groups: dict[tuple[str, float, int], list[onnx.NodeProto]] = defaultdict(list)
-    for node in layers:
-        groups[(node.input[0], *step(node))].append(node)
+    for node, tensor in reads:
+        groups[(tensor, *step(node, tensor))].append(node)
     for i, ((tensor, scale, zero_point), readers) in enumerate(groups.items()):
         graph.initializer.extend(
             [
                 numpy_helper.from_array(np.array(scale, np.float32), f"act{i}.scale"),
-                numpy_helper.from_array(np.array(zero_point, np.int8), f"act{i}.zero_point"),
+                numpy_helper.from_array(np.array(zero_point, zero_type), f"act{i}.zero_point"),
             ]
         )
         _insert_qdq(graph, tensor, readers, [f"act{i}.scale", f"act{i}.zero_point"], f"act{i}")
@@ -422,14 +455,15 @@ def _quantize_activations(
 
 
 def _drop_relus_after_unsigned_pairs(graph: onnx.GraphProto) -> None:
-    """A ReLU that reads a DequantizeLinear of zero point -128 is the identity (every value it gets is >= 0): bypassed,
-    so that the integer kernels' outputs reach the next Q/DQ through reshapes and pooling only."""
+    """A ReLU that reads a DequantizeLinear whose zero point is its type's least value is the identity (every value
+    it gets is >= 0): bypassed, so that integer kernels' outputs reach the next Q/DQ through pooling and reshapes."""
     zero_points = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".zero_point")}
-    unsigned = {
-        node.output[0]
-        for node in graph.node
-        if node.op_type == "DequantizeLinear" and len(node.input) > 2 and np.all(zero_points.get(node.input[2], 0) == -128)
-    }
+
+    def lowest(name: str) -> bool:
+        zero = zero_points.get(name)
+        return zero is not None and zero.dtype.kind in "iu" and bool(np.all(zero == np.iinfo(zero.dtype).min))
+
+    unsigned = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2 and lowest(n.input[2])}
     outputs = {o.name for o in graph.output}
     for relu in [n for n in graph.node if n.op_type == "Relu" and n.input[0] in unsigned and n.output[0] not in outputs]:
         for node in graph.node:
@@ -495,8 +529,9 @@ def export_onnx(
             which its training did not simulate.
         float_path: where to keep the same network exported with float32 weights (for comparisons); default: not kept.
         runtime: whom the int8 activations are laid out for. "tensorrt": symmetric int8 (zero point 0), the only form
-            TensorRT takes, checked against its rules. "onnxruntime": a calibrated input that a ReLU made non-negative
-            spans the whole int8 range (zero point -128), so ONNX Runtime drops the ReLU into the integer kernel; and
+            TensorRT takes, checked against its rules. "onnxruntime": uint8, the type ONNX Runtime's x86 integer
+            kernels take; a calibrated input that a ReLU made non-negative spans the whole range (zero point 0), so
+            ONNX Runtime drops the ReLU into the integer kernel; and
             a layer reading fewer than 4 channels per group (a first convolution on an image) keeps float inputs,
             where ONNX Runtime's float kernel is faster than its integer one. Trained steps stay symmetric.
     """
