@@ -60,6 +60,8 @@ def _surgery_line(s: dict) -> str:
 
 
 def _export_line(e: dict) -> str:
+    if "error" in e:
+        return f"Export of {e['path']} failed (no file written): {e['error']}\n"
     return (
         f"Export: {e['path']}, {e['file_bytes']:,} bytes ({e['float_file_bytes']:,} with float32 weights), parity "
         f"{e['parity']['max_rel']:.2g} relative, ONNX Runtime CPU "
@@ -169,7 +171,12 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("ckpt_path"):
         _check_resume(cfg.ckpt_path, surgeon)
     start = time.perf_counter()
-    trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except Exception as error:
+        if export is None or export.error is not error:
+            raise
+        # the model trained; only its export at the end of fit failed: test and report it, then raise
     train_seconds = time.perf_counter() - start
     (test,) = trainer.test(module, datamodule, verbose=False)
     size = compression.report(module) if compression else float_size_report(module)
@@ -202,6 +209,8 @@ def run(cfg: DictConfig) -> dict:
             + (_export_line(report["export"]) if report["export"] else "")
             + f"Report: {path}"
         )
+    if export is not None and export.error is not None:
+        raise export.error
     return report
 
 

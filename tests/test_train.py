@@ -17,6 +17,7 @@ from omegaconf import open_dict
 
 from conftest import requires_fashion_mnist
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression, Sparsity24
+from lightning_selfcompress.core.parity import ParityError
 from lightning_selfcompress.export_cli import find_checkpoint
 from lightning_selfcompress.train import CONFIG_DIR, run
 
@@ -100,6 +101,18 @@ def test_a_run_shorter_than_its_validation_interval_still_leaves_a_checkpoint_na
     checkpoints = sorted(p.name for p in (tmp_path / "csv" / "checkpoints").iterdir())
     assert report["checkpoint"] == str(tmp_path / "csv" / "checkpoints" / "last.ckpt") and checkpoints == ["last.ckpt"]
     assert find_checkpoint(str(tmp_path)) == Path(report["checkpoint"]), "lsc-export finds it from the run folder"
+
+
+@requires_fashion_mnist
+def test_a_failed_export_at_the_end_still_leaves_the_tested_report_and_then_raises(tmp_path):
+    cfg = compose_job([*TINY, "trainer.max_steps=4", f"report_path={tmp_path}/report.json",
+                       f"export.path={tmp_path}/model.onnx", "export.tolerance=1e-12"])  # fmt: skip
+    with pytest.raises(ParityError, match="tolerance 1e-12"):
+        run(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 0 < report["test_accuracy"] <= 1 and report["train_steps"] == 4, "tested and reported"
+    assert report["export"]["error"].startswith("ParityError") and not (tmp_path / "model.onnx").exists()
+    assert (tmp_path / "csv" / "checkpoints" / "last.ckpt").is_file()
 
 
 @requires_fashion_mnist

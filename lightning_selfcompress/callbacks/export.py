@@ -60,6 +60,7 @@ class CompressedExport(Callback):
         self.before: dict[str, tuple[int, int]] = {}
         self.parameters_before: int | None = None
         self.report: dict[str, Any] | None = None
+        self.error: Exception | None = None  # what the export at the end of fit raised (then raised on)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -77,12 +78,16 @@ class CompressedExport(Callback):
         batches = [x for x in map(image_batch, loaded) if x is not None]
         batches = batches or [model_input(pl_module, loaded[0] if loaded else None, "CompressedExport")]
         surgeon = next((cb for cb in trainer.callbacks if isinstance(cb, ChannelSurgeon) and cb.surgeon), None)
-        self.report = export_and_report(
-            pl_module,
-            self.path,
-            batches,
-            self.options,
-            before=self.before,
-            parameters_before=self.parameters_before,
-            macs_before=surgeon.original_macs if surgeon else None,
-        )
+        try:
+            self.report = export_and_report(
+                pl_module,
+                self.path,
+                batches,
+                self.options,
+                before=self.before,
+                parameters_before=self.parameters_before,
+                macs_before=surgeon.original_macs if surgeon else None,
+            )
+        except Exception as error:  # kept, so that a caller can still test and report the trained model
+            self.error, self.report = error, {"path": str(self.path), "error": f"{type(error).__name__}: {error}"}
+            raise
