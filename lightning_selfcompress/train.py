@@ -116,8 +116,9 @@ def _check_resume(path: str, surgeon: ChannelSurgeon | None) -> None:
 def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
     if sparsity is None:
         return None
+    core = sparsity.sparsifier
     permutation = sparsity.permutation.to_dict() if sparsity.permutation is not None else None
-    return {"pruned": sparsity.pruned, "kept_magnitude": sparsity.kept_magnitude, "dense_layers": sparsity.skipped,
+    return {"pruned": core.pruned, "kept_magnitude": core.kept_magnitude, "dense_layers": core.skipped,
             "permutation": permutation}
 
 

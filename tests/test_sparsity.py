@@ -11,8 +11,9 @@ from torch import nn
 
 from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers
 from lightning_selfcompress.core.sparsity import (
-    as_rows, from_rows, ineligible_reason, is_24, kept_magnitude, mask_1d, mask_2d,
+    Sparsifier24, as_rows, from_rows, ineligible_reason, is_24, kept_magnitude, mask_1d, mask_2d,
 )  # fmt: skip
+from lightning_selfcompress.models import ResNet9
 
 SHAPES = [(8, 16), (8, 12, 3, 3), (4, 8, 1, 1), (12, 4, 5)]
 
@@ -202,3 +203,35 @@ def test_recompute_puts_the_dropped_weights_back_at_their_stowed_values_and_lets
     assert layer.weight.tolist() == [[4.0, 0.0, 2.0, 0.0, 0.0, -0.5, 0.375, 0.0]], "2.0 came back, 1.5 went"
     assert layer.weight_dropped.tolist() == [[0.0, 1.5, 0.0, -1.0, 0.125, 0.0, 0.0, 0.25]], "the others stay frozen"
     assert "weight_dropped" in layer.state_dict(), "checkpoints carry the stowed weights"
+
+def test_the_core_sparsifier_runs_asps_workflow_in_a_plain_pytorch_loop(tiny_fmnist):
+    """No Lightning: attach, enforce, prune, recompute every 3 steps; the pattern holds in the weights and in AdamW's
+    state, and without the enforcer the next step fills it in again."""
+    tiny_fmnist.setup("fit")
+    batches = list(itertools.islice(tiny_fmnist.train_dataloader(), 8))
+    model = ResNet9(1, 10, width=8)
+    sparsifier = Sparsifier24(recompute_every_n_steps=3)
+    sparsifier.attach(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sparsifier.enforce([optimizer])
+    sparsifier.prune([optimizer], step=0)
+
+    def train_step(step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        sparsifier.step([optimizer], step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    for step, (x, y) in enumerate(batches[:7]):
+        train_step(step, x, y)
+    assert sparsifier.recomputed == 2 and sparsifier.masked_at_step == 6 and 0 < sparsifier.masks_changed < 0.5
+    assert "prep.0" in sparsifier.skipped and len(sparsifier.layers) == 8, "the 1-channel input conv stays dense"
+    for module in sparsifier.layers.values():
+        state = [v for v in optimizer.state[module.weight].values() if v.shape == module.weight.shape]
+        assert is_24(module.weight) and all((v[~module.weight_mask] == 0).all() for v in state)
+    restored = Sparsifier24(recompute_every_n_steps=3)
+    restored.load_state_dict(sparsifier.state_dict())
+    assert restored.state_dict() == sparsifier.state_dict()
+    sparsifier.remove()
+    train_step(7, *batches[7])
+    assert not any(is_24(m.weight) for m in sparsifier.layers.values()), "the enforcer was what kept the pattern"

@@ -37,15 +37,15 @@ def test_one_shot_pruning_keeps_two_of_four_for_the_rest_of_training(tiny_fmnist
     sparsity = Sparsity24(start_step=6)
     trainer = pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=6))
     trainer.fit(net, tiny_fmnist)
-    assert not sparsity.pruned and not sparse_layers(net), "dense before start_step"
-    assert "net.prep.0" in sparsity.skipped and "1 input channels" in sparsity.skipped["net.prep.0"]
+    assert not sparsity.sparsifier.pruned and not sparse_layers(net), "dense before start_step"
+    assert "net.prep.0" in sparsity.sparsifier.skipped and "1 input channels" in sparsity.sparsifier.skipped["net.prep.0"]
     trainer = pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=14))
     trainer.fit(net, tiny_fmnist)
     layers = sparse_layers(net)
-    assert sparsity.pruned and len(layers) == len(sparsity.layers) == 8
+    assert sparsity.sparsifier.pruned and len(layers) == len(sparsity.sparsifier.layers) == 8
     for name, m in layers.items():
         assert is_24(m.weight), name
-    assert 0.5 < min(sparsity.kept_magnitude.values()) < 1.0
+    assert 0.5 < min(sparsity.sparsifier.kept_magnitude.values()) < 1.0
 
 
 def test_masks_survive_a_checkpoint_and_load_into_a_fresh_model(tiny_fmnist, tmp_path):
@@ -78,17 +78,17 @@ def test_masks_follow_a_surgery_that_removes_input_channels(tiny_fmnist, tmp_pat
     advice = [w for w in caught if "Set round_to=4" in str(w.message)]
     assert len(advice) == (0 if recompute else 1), "advice where the surgeon's widths may leave 2:4 behind"
     assert callbacks[1].history, "channels were cut"
-    assert sparsity.rederived > 0, "some masks lost their groups of 4 and were derived anew"
+    assert sparsity.sparsifier.rederived > 0, "some masks lost their groups of 4 and were derived anew"
     for name, m in masked_layers(net).items():
         assert m.weight_mask.shape == m.weight.shape
         assert is_24(m.weight) or m.weight_mask.all(), name
     if recompute:  # the stowed weights were sliced with their layers, and only ever sit where a mask drops
-        stowed = {name: m.weight_dropped for name, m in sparsity.layers.items()}
-        assert all(v.shape == sparsity.layers[n].weight.shape for n, v in stowed.items())
-        assert not any((v * sparsity.layers[n].weight_mask).any() for n, v in stowed.items())
-        sparse = [n for n, m in sparsity.layers.items() if not m.weight_mask.all()]
+        stowed = {name: m.weight_dropped for name, m in sparsity.sparsifier.layers.items()}
+        assert all(v.shape == sparsity.sparsifier.layers[n].weight.shape for n, v in stowed.items())
+        assert not any((v * sparsity.sparsifier.layers[n].weight_mask).any() for n, v in stowed.items())
+        sparse = [n for n, m in sparsity.sparsifier.layers.items() if not m.weight_mask.all()]
         assert sparse and all(stowed[n].any() for n in sparse), "still there after the cuts"
-        assert sparsity.recomputed == 7 and sparsity.masks_changed > 0
+        assert sparsity.sparsifier.recomputed == 7 and sparsity.sparsifier.masks_changed > 0
 
 
 class StaleMasks(Callback):
@@ -139,15 +139,15 @@ def test_bad_arguments_are_named():
 def test_start_epoch_prunes_at_the_start_of_that_epoch(tiny_fmnist, tmp_path):
     net, sparsity = module(), Sparsity24(None, start_epoch=1)  # 512 images, batches of 32: 16 steps an epoch
     pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=16)).fit(net, tiny_fmnist)
-    assert not sparsity.pruned and not sparse_layers(net)
+    assert not sparsity.sparsifier.pruned and not sparse_layers(net)
     pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=18)).fit(net, tiny_fmnist)
-    assert sparsity.pruned and all(is_24(m.weight) for m in sparse_layers(net).values()) and sparse_layers(net)
+    assert sparsity.sparsifier.pruned and all(is_24(m.weight) for m in sparse_layers(net).values()) and sparse_layers(net)
 
 
 def pattern_violations(sparsity: Sparsity24, optimizer: torch.optim.Optimizer) -> list[str]:
     """Eligible layers that are not exactly 2 of every 4, with a zero weight and zero optimizer state where pruned."""
     bad = []
-    for name, m in sparsity.layers.items():
+    for name, m in sparsity.sparsifier.layers.items():
         kept = as_rows(m.weight_mask).reshape(-1, 4).sum(1)
         state = optimizer.state.get(m.weight, {}).values()
         tensors = [m.weight, *(v for v in state if torch.is_tensor(v) and v.shape == m.weight.shape)]
@@ -163,7 +163,7 @@ class PatternWitness(Callback):
         self.sparsity, self.after_prune = sparsity, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.sparsity.pruned and self.after_prune is None:
+        if self.sparsity.sparsifier.pruned and self.after_prune is None:
             self.after_prune = pattern_violations(self.sparsity, trainer.optimizers[0])
 
 
@@ -186,10 +186,10 @@ def test_every_eligible_layer_is_exactly_24_after_the_prune_and_after_training(
     trainer = pl.Trainer(callbacks=[sparsity, witness], **trainer_kwargs(
         tmp_path, max_steps=4, precision=precision, accumulate_grad_batches=accumulate))  # fmt: skip
     trainer.fit(net, small_fmnist())
-    assert trainer.global_step == 4 and len(sparsity.layers) == 8
+    assert trainer.global_step == 4 and len(sparsity.sparsifier.layers) == 8
     assert witness.after_prune == [], "right after the prune"
     assert pattern_violations(sparsity, trainer.optimizers[0]) == [], "after 3 more optimizer steps"
-    assert all(trainer.optimizers[0].state[m.weight] for m in sparsity.layers.values()), "the optimizer has state"
+    assert all(trainer.optimizers[0].state[m.weight] for m in sparsity.sparsifier.layers.values()), "the optimizer has state"
 
 
 class RecomputeWitness(Callback):
@@ -200,17 +200,17 @@ class RecomputeWitness(Callback):
         self.sparsity, self.seen, self.checked, self.snapshot, self.restored = sparsity, 0, 0, {}, None
 
     def on_train_start(self, trainer, pl_module):
-        self.restored = {name: m.weight_dropped.clone() for name, m in self.sparsity.layers.items()}
-        self.seen = self.sparsity.recomputed
+        self.restored = {name: m.weight_dropped.clone() for name, m in self.sparsity.sparsifier.layers.items()}
+        self.seen = self.sparsity.sparsifier.recomputed
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        self.snapshot = {n: m.weight.detach() + m.weight_dropped for n, m in self.sparsity.layers.items()}
+        self.snapshot = {n: m.weight.detach() + m.weight_dropped for n, m in self.sparsity.sparsifier.layers.items()}
 
     def on_train_batch_start(self, trainer, pl_module, *args):
-        if self.sparsity.recomputed == self.seen:
+        if self.sparsity.sparsifier.recomputed == self.seen:
             return
-        self.seen = self.sparsity.recomputed
-        for name, m in self.sparsity.layers.items():
+        self.seen = self.sparsity.sparsifier.recomputed
+        for name, m in self.sparsity.sparsifier.layers.items():
             dense = self.snapshot[name]
             assert torch.equal(m.weight_mask, mask_1d(dense)), name
             assert torch.equal(m.weight, dense * m.weight_mask), name
@@ -224,8 +224,8 @@ def test_recompute_rederives_every_mask_from_the_kept_and_the_stowed_weights_and
     witness = RecomputeWitness(sparsity)
     trainer = pl.Trainer(callbacks=[sparsity, witness], **trainer_kwargs(tmp_path, max_steps=5))
     trainer.fit(net, data)
-    assert sparsity.recomputed == witness.checked == 2 and sparsity.masked_at_step == 4, "at steps 2 and 4"
-    assert 0 < sparsity.masks_changed < 0.5, "the recompute moved some weights in and out"
+    assert sparsity.sparsifier.recomputed == witness.checked == 2 and sparsity.sparsifier.masked_at_step == 4, "at steps 2 and 4"
+    assert 0 < sparsity.sparsifier.masks_changed < 0.5, "the recompute moved some weights in and out"
     assert pattern_violations(sparsity, trainer.optimizers[0]) == []
     trainer.save_checkpoint(tmp_path / "recompute.ckpt")
     resumed = Sparsity24(0, recompute_every_n_steps=2)
@@ -233,18 +233,18 @@ def test_recompute_rederives_every_mask_from_the_kept_and_the_stowed_weights_and
     pl.Trainer(callbacks=[resumed, resumed_witness], **trainer_kwargs(tmp_path, max_steps=7)).fit(
         module("adam", lr=0.05), data, ckpt_path=tmp_path / "recompute.ckpt"
     )
-    stowed = {n: m.weight_dropped for n, m in sparsity.layers.items()}
+    stowed = {n: m.weight_dropped for n, m in sparsity.sparsifier.layers.items()}
     assert resumed_witness.restored.keys() == stowed.keys() and any(v.any() for v in stowed.values())
     assert all(torch.equal(resumed_witness.restored[n], v) for n, v in stowed.items()), "from the checkpoint"
-    assert resumed.recomputed == 3 and resumed_witness.checked == 1 and resumed.masked_at_step == 6
+    assert resumed.sparsifier.recomputed == 3 and resumed_witness.checked == 1 and resumed.sparsifier.masked_at_step == 6
 
 
 def test_include_and_exclude_choose_the_layers_that_get_masks(tiny_fmnist, tmp_path):
     net = module()
     sparsity = Sparsity24(0, exclude=["net.layer1.*", "net.linear"])
     pl.Trainer(callbacks=[sparsity], **trainer_kwargs(tmp_path, max_steps=2)).fit(net, tiny_fmnist)
-    assert sparsity.skipped["net.linear"] == "left out by include/exclude"
-    assert set(sparse_layers(net)) == set(sparsity.layers) and len(sparsity.layers) == 4  # of the 8 above
-    assert not any(name.startswith("net.layer1.") or name == "net.linear" for name in sparsity.layers)
+    assert sparsity.sparsifier.skipped["net.linear"] == "left out by include/exclude"
+    assert set(sparse_layers(net)) == set(sparsity.sparsifier.layers) and len(sparsity.sparsifier.layers) == 4  # of the 8 above
+    assert not any(name.startswith("net.layer1.") or name == "net.linear" for name in sparsity.sparsifier.layers)
     with pytest.raises(TypeError, match=r"exclude='net.linear' must be a list of glob patterns"):
         Sparsity24(0, exclude="net.linear")

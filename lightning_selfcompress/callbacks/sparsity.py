@@ -6,18 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..core.inputs import model_input
 from ..core.permute import PermutationReport, permute_for_24
-from ..core.quant import check_patterns
-from ..core.sparsity import (
-    CALCULATORS, DROPPED, MASK, MaskEnforcer, apply_masks, eligible_layers, ineligible_reason, is_24, kept_magnitude,
-    recompute_mask, stow_dropped,
-)  # fmt: skip
+from ..core.sparsity import Sparsifier24
 from .surgeon import ChannelSurgeon
 
 __all__ = ["Sparsity24"]
@@ -30,6 +25,8 @@ class Sparsity24(Callback):
     (`<layer>.weight_mask`), so checkpoints carry them; they exist, all ones, from `setup()` on, so that a checkpoint
     taken before or after pruning loads into a freshly built model. When a surgery removes input channels of a
     masked layer, the groups of 4 shift: that layer's mask is derived anew by magnitude from its kept weights.
+    The lifecycle is `core.sparsity.Sparsifier24` (`self.sparsifier`), for plain PyTorch loops too; this adapter
+    chooses when to prune, permutes, and logs.
 
     Args:
         start_step: optimizer step at which to prune (None: use start_epoch).
@@ -67,16 +64,7 @@ class Sparsity24(Callback):
         for name, value in (("start_step", start_step), ("start_epoch", start_epoch)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name}={value!r} must be an integer >= 0.")
-        if calculator not in CALCULATORS:
-            raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
-        if recompute_every_n_steps is not None and (
-            isinstance(recompute_every_n_steps, bool) or not isinstance(recompute_every_n_steps, int)
-            or recompute_every_n_steps < 1
-        ):  # fmt: skip
-            raise ValueError(
-                f"recompute_every_n_steps={recompute_every_n_steps!r} must be None (masks fixed after the prune, "
-                "ASP's workflow) or an integer >= 1 (optimizer steps between recomputed masks)."
-            )
+        self.sparsifier = Sparsifier24(calculator, recompute_every_n_steps, include, exclude)
         if not isinstance(permute, bool):
             raise TypeError(f"permute={permute!r} must be True or False.")
         if permute and calculator == "2d":
@@ -84,20 +72,8 @@ class Sparsity24(Callback):
                 "permute=True searches for what the 1-D calculator keeps, and moves the rows of the 2-D calculator's "
                 "blocks too: use calculator='1d' with it."
             )
-        self.start_step, self.start_epoch, self.calculator = start_step, start_epoch, calculator
-        self.recompute_every_n_steps = recompute_every_n_steps
-        self.masked_at_step = 0  # the optimizer step of the last prune or recompute of every mask
-        self.recomputed, self.masks_changed = 0, 0.0
-        self.permute = permute
-        self.include, self.exclude = check_patterns("include", include), check_patterns("exclude", exclude)
+        self.start_step, self.start_epoch, self.permute = start_step, start_epoch, permute
         self.permutation: PermutationReport | None = None  # kept magnitude per layer before and after permuting
-        self.pruned = False
-        self.layers: dict[str, torch.nn.Module] = {}
-        self.skipped: dict[str, str] = {}
-        self.kept_magnitude: dict[str, float] = {}
-        self.rederived = 0  # masks derived anew after surgeries shifted their groups of 4
-        self._enforcers: list[MaskEnforcer] = []
-        self._shapes: dict[str, torch.Size] = {}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -106,51 +82,24 @@ class Sparsity24(Callback):
                 f"Sparsity24 beside ChannelSurgeon(round_to={surgeon.round_to}): a cut that leaves a layer's inputs "
                 "off a multiple of 4 makes it dense. Set round_to=4 (or 8, 16) to keep the widths 2:4 can use."
             )
-        # All-ones masks now, before the optimizer is built and before a checkpoint's weights (and masks) load.
-        self.layers, self.skipped = eligible_layers(pl_module, self.calculator, self.include, self.exclude)
-        for module in self.layers.values():
-            if not isinstance(getattr(module, MASK, None), torch.Tensor):
-                module.register_buffer(MASK, torch.ones_like(module.weight, dtype=torch.bool))
-            if self.recompute_every_n_steps is not None:
-                stow_dropped(module)
+        self.sparsifier.attach(pl_module)  # all-ones masks before the optimizer is built and a checkpoint loads
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for name, reason in self.skipped.items():
+        for name, reason in self.sparsifier.skipped.items():
             rank_zero_info(f"Sparsity24: {name} stays dense: {reason}")
-        self._enforcers = [MaskEnforcer(opt, self.layers) for opt in trainer.optimizers]
-        self._shapes = {}  # every layer is checked at the first batch (see _follow_surgery)
+        self.sparsifier.enforce(trainer.optimizers)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
         # the start of an epoch is its first batch: the permutation's trace needs an example input
         due_step = self.start_step is not None and trainer.global_step >= self.start_step
         due_epoch = self.start_epoch is not None and trainer.current_epoch >= self.start_epoch
-        if not self.pruned and (due_step or due_epoch):
+        if not self.sparsifier.pruned and (due_step or due_epoch):
             if self.permute:
                 self._permute(trainer, pl_module, batch)
-            self.prune(trainer, pl_module)
-        if self.pruned:
-            self._follow_surgery(trainer, pl_module)
-        every = self.recompute_every_n_steps
-        if self.pruned and every is not None and trainer.global_step - self.masked_at_step >= every:
-            before = {name: getattr(m, MASK).clone() for name, m in self.layers.items()}
-            self.prune(trainer, pl_module)
-            changed = sum(int((getattr(m, MASK) != before[n]).sum()) for n, m in self.layers.items())
-            self.masks_changed = changed / sum(m.weight.numel() for m in self.layers.values())
-            self.recomputed += 1
-
-    @torch.no_grad()
-    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str] | None = None) -> None:
-        """Derive masks by magnitude (for `names`, default every eligible layer) and zero what they drop."""
-        for name in names or [n for n, m in self.layers.items() if ineligible_reason(m, self.calculator) is None]:
-            module = self.layers[name]
-            dropped = recompute_mask(module, self.calculator)
-            self.kept_magnitude[name] = kept_magnitude(module.weight + dropped, getattr(module, MASK))
-        apply_masks(self.layers, trainer.optimizers)
-        self.pruned = True
-        if names is None:
-            self.masked_at_step = trainer.global_step
+            self.sparsifier.prune(trainer.optimizers, trainer.global_step)
+        self._log_dense(self.sparsifier.step(trainer.optimizers, trainer.global_step))
 
     def _permute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if any(cb.history for cb in trainer.callbacks if isinstance(cb, ChannelSurgeon)):
@@ -162,9 +111,8 @@ class Sparsity24(Callback):
             )
         example = model_input(pl_module, batch, "Sparsity24(permute=True)")
         device = next(pl_module.parameters()).device
-        self.permutation = permute_for_24(
-            pl_module, example.detach()[:2].to(device), list(self.layers), trainer.optimizers, self.calculator
-        )
+        self.permutation = permute_for_24(pl_module, example.detach()[:2].to(device), list(self.sparsifier.layers),
+                                          trainer.optimizers, self.sparsifier.calculator)  # fmt: skip
         report = self.permutation
         rank_zero_info(
             f"Sparsity24: channel permutation in {report.seconds:.2f} s ({report.swaps} swaps in {report.spaces} "
@@ -174,40 +122,19 @@ class Sparsity24(Callback):
         for space, why in report.unsearched.items():
             rank_zero_info(f"Sparsity24: channels {space} not permuted: {why}")
 
-    def _follow_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A surgery sliced a masked layer: keep its mask 2:4 on the new groups of 4, or let it go dense. Every layer
-        counts as changed at the start of a fit, so that a checkpoint saved between a surgery and this check (the
-        surgery ran last in its step) resumes to the same masks as the uninterrupted run."""
-        changed = [name for name, m in self.layers.items() if m.weight.shape != self._shapes.get(name)]
-        if not changed:
-            return
-        dense = {n: r for n in changed if (r := ineligible_reason(self.layers[n], self.calculator)) is not None}
+    @staticmethod
+    def _log_dense(dense: dict[str, str]) -> None:
         for name, reason in dense.items():
-            mask = getattr(self.layers[name], MASK)
-            if not mask.all():
-                mask.fill_(True)
-                self.kept_magnitude.pop(name, None)
-                if isinstance(stowed := getattr(self.layers[name], DROPPED, None), torch.Tensor):
-                    stowed.zero_()  # the dropped weights train again from 0: none to put back
-                rank_zero_info(f"Sparsity24: {name} goes dense after a surgery: {reason}")
-        rederive = [n for n in changed if n not in dense and not is_24(getattr(self.layers[n], MASK))]
-        if rederive:
-            self.prune(trainer, pl_module, rederive)
-        self.rederived += len(rederive)
-        self._shapes = {name: m.weight.shape for name, m in self.layers.items()}
+            rank_zero_info(f"Sparsity24: {name} goes dense after a surgery: {reason}")
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruned:  # a surgery in the last step: the model leaves fit 2:4 (for export) all the same
-            self._follow_surgery(trainer, pl_module)
+        if self.sparsifier.pruned:  # a surgery in the last step: the model leaves fit 2:4 (for export) all the same
+            self._log_dense(self.sparsifier.follow_shapes(trainer.optimizers, trainer.global_step))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.pruned and self.kept_magnitude:
-            kept = sum(self.kept_magnitude.values()) / len(self.kept_magnitude)
-            metrics = {"sparsity/kept_magnitude": kept, "sparsity/masks_rederived": float(self.rederived)}
-            if self.recompute_every_n_steps is not None:
-                metrics["sparsity/masks_changed"] = self.masks_changed
+        if metrics := self.sparsifier.metrics():
             if self.permutation is not None:
                 gain = self.permutation.gain()
                 metrics["sparsity/kept_magnitude_gain"] = sum(gain.values()) / max(1, len(gain))
@@ -215,29 +142,15 @@ class Sparsity24(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for enforcer in self._enforcers:
-            enforcer.remove()
-        self._enforcers = []
+        self.sparsifier.remove()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "pruned": self.pruned,
-            "kept_magnitude": dict(self.kept_magnitude),
-            "masked_at_step": self.masked_at_step,
-            "recomputed": self.recomputed,
-            "rederived": self.rederived,
-            "masks_changed": self.masks_changed,
-            "permutation": self.permutation.to_dict() if self.permutation is not None else None,
-        }
+        permutation = self.permutation.to_dict() if self.permutation is not None else None
+        return {**self.sparsifier.state_dict(), "permutation": permutation}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.pruned = bool(state_dict["pruned"])
-        self.kept_magnitude = dict(state_dict.get("kept_magnitude", {}))
-        self.masked_at_step = int(state_dict.get("masked_at_step", 0))
-        self.recomputed = int(state_dict.get("recomputed", 0))
-        self.rederived = int(state_dict.get("rederived", 0))
-        self.masks_changed = float(state_dict.get("masks_changed", 0.0))
+        self.sparsifier.load_state_dict(state_dict)
         if state_dict.get("permutation"):
             self.permutation = PermutationReport(**state_dict["permutation"])

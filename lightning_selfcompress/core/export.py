@@ -339,7 +339,7 @@ def _calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[Ten
 
 def _insert_qdq(graph: onnx.GraphProto, tensor: str, readers: list[onnx.NodeProto], args: list[str], name: str) -> None:
     """Q/DQ on `tensor` (scale and zero point `args`) for `readers`, right after the node that makes it: one Q, and a
-    DQ of each reader's own (ONNX Runtime fuses a DQ into an integer kernel only where that kernel is its sole reader)."""
+    DQ of each reader's own (ONNX Runtime fuses a DQ into an integer kernel only where it is the DQ's sole reader)."""
     nodes = [helper.make_node("QuantizeLinear", [tensor, *args], [f"{name}.quantized"], name=f"{name}.quantize")]
     for k, reader in enumerate(readers):
         suffix = f".{k}" if k else ""
@@ -353,9 +353,9 @@ def _insert_qdq(graph: onnx.GraphProto, tensor: str, readers: list[onnx.NodeProt
 
 def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> None:
     """Q/DQ on each quantized layer's output where it reaches the next layer's input Q only through ops that commute
-    with its rounding (ReLU, MaxPool, reshapes; with its type's least zero point the pair does the ReLU itself): with that Q's
-    scale and zero point, the added rounding changes no value, and ONNX Runtime fuses DQ -> Conv -> Q into one integer
-    kernel (QLinearConv)."""
+    with its rounding (ReLU, MaxPool, reshapes; with its type's least zero point the pair does the ReLU itself): with
+    that Q's scale and zero point, the added rounding changes no value, and ONNX Runtime fuses DQ -> Conv -> Q into
+    one integer kernel (QLinearConv)."""
     reading = readers_of(graph)
     outputs = {o.name for o in graph.output}
 
@@ -463,9 +463,9 @@ def _drop_relus_after_unsigned_pairs(graph: onnx.GraphProto) -> None:
         zero = zero_points.get(name)
         return zero is not None and zero.dtype.kind in "iu" and bool(np.all(zero == np.iinfo(zero.dtype).min))
 
-    unsigned = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2 and lowest(n.input[2])}
-    outputs = {o.name for o in graph.output}
-    for relu in [n for n in graph.node if n.op_type == "Relu" and n.input[0] in unsigned and n.output[0] not in outputs]:
+    dequantized = [n for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2]
+    unsigned = {n.output[0] for n in dequantized if lowest(n.input[2])} - {o.name for o in graph.output}
+    for relu in [n for n in graph.node if n.op_type == "Relu" and n.input[0] in unsigned]:
         for node in graph.node:
             node.input[:] = [relu.input[0] if name == relu.output[0] else name for name in node.input]
         graph.node.remove(relu)
@@ -581,7 +581,8 @@ def export_onnx(
         folded = fold_batchnorm(onnx_model, fixed=set(node_scales))
         scales = {}
         if quantized:
-            scales = _quantize_activations(onnx_model, _by_name(onnx_model, quantized), node_scales, calibration, runtime)
+            layer_nodes = _by_name(onnx_model, quantized)
+            scales = _quantize_activations(onnx_model, layer_nodes, node_scales, calibration, runtime)
         onnx.checker.check_model(onnx_model, full_check=True)
         if runtime == "tensorrt":
             check_explicit_quantization(onnx_model)

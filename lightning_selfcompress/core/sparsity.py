@@ -22,8 +22,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .quant import check_patterns
+
 __all__ = [
     "MaskEnforcer",
+    "Sparsifier24",
     "apply_masks",
     "as_rows",
     "attach_masks",
@@ -268,3 +271,140 @@ class MaskEnforcer:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class Sparsifier24:
+    """NVIDIA ASP's 2:4 workflow over a model, in plain PyTorch: all-ones masks on the eligible layers (`attach`),
+    one magnitude prune (`prune`), the pattern kept through every optimizer step (`enforce`), the masks derived anew
+    by magnitude every `recompute_every_n_steps` steps if asked (`step`), and kept 2:4 when a surgery changes a layer's
+    shape (`follow_shapes`). Its state (`state_dict`) is what a checkpoint needs beside the model's mask buffers.
+    `Sparsity24` is its Lightning adapter.
+
+    Args:
+        calculator: "1d" (best 2 of every 4, ASP's m4n2_1d) or "2d" (4x4 blocks 2:4 along rows and columns).
+        recompute_every_n_steps: None (ASP's workflow: the masks stay as the prune chose them), or the optimizer steps
+            between recomputed masks; the weights a mask dropped are then stowed at their value when dropped and
+            compete again at each recompute (ASP's `allow_recompute_mask`).
+        include, exclude: glob patterns on module names: which eligible layers get masks.
+    """
+
+    def __init__(
+        self,
+        calculator: str = "1d",
+        recompute_every_n_steps: int | None = None,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+    ) -> None:
+        if calculator not in CALCULATORS:
+            raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
+        every = recompute_every_n_steps
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(
+                f"recompute_every_n_steps={every!r} must be None (masks fixed after the prune, ASP's workflow) or an "
+                "integer >= 1 (optimizer steps between recomputed masks)."
+            )
+        self.calculator, self.recompute_every_n_steps = calculator, every
+        self.include, self.exclude = check_patterns("include", include), check_patterns("exclude", exclude)
+        self.layers: dict[str, nn.Module] = {}
+        self.skipped: dict[str, str] = {}  # layer -> why it stays dense
+        self.pruned = False
+        self.masked_at_step = 0  # the optimizer step of the last prune or recompute of every mask
+        self.recomputed, self.masks_changed = 0, 0.0
+        self.kept_magnitude: dict[str, float] = {}
+        self.rederived = 0  # masks derived anew after surgeries shifted their groups of 4
+        self._enforcers: list[MaskEnforcer] = []
+        self._shapes: dict[str, torch.Size] = {}
+
+    def attach(self, model: nn.Module) -> None:
+        """All-ones masks on the eligible layers, before the optimizer is built and a checkpoint's masks load."""
+        self.layers, self.skipped = eligible_layers(model, self.calculator, self.include, self.exclude)
+        for module in self.layers.values():
+            if not isinstance(getattr(module, MASK, None), Tensor):
+                module.register_buffer(MASK, torch.ones_like(module.weight, dtype=torch.bool))
+            if self.recompute_every_n_steps is not None:
+                stow_dropped(module)
+
+    def enforce(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Keep the masks through these optimizers' steps; every layer's shape is checked at the next `step`."""
+        self.remove()
+        self._enforcers = [MaskEnforcer(optimizer, self.layers) for optimizer in optimizers]
+        self._shapes = {}
+
+    @torch.no_grad()
+    def prune(self, optimizers: Sequence[torch.optim.Optimizer], step: int, names: list[str] | None = None) -> None:
+        """Derive masks by magnitude (for `names`, default every eligible layer) and zero what they drop."""
+        for name in names or [n for n, m in self.layers.items() if ineligible_reason(m, self.calculator) is None]:
+            module = self.layers[name]
+            dropped = recompute_mask(module, self.calculator)
+            self.kept_magnitude[name] = kept_magnitude(module.weight + dropped, getattr(module, MASK))
+        apply_masks(self.layers, optimizers)
+        self.pruned = True
+        if names is None:
+            self.masked_at_step = step
+
+    def step(self, optimizers: Sequence[torch.optim.Optimizer], step: int) -> dict[str, str]:
+        """Before optimizer step `step`, once pruned: follow surgeries, and recompute the masks when due. Returns the
+        layers a surgery made dense, with why."""
+        if not self.pruned:
+            return {}
+        dense = self.follow_shapes(optimizers, step)
+        every = self.recompute_every_n_steps
+        if every is not None and step - self.masked_at_step >= every:
+            before = {name: getattr(m, MASK).clone() for name, m in self.layers.items()}
+            self.prune(optimizers, step)
+            changed = sum(int((getattr(m, MASK) != before[n]).sum()) for n, m in self.layers.items())
+            self.masks_changed = changed / sum(m.weight.numel() for m in self.layers.values())
+            self.recomputed += 1
+        return dense
+
+    def follow_shapes(self, optimizers: Sequence[torch.optim.Optimizer], step: int) -> dict[str, str]:
+        """A surgery sliced a masked layer: keep its mask 2:4 on the new groups of 4, or let it go dense (returned,
+        with why). Every layer counts as changed after `enforce`, so that a checkpoint saved between a surgery and
+        this check resumes to the same masks as the uninterrupted run."""
+        changed = [name for name, m in self.layers.items() if m.weight.shape != self._shapes.get(name)]
+        dense = {n: r for n in changed if (r := ineligible_reason(self.layers[n], self.calculator)) is not None}
+        gone = {}
+        for name, reason in dense.items():
+            mask = getattr(self.layers[name], MASK)
+            if not mask.all():
+                mask.fill_(True)
+                self.kept_magnitude.pop(name, None)
+                if isinstance(stowed := getattr(self.layers[name], DROPPED, None), Tensor):
+                    stowed.zero_()  # the dropped weights train again from 0: none to put back
+                gone[name] = reason
+        rederive = [n for n in changed if n not in dense and not is_24(getattr(self.layers[n], MASK))]
+        if rederive:
+            self.prune(optimizers, step, rederive)
+        self.rederived += len(rederive)
+        self._shapes = {name: m.weight.shape for name, m in self.layers.items()}
+        return gone
+
+    def metrics(self) -> dict[str, float]:
+        """What to log once pruned: mean kept magnitude, masks re-derived after surgeries, masks a recompute changed."""
+        if not (self.pruned and self.kept_magnitude):
+            return {}
+        metrics = {
+            "sparsity/kept_magnitude": sum(self.kept_magnitude.values()) / len(self.kept_magnitude),
+            "sparsity/masks_rederived": float(self.rederived),
+        }
+        if self.recompute_every_n_steps is not None:
+            metrics["sparsity/masks_changed"] = self.masks_changed
+        return metrics
+
+    def remove(self) -> None:
+        for enforcer in self._enforcers:
+            enforcer.remove()
+        self._enforcers = []
+
+    def state_dict(self) -> dict:
+        return {"pruned": self.pruned, "kept_magnitude": dict(self.kept_magnitude),
+                "masked_at_step": self.masked_at_step, "recomputed": self.recomputed, "rederived": self.rederived,
+                "masks_changed": self.masks_changed}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pruned = bool(state["pruned"])
+        self.kept_magnitude = dict(state.get("kept_magnitude", {}))
+        self.masked_at_step = int(state.get("masked_at_step", 0))
+        self.recomputed = int(state.get("recomputed", 0))
+        self.rederived = int(state.get("rederived", 0))
+        self.masks_changed = float(state.get("masks_changed", 0.0))
