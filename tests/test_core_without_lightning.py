@@ -54,7 +54,8 @@ def test_a_plain_pytorch_loop_compresses_cuts_and_exports_without_lightning(tmp_
     out = run_without_lightning(f"""
         import torch, torch.nn.functional as F
         from lightning_selfcompress.core import (
-            ChannelGraph, QuantizationConfig, SizeModel, Surgeon, attach_quantizers, export_onnx)
+            ChannelGraph, QuantizationConfig, SizeModel, Surgeon, attach_quantizers, export_onnx, load_compressed,
+            save_compressed)
         from lightning_selfcompress.data.idx import read_idx
         from lightning_selfcompress.models import BaselineCNN
 
@@ -86,6 +87,11 @@ def test_a_plain_pytorch_loop_compresses_cuts_and_exports_without_lightning(tmp_
         print("removed", sum(record.channels.values()), "diff", (after - before).abs().max().item())
         result = export_onnx(model, x[:1], {str(tmp_path / "plain.onnx")!r})
         print("exported", type(result).__name__)
+
+        save_compressed(model, surgeon, {str(tmp_path / "plain.pt")!r})
+        fresh = load_compressed(BaselineCNN(width=8), {str(tmp_path / "plain.pt")!r})
+        with torch.no_grad():
+            print("reloaded", (fresh(x[:64]) - after).abs().max().item())
     """)
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     start, end = map(float, lines["bits"].split())
@@ -93,6 +99,7 @@ def test_a_plain_pytorch_loop_compresses_cuts_and_exports_without_lightning(tmp_
     removed, diff = lines["removed"].split(" diff ")
     assert int(removed) >= 3 and float(diff) < 1e-5, lines
     assert (tmp_path / "plain.onnx").stat().st_size > 0
+    assert float(lines["reloaded"]) == 0.0, "save_compressed/load_compressed rebuild the cut model exactly"
 
 
 def test_a_missing_extra_is_named_with_the_line_that_installs_it():

@@ -270,11 +270,7 @@ class ChannelSurgeon(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.surgeon is None:
             return {"history": []}
-        return {
-            "history": [r.to_dict() for r in self.history],
-            "input_shape": list(self.example_input.shape),
-            "input_dtype": str(self.example_input.dtype).removeprefix("torch."),
-        }
+        return self.surgeon.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

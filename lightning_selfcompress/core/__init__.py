@@ -11,7 +11,7 @@ from .permute import PermutationReport, permute_for_24
 from .quant import QuantizationConfig, attach_quantizers, quantize, quantized_layers, quantizer_parameters
 from .rules import Rule, register_rule
 from .size import GammaSchedule, SizeModel, SizeReport, float_size_report
-from .surgery import Removal, Surgeon, SurgeryRecord, load_compressed
+from .surgery import Removal, Surgeon, SurgeryRecord, load_compressed, save_compressed
 
 if TYPE_CHECKING:
     from .export import ExportError, ExportResult, export_onnx
@@ -48,6 +48,7 @@ __all__ = [
     "Surgeon",
     "SurgeryRecord",
     "load_compressed",
+    "save_compressed",
     "PermutationReport",
     "permute_for_24",
     "QuantizationConfig",

@@ -120,6 +120,7 @@ class ChannelGraph:
 
     def __init__(self, model: nn.Module, example_input: Tensor) -> None:
         self.model = model
+        self.input_shape, self.input_dtype = tuple(example_input.shape), example_input.dtype  # to trace it again
         try:
             self.fx_graph = LeafTracer().trace(model)
         except Exception as error:  # noqa: BLE001 - any tracing failure is reported with its cause

@@ -18,6 +18,7 @@ producer channel is at 0 bits and the branch adds exactly zero for it, in both m
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .atomic import atomic_path
 from .checkpoint import read_checkpoint
 from .groups import ChannelGraph, GraphError, channels_of, is_grouped
 from .quant import QuantizationConfig, attach_activation_quantizers, attach_quantizers
 from .reembed import GATHER, set_reembedding
 from .sparsity import DROPPED, MASK
 
-__all__ = ["Removal", "Surgeon", "SurgeryRecord", "check_optimizer", "load_compressed", "SURGEON_STATE_KEY"]
+__all__ = ["Removal", "Surgeon", "SurgeryRecord", "check_optimizer", "load_compressed", "save_compressed",
+           "SURGEON_STATE_KEY"]
 
 SURGEON_STATE_KEY = "ChannelSurgeon"  # where a Lightning checkpoint keeps the surgeon's state
 
@@ -385,6 +388,14 @@ class Surgeon:
             kept = g.present(producer, "outputs")[stream]
             set_reembedding(g.model.get_submodule(branch.tail), kept, device, branch.dim)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The history and the traced input's shape: what `load_compressed` needs to rebuild the cut model."""
+        return {
+            "history": [record.to_dict() for record in self.history],
+            "input_shape": list(self.graph.input_shape),
+            "input_dtype": str(self.graph.input_dtype).removeprefix("torch."),
+        }
+
     def replay(self, history: Iterable[SurgeryRecord | dict]) -> None:
         """Re-apply recorded removals to a freshly built model (values come from its checkpoint afterwards)."""
         for entry in history:
@@ -529,16 +540,28 @@ def _laid_out_like(new: Tensor, old: Tensor) -> Tensor:
     return new.contiguous()
 
 
+def save_compressed(model: nn.Module, surgeon: Surgeon | None, path: str | os.PathLike) -> Path:
+    """Write `model`'s weights and the surgeon's history to `path` (atomically), for `load_compressed`: the plain
+    PyTorch counterpart of a Lightning checkpoint of the callbacks."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "surgery": surgeon.state_dict() if surgeon else None}, tmp)
+    return path
+
+
 def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any], strict: bool = True) -> nn.Module:
-    """Rebuild a compressed model for inference from a freshly built `model` (the module the callbacks trained,
-    e.g. the LightningModule) and a checkpoint written during or after compression: replay the surgery history,
-    attach quantizers and 2:4 masks where the checkpoint has them, then load the weights. Returns `model`, in eval
-    mode.
+    """Rebuild a compressed model for inference from a freshly built `model` (the module that was trained, e.g. the
+    LightningModule) and a checkpoint written during or after compression: replay the surgery history, attach
+    quantizers and 2:4 masks where the checkpoint has them, then load the weights. Returns `model`, in eval mode.
+
+    `checkpoint`: a file or mapping written by `save_compressed` ({"state_dict", "surgery": `Surgeon.state_dict()`}),
+    a Lightning checkpoint of the callbacks (the surgeon's state under its callback key), or a plain state_dict of a
+    model that was never cut.
     """
     if not isinstance(checkpoint, Mapping):
         checkpoint = read_checkpoint(checkpoint)
     state_dict = checkpoint.get("state_dict", checkpoint)
-    surgeon_state = checkpoint.get("callbacks", {}).get(SURGEON_STATE_KEY, {})
+    surgeon_state = checkpoint.get("surgery") or checkpoint.get("callbacks", {}).get(SURGEON_STATE_KEY, {})
     if surgeon_state.get("history"):
         example = torch.zeros(surgeon_state["input_shape"], dtype=getattr(torch, surgeon_state["input_dtype"]))
         Surgeon(ChannelGraph(model, example)).replay(surgeon_state["history"])
