@@ -6,7 +6,7 @@ attached, 30% of the
 removable channel groups and 30% of each residual branch's channels killed, then `Surgeon.find()` and `remove()`.
 The outputs before and after are compared in train and in eval mode. Status: `exact` (largest relative difference
 <= 1e-5 in both modes), `refused` (a GraphError naming what the graph cannot follow), `wrong` (a difference past
-1e-5) or `crashed` (any other exception). Writes a markdown table (docs/zoo.md by default).
+1e-5) or `crashed` (any other exception). Writes a markdown table (docs/pages/zoo.md by default).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def survey(name: str, max_params: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=torchvision.models.list_models(module=torchvision.models))
-    parser.add_argument("--out", type=Path, default=Path("docs/zoo.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/pages/zoo.md"))
     parser.add_argument("--max-params", type=float, default=150e6, help="skip larger models (float64 copies)")
     args = parser.parse_args()
     rows = []

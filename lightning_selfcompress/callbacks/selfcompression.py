@@ -40,7 +40,9 @@ class SelfCompression(Callback):
             is a band under it: gamma falls from full at the budget to 0 at its floor and turns negative below, so
             the run settles in the band instead of overshooting a low budget.
         gamma_warmup_steps: ramp gamma linearly from 0 over this many optimizer steps.
-        layer_types, include, exclude: which layers to quantize (class names; glob patterns on module names).
+        layer_types: which layer classes to quantize (class names).
+        include: glob patterns on module names: the layers to quantize among those.
+        exclude: glob patterns on module names: layers left float.
         init_bits: starting bit depth (8: the quantized network starts within about 1% of the float one).
         max_bits: the largest bit depth b may reach (8: every layer exports as int8; None: no bound).
         init_exponent: starting exponent; None picks it per channel by `init_scale`.

@@ -45,7 +45,8 @@ class Sparsity24(Callback):
             cut: a permutation keeps every layer's shape and moves channels only among positions that live in the
             same modules, so the surgeon's traced graph stays true and its history replays onto the permuted
             checkpoint.
-        include, exclude: glob patterns on module names: which eligible layers get masks (default: all).
+        include: glob patterns on module names: which eligible layers get masks (default: all).
+        exclude: glob patterns on module names: eligible layers that stay dense.
     """
 
     def __init__(

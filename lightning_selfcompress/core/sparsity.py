@@ -285,7 +285,8 @@ class Sparsifier24:
         recompute_every_n_steps: None (ASP's workflow: the masks stay as the prune chose them), or the optimizer steps
             between recomputed masks; the weights a mask dropped are then stowed at their value when dropped and
             compete again at each recompute (ASP's `allow_recompute_mask`).
-        include, exclude: glob patterns on module names: which eligible layers get masks.
+        include: glob patterns on module names: which eligible layers get masks.
+        exclude: glob patterns on module names: eligible layers that stay dense.
     """
 
     def __init__(
