@@ -303,6 +303,38 @@ def test_a_residual_add_is_quantized_so_that_both_branches_end_in_integer_kernel
         assert ops.count("QLinearConv") == 7 and "QLinearAdd" in ops, f"every conv but the first on the image: {ops}"
 
 
+class Tokens(nn.Module):
+    """Linear layers on [batch, tokens, channels], as in a transformer's MLP: the exporter writes them as MatMul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head((tokens + self.mlp(tokens)).mean(1))
+
+
+def test_linear_layers_on_tokens_store_int8_weights_that_fold_at_load(tmp_path):
+    net = Tokens()
+    attach_quantizers(net)
+    random_quantizers(net, 3.0, 8.0)
+    x = torch.randn(4, 3, 16, 16)
+    result = export_onnx(net, x, tmp_path / "net.onnx", float_path=tmp_path / "float.onnx")
+    assert {layer.name: layer.storage for layer in result.layers} == dict.fromkeys(
+        ["embed", "mlp.0", "mlp.2", "head"], "int8"
+    ), [layer.reason for layer in result.layers]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "net.onnx")).graph.node].count("MatMul") == 2
+    expected = sum(int((integer_bits(integer_weights(m)[0]) * m.weight[0].numel()).sum())
+                   for m in quantized_layers(net).values())  # fmt: skip
+    assert result.weight_bits == expected, "every layer's integers are in the file, counted per output channel"
+    assert optimized_ops(tmp_path / "net.onnx", tmp_path) == optimized_ops(tmp_path / "float.onnx", tmp_path)
+    calibrated = export_onnx(net, x, tmp_path / "int8.onnx", calibration=[x], tolerance=None)
+    assert [s.storage for s in calibrated.layers].count("int8") == 4 and len(calibrated.activation_scales) == 2
+
+
 def test_an_unknown_runtime_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="runtime='tflite' is not one of"):
         export_onnx(ConvLinear(), torch.randn(2, 3, 8, 8), tmp_path / "net.onnx", runtime="tflite")

@@ -8,7 +8,8 @@ How it is built:
    duration of the export, back to its float class holding the dequantized weight q. BatchNorm is not folded into
    the preceding convolution (that would scale q off its integer grid).
 2. The graph is rewritten: each Conv/Gemm weight initializer that equals a quantized layer's q (matched by value,
-   the exporter's name preferred) becomes an int8 (or int4) initializer and that product, in one of two forms:
+   the exporter's name preferred; a MatMul's [in, out] initializer, a Linear on a 3-D input, through a Transpose)
+   becomes an int8 (or int4) initializer and that product, in one of two forms:
    - weight-only (no activation quantization): `Mul(Cast(integers, float), scale)`. Every runtime folds this constant
      subgraph into a float weight once, at load, so the file runs at the float network's speed in a default ONNX
      Runtime session. (A `DequantizeLinear` would not be folded there: ONNX Runtime keeps it for its int8 fusions and
@@ -208,11 +209,14 @@ def _export_float(model: nn.Module, example: Tensor, path: Path) -> None:
 
 
 def _weight_initializer(node: onnx.NodeProto, initializers: dict) -> str | None:
-    """The name of the node's weight initializer as [out, in, *kernel], or None (a computed or transposed weight)."""
-    if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or node.input[1] not in initializers:
+    """The name of the node's weight initializer, or None (a computed weight): [out, in, *kernel] for Conv and
+    Gemm(transB=1); [in, out] for MatMul, as the exporter writes a Linear applied to a 3-D input."""
+    if node.op_type not in (*WEIGHT_OPS, "MatMul") or len(node.input) < 2 or node.input[1] not in initializers:
         return None
     if node.op_type == "Gemm" and not next((a.i for a in node.attribute if a.name == "transB"), 0):
         return None  # x @ W with W as [in, out]: per-output-channel would be axis 1, which we do not write
+    if node.op_type == "MatMul" and len(initializers[node.input[1]].dims) != 2:
+        return None
     return node.input[1]
 
 
@@ -231,6 +235,8 @@ def _match_layers(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dic
         if init is None:
             continue
         array = arrays.setdefault(init, numpy_helper.to_array(initializers[init]))
+        if node.op_type == "MatMul":
+            array = array.T  # compared as the layer's [out, in]
         same = [n for n, w in weights.items() if w.shape == array.shape and np.array_equal(w, array)]
         if not same:
             continue
@@ -285,13 +291,14 @@ def _rewrite_weights(
         max_bits = float(alive_bits.max()) if alive_bits.numel() else 0.0
         storage, reason = _storage(integers, scale, bits, int4)
         if not matches[name]:
-            storage, reason = "float", "its weight is not a Conv/Gemm weight initializer of the ONNX graph"
+            storage, reason = "float", "its weight is not a Conv/Gemm/MatMul weight initializer of the ONNX graph"
         nodes = tuple(node.name for node in matches[name])
         reports.append(LayerExport(name, storage, int(integers.shape[0]), integers.numel(), max_bits, reason, nodes))
         if storage == "float":
             continue
         scale = torch.where(bits > 0, scale, torch.ones_like(scale))  # a dead channel's integers are 0: any scale
-        as_qdq = name in qdq
+        transposed = any(node.op_type == "MatMul" for node in matches[name])
+        as_qdq = name in qdq and not transposed  # a MatMul's int8 kernel would need its scales on axis 1
         if not as_qdq:
             scale = scale.view((-1,) + (1,) * (integers.dim() - 1))  # broadcast over each channel's weights
         stored, dequantized = f"{name}.weight_{storage}", f"{name}.weight_dequantized"
@@ -300,8 +307,11 @@ def _rewrite_weights(
         initializers, nodes = _dequantize(name, storage, scale, stored, dequantized, as_qdq)
         graph.initializer.extend(initializers)
         new_nodes.extend(nodes)
+        if transposed:  # [out, in] as stored and counted; the MatMul reads [in, out], folded at load like the rest
+            new_nodes.append(helper.make_node("Transpose", [dequantized], [f"{name}.weight_transposed"],
+                                              name=f"{name}.transpose", perm=[1, 0]))  # fmt: skip
         for node in matches[name]:
-            node.input[1] = dequantized
+            node.input[1] = f"{name}.weight_transposed" if node.op_type == "MatMul" else dequantized
     nodes = new_nodes + list(graph.node)  # their inputs are initializers: first is a valid topological order
     del graph.node[:]
     graph.node.extend(nodes)
@@ -570,7 +580,7 @@ def export_onnx(
                 f"{floats}. SelfCompression's max_bits (8 by default) keeps every layer within int8.",
                 stacklevel=2,
             )
-        quantized = [node for name in qdq & stored for node in matches[name]]
+        quantized = [node for name in qdq & stored for node in matches[name] if node.op_type in WEIGHT_OPS]
         if calibration is not None and not stored:
             raise ExportError(
                 "calibration was given, but the model has no quantized layer to calibrate (activation Q/DQ goes on "
