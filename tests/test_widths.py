@@ -16,7 +16,8 @@ from lightning_selfcompress import ChannelSurgeon, SelfCompression
 from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
 from lightning_selfcompress.core.surgery import Surgeon
-from lightning_selfcompress.core.widths import latency_tables, step_pressure, step_widths
+from lightning_selfcompress.core.size import SizeModel
+from lightning_selfcompress.core.widths import LatencyTable, latency_tables, latency_weights, step_pressure, step_widths
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier
 
 
@@ -147,3 +148,43 @@ def test_with_step_pressure_a_real_run_reaches_the_steps(tiny_fmnist, tmp_path):
 def test_pressure_without_latency_steps_is_refused():
     with pytest.raises(ValueError, match="width_pressure=0.1 must be >= 0 and needs latency steps"):
         ChannelSurgeon(width_pressure=0.1)
+
+
+def test_latency_weights_pull_each_layer_by_the_time_its_channels_cost():
+    tables = {  # a: 10 ms over 4 channels of 8 weights each; b: flat (no time to win); c: 1 ms per channel
+        "a": LatencyTable("a", [1, 2, 3, 4], [1.0, 4.0, 7.0, 10.0], "cpu", 1),
+        "b": LatencyTable("b", [1, 2], [5.0, 5.0], "cpu", 1),
+        "c": LatencyTable("c", [1, 2], [1.0, 2.0], "cpu", 1),
+    }
+    original = {"a": (4, 32), "b": (2, 100), "c": (2, 4), "untimed": (3, 9)}
+    weights = latency_weights(tables, original)
+    assert set(weights) == {"a", "b", "c"} and weights["b"] == 0.0
+    assert weights["a"] / weights["c"] == pytest.approx((3.0 / 8) / (1.0 / 2)), "ms per channel over weights per channel"
+    timed = ("a", "b", "c")
+    assert sum(weights[n] * original[n][1] for n in timed) == pytest.approx(sum(original[n][1] for n in timed))
+    assert latency_weights({"b": tables["b"]}, original) == {}, "no measurable time: no weighting"
+
+
+def test_weighted_bits_scale_each_layers_size_gradient():
+    net = BaselineCNN(1, 10, width=4)
+    attach_quantizers(net)
+    size = SizeModel(net)
+    factors = {"features.2": 3.0, "classifier": 0.5}
+    grads = torch.autograd.grad(size.bits(factors), [m.weight_quantizer.bits for m in quantized_layers(net).values()])
+    plain = torch.autograd.grad(size.bits(), [m.weight_quantizer.bits for m in quantized_layers(net).values()])
+    for name, g, p in zip(quantized_layers(net), grads, plain):
+        assert torch.allclose(g, factors.get(name, 1.0) * p), name
+
+
+def test_a_latency_weighted_size_term_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
+    compression = SelfCompression(gamma=0.5, init_bits=4.0, latency_weight=1.0)
+    pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=3)).fit(module, tiny_fmnist)
+    weights = compression.layer_weights
+    assert set(weights) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"}
+    assert all(w >= 0 for w in weights.values()) and len(set(weights.values())) > 1, weights
+    assert list((tmp_path / "cache").rglob("*.json")), "measured through the surgeon's cached tables"
+    for bad in (-0.1, 1.5, "fast"):
+        with pytest.raises(ValueError, match="latency_weight=.* must be in \\[0, 1\\]"):
+            SelfCompression(latency_weight=bad)

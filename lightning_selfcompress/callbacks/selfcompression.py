@@ -9,9 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
+from ..core.groups import ChannelGraph
+from ..core.inputs import model_input
 from ..core.optim import HyperparameterOverride
 from ..core.quant import (
     QuantizationConfig,
@@ -23,6 +25,7 @@ from ..core.quant import (
     snap_bits,
 )
 from ..core.size import GammaSchedule, SizeModel, SizeReport
+from ..core.widths import latency_tables, latency_weights
 from ..report import print_size_table
 
 __all__ = ["SelfCompression"]
@@ -62,6 +65,10 @@ class SelfCompression(Callback):
         int8_activations: also quantize each layer's input to int8 with a learned per-tensor step (LSQ), so that the
             exported file runs integer kernels (TensorRT, ONNX Runtime's QLinearConv) at the accuracy it trained with,
             without calibration.
+        latency_weight: 0 (the paper's size term: every weight's bits count alike) to 1: each layer's bits weighted
+            by the time its channels cost, measured in ONNX Runtime on this CPU (`core.widths.latency_weights`, the
+            tables ChannelSurgeon's latency steps use, cached), so that gamma trades accuracy for measured time;
+            between, a mix. Measured once, on the first training batch.
     """
 
     def __init__(
@@ -84,6 +91,7 @@ class SelfCompression(Callback):
         learn_bits: bool = True,
         freeze_bits_at: float | None = None,
         int8_activations: bool = False,
+        latency_weight: float = 0.0,
     ) -> None:
         self.schedule = GammaSchedule(gamma, gamma_warmup_steps, target_bits_per_weight, budget_band)
         self.config = QuantizationConfig(
@@ -116,6 +124,10 @@ class SelfCompression(Callback):
             raise ValueError(f"quantizer_lr={quantizer_lr} must be a finite number > 0, or None to use the group's.")
         if not (math.isfinite(quantizer_weight_decay) and quantizer_weight_decay >= 0):
             raise ValueError(f"quantizer_weight_decay={quantizer_weight_decay} must be a finite number >= 0.")
+        if not (isinstance(latency_weight, (int, float)) and 0 <= latency_weight <= 1):
+            raise ValueError(f"latency_weight={latency_weight!r} must be in [0, 1] (0: bits alone, 1: measured time).")
+        self.latency_weight = float(latency_weight)
+        self.layer_weights: dict[str, float] | None = None  # per layer, its bits' factor in the size term
         self.quantizer_lr = quantizer_lr
         self.quantizer_weight_decay = quantizer_weight_decay
         self.size: SizeModel | None = None
@@ -165,7 +177,9 @@ class SelfCompression(Callback):
         ]
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
+        if self.latency_weight and self.layer_weights is None:
+            self.layer_weights = self._measure_layer_weights(pl_module, batch)
         if self.bits_frozen or self.freeze_bits_at is None:
             return
         total = trainer.estimated_stepping_batches
@@ -198,12 +212,21 @@ class SelfCompression(Callback):
             self._gamma = self.schedule.value(
                 size.report().deployable_bits_per_weight if budget else self._bits_per_weight
             )
-            grads = torch.autograd.grad(self._gamma * bits_per_weight, bits, allow_unused=True)
+            pulled = size.bits(self.layer_weights) / size.float_weights if self.layer_weights else bits_per_weight
+            grads = torch.autograd.grad(self._gamma * pulled, bits, allow_unused=True)
         for b, g in zip(bits, grads):
             if g is not None:
                 b.grad = g if b.grad is None else b.grad.add_(g)
         self._size_loss = self._gamma * self._bits_per_weight
         self.schedule.step += 1
+
+    def _measure_layer_weights(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, float]:
+        example = model_input(pl_module, batch, "SelfCompression(latency_weight)").detach()[:2]
+        tables = latency_tables(ChannelGraph(pl_module, example), example.cpu())
+        measured = latency_weights(tables, self._current_size(pl_module).original)
+        mixed = {name: 1 - self.latency_weight + self.latency_weight * w for name, w in measured.items()}
+        rank_zero_info(f"SelfCompression: each layer's bits weighted by its latency: {mixed}")
+        return mixed
 
     def _check_finite(self, pl_module: pl.LightningModule) -> None:
         layers = self.size.layers.values()

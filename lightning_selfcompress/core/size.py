@@ -20,6 +20,7 @@ whole bits per channel holds, and what fixed-bit baselines are compared at.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -192,11 +193,16 @@ class SizeModel:
     def _bits(self) -> list[Tensor]:
         return [m.weight_quantizer.bits for m in self.layers.values()]
 
-    def bits(self) -> Tensor:
-        """Total bits of the quantized weights; differentiable in every b."""
+    def bits(self, layer_weights: Mapping[str, float] | None = None) -> Tensor:
+        """Total bits of the quantized weights; differentiable in every b. `layer_weights`: a factor per layer (1 for
+        the others), e.g. its channels' latency (`core.widths.latency_weights`)."""
         bits = self._bits()
         counts, sparse = self._live_inputs([b.detach() > 0 for b in bits])
-        return sum((b.float().relu() * c).sum() + _index_bits(b, c, s) for b, c, s in zip(bits, counts, sparse))
+        factors = [(layer_weights or {}).get(name, 1.0) for name in self.layers]
+        return sum(
+            f * ((b.float().relu() * c).sum() + _index_bits(b, c, s))
+            for b, c, s, f in zip(bits, counts, sparse, factors)
+        )
 
     def bits_per_weight(self) -> Tensor:
         return self.bits() / self.float_weights

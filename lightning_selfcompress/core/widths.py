@@ -32,7 +32,7 @@ from ..extras import require
 from .atomic import atomic_path
 from .groups import ChannelGraph
 
-__all__ = ["LatencyTable", "default_cache_dir", "latency_tables", "step_pressure", "step_widths"]
+__all__ = ["LatencyTable", "default_cache_dir", "latency_tables", "latency_weights", "step_pressure", "step_widths"]
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,23 @@ def latency_tables(
             tmp.write_text(json.dumps({**asdict(table), "key": key}))
         tables[producer] = table
     return tables
+
+
+def latency_weights(tables: dict[str, LatencyTable], original: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Per layer with a table, a factor for its bits in the size term, so that a channel is pulled towards 0 bits
+    in proportion to the time it costs (its own and its readers' share: the table's mean slope, ms per channel)
+    rather than to its weight count. `original`: per layer, (channels, weights). Scaled so that, at equal bit depths,
+    the weighted size of those layers is their plain size: gamma keeps its meaning. Layers without a table keep 1."""
+    slopes = {
+        name: max(t.ms[-1] - t.ms[0], 0.0) / max(t.widths[-1] - t.widths[0], 1)
+        for name, t in tables.items()
+        if name in original
+    }
+    time = sum(original[name][0] * slope for name, slope in slopes.items())
+    if not time > 0:
+        return {}
+    per_ms = sum(original[name][1] for name in slopes) / time  # weights per ms, over the timed layers
+    return {name: per_ms * slope * original[name][0] / original[name][1] for name, slope in slopes.items()}
 
 
 def step_pressure(bits: Tensor, steps: Sequence[int], strength: float) -> Tensor | None:
