@@ -46,3 +46,30 @@ def test_every_named_error_of_the_library_derives_from_the_base():
         if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == module.__name__
     ]  # fmt: skip
     assert len(found) == 8 and all(issubclass(error, SelfCompressError) for error in found), found
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda v: __import__("lightning_selfcompress").ChannelSurgeon(every_n_steps=v), "every_n_steps"),
+        (lambda v: __import__("lightning_selfcompress").ChannelSurgeon(latency_batch=v), "latency_batch"),
+        (lambda v: __import__("lightning_selfcompress").Sparsity24(v), "start_step"),
+        (lambda v: __import__("lightning_selfcompress").Sparsity24(0, recompute_every_n_steps=v), "recompute_every_n_steps"),
+    ],
+)
+def test_a_count_is_checked_alike_everywhere_and_true_is_not_a_count(build, name):
+    for bad in (True, 1.5, -1):
+        with pytest.raises(ValueError, match=f"^{name}={bad!r} must be (a positive integer|an integer >= 0)"):
+            build(bad)
+    build(2)
+
+
+def test_a_flag_is_checked_alike_everywhere():
+    from lightning_selfcompress import ChannelSurgeon, SelfCompression, Sparsity24
+
+    for build, name in ((lambda v: SelfCompression(learn_bits=v), "learn_bits"),
+                        (lambda v: SelfCompression(int8_activations=v), "int8_activations"),
+                        (lambda v: Sparsity24(0, permute=v), "permute"),
+                        (lambda v: ChannelSurgeon(on_epoch_end=v), "on_epoch_end")):  # fmt: skip
+        with pytest.raises(TypeError, match=f"^{name}=1 must be True or False"):
+            build(1)

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
+from ..core.checks import check_flag, check_fraction
 from ..core.groups import ChannelGraph
 from ..core.inputs import model_input
 from ..core.optim import HyperparameterOverride
@@ -104,8 +105,8 @@ class SelfCompression(Callback):
             grid=grid,
             int8_activations=int8_activations,
         )
-        if not isinstance(learn_bits, bool):
-            raise TypeError(f"learn_bits={learn_bits!r} must be True or False.")
+        check_flag("learn_bits", learn_bits)
+        check_flag("int8_activations", int8_activations)
         if not learn_bits and (gamma != 0 or init_bits != int(init_bits) or freeze_bits_at is not None):
             raise ValueError(
                 f"learn_bits=False is fixed-bit training at init_bits={init_bits}: it needs a whole init_bits, "
@@ -124,9 +125,7 @@ class SelfCompression(Callback):
             raise ValueError(f"quantizer_lr={quantizer_lr} must be a finite number > 0, or None to use the group's.")
         if not (math.isfinite(quantizer_weight_decay) and quantizer_weight_decay >= 0):
             raise ValueError(f"quantizer_weight_decay={quantizer_weight_decay} must be a finite number >= 0.")
-        if not (isinstance(latency_weight, (int, float)) and 0 <= latency_weight <= 1):
-            raise ValueError(f"latency_weight={latency_weight!r} must be in [0, 1] (0: bits alone, 1: measured time).")
-        self.latency_weight = float(latency_weight)
+        self.latency_weight = check_fraction("latency_weight", latency_weight, meaning="0: bits alone, 1: time")
         self.layer_weights: dict[str, float] | None = None  # per layer, its bits' factor in the size term
         self.quantizer_lr = quantizer_lr
         self.quantizer_weight_decay = quantizer_weight_decay

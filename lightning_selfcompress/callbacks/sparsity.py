@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from ..core.inputs import model_input
 from ..core.permute import PermutationReport, permute_for_24
+from ..core.checks import check_flag, check_integer
 from ..core.sparsity import Sparsifier24
 from .surgeon import ChannelSurgeon
 
@@ -62,12 +63,10 @@ class Sparsity24(Callback):
     ) -> None:
         if (start_step is None) == (start_epoch is None):
             raise ValueError("Give exactly one of start_step (0: sparse from the start) and start_epoch.")
-        for name, value in (("start_step", start_step), ("start_epoch", start_epoch)):
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name}={value!r} must be an integer >= 0.")
+        check_integer("start_step", start_step, least=0, none="prune at start_epoch")
+        check_integer("start_epoch", start_epoch, least=0, none="prune at start_step")
         self.sparsifier = Sparsifier24(calculator, recompute_every_n_steps, include, exclude)
-        if not isinstance(permute, bool):
-            raise TypeError(f"permute={permute!r} must be True or False.")
+        check_flag("permute", permute)
         if permute and calculator == "2d":
             raise ValueError(
                 "permute=True searches for what the 1-D calculator keeps, and moves the rows of the 2-D calculator's "

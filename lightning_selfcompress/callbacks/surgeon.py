@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from ..core.checks import check_flag, check_integer
 from ..core.groups import ChannelGraph
 from ..core.inputs import model_input
 from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer
@@ -63,8 +64,8 @@ class ChannelSurgeon(Callback):
         width_tolerance: float = 0.02,
         width_pressure: float = 0.0,
     ) -> None:
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer, or None.")
+        check_integer("every_n_steps", every_n_steps, none="only at epoch ends")
+        check_flag("on_epoch_end", on_epoch_end)
         if every_n_steps is None and not on_epoch_end:
             raise ValueError("ChannelSurgeon would never run: set every_n_steps or on_epoch_end=True.")
         if not constant_pull >= 0:
@@ -72,8 +73,7 @@ class ChannelSurgeon(Callback):
         Surgeon.check_options(atol, round_to)
         if widths not in WIDTHS:
             raise ValueError(f"widths={widths!r} is not one of {WIDTHS}.")
-        if not isinstance(latency_batch, int) or latency_batch < 1:
-            raise ValueError(f"latency_batch={latency_batch!r} must be a positive integer.")
+        check_integer("latency_batch", latency_batch)
         if not 0 <= width_tolerance < 1:
             raise ValueError(f"width_tolerance={width_tolerance} must be a fraction in [0, 1).")
         if not (width_pressure >= 0 and (width_pressure == 0 or widths != "any")):

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .checks import check_integer
 from .quant import check_patterns
 
 __all__ = [
@@ -298,12 +299,7 @@ class Sparsifier24:
     ) -> None:
         if calculator not in CALCULATORS:
             raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
-        every = recompute_every_n_steps
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(
-                f"recompute_every_n_steps={every!r} must be None (masks fixed after the prune, ASP's workflow) or an "
-                "integer >= 1 (optimizer steps between recomputed masks)."
-            )
+        every = check_integer("recompute_every_n_steps", recompute_every_n_steps, none="masks fixed after the prune")
         self.calculator, self.recompute_every_n_steps = calculator, every
         self.include, self.exclude = check_patterns("include", include), check_patterns("exclude", exclude)
         self.layers: dict[str, nn.Module] = {}
