@@ -11,6 +11,7 @@ from .permute import PermutationReport, permute_for_24
 from .quant import QuantizationConfig, attach_quantizers, quantize, quantized_layers, quantizer_parameters
 from .rules import Rule, register_rule
 from .size import GammaSchedule, SizeModel, SizeReport, float_size_report
+from .sparsity import Sparsifier24
 from .surgery import Removal, Surgeon, SurgeryRecord, load_compressed, save_compressed
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ __all__ = [
     "Rule",
     "SizeModel",
     "SizeReport",
+    "Sparsifier24",
     "attach_quantizers",
     "float_size_report",
     "quantize",
