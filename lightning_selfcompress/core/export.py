@@ -474,8 +474,10 @@ def _drop_relus_after_unsigned_pairs(graph: onnx.GraphProto) -> None:
         return zero is not None and zero.dtype.kind in "iu" and bool(np.all(zero == np.iinfo(zero.dtype).min))
 
     dequantized = [n for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2]
-    unsigned = {n.output[0] for n in dequantized if lowest(n.input[2])} - {o.name for o in graph.output}
-    for relu in [n for n in graph.node if n.op_type == "Relu" and n.input[0] in unsigned]:
+    unsigned = {n.output[0] for n in dequantized if lowest(n.input[2])}
+    outputs = {o.name for o in graph.output}  # a ReLU that writes the graph's output keeps its name there
+    bypassed = [n for n in graph.node if n.op_type == "Relu" and n.input[0] in unsigned and n.output[0] not in outputs]
+    for relu in bypassed:
         for node in graph.node:
             node.input[:] = [relu.input[0] if name == relu.output[0] else name for name in node.input]
         graph.node.remove(relu)
