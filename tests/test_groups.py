@@ -309,11 +309,11 @@ def test_surgery_preserves_the_function_in_train_and_eval_mode(name):
     }, "and the other killed branch channels are cut from their branches"
     assert surgeon.remove(removal).weights_removed > 0
     assert_same_outputs(net, x, before)
-    kill_groups(graph, choose_groups(graph, 0.3, seed=1))
+    kill_groups(surgeon.cuts, choose_groups(surgeon.cuts, 0.3, seed=1))
     before = {mode: net.train(mode)(x).detach() for mode in (True, False)}
     surgeon.remove(surgeon.find())
     assert_same_outputs(net, x, before)
-    graph.check_unchanged()
+    surgeon.cuts.check_unchanged()
     Surgeon(ChannelGraph(fresh, x[:2])).replay(surgeon.history)
     fresh.load_state_dict(net.state_dict())
     torch.testing.assert_close(fresh.eval()(x), net.eval()(x), rtol=0, atol=0)

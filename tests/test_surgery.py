@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_selfcompress.core.groups import ChannelGraph, GraphError
+from lightning_selfcompress.core.groups import ChannelGraph, Cuts, GraphError
 from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Removal, Surgeon, load_compressed
 
@@ -93,7 +93,7 @@ def test_training_on_after_a_cut_equals_holding_the_channels_at_zero(name):
         module = pname.rsplit(".", 1)[0]
         for role, dim in (("outputs", 0), ("inputs", 1), ("members", 0)):
             if module in getattr(reference_graph, role) and expected.dim() > dim and (role != "inputs" or p.dim() > 1):
-                keep = reference_graph.kept(module, role, killed, branch_cuts)
+                keep = Cuts(reference_graph).kept(module, role, killed, branch_cuts)
                 expected = expected if keep is None else expected.index_select(dim, keep)
         torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-12, msg=f"{pname} after the cut")
 
@@ -135,7 +135,7 @@ def test_factored_state_is_sliced_along_the_dimensions_it_keeps():
     optimizer.step()
     factored = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in (net.head.weight, net.mid.weight)}
     killed = choose_groups(graph, 0.5)
-    keep = graph.kept("head", "inputs", killed)
+    keep = Cuts(graph).kept("head", "inputs", killed)
     Surgeon(graph).remove(Removal(killed), [optimizer])
     state = optimizer.state[net.head.weight]
     assert state["row_var"].shape == (5, 1) and torch.equal(state["row_var"], factored[net.head.weight]["row_var"])
@@ -171,11 +171,12 @@ def test_a_failing_surgery_leaves_model_and_optimizer_untouched():
     optimizer.step()
     net.bn.register_buffer("odd", torch.zeros(3))  # a buffer the surgeon cannot slice, met late in the plan
     snapshot = copy.deepcopy((net.state_dict(), optimizer.state_dict()))
+    surgeon = Surgeon(graph)
     with pytest.raises(GraphError, match="Cannot tell how to slice buffer 'odd'"):
-        Surgeon(graph).remove(Removal(choose_groups(graph, 0.5)), [optimizer])
+        surgeon.remove(Removal(choose_groups(graph, 0.5)), [optimizer])
     after = net.state_dict(), optimizer.state_dict()
     torch.testing.assert_close(after, snapshot)
-    assert not graph.removed.any()
+    assert not surgeon.cuts.removed.any()
 
 
 def test_history_replays_on_a_fresh_model_and_a_mismatched_history_is_refused():
@@ -185,7 +186,7 @@ def test_history_replays_on_a_fresh_model_and_a_mismatched_history_is_refused():
     surgeon = Surgeon(ChannelGraph(net, x[:2]))
     first, second = choose_groups(surgeon.graph, 0.3, seed=1), None
     surgeon.remove(Removal(first), step=10)
-    second = choose_groups(surgeon.graph, 0.3, seed=2)
+    second = choose_groups(surgeon.cuts, 0.3, seed=2)
     surgeon.remove(Removal(second), step=20)
 
     fresh = SmallNet()

@@ -147,7 +147,7 @@ class ChannelSurgeon(Callback):
         example = torch.zeros(state["input_shape"], dtype=getattr(torch, state["input_dtype"]))
         self._trace(pl_module, example)
         self.surgeon.replay(state["history"])
-        self.surgeon.graph.check_unchanged()
+        self.surgeon.cuts.check_unchanged()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -14,9 +14,9 @@ A branch is a chain from a producer's outputs, through per-channel modules, to o
 by nothing else. Its channels can also go from that branch alone: the stream keeps them, and the branch's last
 module re-embeds its output at the stream's width (core/reembed.py).
 
-The graph keeps describing the model as traced: groups removed since are a mask, and channels cut from a branch
-alone a mask per branch, so the history stays in original indexing and the constants a dead channel carries are
-followed through the original graph (`constants`).
+The graph is read-only: it describes the model as traced. What a surgeon removed since is its own `Cuts`: groups
+removed, a mask, and channels cut from a branch alone, a mask per branch, so the history stays in original indexing
+and the constants a dead channel carries are followed through the original graph (`constants`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from .ops import (
 from .reembed import reembedding_of
 from .rules import Rule, rule_of
 
-__all__ = ["Branch", "ChannelGraph", "GraphError"]
+__all__ = ["Branch", "ChannelGraph", "Cuts", "GraphError"]
 
 
 class GraphError(SelfCompressError, ValueError):
@@ -111,9 +111,8 @@ class ChannelGraph:
     """The coupled channel groups of `model`, traced once on `example_input` (one or two samples are enough).
 
     `outputs`, `inputs`, `members`: per module name, the group of each original position (output channel, input
-    feature, channel). `pinned`: groups never removed, with the reason. `removed`: groups removed since tracing.
-    `branches`: per producer, its residual branch; `cut`: per branch producer, the original positions removed from
-    that branch alone.
+    feature, channel). `pinned`: groups never removed, with the reason. `branches`: per producer, its residual
+    branch. Read-only: what has been removed since is a `Cuts`.
     `consumers`: per Conv/Linear, the nodes whose output it reads. `spatial`: per Conv/Linear, output positions per
     channel for one sample (for multiply-accumulate counts).
     """
@@ -195,7 +194,6 @@ class ChannelGraph:
             for channel, group in enumerate(groups.tolist()):
                 self._keys.setdefault(group, (name, channel))
         self._step_groups = [self.groups_of(step.slots) for step in self.steps]
-        self.removed = torch.zeros(self.num_groups, dtype=torch.bool)
         self.pinned_mask = torch.zeros(self.num_groups, dtype=torch.bool)
         self.pinned_mask[list(self.pinned)] = True
 
@@ -213,7 +211,6 @@ class ChannelGraph:
                     branch = self._branch(nodes[source], nodes, index, calls)
                     if branch is not None:
                         self.branches[branch.producer] = branch
-        self.cut = {p: torch.zeros(len(self.outputs[p]), dtype=torch.bool) for p in self.branches}
         self._chain = {(b.producer, "outputs"): b.producer for b in self.branches.values()}
         self._chain.update({(m, "members"): b.producer for b in self.branches.values() for m in b.members})
         self._step_branch = {i: b.producer for b in self.branches.values() for i in b.steps}
@@ -253,47 +250,9 @@ class ChannelGraph:
     def modules(self) -> list[str]:
         return list(dict.fromkeys([*self.outputs, *self.inputs, *self.members]))
 
-    def present(self, module: str, role: str) -> Tensor:
-        """Which of the module's original positions in this role are still there."""
-        mask = ~self.removed[getattr(self, role)[module]]
-        branch = self.branch_of(module, role)
-        return mask if branch is None else mask & ~self.cut[branch]
-
     def branch_of(self, module: str, role: str) -> str | None:
         """The producer of the residual branch whose channels these positions are (its outputs and members)."""
         return self._chain.get((module, role))
-
-    def width(self, module: str, role: str) -> int:
-        return int(self.present(module, role).sum())
-
-    def kept(self, module: str, role: str, remove: Tensor, cuts: dict[str, Tensor] | None = None) -> Tensor | None:
-        """Of the module's current positions, the indices that stay when the groups `remove` go, and `cuts` (per
-        branch producer, original positions) leave their branches; None: all stay."""
-        present = self.present(module, role)
-        going = remove[getattr(self, role)[module]]
-        branch = self.branch_of(module, role)
-        if cuts and branch in cuts:
-            going = going | cuts[branch]
-        going = going[present]
-        return (~going).nonzero().flatten() if going.any() else None
-
-    def expected_shape(self, module: str) -> dict[str, int]:
-        return {role: self.width(module, role) for role in self.tables(module)}
-
-    def check_unchanged(self) -> None:
-        """Raise if a module's channel counts differ from what the graph expects (the model changed after tracing)."""
-        for name in self.modules():
-            try:
-                module = self.model.get_submodule(name)
-            except AttributeError as error:
-                raise GraphError(f"Module '{name}' is gone since the channel graph was traced; rebuild the graph.") from error
-            expected = self.expected_shape(name)
-            actual = {role: module_width(module, role) for role in expected}
-            if actual != expected:
-                raise GraphError(
-                    f"Module '{name}' ({type(module).__name__}) has {actual} positions but the channel graph expects "
-                    f"{expected}: the model changed after tracing. Rebuild the ChannelGraph."
-                )
 
     def macs(self) -> int:
         """Multiply-accumulates of one sample through every Conv/Linear at the model's current widths."""
@@ -311,21 +270,70 @@ class ChannelGraph:
     # ---- constants -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def constants(self, training: bool, dead: Callable[[str], Tensor | None]) -> dict[str, Tensor]:
+    def constants(self, training: bool, dead: Callable[[str], Tensor | None], cuts: Cuts) -> dict[str, Tensor]:
         """Per node (by name), the constant each original position carries in train or eval mode; NaN: not constant.
 
         `dead(module)` gives, per original output channel of a producer, whether its weights are all zero (then the
-        channel emits its bias). Removed positions count as zeros: they no longer contribute anything.
+        channel emits its bias). Positions `cuts` removed count as zeros: they no longer contribute anything.
         """
         env: dict[str, Tensor] = {}
         for i, (step, groups) in enumerate(zip(self.steps, self._step_groups)):
             inputs = [env[s] for s in step.sources]
-            value = _constant_step(self, step, inputs, training, dead)
-            value[self.removed[groups]] = 0.0
+            value = _constant_step(self, step, inputs, training, dead, cuts)
+            value[cuts.removed[groups]] = 0.0
             if i in self._step_branch:  # re-embedded as zeros
-                value[self.cut[self._step_branch[i]]] = 0.0
+                value[cuts.cut[self._step_branch[i]]] = 0.0
             env[step.node] = value
         return env
+
+
+class Cuts:
+    """What has been removed from a traced model since its `ChannelGraph` was traced (the surgeon's state): groups
+    removed, and per branch producer the original positions cut from that branch alone; and the model's positions
+    as they are now."""
+
+    def __init__(self, graph: ChannelGraph) -> None:
+        self.graph = graph
+        self.removed = torch.zeros(graph.num_groups, dtype=torch.bool)
+        self.cut = {p: torch.zeros(len(graph.outputs[p]), dtype=torch.bool) for p in graph.branches}
+
+    def present(self, module: str, role: str) -> Tensor:
+        """Which of the module's original positions in this role are still there."""
+        mask = ~self.removed[getattr(self.graph, role)[module]]
+        branch = self.graph.branch_of(module, role)
+        return mask if branch is None else mask & ~self.cut[branch]
+
+    def width(self, module: str, role: str) -> int:
+        return int(self.present(module, role).sum())
+
+    def kept(self, module: str, role: str, remove: Tensor, cuts: dict[str, Tensor] | None = None) -> Tensor | None:
+        """Of the module's current positions, the indices that stay when the groups `remove` go, and `cuts` (per
+        branch producer, original positions) leave their branches; None: all stay."""
+        present = self.present(module, role)
+        going = remove[getattr(self.graph, role)[module]]
+        branch = self.graph.branch_of(module, role)
+        if cuts and branch in cuts:
+            going = going | cuts[branch]
+        going = going[present]
+        return (~going).nonzero().flatten() if going.any() else None
+
+    def expected_shape(self, module: str) -> dict[str, int]:
+        return {role: self.width(module, role) for role in self.graph.tables(module)}
+
+    def check_unchanged(self) -> None:
+        """Raise if a module's channel counts differ from what the graph expects (the model changed after tracing)."""
+        for name in self.graph.modules():
+            try:
+                module = self.graph.model.get_submodule(name)
+            except AttributeError as error:
+                raise GraphError(f"Module '{name}' is gone since the channel graph was traced; rebuild the graph.") from error
+            expected = self.expected_shape(name)
+            actual = {role: module_width(module, role) for role in expected}
+            if actual != expected:
+                raise GraphError(
+                    f"Module '{name}' ({type(module).__name__}) has {actual} positions but the channel graph expects "
+                    f"{expected}: the model changed after tracing. Rebuild the ChannelGraph."
+                )
 
 
 def module_width(module: nn.Module, role: str) -> int:
@@ -336,15 +344,15 @@ def module_width(module: nn.Module, role: str) -> int:
     return module.out_features if role == "outputs" else module.in_features
 
 
-def _expand(graph: ChannelGraph, values: Tensor, module: str, role: str) -> Tensor:
+def _expand(cuts: Cuts, values: Tensor, module: str, role: str) -> Tensor:
     """A module's current per-channel values placed at their original positions (removed ones 0)."""
-    present = graph.present(module, role)
+    present = cuts.present(module, role)
     out = torch.zeros(len(present), dtype=torch.float64)
     out[present] = values.detach().double().cpu()
     return out
 
 
-def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], training: bool, dead) -> Tensor:
+def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], training: bool, dead, cuts: Cuts) -> Tensor:
     nan = torch.full((len(step.slots),), float("nan"), dtype=torch.float64)
     kind, payload = step.kind, step.payload
     if kind in ("new", "opaque"):
@@ -355,7 +363,7 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
             return nan
         module = graph.model.get_submodule(payload)
         bias = (
-            _expand(graph, module.bias, payload, "outputs")
+            _expand(cuts, module.bias, payload, "outputs")
             if module.bias is not None
             else torch.zeros(len(graph.outputs[payload]), dtype=torch.float64)
         )
@@ -363,17 +371,17 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
     x = inputs[0] if inputs else None
     if kind == "norm":
         module = graph.model.get_submodule(payload)
-        weight = _expand(graph, module.weight, payload, "members") if module.weight is not None else torch.ones_like(x)
-        bias = _expand(graph, module.bias, payload, "members") if module.bias is not None else torch.zeros_like(x)
+        weight = _expand(cuts, module.weight, payload, "members") if module.weight is not None else torch.ones_like(x)
+        bias = _expand(cuts, module.bias, payload, "members") if module.bias is not None else torch.zeros_like(x)
         if training or module.running_mean is None:  # batch statistics of a constant: mean c, variance 0
             return torch.where(x.isfinite(), bias, nan)
-        mean = _expand(graph, module.running_mean, payload, "members")
-        var = _expand(graph, module.running_var, payload, "members")
+        mean = _expand(cuts, module.running_mean, payload, "members")
+        var = _expand(cuts, module.running_var, payload, "members")
         return (x - mean) / torch.sqrt(var + module.eps) * weight + bias
     if kind == "apply":
         fn = graph.model.get_submodule(payload) if isinstance(payload, str) else payload
         if isinstance(fn, nn.PReLU) and fn.num_parameters > 1:
-            weight = _expand(graph, fn.weight, payload, "members")
+            weight = _expand(cuts, fn.weight, payload, "members")
             return torch.where(x >= 0, x, weight * x)
         fn = fn.forward if isinstance(fn, nn.Module) else fn  # not its hooks: a re-embedding would widen the row
         return fn(x.view(1, -1)).view(-1).double()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .groups import ChannelGraph
+from .groups import ChannelGraph, Cuts
 from .sparsity import CALCULATORS, as_rows, eligible_layers, kept_magnitude
 from .surgery import _Plan
 
@@ -60,18 +60,18 @@ class PermutationReport:
 
 
 def _current(graph: ChannelGraph) -> dict[tuple[str, str], Tensor]:
-    """Per (role, module): the group at each current position."""
-    return {(role, name): groups[graph.present(name, role)]
+    """Per (role, module): the group at each position of the model as traced (a permutation comes before any cut)."""
+    return {(role, name): groups
             for role in ("outputs", "inputs", "members") for name, groups in getattr(graph, role).items()}  # fmt: skip
 
 
 def channel_spaces(graph: ChannelGraph) -> list[ChannelSpace]:
     """The graph's channel spaces of two or more groups: groups with the same positions count in every (role,
-    module), not pinned, not removed."""
+    module), not pinned."""
     tables = _current(graph)
     keys = list(tables)
     counts = torch.stack([torch.bincount(tables[k], minlength=graph.num_groups) for k in keys])  # [tables, groups]
-    free = ~graph.pinned_mask & ~graph.removed & (counts.sum(0) > 0)
+    free = ~graph.pinned_mask & (counts.sum(0) > 0)
     candidates = free.nonzero().flatten()
     signatures, space_of = torch.unique(counts[:, candidates], dim=1, return_inverse=True)
     spaces = []
@@ -116,7 +116,7 @@ def apply_permutations(
     """Reorder each space in place: place i receives what was at place `perm[i]`, in every module of the space, with
     parameters (identity kept), buffers (running statistics, 2:4 masks), gradients and optimizer state tensors of a
     parameter's shape. The graph keeps describing the model as traced: trace a new one for a surgery afterwards."""
-    graph.check_unchanged()
+    Cuts(graph).check_unchanged()
     plan = _Plan()
     for name, keep in _indices(graph, spaces, perms).items():
         plan.module(name, graph.model.get_submodule(name), keep, None)

@@ -30,7 +30,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .atomic import atomic_path
 from .checkpoint import read_checkpoint
-from .groups import ChannelGraph, GraphError, channels_of, is_grouped
+from .groups import ChannelGraph, Cuts, GraphError, channels_of, is_grouped
 from .quant import QuantizationConfig, attach_activation_quantizers, attach_quantizers
 from .reembed import GATHER, set_reembedding
 from .sparsity import DROPPED, MASK
@@ -132,6 +132,7 @@ class Surgeon:
         self.round_to = round_to
         self.widths = {name: set(allowed) for name, allowed in (widths or {}).items()}
         self.history: list[SurgeryRecord] = []
+        self.cuts = Cuts(graph)  # what this surgeon removed: the graph itself stays as traced
 
     def _width_ok(self, producer: str, width: int, was: int) -> bool:
         """May the producer's outputs go from `was` to `width` channels (round_to, and its latency steps)?"""
@@ -160,19 +161,19 @@ class Surgeon:
         flat = torch.cat([b.detach().reshape(-1) for b in quantized.values()]).cpu() <= 0
         for (name, b), part in zip(quantized.items(), flat.split([b.numel() for b in quantized.values()])):
             dead[name] = torch.ones(len(g.outputs[name]), dtype=torch.bool)
-            dead[name][g.present(name, "outputs")] = part
+            dead[name][self.cuts.present(name, "outputs")] = part
         return dead
 
     def dead_groups(self, dead: dict[str, Tensor | None] | None = None) -> Tensor:
         """Groups not yet removed whose every producer channel is at 0 bits (the L1 pull acts on these)."""
         g = self.graph
         dead = self._dead_outputs() if dead is None else dead
-        alive = g.removed.clone()
+        alive = self.cuts.removed.clone()
         has_producer = torch.zeros(g.num_groups, dtype=torch.bool)
         for name, groups in g.outputs.items():
             has_producer[groups] = True
             alive[groups[~dead[name]] if dead[name] is not None else groups] = True
-        return has_producer & ~alive & ~g.removed & ~g.pinned_mask
+        return has_producer & ~alive & ~self.cuts.removed & ~g.pinned_mask
 
     def _dead_channels(self, outputs: dict[str, Tensor | None], groups: Tensor) -> dict[str, Tensor]:
         """Per producer and per-channel module, over its current positions: the channels that are dead, in a dead
@@ -185,7 +186,7 @@ class Surgeon:
                 branch = g.branch_of(name, role)
                 if branch is not None and outputs[branch] is not None:
                     mask = mask | outputs[branch]
-                mask = mask[g.present(name, role)]
+                mask = mask[self.cuts.present(name, role)]
                 if mask.any():
                     dead[name] = mask
         return dead
@@ -217,7 +218,7 @@ class Surgeon:
         dead = self._dead_channels(outputs, self.dead_groups(outputs))
         if not dead:
             return 0
-        train = g.constants(True, outputs.get)
+        train = g.constants(True, outputs.get, self.cuts)
         settled = 0
         for step in g.steps:
             if step.kind != "norm" or step.payload not in dead:
@@ -225,7 +226,7 @@ class Surgeon:
             module = g.model.get_submodule(step.payload)
             if getattr(module, "running_mean", None) is None:
                 continue
-            present = g.present(step.payload, "members")
+            present = self.cuts.present(step.payload, "members")
             value = train[step.sources[0]][present]
             where = dead[step.payload] & value.isfinite()
             if where.any():
@@ -239,14 +240,15 @@ class Surgeon:
     def find(self) -> Removal:
         """The dead groups whose removal provably leaves the network's function unchanged, in both modes."""
         g = self.graph
-        g.check_unchanged()
+        self.cuts.check_unchanged()
         outputs = self._dead_outputs()
         candidates = self.dead_groups(outputs)
-        dead_in_branches = any(outputs[p] is not None and outputs[p][g.present(p, "outputs")].any() for p in g.branches)
+        present = {p: self.cuts.present(p, "outputs") for p in g.branches}
+        dead_in_branches = any(outputs[p] is not None and outputs[p][present[p]].any() for p in g.branches)
         if not candidates.any() and not dead_in_branches:
             return Removal(candidates)
-        train = g.constants(True, outputs.get)
-        evaluation = g.constants(False, outputs.get)
+        train = g.constants(True, outputs.get, self.cuts)
+        evaluation = g.constants(False, outputs.get, self.cuts)
         blocked = torch.zeros(g.num_groups, dtype=torch.bool)
         folds: dict[str, tuple[Tensor, Tensor]] = {}
         for name, sources in g.consumers.items():
@@ -281,7 +283,7 @@ class Surgeon:
             if dead is None:
                 continue
             t, e = train[branch.tail_node], evaluation[branch.tail_node]
-            present = g.present(producer, "outputs")
+            present = self.cuts.present(producer, "outputs")
             staying = present & ~removable[g.outputs[producer]]
             cut = staying & dead & (t.abs() <= self.atol) & (e.abs() <= self.atol)
             going = cut.nonzero().flatten().tolist()
@@ -302,7 +304,7 @@ class Surgeon:
             changed = False
             for role in ("outputs", "inputs", "members"):
                 for name, groups in getattr(g, role).items():
-                    present = groups[g.present(name, role)]
+                    present = groups[self.cuts.present(name, role)]
                     going = present[removable[present]].tolist()
                     while going and not (
                         self._width_ok(name, int((~removable[present]).sum()), len(present))
@@ -316,7 +318,7 @@ class Surgeon:
     def _bias_correction(self, name: str, fold: Tensor, value: Tensor) -> Tensor:
         g = self.graph
         module = g.model.get_submodule(name)
-        present = g.present(name, "inputs")
+        present = self.cuts.present(name, "inputs")
         current = fold[present].nonzero().flatten()  # positions in the module's current input dimension
         constants = value[present][current].to(module.weight.device, module.weight.dtype)
         weight = _effective_weight(module).detach().index_select(1, current.to(module.weight.device))
@@ -335,38 +337,38 @@ class Surgeon:
     ) -> SurgeryRecord:
         """Remove the groups in place from the model and every optimizer's state; append the record to the history."""
         g = self.graph
-        g.check_unchanged()
+        self.cuts.check_unchanged()
         for optimizer in optimizers:
             check_optimizer(optimizer)
         remove = removal.groups
-        bad = remove & (g.removed | g.pinned_mask)
+        bad = remove & (self.cuts.removed | g.pinned_mask)
         if bad.any():
             group = int(bad.nonzero()[0])
-            why = "was removed before" if g.removed[group] else f"is pinned: {g.pinned.get(group)}"
+            why = "was removed before" if self.cuts.removed[group] else f"is pinned: {g.pinned.get(group)}"
             raise GraphError(f"Cannot remove the group of {g.key(group)} (module, output channel): it {why}.")
         cuts = removal.cuts
         for producer, cut in cuts.items():
             if producer not in g.branches or len(cut) != len(g.outputs[producer]):
                 raise GraphError(f"'{producer}' is not the producer of a residual branch with {len(cut)} channels.")
-            if (cut & ~g.present(producer, "outputs")).any():
-                channel = int((cut & ~g.present(producer, "outputs")).nonzero()[0])
+            if (cut & ~self.cuts.present(producer, "outputs")).any():
+                channel = int((cut & ~self.cuts.present(producer, "outputs")).nonzero()[0])
                 raise GraphError(f"Cannot cut channel {channel} from the branch of '{producer}': it is gone already.")
         plan = _Plan()
         weights_before = sum(m.weight.numel() for m in _layers(g))
         channels = {}
         for name in g.modules():
             module = g.model.get_submodule(name)
-            keep = {role: g.kept(name, role, remove, cuts) for role in g.tables(name)}
+            keep = {role: self.cuts.kept(name, role, remove, cuts) for role in g.tables(name)}
             if all(k is None for k in keep.values()):
                 continue
             if "outputs" in keep and keep["outputs"] is not None:
-                channels[name] = g.width(name, "outputs") - len(keep["outputs"])
+                channels[name] = self.cuts.width(name, "outputs") - len(keep["outputs"])
             plan.module(name, module, keep, removal.folds.get(name))
         plan.optimizer_state(optimizers)
         plan.apply()
-        g.removed |= remove
+        self.cuts.removed |= remove
         for producer, cut in cuts.items():
-            g.cut[producer] |= cut
+            self.cuts.cut[producer] |= cut
         self._reembed()
         record = SurgeryRecord(
             step=step,
@@ -383,9 +385,9 @@ class Surgeon:
         """Every branch with channels cut from it alone re-embeds its output at the stream's current width."""
         g = self.graph
         for producer, branch in g.branches.items():
-            stream = ~g.removed[g.outputs[producer]]
+            stream = ~self.cuts.removed[g.outputs[producer]]
             device = g.model.get_submodule(producer).weight.device
-            kept = g.present(producer, "outputs")[stream]
+            kept = self.cuts.present(producer, "outputs")[stream]
             set_reembedding(g.model.get_submodule(branch.tail), kept, device, branch.dim)
 
     def state_dict(self) -> dict[str, Any]:
