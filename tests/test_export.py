@@ -335,6 +335,25 @@ def test_linear_layers_on_tokens_store_int8_weights_that_fold_at_load(tmp_path):
     assert [s.storage for s in calibrated.layers].count("int8") == 4 and len(calibrated.activation_scales) == 2
 
 
+def test_a_branch_cut_from_a_residual_block_keeps_both_branches_in_integer_kernels(tmp_path):
+    """A cut from one branch alone re-embeds its output (Concat with zeros, Gather): that moves values, so the
+    convolution before it still ends in a Q/DQ pair and an integer kernel."""
+    from lightning_selfcompress.models import ResNet9
+
+    net = ResNet9(1, 10, width=4).eval()
+    attach_quantizers(net, QuantizationConfig(init_bits=6))
+    x = torch.randn(8, 1, 28, 28)
+    graph = ChannelGraph(net, x[:2])
+    cuts = choose_branch_channels(graph, 0.5, seed=1)
+    kill_branch_channels(graph, cuts)
+    Surgeon(graph).remove(Removal(torch.zeros(graph.num_groups, dtype=torch.bool), cuts=cuts))
+    assert cuts, "channels cut from a branch alone"
+    export_onnx(net, x, tmp_path / "net.onnx", calibration=[x], tolerance=0.05, runtime="onnxruntime")
+    assert "Gather" in [n.op_type for n in onnx.load(str(tmp_path / "net.onnx")).graph.node], "re-embedded"
+    ops = optimized_ops(tmp_path / "net.onnx", tmp_path)
+    assert ops.count("QLinearConv") == 7, f"every conv but the first on the image, the cut branches' too: {ops}"
+
+
 def test_an_unknown_runtime_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="runtime='tflite' is not one of"):
         export_onnx(ConvLinear(), torch.randn(2, 3, 8, 8), tmp_path / "net.onnx", runtime="tflite")

@@ -71,8 +71,10 @@ FLOAT_CLASS = {quantized: plain for plain, quantized in QUANTIZED_CLASS.items()}
 INT_RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
 NUMPY_TYPE = {"int8": np.int8, "int4": ml_dtypes.int4}  # onnx packs int4 two to a byte
 WEIGHT_OPS = ("Conv", "Gemm")
-COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten")  # f(q(x)) = q(f(x)) for these int8 q
-KEEPS_SIGN = ("MaxPool", "Reshape", "Flatten")  # a ReLU's output stays non-negative through these
+# f(q(x)) = q(f(x)) for a per-tensor q: ops that only move, select or take the max of elements (a branch's
+# re-embedding is Concat with zeros, then Gather), and ReLU
+COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten", "Concat", "Gather")
+KEEPS_SIGN = ("MaxPool", "Reshape", "Flatten", "Gather")  # a ReLU's output stays non-negative through these
 RUNTIMES = ("tensorrt", "onnxruntime")  # the int8 activation layouts export_onnx writes
 FEW_INPUT_CHANNELS = 4  # onnxruntime: a layer reading fewer channels per group keeps float activations
 TRAINED_ACTIVATION_TOLERANCE = 1e-2  # the least parity tolerance of a model trained with int8 activations
@@ -369,8 +371,12 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
     reading = readers_of(graph)
     outputs = {o.name for o in graph.output}
 
+    def shape_only(node: onnx.NodeProto) -> bool:  # reads a tensor for its shape alone (Shape, Slice -> Shape)
+        readers = [n for output in node.output for n in reading[output]]
+        return node.op_type == "Shape" or (node.op_type == "Slice" and bool(readers) and all(map(shape_only, readers)))
+
     def sole_reader(tensor: str) -> onnx.NodeProto | None:
-        values = [n for n in reading[tensor] if n.op_type != "Shape"]
+        values = [n for n in reading[tensor] if not shape_only(n)]
         return values[0] if len(values) == 1 and tensor not in outputs and values[0].input[0] == tensor else None
 
     for layer in layers:
@@ -389,12 +395,15 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def _non_negative(producer: dict[str, onnx.NodeProto], tensor: str) -> bool:
-    """Whether `tensor` is a ReLU's output, through max-pooling and reshapes, or a sum of such."""
+    """Whether `tensor` is a ReLU's output, through max-pooling, reshapes and gathers, or a sum or concatenation of
+    such (and of zeros)."""
     node = producer.get(tensor)
     while node is not None and node.op_type in KEEPS_SIGN:
         node = producer.get(node.input[0])
-    if node is not None and node.op_type == "Add":
+    if node is not None and node.op_type in ("Add", "Concat"):
         return all(_non_negative(producer, t) for t in node.input)
+    if node is not None and node.op_type == "ConstantOfShape":  # a re-embedding's zeros (the default value)
+        return all(numpy_helper.to_array(a.t).min() >= 0 for a in node.attribute if a.name == "value")
     return node is not None and node.op_type == "Relu"
 
 
