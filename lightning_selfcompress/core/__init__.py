@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 from ..extras import lazy
 from .distill import Distiller, distillation_loss
-from .groups import ChannelGraph, GraphError
+from .groups import ChannelGraph, Cuts, GraphError
 from .parity import Parity, ParityError, check_parity
 from .permute import PermutationReport, permute_for_24
 from .quant import QuantizationConfig, attach_quantizers, quantize, quantized_layers, quantizer_parameters
@@ -43,6 +43,7 @@ __all__ = [
     "check_parity",
     "export_onnx",
     "ChannelGraph",
+    "Cuts",
     "GammaSchedule",
     "GraphError",
     "Removal",
