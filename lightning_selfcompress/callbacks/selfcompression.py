@@ -177,8 +177,9 @@ class SelfCompression(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
-        if self.latency_weight and self.layer_weights is None:
-            self.layer_weights = self._measure_layer_weights(pl_module, batch)
+        if self.latency_weight and self.layer_weights is None:  # timed on rank 0 alone: every replica pulls alike
+            measured = self._measure_layer_weights(pl_module, batch) if trainer.is_global_zero else None
+            self.layer_weights = trainer.strategy.broadcast(measured, src=0)
         if self.bits_frozen or self.freeze_bits_at is None:
             return
         total = trainer.estimated_stepping_batches
