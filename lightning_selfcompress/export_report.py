@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .check24 import check_onnx
+from .core.checks import check_choice
 from .core.export import RUNTIMES, export_onnx
 from .core.groups import ChannelGraph, GraphError
 from .core.latency import ort_kernels, ort_latency_ms
@@ -64,10 +65,8 @@ class ExportOptions:
     runtime: str = "tensorrt"
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINE_CHOICES:
-            raise ValueError(f"engine={self.engine!r} is not one of {list(ENGINE_CHOICES)}.")
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime={self.runtime!r} is not one of {list(RUNTIMES)}.")
+        check_choice("engine", self.engine, ENGINE_CHOICES)
+        check_choice("runtime", self.runtime, RUNTIMES)
         if self.calibrate_batches < 0 or self.parity_batches < 1:
             raise ValueError(
                 f"calibrate_batches={self.calibrate_batches} must be >= 0 and parity_batches={self.parity_batches} >= 1."

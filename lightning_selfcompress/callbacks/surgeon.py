@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from ..core.checks import check_flag, check_integer
+from ..core.checks import check_choice, check_flag, check_integer
 from ..core.groups import ChannelGraph
 from ..core.inputs import model_input
 from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer
@@ -71,8 +71,7 @@ class ChannelSurgeon(Callback):
         if not constant_pull >= 0:
             raise ValueError(f"constant_pull={constant_pull} must be >= 0 (0 turns the pull off).")
         Surgeon.check_options(atol, round_to)
-        if widths not in WIDTHS:
-            raise ValueError(f"widths={widths!r} is not one of {WIDTHS}.")
+        check_choice("widths", widths, WIDTHS)
         check_integer("latency_batch", latency_batch)
         if not 0 <= width_tolerance < 1:
             raise ValueError(f"width_tolerance={width_tolerance} must be a fraction in [0, 1).")

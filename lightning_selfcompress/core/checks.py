@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
-__all__ = ["check_flag", "check_fraction", "check_integer"]
+__all__ = ["check_choice", "check_flag", "check_fraction", "check_integer"]
 
 
 def check_integer(name: str, value: object, *, least: int = 1, none: str | None = None) -> int | None:
@@ -25,6 +26,14 @@ def check_fraction(name: str, value: object, *, meaning: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 <= value <= 1):
         raise ValueError(f"{name}={value!r} must be a number in [0, 1]" + (f" ({meaning})." if meaning else "."))
     return float(value)
+
+
+def check_choice(name: str, value: object, choices: Iterable[object]) -> object:
+    """`value`, if it is one of `choices` (listed in the message in their order)."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}.")
+    return value
 
 
 def check_flag(name: str, value: object) -> bool:

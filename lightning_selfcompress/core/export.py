@@ -58,8 +58,9 @@ from torch import Tensor, nn
 
 from ..errors import SelfCompressError
 from .atomic import atomic_path
+from .checks import check_choice
 from .inputs import describe
-from .onnx_fold import dequantized_weight, fold_batchnorm, readers_of
+from .onnx_fold import dequantized_weight, fold_batchnorm, producers_of, readers_of
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import QUANTIZED_CLASS, integer_bits, integer_weights, quantized_layers
@@ -124,7 +125,7 @@ def stored_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.nda
     """Dequantized weight tensor -> (its integers, the per-output-channel scale) for every integer weight the file
     stores, in either form the export writes (`onnx_fold.dequantized_weight`)."""
     initializers = {i.name: i for i in model.graph.initializer}
-    producer = {out: node for node in model.graph.node for out in node.output}
+    producer = producers_of(model.graph)
     found = {}
     for node in model.graph.node:
         if (stored := dequantized_weight(node, producer, initializers)) is not None:
@@ -390,10 +391,6 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
                         f"{layer.name}.output")  # fmt: skip
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {output: node for node in graph.node for output in node.output}
-
-
 def _non_negative(producer: dict[str, onnx.NodeProto], tensor: str) -> bool:
     """Whether `tensor` is a ReLU's output, through max-pooling, reshapes and gathers, or a sum or concatenation of
     such (and of zeros)."""
@@ -436,7 +433,7 @@ def _quantize_activations(
     adds in int8 and the convolutions on either branch end in integer kernels (QLinearAdd, fused Conv+Add).
     Returns the scale of each quantized input tensor."""
     graph = model.graph
-    producer = _producers(graph)
+    producer = producers_of(graph)
     reads = [(node, node.input[0]) for node in layers]
     if batches is not None:
         constants = {i.name for i in graph.initializer}
@@ -497,7 +494,7 @@ def _fold_unfused_weights(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) 
     dequantize its weight on every call: its weight goes back to the Mul(Cast) form, folded once at load. (TensorRT
     could still run such a layer in INT8 with a float output; ONNX Runtime cannot, and it is what is measured here.)"""
     reading = readers_of(graph)
-    producer = {node.output[0]: node for node in graph.node}
+    producer = producers_of(graph)
     initializers = {i.name: i for i in graph.initializer}
     for layer in layers:
         dq = producer.get(layer.input[1])
@@ -560,8 +557,7 @@ def export_onnx(
     _check_model(model)
     if tolerance is not None and not tolerance > 0:
         raise ValueError(f"tolerance={tolerance} must be > 0 (or None to measure without a limit).")
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime={runtime!r} is not one of {list(RUNTIMES)}.")
+    check_choice("runtime", runtime, RUNTIMES)
     layers = quantized_layers(model)
     example = example_input.detach().to(next(model.parameters(), example_input).device)
     with contextlib.ExitStack() as stack:

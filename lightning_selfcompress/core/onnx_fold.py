@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["dequantized_weight", "fold_batchnorm", "readers_of"]
+__all__ = ["dequantized_weight", "fold_batchnorm", "producers_of", "readers_of"]
 
 SHIFT_TRANSPARENT = ("MaxPool", "Reshape", "Flatten")  # ops that carry a per-channel shift through unchanged
 SHAPE_ONLY = ("Shape",)  # consumers that read a tensor's shape, not its values
@@ -47,6 +47,11 @@ def dequantized_weight(
     return data, scale
 
 
+def producers_of(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that writes it."""
+    return {output: node for node in graph.node for output in node.output}
+
+
 def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """Tensor name -> the nodes that read it, in graph order."""
     found: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -62,7 +67,7 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.graph = model.graph
         self.initializers = {i.name: i for i in self.graph.initializer}
-        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.producer = producers_of(self.graph)
         self.consumers = readers_of(self.graph)
         self.outputs = {o.name for o in self.graph.output}
 

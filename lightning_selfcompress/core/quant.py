@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_choice
+
 __all__ = [
     "GRIDS",
     "ActivationQuantizer",
@@ -116,8 +118,7 @@ def quantize(weight: Tensor, bits: Tensor, exponent: Tensor, grid: str = "intege
 
 
 def _offset(grid: str) -> float:
-    if grid not in GRIDS:
-        raise ValueError(f"grid={grid!r} is not one of {list(GRIDS)}.")
+    check_choice("grid", grid, GRIDS)
     return 0.5 if grid == "midrise" else 0.0
 
 
@@ -391,8 +392,7 @@ class QuantizationConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name}={value} is not a finite number.")
-        if self.init_scale not in _INIT_SCALES:
-            raise ValueError(f"init_scale={self.init_scale!r} is not one of {sorted(_INIT_SCALES)}.")
+        check_choice("init_scale", self.init_scale, sorted(_INIT_SCALES))
         _offset(self.grid)
         if self.init_bits <= 0:
             raise ValueError(f"init_bits={self.init_bits} would start every channel dead; use a value > 0 (8 is lossless).")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .checks import check_integer
+from .checks import check_choice, check_integer
 from .quant import check_patterns
 
 __all__ = [
@@ -167,8 +167,7 @@ def eligible_layers(
 ) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """(the Conv/Linear layers that can hold a 2:4 pattern and that `include`/`exclude`, glob patterns on module
     names, select; {the others: why not}); an error if none can."""
-    if calculator not in CALCULATORS:
-        raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
+    check_choice("calculator", calculator, sorted(CALCULATORS))
     eligible, skipped = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, (_ConvNd, nn.Linear)):
@@ -297,8 +296,7 @@ class Sparsifier24:
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
     ) -> None:
-        if calculator not in CALCULATORS:
-            raise ValueError(f"calculator={calculator!r} is not one of {sorted(CALCULATORS)}.")
+        check_choice("calculator", calculator, sorted(CALCULATORS))
         every = check_integer("recompute_every_n_steps", recompute_every_n_steps, none="masks fixed after the prune")
         self.calculator, self.recompute_every_n_steps = calculator, every
         self.include, self.exclude = check_patterns("include", include), check_patterns("exclude", exclude)

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..core.checks import check_choice
+
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULES = ("constant", "cosine", "step")
 
@@ -32,10 +34,8 @@ class ImageClassifier(pl.LightningModule):
         step_epochs: int = 30,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}.")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}.")
+        check_choice("optimizer", optimizer, sorted(OPTIMIZERS))
+        check_choice("schedule", schedule, SCHEDULES)
         if not isinstance(step_epochs, int) or step_epochs < 1:
             raise ValueError(f"step_epochs={step_epochs!r} must be an integer >= 1 (epochs between tenfold LR cuts).")
         self.save_hyperparameters(ignore=["net"])
