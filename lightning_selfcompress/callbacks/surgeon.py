@@ -18,7 +18,7 @@ from typing_extensions import override
 from ..core.checks import check_choice, check_flag, check_integer
 from ..core.groups import ChannelGraph
 from ..core.inputs import model_input
-from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer
+from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
 from ..core.widths import latency_tables, step_pressure
 from ..report import print_surgery_table
 
@@ -143,8 +143,7 @@ class ChannelSurgeon(Callback):
                 f"checkpoint's model {len(state['history'])} times, and cut channels cannot be put back. Evaluate "
                 "that checkpoint on a freshly built module (or `load_compressed(fresh_module, path)`)."
             )
-        example = torch.zeros(state["input_shape"], dtype=getattr(torch, state["input_dtype"]))
-        self._trace(pl_module, example)
+        self._trace(pl_module, traced_input(state))
         self.surgeon.replay(state["history"])
         self.surgeon.cuts.check_unchanged()
 

@@ -542,6 +542,11 @@ def _laid_out_like(new: Tensor, old: Tensor) -> Tensor:
     return new.contiguous()
 
 
+def traced_input(state: Mapping[str, Any]) -> Tensor:
+    """Zeros of the shape and dtype the surgeon traced on, from its `state_dict()`: enough to trace the model again."""
+    return torch.zeros(state["input_shape"], dtype=getattr(torch, state["input_dtype"]))
+
+
 def save_compressed(model: nn.Module, surgeon: Surgeon | None, path: str | os.PathLike) -> Path:
     """Write `model`'s weights and the surgeon's history to `path` (atomically), for `load_compressed`: the plain
     PyTorch counterpart of a Lightning checkpoint of the callbacks."""
@@ -565,8 +570,7 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
     state_dict = checkpoint.get("state_dict", checkpoint)
     surgeon_state = checkpoint.get("surgery") or checkpoint.get("callbacks", {}).get(SURGEON_STATE_KEY, {})
     if surgeon_state.get("history"):
-        example = torch.zeros(surgeon_state["input_shape"], dtype=getattr(torch, surgeon_state["input_dtype"]))
-        Surgeon(ChannelGraph(model, example)).replay(surgeon_state["history"])
+        Surgeon(ChannelGraph(model, traced_input(surgeon_state))).replay(surgeon_state["history"])
     quantized = sorted(k.removesuffix(".weight_quantizer.bits") for k in state_dict if k.endswith(".weight_quantizer.bits"))
     if quantized:
         config = QuantizationConfig(include=tuple(quantized))
