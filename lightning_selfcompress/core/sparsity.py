@@ -357,6 +357,8 @@ class Sparsifier24:
         with why). Every layer counts as changed after `enforce`, so that a checkpoint saved between a surgery and
         this check resumes to the same masks as the uninterrupted run."""
         changed = [name for name, m in self.layers.items() if m.weight.shape != self._shapes.get(name)]
+        if not changed:  # every step: nothing else to do unless a surgery ran
+            return {}
         dense = {n: r for n in changed if (r := ineligible_reason(self.layers[n], self.calculator)) is not None}
         gone = {}
         for name, reason in dense.items():
