@@ -25,7 +25,7 @@ from ..core.quant import (
     quantizer_parameters,
     snap_bits,
 )
-from ..core.size import GammaSchedule, SizeModel, SizeReport
+from ..core.size import GammaSchedule, SizeModel, SizeReport, weighted_sum
 from ..core.widths import latency_tables, latency_weights
 from ..report import print_size_table
 
@@ -206,13 +206,14 @@ class SelfCompression(Callback):
             return
         self._check_finite(pl_module)
         with torch.enable_grad(), torch.autocast(bits[0].device.type, enabled=False):
-            bits_per_weight = size.bits_per_weight()
+            per_layer = size.layer_bits()  # once: the size logged and the (latency-weighted) size pulled
+            bits_per_weight = weighted_sum(per_layer) / size.float_weights
             self._bits_per_weight = bits_per_weight.item()
             budget = self.schedule.target_bits_per_weight is not None  # held in whole bits: what the file stores
             self._gamma = self.schedule.value(
                 size.report().deployable_bits_per_weight if budget else self._bits_per_weight
             )
-            pulled = size.bits(self.layer_weights) / size.float_weights if self.layer_weights else bits_per_weight
+            pulled = weighted_sum(per_layer, self.layer_weights) / size.float_weights
             grads = torch.autograd.grad(self._gamma * pulled, bits, allow_unused=True)
         for b, g in zip(bits, grads):
             if g is not None:

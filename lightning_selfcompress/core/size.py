@@ -30,7 +30,7 @@ from torch.nn.modules.conv import _ConvNd
 from .graph import input_sources
 from .quant import integer_bits, integer_weights, quantized_layers
 
-__all__ = ["GammaSchedule", "LayerSize", "SizeModel", "SizeReport", "float_size_report"]
+__all__ = ["GammaSchedule", "LayerSize", "SizeModel", "SizeReport", "float_size_report", "weighted_sum"]
 
 
 @dataclass(frozen=True)
@@ -193,16 +193,16 @@ class SizeModel:
     def _bits(self) -> list[Tensor]:
         return [m.weight_quantizer.bits for m in self.layers.values()]
 
-    def bits(self, layer_weights: Mapping[str, float] | None = None) -> Tensor:
-        """Total bits of the quantized weights; differentiable in every b. `layer_weights`: a factor per layer (1 for
-        the others), e.g. its channels' latency (`core.widths.latency_weights`)."""
+    def layer_bits(self) -> dict[str, Tensor]:
+        """Each quantized layer's bits; differentiable in its b."""
         bits = self._bits()
         counts, sparse = self._live_inputs([b.detach() > 0 for b in bits])
-        factors = [(layer_weights or {}).get(name, 1.0) for name in self.layers]
-        return sum(
-            f * ((b.float().relu() * c).sum() + _index_bits(b, c, s))
-            for b, c, s, f in zip(bits, counts, sparse, factors)
-        )
+        terms = ((b.float().relu() * c).sum() + _index_bits(b, c, s) for b, c, s in zip(bits, counts, sparse))
+        return dict(zip(self.layers, terms))
+
+    def bits(self, layer_weights: Mapping[str, float] | None = None) -> Tensor:
+        """Total bits of the quantized weights; differentiable in every b. `layer_weights`: see `weighted_sum`."""
+        return weighted_sum(self.layer_bits(), layer_weights)
 
     def bits_per_weight(self) -> Tensor:
         return self.bits() / self.float_weights
@@ -227,6 +227,12 @@ class SizeModel:
                 )
             )
         return SizeReport(layers, self.float_weights)
+
+
+def weighted_sum(layer_bits: Mapping[str, Tensor], layer_weights: Mapping[str, float] | None = None) -> Tensor:
+    """The layers' bits summed, each times its factor in `layer_weights` (1 for the others), e.g. its channels'
+    latency (`core.widths.latency_weights`)."""
+    return sum(bits * (layer_weights or {}).get(name, 1.0) for name, bits in layer_bits.items())
 
 
 def _index_bits(b: Tensor, kept: Tensor, sparse: bool) -> Tensor:
