@@ -137,3 +137,41 @@ def test_an_opaque_block_keeps_what_it_reads_and_writes_and_the_mlp_around_it_is
     assert net.mlp[0].out_features == net.mlp[2].in_features == 13
     for mode in (True, False):
         torch.testing.assert_close(net.train(mode)(x), before[mode])
+
+
+class DropPath(nn.Module):
+    """timm's idiom: whole samples dropped in training (scaled by 1/(1-p) otherwise), the identity in eval mode."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = torch.rand(x.shape[0], *[1] * (x.dim() - 1), dtype=x.dtype) >= self.p
+        return x * keep / (1 - self.p)
+
+
+def test_a_block_registered_as_the_identity_in_eval_mode_is_cut_exactly_in_both_modes():
+    net, x = Net(DropPath(0.5)).double(), torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    attach_quantizers(net)
+    freeze_statistics(net)
+    register_rule(DropPath, Rule.EVAL_IDENTITY)
+    graph = ChannelGraph(net.train(), x[:2])
+    assert [s.kind for s in graph.steps if s.node == "act"] == ["dropout"], "kept whole and followed by its rule"
+    assert input_sources(net)["b"] == tuple(frozenset({("a", i)}) for i in range(6)), "the lenient tracer too"
+    killed = torch.zeros(graph.num_groups, dtype=torch.bool)
+    killed[graph.outputs["a"][[0, 3]]] = True
+    kill_groups(graph, killed)  # zeros: dropped or scaled, still zeros
+
+    def outputs() -> dict[bool, torch.Tensor]:
+        torch.manual_seed(0)  # the same samples dropped before and after the cut
+        return {mode: net.train(mode)(x).detach() for mode in (True, False)}
+
+    before = outputs()
+    surgeon = Surgeon(graph)
+    surgeon.remove(surgeon.find())
+    assert net.a.out_channels == net.b.in_channels == 4
+    for mode, after in outputs().items():
+        torch.testing.assert_close(after, before[mode])

@@ -17,11 +17,10 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .ops import (
-    CHANNELWISE_MODULES,
-    CHANNELWISE_OPS,
     ELEMENTWISE,
     FLATTENING_OPS,
     NON_TENSOR_OPS,
+    PER_CHANNEL_MODULES,
     PRODUCERS,
     LeafTracer,
     one_channel_per_group,
@@ -109,7 +108,7 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
                 env[node] = None if rule in (Rule.MIXES_CHANNELS, Rule.OPAQUE) else first
             elif isinstance(module, nn.Flatten) and module.start_dim == 1:
                 env[node] = _flatten(first)
-            elif isinstance(module, CHANNELWISE_MODULES) or one_channel_per_group(module):
+            elif isinstance(module, PER_CHANNEL_MODULES) or one_channel_per_group(module):
                 env[node] = first
             else:
                 env[node] = None
@@ -127,8 +126,6 @@ def input_sources(model: nn.Module) -> dict[str, ChannelMap | None]:
                 env[node] = tuple(c for t in _cat_inputs(node, env) for c in t)
             elif name in ELEMENTWISE:
                 env[node] = _merge(tensors)
-            elif name in CHANNELWISE_OPS and tensors:
-                env[node] = tensors[0]
             else:
                 env[node] = None
         else:

@@ -33,22 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..errors import SelfCompressError
 from .inputs import HINT, describe
 from .ops import (
-    ACTIVATION_MODULES,
-    ACTIVATION_OPS,
-    AVG_POOL_OPS,
-    CONSTANT_PRESERVING_MODULES,
-    CONSTANT_PRESERVING_OPS,
-    DROPOUT_OPS,
-    ELEMENTWISE,
-    LAYOUT_OPS,
-    MOVES,
-    NON_TENSOR_OPS,
-    NORMS,
-    PRODUCERS,
-    VALUE_OPS,
-    LeafTracer,
-    one_channel_per_group,
-    op_name,
+    ELEMENTWISE, LAYOUT_OPS, MOVES, NON_TENSOR_OPS, NORMS, PRODUCERS, LeafTracer, one_channel_per_group, op_name,
 )  # fmt: skip
 from .reembed import reembedding_of
 from .rules import Rule, rule_of
@@ -387,7 +372,7 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
         return fn(x.view(1, -1)).view(-1).double()
     if kind == "keep":
         return x.clone()
-    if kind == "zeros_only" or (kind == "dropout" and training and payload > 0):
+    if kind == "zeros_only" or (kind == "dropout" and training and (payload is None or payload > 0)):
         return torch.where(x == 0, x, nan)
     if kind == "dropout":
         return x.clone()
@@ -527,21 +512,15 @@ class _Walker:
         if isinstance(module, PRODUCERS):
             return self.produce(node, module, source, real)
         if (rule := rule_of(module)) is not None:
-            return self.ruled(node, rule, source, slots, node.target)
-        dim = self.env[source].dim
-        per_channel_prelu = isinstance(module, nn.PReLU) and module.num_parameters > 1
-        # Modules that act on each value alone, or on the last dims: channels in any dimension
-        if isinstance(module, nn.LayerNorm):
+            return self.ruled(node, rule, source, slots, node.target, getattr(module, "p", None))
+        if isinstance(module, nn.LayerNorm):  # over the last dims: channels in any dimension
             return self.normalise_last(node, source, len(module.normalized_shape), f"'{node.target}'")
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            return self.add_step(node, "dropout", [source], slots, module.p)
-        if isinstance(module, nn.Identity):
-            return self.add_step(node, "keep", [source], slots)
-        if isinstance(module, ACTIVATION_MODULES) and not per_channel_prelu:
+        if isinstance(module, nn.PReLU) and module.num_parameters == 1:  # one slope for every value
             return self.add_step(node, "apply", [source], slots, node.target)
+        dim = self.env[source].dim
         if dim != 1 and not isinstance(module, nn.Flatten):
             raise self.fail(node, f"a {type(module).__name__} on channels in dim {dim} (it reads them in dim 1)")
-        if isinstance(module, (*NORMS, nn.GroupNorm)) or per_channel_prelu:
+        if isinstance(module, (*NORMS, nn.GroupNorm, nn.PReLU)):
             if channels_of(module) != len(slots):
                 raise self.fail(node, f"{channels_of(module)} channels in the module, {len(slots)} reach it")
             g.record("members", node.target, slots)
@@ -551,10 +530,8 @@ class _Walker:
             if not one_channel_per_group(module):
                 g.pin(slots, f"normalised across channels by '{node.target}'")
             return self.add_step(node, "opaque", [source], slots)
-        if per_channel_prelu:
+        if isinstance(module, nn.PReLU):  # a slope per channel, sliced with the group
             return self.add_step(node, "apply", [source], slots, node.target)
-        if isinstance(module, CONSTANT_PRESERVING_MODULES):
-            return self.add_step(node, "keep", [source], slots)
         if isinstance(module, nn.modules.pooling._AvgPoolNd):
             padded = any(p != 0 for p in _as_tuple(module.padding)) and module.count_include_pad
             return self.add_step(node, "zeros_only" if padded else "keep", [source], slots)
@@ -569,13 +546,16 @@ class _Walker:
             self.g.pin(value.slots, f"normalised across channels by {by}")
         return self.add_step(node, "opaque", [source], value.slots)
 
-    def ruled(self, node: fx.Node, rule: Rule, source: fx.Node, slots: list[int], apply: object) -> list[int]:
-        """A module or function with a registered rule (core/rules.py)."""
+    def ruled(self, node: fx.Node, rule: Rule, source: fx.Node, slots: list[int], apply: object, p=None) -> list[int]:
+        """A module or function followed by its rule (core/rules.py): `apply` computes an ELEMENTWISE one on a
+        tensor, `p` is an EVAL_IDENTITY one's drop probability where it has one."""
         if rule in (Rule.KEEPS_CONSTANTS, Rule.ZEROS_ONLY) and self.env[source].dim != 1:
-            raise self.fail(node, f"a {rule.name} block on channels in dim {self.env[source].dim} (it reads dim 1)")
+            raise self.fail(node, f"a {rule.name} op on channels in dim {self.env[source].dim} (it reads dim 1)")
         if rule is Rule.MIXES_CHANNELS:
             self.g.pin(slots, f"read across channels by '{node.name}' (its registered rule)")
-        return self.add_step(node, rule.value, [source], slots, apply if rule is Rule.ELEMENTWISE else None)
+        dropout = rule is Rule.EVAL_IDENTITY and isinstance(p, (int, float))
+        payload = apply if rule is Rule.ELEMENTWISE else p if dropout else None
+        return self.add_step(node, rule.value, [source], slots, payload)
 
     def opaque(self, node: fx.Node, real: object, tracked: list[fx.Node], why: str) -> _Value:
         """Every channel it reads stays, and what it writes are new channels that stay too: along the dim its first
@@ -633,30 +613,16 @@ class _Walker:
         slots, dim = self.env[source].slots, self.env[source].dim
         if slots is None:
             raise self.fail(node, "an op applied to a tuple of tensors")
-        if node.op == "call_function" and (rule := rule_of(node.target)) is not None:
-            rest, kwargs = self.real(node.args[1:]), self.real(node.kwargs)
-            slots = self.ruled(node, rule, source, slots, lambda c: node.target(c, *rest, **kwargs))
-            return _Value(real, slots, dim=dim)
-        if name in ACTIVATION_OPS:
-            target = node.target if node.op == "call_function" else getattr(torch.Tensor, name)
+        if (rule := rule_of(node.target)) is not None:
+            fn = node.target if node.op == "call_function" else getattr(torch.Tensor, name)
             rest = self.real(node.args[1:])
             kwargs = {k: v for k, v in self.real(node.kwargs).items() if k != "inplace"}
-            slots = self.add_step(node, "apply", [source], slots, lambda c: target(c, *rest, **kwargs))
+            p = kwargs.get("p", rest[0] if rest else None)
+            slots = self.ruled(node, rule, source, slots, lambda c: fn(c, *rest, **kwargs), p)
             return _Value(real, slots, dim=dim)
-        if name in DROPOUT_OPS:
-            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-            return _Value(real, self.add_step(node, "dropout", [source], slots, p), dim=dim)
-        if name in VALUE_OPS:
-            return _Value(real, self.add_step(node, "keep", [source], slots), dim=dim)
         if name == "layer_norm":  # F.layer_norm(x, normalized_shape, ...)
             slots = self.normalise_last(node, source, len(self.real(node.args[1])), f"node '{node.name}'")
             return _Value(real, slots, dim=dim)
-        if dim != 1 and name in CONSTANT_PRESERVING_OPS | AVG_POOL_OPS:
-            raise self.fail(node, f"'{name}' on channels in dim {dim} (it reads them in dim 1)")
-        if name in CONSTANT_PRESERVING_OPS:
-            return _Value(real, self.add_step(node, "keep", [source], slots))
-        if name in AVG_POOL_OPS:
-            return _Value(real, self.add_step(node, "zeros_only", [source], slots))
         if name in LAYOUT_OPS:
             if name in ("mean", "amax", "amin") and dim in _reduced_dims(node, self.env[source].real):
                 raise self.fail(node, "a reduction over the channel dimension")
@@ -818,7 +784,7 @@ class _Walker:
         if len(dims) > 1 or dims[0] == 0:
             raise self.fail(node, "channels are moved out of dim 1 or mixed with each other")
         line = out[tuple(slice(None) if d == dims[0] else 0 for d in range(out.dim()))]
-        return [int(p) for p in line], dims[0]
+        return line.long().tolist(), dims[0]
 
 
 def _channel_dims(ids: object) -> list[int]:

@@ -1,8 +1,9 @@
-"""The ops and modules both channel tracers know, in one place (rules for one's own blocks: core/rules.py).
+"""The layers and the channel-moving ops both channel tracers handle themselves, in one place (activations,
+poolings, dropouts and blocks of one's own are rules: core/rules.py).
 
 The strict graph of surgery (groups.py) and the lenient map of size accounting (graph.py) read these same tables,
 each in its own way: surgery follows the constant a dead channel carries through them, size accounting only which
-producers feed each channel. A module with a registered rule, and every Conv/Linear, stays whole in the trace.
+producers feed each channel. A module with a rule, and every Conv/Linear, stays whole in the trace.
 """
 
 from __future__ import annotations
@@ -17,26 +18,6 @@ from .rules import rule_of
 
 PRODUCERS = (_ConvNd, nn.Linear)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
-)  # fmt: skip
-CONSTANT_PRESERVING_MODULES = (  # a constant channel stays the same constant
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.Upsample,
-)  # fmt: skip
-ACTIVATION_OPS = {
-    "relu", "relu_", "relu6", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
-    "leaky_relu", "elu", "softplus", "clamp", "clamp_min", "clamp_max", "neg",
-}  # fmt: skip
-CONSTANT_PRESERVING_OPS = {
-    "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate",
-}  # fmt: skip
-VALUE_OPS = {"contiguous", "clone", "float", "to", "type_as", "detach"}  # every value kept where it is
-AVG_POOL_OPS = {"avg_pool1d", "avg_pool2d", "avg_pool3d"}  # padding may be counted: only zeros stay exact
-# the identity in eval mode; in train mode each sample (or channel) is zeroed or scaled: only a zero stays constant
-DROPOUT_OPS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "stochastic_depth"}  # torchvision.ops
 ELEMENTWISE = {
     "add": operator.add, "iadd": operator.add, "add_": operator.add, "sub": operator.sub, "isub": operator.sub,
     "mul": operator.mul, "imul": operator.mul, "mul_": operator.mul, "truediv": operator.truediv,
@@ -52,14 +33,9 @@ MOVES = {
     "view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "flatten", "contiguous",
     "clone", "squeeze", "unsqueeze",
 }  # fmt: skip
-
-# For the lenient map: the ops and modules that keep every channel in its place (a GroupNorm only with one channel
-# per group: else it mixes them, see graph.py), and the layout ops it follows when they flatten from dim 1.
-CHANNELWISE_OPS = ACTIVATION_OPS | DROPOUT_OPS | VALUE_OPS | CONSTANT_PRESERVING_OPS | AVG_POOL_OPS
-CHANNELWISE_MODULES = (
-    *NORMS, *ACTIVATION_MODULES, *CONSTANT_PRESERVING_MODULES, nn.modules.pooling._AvgPoolNd,
-    nn.modules.dropout._DropoutNd, nn.Identity,
-)  # fmt: skip
+# For the lenient map: the modules without a rule that keep every channel in its place (a GroupNorm only with one
+# channel per group: else it mixes them, see graph.py), and the layout ops it follows when they flatten from dim 1.
+PER_CHANNEL_MODULES = (*NORMS, nn.PReLU, nn.modules.pooling._AvgPoolNd)
 FLATTENING_OPS = {"flatten", "view", "reshape"}
 
 

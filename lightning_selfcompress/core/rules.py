@@ -1,9 +1,11 @@
-"""Rules that teach the channel tracers a module or a function of one's own.
+"""The rules by which the channel tracers follow a module or a function: torch's own, and those of one's own.
 
-Both tracers (the strict channel graph of surgery, the lenient one of size accounting) follow torch's own ops by
-name. A block they do not know (a custom activation, a pooling written by hand) stops surgery with an error naming
-it; a rule says how it treats the channels that reach it along dim 1, and the tracers then keep a registered
-module whole (a leaf of the torch.fx trace) and follow it by its rule:
+Both tracers (the strict channel graph of surgery, the lenient one of size accounting) look every module and op up
+here. torch's activations, poolings, dropouts and value casts are registered below; layers with weights
+(Conv/Linear, the normalisations) and the ops that move channels (view, permute, cat) the tracers handle
+themselves. A block they do not know (a custom activation, a pooling written by hand) stops surgery with an error
+naming it; a rule says how it treats the channels that reach it, and the tracers then keep a registered module whole
+(a leaf of the torch.fx trace) and follow it by its rule:
 
     from lightning_selfcompress import Rule, register_rule
 
@@ -37,11 +39,38 @@ class Rule(enum.Enum):
     ELEMENTWISE = "apply"  # every value on its own, by the same function (an activation): a constant c becomes f(c)
     KEEPS_CONSTANTS = "keep"  # moves values within a channel (pooling, resampling): a constant channel stays itself
     ZEROS_ONLY = "zeros_only"  # within a channel, but only a channel of zeros stays constant (a zero-padded average)
+    EVAL_IDENTITY = "dropout"  # the identity in eval mode; in train mode zeroes or scales values or whole samples
+    # (dropout, stochastic depth): a constant channel stays constant in eval mode, only a zero one in train mode
     MIXES_CHANNELS = "opaque"  # reads across channels (a normalisation over them): its channels are never removed
     OPAQUE = "new"  # reads all its inputs whole, writes new channels (attention): all of them stay
 
 
 _RULES: dict[object, Rule] = {}
+
+# torch's own ops, by the name torch.fx records (a function's __name__, a method's name).
+_OPS: dict[str, Rule] = {
+    **dict.fromkeys(
+        ("relu", "relu_", "relu6", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
+         "leaky_relu", "elu", "softplus", "clamp", "clamp_min", "clamp_max", "neg",
+         "contiguous", "clone", "float", "to", "type_as", "detach"),  # a cast or copy is a function of each value too
+        Rule.ELEMENTWISE,
+    ),  # fmt: skip
+    **dict.fromkeys(
+        ("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+         "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate"),
+        Rule.KEEPS_CONSTANTS,
+    ),  # fmt: skip
+    **dict.fromkeys(("avg_pool1d", "avg_pool2d", "avg_pool3d"), Rule.ZEROS_ONLY),  # padding may count as zeros
+    **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "dropout3d", "stochastic_depth"), Rule.EVAL_IDENTITY),
+}
+# torch's own modules (a per-channel PReLU and the poolings that may count padding the tracers handle themselves).
+_MODULES: tuple[tuple[tuple[type[nn.Module], ...], Rule], ...] = (
+    ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+      nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity), Rule.ELEMENTWISE),
+    ((nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+      nn.Upsample), Rule.KEEPS_CONSTANTS),
+    ((nn.modules.dropout._DropoutNd,), Rule.EVAL_IDENTITY),
+)  # fmt: skip
 
 # Attention blocks known by name, so that neither PyTorch's nor torchvision's module has to be imported to know them.
 _BUILTIN: dict[str, Rule] = {
@@ -68,10 +97,16 @@ def register_rule(target: type[nn.Module] | Callable, rule: Rule) -> None:
 
 
 def rule_of(target: object) -> Rule | None:
-    """The rule registered for a module (by its class, or the nearest registered base class) or a function."""
+    """The rule for a module (by its class, or the nearest registered base class), a function, or a method's name:
+    one registered with `register_rule` first, else torch's own."""
     if isinstance(target, nn.Module):
-        return next((_RULES.get(c) or _builtin(c) for c in type(target).__mro__ if c in _RULES or _builtin(c)), None)
+        registered = (_RULES.get(c) or _builtin(c) for c in type(target).__mro__ if c in _RULES or _builtin(c))
+        if (rule := next(registered, None)) is not None or not type(target).__module__.startswith("torch.nn."):
+            return rule  # a subclass of one of torch's modules is traced through, as any module of one's own
+        return next((rule for kinds, rule in _MODULES if isinstance(target, kinds)), None)
+    if isinstance(target, str):
+        return _OPS.get(target)
     try:
-        return _RULES.get(target) or _builtin(target)
+        return _RULES.get(target) or _builtin(target) or _OPS.get(getattr(target, "__name__", None))
     except TypeError:  # an unhashable target has no rule
         return None
