@@ -15,7 +15,7 @@ from lightning_selfcompress.core.rules import _RULES
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.testing import kill_groups
 
-from surgery_helpers import freeze_statistics
+from surgery_helpers import LARGE, ZOO, freeze_statistics, zoo_model
 
 
 def erf_activation(x):
@@ -175,3 +175,26 @@ def test_a_block_registered_as_the_identity_in_eval_mode_is_cut_exactly_in_both_
     assert net.a.out_channels == net.b.in_channels == 4
     for mode, after in outputs().items():
         torch.testing.assert_close(after, before[mode])
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in ZOO if n != "swin"]
+)  # Swin's attention reads its Linear's weight itself: size accounting refuses to quantize it
+def test_the_lenient_and_the_strict_tracer_agree_wherever_both_trace(name):
+    """Every producer channel size accounting says feeds a layer's input is in the strict graph's group there too
+    (the strict graph may couple more: a depthwise convolution ties its inputs to its outputs)."""
+    net, x = zoo_model(name, batch=2)
+    graph = ChannelGraph(net, x)
+    producers: dict[int, set] = {}
+    for layer, groups in graph.outputs.items():
+        for channel, group in enumerate(groups.tolist()):
+            producers.setdefault(group, set()).add((layer, channel))
+    followed = 0
+    for layer, channels in input_sources(net).items():
+        if channels is None:
+            continue
+        assert len(channels) == len(graph.inputs[layer]), layer
+        for position, (lenient, group) in enumerate(zip(channels, graph.inputs[layer].tolist())):
+            assert lenient <= producers.get(group, set()), (layer, position)
+            followed += bool(lenient)
+    assert followed > 0, "the lenient tracer followed some input channel to its producers"
