@@ -57,8 +57,8 @@ __all__ = ["Group", "Run", "find_reports", "group_runs", "load_run", "main", "ma
 FLOAT = "float"
 REQUIRED = ("test_accuracy", "bits_per_weight", "weights_kept", "float_weights", "config")
 # Config keys that say where or when a run wrote its files, or which seed it drew, and not what it trained: runs that
-# differ only in these are the same experiment.
-IGNORED_KEYS = {"seed", "report_path", "name", "init_from", "ckpt_path"}
+# differ only in these are the same experiment. A teacher's checkpoint (distill.teacher) is each seed's own float run.
+IGNORED_KEYS = {"seed", "report_path", "name", "init_from", "ckpt_path", "teacher"}
 PATH_LIKE_KEY = re.compile(r"(path|dir|file|root)$", re.IGNORECASE)
 TIME_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}[_T ]?\d{2}[-:]\d{2}")
 

@@ -152,6 +152,8 @@ def test_seeds_form_groups_and_dominated_groups_are_off_the_front(tmp_path, caps
                           0.3: [(0.85, 1.0), (0.86, 1.0)]}.items():  # fmt: skip
         for seed, (accuracy, bits) in enumerate(points):
             overrides = [f"compression.gamma={gamma}", "trainer.max_steps=1200"]  # the second is shared by all
+            if gamma == 0.3:  # distilled, each seed from its own float run: still one group
+                overrides.append(f"distill.teacher=outputs/float_{seed}/last.ckpt")
             write_report(tmp_path / "sweep" / f"{gamma}_{seed}", "self-compression", seed, accuracy, bits, gamma=gamma,
                          overrides=overrides, kept=500)  # fmt: skip
     write_report(tmp_path / "lsq", "fixed 2-bit (LSQ)", 0, 0.908, 2.0)
