@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import requires_fashion_mnist
 
 from lightning_selfcompress.data.fashion_mnist import DEBIAN_DIR, find_idx
@@ -48,6 +50,7 @@ def test_the_blocker_really_blocks_lightning():
     assert "blocked: No module named 'lightning'" in out and "callbacks need it" in out
 
 
+@pytest.mark.slow
 @requires_fashion_mnist
 def test_a_plain_pytorch_loop_compresses_cuts_and_exports_without_lightning(tmp_path):
     images, labels = find_idx(DEBIAN_DIR, "train", "images"), find_idx(DEBIAN_DIR, "train", "labels")
@@ -127,6 +130,7 @@ def test_a_missing_extra_is_named_with_the_line_that_installs_it():
     assert "pip install 'lightning_selfcompress[cli]'" in lines[4]
 
 
+@pytest.mark.slow
 def test_without_onnx_the_core_trains_and_the_export_says_which_extra_it_needs():
     block_onnx = BLOCK.replace("'matplotlib')", "'matplotlib', 'onnx', 'onnxruntime')")
     assert block_onnx != BLOCK

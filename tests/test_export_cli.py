@@ -71,6 +71,7 @@ def test_a_wrong_output_or_options_are_refused_before_the_checkpoint_is_read(tmp
         run(cfg("x.onnx"))
 
 
+@pytest.mark.slow
 def test_lsc_export_help_lists_its_own_options_only(tmp_path):
     done = _cli("lightning_selfcompress.export_cli", "--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -175,6 +175,7 @@ def test_lbfgs_is_refused_before_the_first_step(tiny_fmnist, tmp_path):
     assert not seen.losses, "refused before training"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_later_cuts_cannot_be_loaded_into_the_cut_module(tiny_fmnist, tmp_path):
     net_module, chosen = module(), callbacks(every=8)
     first = pl.Trainer(callbacks=chosen, **trainer_kwargs(tmp_path, max_steps=8))

@@ -115,6 +115,7 @@ def test_a_failed_export_at_the_end_still_leaves_the_tested_report_and_then_rais
     assert (tmp_path / "csv" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 @requires_fashion_mnist
 def test_resuming_a_cut_network_without_a_surgeon_says_so(tmp_path):
     strong = ["compression.gamma=2.0", "compression.target_bits_per_weight=0.3", "compression.quantizer_lr=0.3",
