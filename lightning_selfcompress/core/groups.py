@@ -454,8 +454,8 @@ class _Walker:
         return GraphError(
             f"The channel graph cannot follow {_where(node)}: {why}. Surgery refuses the model rather than risk a "
             "wrong slice. Teach it that op or module: register_rule(<its module class or function>, Rule.ELEMENTWISE "
-            "/ KEEPS_CONSTANTS / ZEROS_ONLY / MIXES_CHANNELS, or OPAQUE for a block such as attention whose inputs "
-            "and outputs may all stay) from lightning_selfcompress; else leave this model out of surgery."
+            "/ KEEPS_CONSTANTS / ZEROS_ONLY / EVAL_IDENTITY / MIXES_CHANNELS, or OPAQUE for a block such as attention "
+            "whose inputs and outputs may all stay) from lightning_selfcompress; else leave this model out of surgery."
         )
 
     def add_step(self, node: fx.Node, kind: str, sources: list[fx.Node], slots: list[int], payload=None) -> list[int]:
