@@ -8,9 +8,11 @@ import struct
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from conftest import requires_fashion_mnist
 from lightning_selfcompress.data import fashion_mnist
+from lightning_selfcompress.data.batches import ShuffledBatches
 from lightning_selfcompress.data.fashion_mnist import FashionMNISTDataModule
 from lightning_selfcompress.data.idx import read_idx
 
@@ -87,3 +89,16 @@ def test_the_real_debian_data():
     x, y = dm.datasets["train"][:]
     assert x.shape == (55000, 1, 28, 28) and set(y.unique().tolist()) == set(range(10))
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05, "normalised"
+
+
+def test_each_process_draws_its_slice_of_the_global_batches_one_process_would_draw():
+    """What makes N DDP processes train as one process at N times the batch; a DistributedSampler, so Lightning keeps
+    it rather than dealing whole batches to ranks in an order of its own."""
+    one = ShuffledBatches(100, 8, seed=3)
+    ranks = [ShuffledBatches(100, 4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for sampler in (one, *ranks):
+        sampler.set_epoch(2)
+    assert isinstance(ranks[0], DistributedSampler) and len(ranks[0]) == len(one) == 12
+    assert [a + b for a, b in zip(*ranks)] == list(one)
+    with pytest.raises(ValueError, match="do not fill one batch of 32 on each of 4 process"):
+        ShuffledBatches(100, 32, rank=1, world_size=4)

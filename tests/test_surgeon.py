@@ -191,13 +191,25 @@ def test_a_checkpoint_from_before_later_cuts_cannot_be_loaded_into_the_cut_modul
 
 
 @pytest.mark.slow
-def test_under_ddp_every_rank_cuts_the_same_channels_and_training_goes_on(tiny_fmnist, tmp_path):
-    """Two CPU processes (gloo): rank 0's decision is broadcast, DDP is wrapped anew after each cut."""
+def test_under_ddp_two_processes_train_as_one_process_with_their_global_batch(tmp_path):
+    """Two CPU processes (gloo) at 32 images each end with the cuts and the weights of one process at 64, and so does
+    one process resumed from the two's checkpoint: rank 0's decision is broadcast, DDP is wrapped anew after each
+    cut, and the samplers deal each rank its slice of the single process's batches."""
     script = Path(__file__).parent / "scripts" / "ddp_surgery.py"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["cuts"], "channels were cut"
-    assert ranks[0]["steps"] == ranks[1]["steps"] == 16
-    assert ranks[0]["cuts"] == ranks[1]["cuts"] and ranks[0]["shapes"] == ranks[1]["shapes"]
-    assert ranks[0]["digest"] == pytest.approx(ranks[1]["digest"], rel=1e-6), "replicas stayed in sync"
+
+    def run(name: str, devices: int, batch: int, *resume: Path) -> list[dict]:
+        out = tmp_path / name
+        out.mkdir()
+        command = [sys.executable, str(script), str(out), str(devices), str(batch), *map(str, resume)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
+
+    two = run("two", 2, 32)
+    one = run("one", 1, 64)
+    resumed = run("resumed", 1, 64, tmp_path / "two" / "step8.ckpt")
+    assert two[0]["cuts"], "channels were cut"
+    for other in (two[1], one[0], resumed[0]):
+        assert other["steps"] == 16 and other["cuts"] == two[0]["cuts"]
+        for name, weights in two[0]["weights"].items():
+            assert other["weights"][name] == pytest.approx(weights, abs=1e-5), name

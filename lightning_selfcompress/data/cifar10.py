@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from .batches import SeededBatches, ShuffledBatches, batches_done
+from .batches import SeededBatches, ShuffledBatches
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -169,7 +169,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train"]
         sampler = SeededBatches if self.augment else ShuffledBatches
-        batches = sampler(len(data), self.batch_size, self.seed, skip=lambda: batches_done(self.trainer))
+        batches = sampler.for_trainer(len(data), self.batch_size, self.seed, self.trainer)
         # batch_size=None: the dataset is indexed with a whole batch of indices at once.
         return DataLoader(data, sampler=batches, batch_size=None)
 

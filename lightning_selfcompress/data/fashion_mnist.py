@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from .batches import ShuffledBatches, batches_done
+from .batches import ShuffledBatches
 from .idx import read_idx
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -114,7 +114,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.datasets[split]
         if shuffle:
-            batches = ShuffledBatches(len(data), self.batch_size, self.seed, skip=lambda: batches_done(self.trainer))
+            batches = ShuffledBatches.for_trainer(len(data), self.batch_size, self.seed, self.trainer)
         else:
             batches = BatchSampler(SequentialSampler(data), self.batch_size, drop_last=False)
         # batch_size=None: the dataset is indexed with a whole batch of indices at once.

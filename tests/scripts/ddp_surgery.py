@@ -1,5 +1,10 @@
-"""Run by tests/test_surgeon.py: two CPU processes under DDP cut channels while training. Each rank writes what it
-ended with, so the test can check that both took the same decisions and kept identical weights."""
+"""Run by tests/test_surgeon.py: cut channels while training, on `devices` CPU processes (DDP, gloo) or in one, at
+`batch` images per process; optionally resumed from a checkpoint. The network has no BatchNorm: under DDP its
+statistics are per process, and torch's SyncBatchNorm runs on GPUs only. Rank 0 writes what the run ended
+with, and the checkpoint of step 8, so the test can compare runs weight by weight.
+
+    python ddp_surgery.py OUT DEVICES BATCH [CHECKPOINT]
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,31 @@ import json
 import sys
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from lightning_selfcompress import ChannelSurgeon, SelfCompression
 from lightning_selfcompress.data import FashionMNISTDataModule
-from lightning_selfcompress.models import BaselineCNN, ImageClassifier
+from lightning_selfcompress.models import ImageClassifier
 
-out = sys.argv[1]
+out, devices, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+resume = sys.argv[4] if len(sys.argv) > 4 else None
 pl.seed_everything(0, verbose=False)
-module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
-surgeon = ChannelSurgeon(every_n_steps=4, constant_pull=0.01)
-trainer = pl.Trainer(
-    accelerator="cpu", devices=2, strategy="ddp", max_steps=16, logger=False, enable_checkpointing=False,
-    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=out,
-    callbacks=[SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3), surgeon],
+net = nn.Sequential(
+    nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU(),
+    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
 )  # fmt: skip
-trainer.fit(module, FashionMNISTDataModule(batch_size=32, val_size=256, limit_train=512))
-digest = {name: float(p.detach().double().sum()) for name, p in module.named_parameters()}
-shapes = {name: list(p.shape) for name, p in module.named_parameters()}
+module = ImageClassifier(net, optimizer="adam", lr=0.003)
+surgeon = ChannelSurgeon(every_n_steps=4, constant_pull=0.01)
+at_step_8 = ModelCheckpoint(out, "step{step}", every_n_train_steps=8, save_top_k=-1, auto_insert_metric_name=False)
+parallel = {"strategy": "ddp"} if devices > 1 else {}
+trainer = pl.Trainer(
+    accelerator="cpu", devices=devices, max_steps=16, logger=False, enable_progress_bar=False,
+    enable_model_summary=False, limit_val_batches=0, default_root_dir=out, **parallel,
+    callbacks=[SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3), surgeon, at_step_8],
+)  # fmt: skip
+trainer.fit(module, FashionMNISTDataModule(batch_size=batch, val_size=256, limit_train=512), ckpt_path=resume)
+weights = {name: p.detach().flatten().tolist() for name, p in module.named_parameters()}
 cuts = [(r.step, [list(g) for g in r.groups]) for r in surgeon.history]
 with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-    json.dump({"cuts": cuts, "shapes": shapes, "digest": digest, "steps": trainer.global_step}, f)
+    json.dump({"cuts": cuts, "weights": weights, "steps": trainer.global_step}, f)
