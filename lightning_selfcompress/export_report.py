@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,9 @@ from .core.groups import ChannelGraph, GraphError
 from .core.latency import ort_kernels, ort_latency_ms
 from .core.parity import onnx_session, reference_output
 from .core.quant import quantized_layers
+from .core.size import LayerShape
 from .core.tensorrt import Engine, EngineBuildError, TensorRTUnavailable, build_engine
-from .report import make_console, write_json
+from .report import make_console, shape_cells, write_json
 
 __all__ = ["ExportOptions", "check_output_path", "export_and_report", "layer_shapes", "parameter_count"]
 
@@ -154,13 +155,10 @@ def _layer_rows(
     ONNX Runtime runs it with in a default session."""
     rows = []
     quantized = quantized_layers(model)
-    for name, (channels, weights) in layer_shapes(model).items():
+    for name, now in layer_shapes(model).items():
+        original = before.get(name, now)
         row = {
-            "layer": name,
-            "channels_before": before.get(name, (channels, weights))[0],
-            "channels_after": channels,
-            "weights_before": before.get(name, (channels, weights))[1],
-            "weights_after": weights,
+            **asdict(LayerShape(name, original[0], now[0], original[1], now[1])),
             "storage": "float32",
             "mean_bits": 32.0,
             "max_bits": 32.0,
@@ -272,9 +270,9 @@ def print_export_table(report: dict[str, Any], console: Console | None = None) -
         table.add_column(column, justify="left" if column in ("layer", "stored as", "ONNX Runtime kernel") else "right")
     sparse = set(report["sparse_24_layers"])
     for row in report["layers"]:
-        table.add_row(row["layer"], f"{row['channels_after']}/{row['channels_before']}",
-                      f"{row['weights_after']:,}/{row['weights_before']:,}", row["storage"], f"{row['mean_bits']:.2f}",
-                      "yes" if row["layer"] in sparse else "", row.get("ort_kernel", ""))  # fmt: skip
+        shape = LayerShape(*(row[f.name] for f in fields(LayerShape)))
+        table.add_row(shape.name, *shape_cells(shape), row["storage"], f"{row['mean_bits']:.2f}",
+                      "yes" if shape.name in sparse else "", row.get("ort_kernel", ""))  # fmt: skip
     console = console or make_console()
     console.print(table)
     parity = report["parity"]

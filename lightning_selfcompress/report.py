@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .core.atomic import atomic_path
-from .core.size import SizeReport
+from .core.size import LayerShape, SizeReport
 
 __all__ = ["print_size_table", "print_surgery_table", "write_json"]
 
@@ -30,8 +30,7 @@ def print_size_table(report: SizeReport, title: str, console: Console | None = N
     for layer in report.layers:
         table.add_row(
             layer.name,
-            f"{layer.channels_alive}/{layer.channels}",
-            f"{layer.weights_kept}/{layer.weights}",
+            *shape_cells(layer),
             f"{layer.bits:,.0f}",
             f"{layer.bits_per_weight:.2f}",
             f"{layer.deployable_bits_per_weight:.2f}",
@@ -40,7 +39,7 @@ def print_size_table(report: SizeReport, title: str, console: Console | None = N
     table.add_row(
         "total",
         f"{report.channels_alive}/{report.channels}",
-        f"{report.weights_kept}/{report.float_weights}",
+        f"{report.weights_kept:,}/{report.float_weights:,}",
         f"{report.bits:,.0f}",
         f"{report.bits_per_weight:.2f}",
         f"{report.deployable_bits_per_weight:.2f}",
@@ -53,22 +52,21 @@ def print_size_table(report: SizeReport, title: str, console: Console | None = N
     )
 
 
-def print_surgery_table(rows: list[dict[str, Any]], history: list, console: Console | None = None) -> None:
-    """Per layer, output channels and weights before and after the surgeries of this run."""
+def print_surgery_table(rows: list[LayerShape], history: list, console: Console | None = None) -> None:
+    """Per layer, output channels and weights left of those before the surgeries of this run."""
     table = Table(title=f"Channel surgery: {len(history)} surgeries")
     for column in ("layer", "channels", "weights"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for row in rows:
-        table.add_row(
-            row["layer"],
-            f"{row['channels_after']}/{row['channels_before']}",
-            f"{row['weights_after']:,}/{row['weights_before']:,}",
-        )
+        table.add_row(row.name, *shape_cells(row))
     table.add_section()
-    total = {k: sum(r[k] for r in rows) for k in ("channels_before", "channels_after", "weights_before", "weights_after")}
-    table.add_row("total", f"{total['channels_after']}/{total['channels_before']}",
-                  f"{total['weights_after']:,}/{total['weights_before']:,}")  # fmt: skip
+    table.add_row("total", *shape_cells(LayerShape.total(rows)))
     (console or make_console()).print(table)
+
+
+def shape_cells(row: LayerShape) -> tuple[str, str]:
+    """'alive/channels' and 'kept/weights' of one row."""
+    return f"{row.channels_alive}/{row.channels}", f"{row.weights_kept:,}/{row.weights:,}"
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
 from .core.checkpoint import read_checkpoint
 from .core.surgery import SURGEON_STATE_KEY
-from .core.size import float_size_report
+from .core.size import LayerShape, float_size_report
 from .models import ImageClassifier
 from .plots import write_size_plot
 from .report import make_console, print_size_table, write_json
@@ -37,24 +38,24 @@ def _surgery_summary(surgeon: ChannelSurgeon | None, module: pl.LightningModule)
     if surgeon is None or surgeon.surgeon is None:
         return None
     rows = surgeon.summary(module)
-    total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+    total = LayerShape.total(rows)
     return {
         "surgeries": len(surgeon.history),
-        "channels_before": total("channels_before"),
-        "channels_after": total("channels_after"),
-        "weights_before": total("weights_before"),
-        "weights_after": total("weights_after"),
+        "channels": total.channels,
+        "channels_alive": total.channels_alive,
+        "weights": total.weights,
+        "weights_kept": total.weights_kept,
         "macs_before": surgeon.original_macs,
         "macs_after": surgeon.surgeon.graph.macs(),
-        "layers": rows,
+        "layers": [asdict(row) for row in rows],
         "history": [r.to_dict() for r in surgeon.history],
     }
 
 
 def _surgery_line(s: dict) -> str:
     return (
-        f"Surgery: {s['surgeries']} cuts, {s['channels_after']}/{s['channels_before']} channels and "
-        f"{s['weights_after']:,}/{s['weights_before']:,} weights and {s['macs_after']:,}/{s['macs_before']:,} "
+        f"Surgery: {s['surgeries']} cuts, {s['channels_alive']}/{s['channels']} channels and "
+        f"{s['weights_kept']:,}/{s['weights']:,} weights and {s['macs_after']:,}/{s['macs_before']:,} "
         "multiply-accumulates per sample left.\n"
     )
 

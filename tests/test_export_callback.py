@@ -33,8 +33,8 @@ def test_fit_ends_with_an_exact_export_of_the_thinned_sparse_network(tiny_fmnist
     pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=24)).fit(module, tiny_fmnist)
     report = json.loads((tmp_path / "out" / "model.json").read_text())
     assert report == json.loads(json.dumps(export.report))
-    rows = {r["layer"]: r for r in report["layers"]}
-    assert sum(r["channels_after"] for r in rows.values()) < sum(r["channels_before"] for r in rows.values())
+    rows = {r["name"]: r for r in report["layers"]}
+    assert sum(r["channels_alive"] for r in rows.values()) < sum(r["channels"] for r in rows.values())
     assert {r["storage"] for r in rows.values()} == {"int8"}
     assert {r["ort_kernel"] for r in rows.values()} <= {"float (fused)", "FusedConv", "Conv"}, "weight-only: float"
     assert report["macs_after"] < report["macs_before"] and report["parameters_after"] < report["parameters_before"]

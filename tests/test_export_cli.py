@@ -39,8 +39,8 @@ def test_lsc_export_rebuilds_a_trained_run_and_exports_it_exactly(tmp_path):
         report["accuracy"]["onnx"] == report["accuracy"]["pytorch"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
     )
     assert report["parity"]["max_rel"] <= 1e-4 and {r["storage"] for r in report["layers"]} == {"int8"}
-    channels = {r["layer"]: r["channels_after"] for r in report["layers"]}
-    assert channels == {r["layer"]: r["channels_after"] for r in trained["surgery"]["layers"]}
+    channels = {r["name"]: r["channels_alive"] for r in report["layers"]}
+    assert channels == {r["name"]: r["channels_alive"] for r in trained["surgery"]["layers"]}
     assert report["file_bytes"] < min(report["float_file_bytes"], report["original_float_file_bytes"])
     assert "TensorRT engine not built" in done.stdout or report["engine"]["built"]
 

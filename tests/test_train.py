@@ -91,7 +91,7 @@ def test_main_job_writes_its_report(tmp_path, compression):
     assert (tmp_path / "model.onnx").is_file() and export["parity"]["max_rel"] <= 1e-4
     assert {r["storage"] for r in export["layers"]} == ({"float32"} if compression == "float" else {"int8"})
     surgery = on_disk["surgery"]
-    assert surgery["channels_after"] <= surgery["channels_before"] == 8 + 8 + 16 + 16 + 10 and len(surgery["layers"]) == 5
+    assert surgery["channels_alive"] <= surgery["channels"] == 8 + 8 + 16 + 16 + 10 and len(surgery["layers"]) == 5
 
 
 @requires_fashion_mnist
@@ -121,7 +121,7 @@ def test_resuming_a_cut_network_without_a_surgeon_says_so(tmp_path):
     strong = ["compression.gamma=2.0", "compression.target_bits_per_weight=0.3", "compression.quantizer_lr=0.3",
               "surgery.widths=any", "surgery.width_pressure=0", "export=none"]  # fmt: skip
     cut = run(compose_job([*TINY, *strong, f"report_path={tmp_path}/a/report.json"]))
-    assert cut["surgery"]["channels_after"] < cut["surgery"]["channels_before"], "the network was cut"
+    assert cut["surgery"]["channels_alive"] < cut["surgery"]["channels"], "the network was cut"
     tiny = [o for o in TINY if not o.startswith("surgery.")]
     resume = [*tiny, "export=none", "surgery=none", f"ckpt_path={cut['checkpoint']}"]
     with pytest.raises(ValueError, match=r"holds a network the channel surgeon cut \d+ times.*surgery=channel_surgeon"):

@@ -18,6 +18,7 @@ from typing_extensions import override
 from ..core.checks import check_choice, check_flag, check_integer
 from ..core.groups import ChannelGraph
 from ..core.inputs import model_input
+from ..core.size import LayerShape
 from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
 from ..core.widths import latency_tables, step_pressure
 from ..report import print_surgery_table
@@ -242,20 +243,12 @@ class ChannelSurgeon(Callback):
         if self.surgeon is not None:
             self._print(pl_module)
 
-    def summary(self, pl_module: pl.LightningModule) -> list[dict[str, Any]]:
+    def summary(self, pl_module: pl.LightningModule) -> list[LayerShape]:
         """Per producer layer: output channels and weights as first traced, and now."""
         rows = []
         for name, (channels, weights) in self.original.items():
-            module = pl_module.get_submodule(name)
-            rows.append(
-                {
-                    "layer": name,
-                    "channels_before": channels,
-                    "channels_after": int(module.weight.shape[0]),
-                    "weights_before": weights,
-                    "weights_after": module.weight.numel(),
-                }
-            )
+            weight = pl_module.get_submodule(name).weight
+            rows.append(LayerShape(name, channels, weight.shape[0], weights, weight.numel()))
         return rows
 
     @rank_zero_only

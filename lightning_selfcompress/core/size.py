@@ -20,7 +20,7 @@ whole bits per channel holds, and what fixed-bit baselines are compared at.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,19 +30,32 @@ from torch.nn.modules.conv import _ConvNd
 from .graph import input_sources
 from .quant import integer_bits, integer_weights, quantized_layers
 
-__all__ = ["GammaSchedule", "LayerSize", "SizeModel", "SizeReport", "float_size_report", "weighted_sum"]
+__all__ = ["GammaSchedule", "LayerShape", "LayerSize", "SizeModel", "SizeReport", "float_size_report", "weighted_sum"]
 
 
 @dataclass(frozen=True)
-class LayerSize:
-    """One layer's size. `channels` and `weights` count the layer as it was before any cut, so every row and the
-    total share one denominator: 'alive/channels' and 'kept/weights' of the original network."""
+class LayerShape:
+    """One layer's output channels and weights: as first traced (before any cut), and alive or kept now. The one
+    per-layer row of every table (size, surgery, export), so that rows and totals share one denominator:
+    'alive/channels' and 'kept/weights' of the original network."""
 
     name: str
     channels: int
     channels_alive: int
     weights: int
     weights_kept: int
+
+    @staticmethod
+    def total(rows: Sequence[LayerShape]) -> LayerShape:
+        """The rows' counts summed, as one row named 'total'."""
+        counts = ("channels", "channels_alive", "weights", "weights_kept")
+        return LayerShape("total", *(sum(getattr(row, count) for row in rows) for count in counts))
+
+
+@dataclass(frozen=True)
+class LayerSize(LayerShape):
+    """One layer's size: its shape, and the bits of its weights (real-valued and deployable)."""
+
     bits: float
     deployable_bits: int  # whole bits per channel, as many as its stored integers need (`integer_bits`)
 
