@@ -48,7 +48,7 @@ ORT_LAYOUT_NO_ENGINE = (
 CALIBRATED_TOLERANCE = 0.01  # int8 activations change the outputs by about a percent
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportOptions:
     """How to export. `engine`: "auto" builds a TensorRT engine where it can (else the report says why), "always" fails
     where it cannot, "never" skips it; int4 files get no engine. `calibrate_batches` > 0 adds int8 activation Q/DQ

@@ -181,7 +181,7 @@ def run(cfg: DictConfig) -> dict:
         # the model trained; only its export at the end of fit failed: test and report it, then raise
     train_seconds = time.perf_counter() - start
     (test,) = trainer.test(module, datamodule, verbose=False)
-    size = compression.report(module) if compression else float_size_report(module)
+    size = compression.report() if compression else float_size_report(module)
     report = {
         "name": cfg.name,
         "method": _method(compression, distillation),

@@ -55,7 +55,7 @@ def test_quantizers_train_inside_the_users_optimizer(tiny_fmnist, tmp_path):
         assert not torch.equal(after[name], torch.full_like(after[name], 8.0)), f"{name}: b must be trained"
     assert "selfcompress/bits_per_weight" in trainer.callback_metrics
     assert "bits_per_weight" in trainer.progress_bar_metrics, "the size in the progress bar"
-    assert compression.schedule.step == 6
+    assert compression.compressor.schedule.step == 6
     assert compression.last_report is not None and compression.last_report.bits_per_weight < 8.0, "pulled down"
 
 
@@ -105,7 +105,7 @@ def test_checkpoint_restores_bits_exponents_and_schedule(tiny_fmnist, tmp_path):
     restored_module, restored = classifier(), SelfCompression(gamma=0.05, gamma_warmup_steps=10)
     resumed = pl.Trainer(callbacks=[restored], **trainer_kwargs(tmp_path, max_steps=5))
     resumed.fit(restored_module, tiny_fmnist, ckpt_path=path)
-    assert restored.schedule.step == compression.schedule.step == 5, "the warm-up resumes where it was"
+    assert restored.compressor.schedule.step == compression.compressor.schedule.step == 5, "the warm-up resumes where it was"
     for (name, a), b in zip(quantized_layers(module).items(), quantized_layers(restored_module).values()):
         assert torch.equal(a.weight_quantizer.bits, b.weight_quantizer.bits), name
         assert torch.equal(a.weight_quantizer.exponent, b.weight_quantizer.exponent), name
@@ -113,7 +113,7 @@ def test_checkpoint_restores_bits_exponents_and_schedule(tiny_fmnist, tmp_path):
 
     longer = pl.Trainer(callbacks=[restored], **trainer_kwargs(tmp_path, max_steps=7))
     longer.fit(restored_module, tiny_fmnist, ckpt_path=path)
-    assert restored.schedule.step == 7
+    assert restored.compressor.schedule.step == 7
 
 
 class ZeroGrads(Callback):

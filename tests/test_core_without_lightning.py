@@ -57,8 +57,7 @@ def test_a_plain_pytorch_loop_compresses_cuts_and_exports_without_lightning(tmp_
     out = run_without_lightning(f"""
         import torch, torch.nn.functional as F
         from lightning_selfcompress.core import (
-            ChannelGraph, QuantizationConfig, SizeModel, Surgeon, attach_quantizers, export_onnx, load_compressed,
-            save_compressed)
+            ChannelGraph, SelfCompressor, Surgeon, export_onnx, load_compressed, save_compressed)
         from lightning_selfcompress.data.idx import read_idx
         from lightning_selfcompress.models import BaselineCNN
 
@@ -66,17 +65,24 @@ def test_a_plain_pytorch_loop_compresses_cuts_and_exports_without_lightning(tmp_
         x = (read_idx({str(images)!r})[:512].float().unsqueeze(1) / 255 - 0.286) / 0.353
         y = read_idx({str(labels)!r})[:512].long()
         model = BaselineCNN(width=8)
-        attach_quantizers(model, QuantizationConfig(init_bits=2.0, init_scale="lsq", grid="midrise"))
-        size = SizeModel(model)
+        compressor = SelfCompressor(gamma=0.5, init_bits=2.0, init_scale="lsq", grid="midrise", freeze_bits_at=0.75,
+                                    quantizer_lr=0.05)
+        compressor.attach(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-        start = size.bits_per_weight().item()
+        compressor.use(optimizer)
+        start = compressor.report().bits_per_weight
         for step in range(40):
             batch = slice(step % 4 * 128, step % 4 * 128 + 128)
-            loss = F.cross_entropy(model(x[batch]), y[batch]) + 0.5 * size.bits_per_weight()
+            compressor.start_step(step, 40)
             optimizer.zero_grad()
-            loss.backward()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            compressor.add_size_gradient(optimizer)
             optimizer.step()
-        print("bits", start, size.bits_per_weight().item())
+            compressor.end_step()
+        compressor.finish()
+        whole = [m.weight_quantizer.bits for m in compressor.size.layers.values()]
+        print("bits", start, compressor.report().bits_per_weight, compressor.bits_frozen,
+              all(bool((b == b.round()).all()) for b in whole))
 
         model.eval()
         conv = model.features[0]                       # three of its channels reach 0 bits
@@ -97,8 +103,9 @@ def test_a_plain_pytorch_loop_compresses_cuts_and_exports_without_lightning(tmp_
             print("reloaded", (fresh(x[:64]) - after).abs().max().item())
     """)
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
-    start, end = map(float, lines["bits"].split())
-    assert end < start, "the size term lowered the bits per weight"
+    start, end, frozen, whole = lines["bits"].split()
+    assert float(end) < float(start), "the size term lowered the bits per weight"
+    assert frozen == whole == "True", "the whole-bit phase set every b to whole bits and froze them"
     removed, diff = lines["removed"].split(" diff ")
     assert int(removed) >= 3 and float(diff) < 1e-5, lines
     assert (tmp_path / "plain.onnx").stat().st_size > 0

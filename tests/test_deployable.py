@@ -120,15 +120,15 @@ def test_whole_bit_phase_exports_exactly_the_reported_deployable_size(tiny_fmnis
 
         def on_train_batch_end(self, trainer, pl_module, *args):
             now = {n: m.weight_quantizer.bits.detach().clone() for n, m in quantized_layers(pl_module).items()}
-            if compression.bits_frozen and self.last:
+            if compression.compressor.bits_frozen and self.last:
                 moved_while_frozen.extend(n for n, b in now.items() if b.shape == self.last[n].shape
                                           and not torch.equal(b, self.last[n]))  # fmt: skip
-            self.last = now if compression.bits_frozen else {}
+            self.last = now if compression.compressor.bits_frozen else {}
 
     callbacks = [compression, Spy(), export]
     pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=24)).fit(module, tiny_fmnist)
-    report = compression.report(module)
-    assert compression.bits_frozen and not moved_while_frozen, "b fixed through the whole-bit phase"
+    report = compression.report()
+    assert compression.compressor.bits_frozen and not moved_while_frozen, "b fixed through the whole-bit phase"
     for name, m in quantized_layers(module).items():
         bits = m.weight_quantizer.bits
         assert torch.equal(bits, bits.round()), f"{name}: whole bits"
@@ -149,7 +149,7 @@ def test_a_checkpoint_from_the_whole_bit_phase_resumes_with_its_bits_frozen(tiny
     saver = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
     kwargs = trainer_kwargs(tmp_path, max_steps=8, enable_checkpointing=True)
     pl.Trainer(callbacks=[first, saver], **kwargs).fit(ImageClassifier(BaselineCNN(width=4)), tiny_fmnist)
-    assert first.bits_frozen
+    assert first.compressor.bits_frozen
     module = ImageClassifier(BaselineCNN(width=4))
     resumed = SelfCompression(gamma=0.5, init_bits=3.0, quantizer_lr=0.1, freeze_bits_at=0.5)
     kwargs = trainer_kwargs(tmp_path, max_steps=16, enable_checkpointing=True)
@@ -157,7 +157,7 @@ def test_a_checkpoint_from_the_whole_bit_phase_resumes_with_its_bits_frozen(tiny
 
     class Spy(pl.Callback):
         def on_fit_start(self, trainer, pl_module):  # after the checkpoint's callback state, before any step
-            restored.append(resumed.bits_frozen and not any(
+            restored.append(resumed.compressor.bits_frozen and not any(
                 m.weight_quantizer.bits.requires_grad for m in quantized_layers(pl_module).values()))  # fmt: skip
 
     trainer = pl.Trainer(callbacks=[resumed, Spy(), ModelCheckpoint(tmp_path / "ckpt2")], **kwargs)
@@ -181,9 +181,9 @@ def test_a_run_over_its_budget_waits_for_it_before_the_whole_bit_phase(budget, f
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            if compression.bits_frozen and not steps:
+            if compression.compressor.bits_frozen and not steps:
                 steps.append(trainer.global_step - 1)  # the step whose batch start froze the bits
 
     pl.Trainer(callbacks=[compression, Spy()], **trainer_kwargs(tmp_path, max_steps=24)).fit(module, tiny_fmnist)
     assert steps == [frozen_at]
-    assert compression.report(module).deployable_bits_per_weight > 2.5, "the budget was out of reach"
+    assert compression.report().deployable_bits_per_weight > 2.5, "the budget was out of reach"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +14,10 @@ from torch import nn
 from lightning_selfcompress import SelfCompressError
 from lightning_selfcompress.core import ChannelGraph
 from lightning_selfcompress.core.checkpoint import read_checkpoint
+from lightning_selfcompress.core.quant import QuantizationConfig
+from lightning_selfcompress.core.size import GammaSchedule
+from lightning_selfcompress.export_report import ExportOptions
+from lightning_selfcompress.report import write_json
 
 
 def test_a_garbage_checkpoint_and_an_untraceable_model_are_caught_by_the_one_base(tmp_path):
@@ -78,3 +87,27 @@ def test_a_flag_is_checked_alike_everywhere():
                         (lambda v: ChannelSurgeon(on_epoch_end=v), "on_epoch_end")):  # fmt: skip
         with pytest.raises(TypeError, match=f"^{name}=1 must be True or False"):
             build(1)
+
+
+@pytest.mark.parametrize("options", [ExportOptions, GammaSchedule, QuantizationConfig])
+def test_option_dataclasses_are_built_by_keyword(options):
+    """A positional value would bind to whichever field comes first, and to another one once a field is added."""
+    with pytest.raises(TypeError, match="positional"):
+        options(0.5)
+
+
+def test_a_full_disk_names_the_file_and_leaves_what_was_there(tmp_path, monkeypatch):
+    """A disk that fills while the report is written: the error names the path, the old report stays whole and no
+    temporary file is left behind. (The disk is made full by failing the write the way a full disk fails it.)"""
+    report = tmp_path / "report.json"
+    write_json(report, {"accuracy": 0.9})
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(SelfCompressError, match=r"Could not write '.*report.json': No space left on device") as caught:
+        write_json(report, {"accuracy": 0.95})
+    assert isinstance(caught.value, OSError) and caught.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert json.loads(report.read_text()) == {"accuracy": 0.9} and [p.name for p in tmp_path.iterdir()] == ["report.json"]

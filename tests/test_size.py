@@ -154,7 +154,7 @@ def test_size_model_needs_quantizers():
 
 
 def test_gamma_warmup_ramps_linearly():
-    schedule = GammaSchedule(0.1, warmup_steps=4)
+    schedule = GammaSchedule(gamma=0.1, warmup_steps=4)
     values = []
     for _ in range(6):
         values.append(schedule.value(5.0))
@@ -163,16 +163,16 @@ def test_gamma_warmup_ramps_linearly():
 
 
 def test_budget_switches_the_size_term_off_at_or_below_the_target():
-    schedule = GammaSchedule(0.1, target_bits_per_weight=2.0)
+    schedule = GammaSchedule(gamma=0.1, target_bits_per_weight=2.0)
     assert schedule.value(2.5) == 0.1 and schedule.value(2.0) == 0.0 and schedule.value(1.2) == 0.0
-    restored = GammaSchedule(0.1, target_bits_per_weight=2.0)
+    restored = GammaSchedule(gamma=0.1, target_bits_per_weight=2.0)
     schedule.step = 7
     restored.load_state_dict(schedule.state_dict())
     assert restored.step == 7
 
 
 def test_a_budget_band_makes_gamma_proportional_to_the_distance_both_ways_under_the_budget():
-    schedule = GammaSchedule(0.2, target_bits_per_weight=1.0, band=0.1)
+    schedule = GammaSchedule(gamma=0.2, target_bits_per_weight=1.0, band=0.1)
     values = [schedule.value(bits) for bits in (1.5, 1.0, 0.95, 0.9, 0.85, 0.8, 0.5)]
     assert values == pytest.approx([0.2, 0.2, 0.1, 0.0, -0.1, -0.2, -0.2])
 

@@ -53,7 +53,7 @@ def test_the_surgeon_cuts_while_training_and_the_optimizer_follows(tiny_fmnist, 
     for p in net_module.parameters():
         for value in optimizer.state[p].values():
             assert value.dim() == 0 or value.shape == p.shape
-    report = compression.report(net_module)
+    report = compression.report()
     assert report.float_weights == total.weights, "size stays measured against the float net"
     assert report.weights_kept <= total.weights_kept
     # one denominator everywhere: each row and the total count the original network's channels and weights
@@ -147,10 +147,11 @@ def test_load_compressed_rebuilds_a_trained_module_from_its_checkpoint(tiny_fmni
         (dict(every_n_steps=None), "would never run"),
         (dict(constant_pull=-1.0), "constant_pull=-1.0 must be >= 0"),
         (dict(atol=float("nan")), "atol=nan must be >= 0"),
+        (dict(exclude="fc"), "exclude='fc' must be a list of glob patterns"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         ChannelSurgeon(**kwargs)
 
 
@@ -213,3 +214,11 @@ def test_under_ddp_two_processes_train_as_one_process_with_their_global_batch(tm
         assert other["steps"] == 16 and other["cuts"] == two[0]["cuts"]
         for name, weights in two[0]["weights"].items():
             assert other["weights"][name] == pytest.approx(weights, abs=1e-5), name
+
+
+def test_ddp_spawn_is_refused_before_a_cut_it_could_not_hand_back():
+    """ddp_spawn trains in child processes and loads rank 0's weights back into the launching process's model, whose
+    layers the cuts never reached."""
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    with pytest.raises(RuntimeError, match="cannot run under ddp_spawn or ddp_fork.*Use strategy='ddp'"):
+        ChannelSurgeon().setup(trainer, module(), "fit")

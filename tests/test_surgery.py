@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning_selfcompress.core.groups import ChannelGraph, Cuts, GraphError
 from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Removal, Surgeon, load_compressed
+from lightning_selfcompress.models import BaselineCNN
 
 from lightning_selfcompress.testing import choose_branch_channels, choose_groups, kill_branch_channels, kill_groups
 
@@ -283,3 +284,25 @@ def test_a_channels_last_model_stays_channels_last_through_a_surgery():
     Surgeon(graph).remove(Removal(choose_groups(graph, 0.5)), [optimizer])
     for tensor in (net.stem.weight, net.stem.weight.grad, optimizer.state[net.stem.weight]["momentum_buffer"]):
         assert tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
+@pytest.mark.parametrize(("include", "exclude", "cut"), [
+    (("*",), (), {"features.0": 3, "features.2": 2}),
+    (("*",), ("features.0",), {"features.2": 2}),
+    (("features.0",), (), {"features.0": 3}),
+])  # fmt: skip
+def test_include_and_exclude_choose_the_layers_whose_dead_channels_are_cut(include, exclude, cut):
+    net = BaselineCNN(width=8)
+    attach_quantizers(net)
+    with torch.no_grad():
+        for layer, dead in ((net.features[0], 3), (net.features[2], 2)):
+            layer.weight_quantizer.bits[:dead] = -1.0
+            layer.bias[:dead] = -1.0  # the ReLU after it: they output exact zeros
+    x = torch.randn(4, 1, 28, 28)
+    before = net.eval()(x)
+    surgeon = Surgeon(ChannelGraph(net, x[:2]), include=include, exclude=exclude)
+    record = surgeon.remove(surgeon.find())
+    assert record.channels == cut
+    torch.testing.assert_close(net(x), before)
+    with pytest.raises(TypeError, match="exclude='features.0' must be a list of glob patterns"):
+        Surgeon(ChannelGraph(net, x[:2]), exclude="features.0")

@@ -181,7 +181,7 @@ def test_a_latency_weighted_size_term_in_a_real_run(tiny_fmnist, tmp_path, monke
     module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
     compression = SelfCompression(gamma=0.5, init_bits=4.0, latency_weight=1.0)
     pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=3)).fit(module, tiny_fmnist)
-    weights = compression.layer_weights
+    weights = compression.compressor.layer_weights
     assert set(weights) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"}
     assert all(w >= 0 for w in weights.values()) and len(set(weights.values())) > 1, weights
     assert list((tmp_path / "cache").rglob("*.json")), "measured through the surgeon's cached tables"

@@ -55,8 +55,11 @@ class CompressedExport(Callback):
         runtime: str = "tensorrt",
     ) -> None:
         self.path = check_output_path(path)  # here too, so that a wrong name fails before training, not after
-        self.options = ExportOptions(int4, calibrate_batches, parity_batches, tolerance, engine, fp16,
-                                     tuple(latency_batches), latency_runs, runtime)  # fmt: skip
+        self.options = ExportOptions(
+            int4=int4, calibrate_batches=calibrate_batches, parity_batches=parity_batches, tolerance=tolerance,
+            engine=engine, fp16=fp16, latency_batches=tuple(latency_batches), latency_runs=latency_runs,
+            runtime=runtime,
+        )  # fmt: skip
         self.before: dict[str, tuple[int, int]] = {}
         self.parameters_before: int | None = None
         self.report: dict[str, Any] | None = None

@@ -86,8 +86,10 @@ class Sparsity24(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for name, reason in self.sparsifier.skipped.items():
-            rank_zero_info(f"Sparsity24: {name} stays dense: {reason}")
+        skipped = self.sparsifier.skipped
+        if skipped:
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+            rank_zero_info(f"Sparsity24: {len(skipped)} layer(s) stay dense ({reasons}).")
         self.sparsifier.enforce(trainer.optimizers)
 
     @override

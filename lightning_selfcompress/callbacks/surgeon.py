@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -18,6 +19,7 @@ from typing_extensions import override
 from ..core.checks import check_choice, check_flag, check_integer
 from ..core.groups import ChannelGraph
 from ..core.inputs import model_input
+from ..core.quant import check_patterns
 from ..core.size import LayerShape
 from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
 from ..core.widths import latency_tables, step_pressure
@@ -50,6 +52,8 @@ class ChannelSurgeon(Callback):
         width_pressure: with latency steps, added per optimizer step to the gradient of b of each layer's weakest
             live channels above the step below its live count (`core.widths.step_pressure`), so that the layer
             reaches that step instead of keeping dead channels that the file still stores. 0: off.
+        include: glob patterns on module names: the layers whose dead channels may be cut (default: all).
+        exclude: glob patterns on module names: layers never cut (their dead channels stay, as exact zeros).
     """
 
     def __init__(
@@ -64,6 +68,8 @@ class ChannelSurgeon(Callback):
         latency_batch: int = 64,
         width_tolerance: float = 0.02,
         width_pressure: float = 0.0,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
     ) -> None:
         check_integer("every_n_steps", every_n_steps, none="only at epoch ends")
         check_flag("on_epoch_end", on_epoch_end)
@@ -88,6 +94,7 @@ class ChannelSurgeon(Callback):
         self.constant_pull = constant_pull
         self.atol = atol
         self.round_to = round_to
+        self.include, self.exclude = check_patterns("include", include), check_patterns("exclude", exclude)
         self.surgeon: Surgeon | None = None
         self.example_input: Tensor | None = None
         self.original: dict[str, tuple[int, int]] = {}  # module -> (output channels, weights) as first traced
@@ -112,6 +119,11 @@ class ChannelSurgeon(Callback):
             raise RuntimeError(
                 f"ChannelSurgeon supports one device or the DDP strategy; {type(trainer.strategy).__name__} shards or "
                 "wraps parameters in ways a surgery cannot follow. Use strategy='ddp'."
+            )
+        if trainer.world_size > 1 and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            raise RuntimeError(
+                "ChannelSurgeon cannot run under ddp_spawn or ddp_fork: they hand rank 0's weights back to the model "
+                "in the launching process, which the cuts never reached. Use strategy='ddp'."
             )
         averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, (StochasticWeightAveraging, WeightAveraging))]
         if averaging:
@@ -163,7 +175,7 @@ class ChannelSurgeon(Callback):
             tables = latency_tables(graph, self.example_input.cpu(), batch=self.latency_batch)
             self.step_widths = {name: t.step_widths(self.width_tolerance) for name, t in tables.items()}
             rank_zero_info(f"ChannelSurgeon: widths each layer may be cut to (ONNX Runtime CPU): {self.step_widths}")
-        self.surgeon = Surgeon(graph, self.atol, self.round_to, self.step_widths or None)
+        self.surgeon = Surgeon(graph, self.atol, self.round_to, self.step_widths or None, self.include, self.exclude)
         self.original = {
             name: (len(groups), pl_module.get_submodule(name).weight.numel()) for name, groups in graph.outputs.items()
         }

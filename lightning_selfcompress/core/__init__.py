@@ -4,13 +4,14 @@ use, so training, size accounting and surgery need only PyTorch and NumPy."""
 from typing import TYPE_CHECKING
 
 from ..extras import lazy
+from .compressor import SelfCompressor
 from .distill import Distiller, distillation_loss
 from .groups import ChannelGraph, Cuts, GraphError
 from .parity import Parity, ParityError, check_parity
 from .permute import PermutationReport, permute_for_24
 from .quant import QuantizationConfig, attach_quantizers, quantize, quantized_layers, quantizer_parameters
 from .rules import Rule, register_rule
-from .size import GammaSchedule, SizeModel, SizeReport, float_size_report
+from .size import GammaSchedule, LayerShape, SizeModel, SizeReport, float_size_report
 from .sparsity import Sparsifier24
 from .surgery import Removal, Surgeon, SurgeryRecord, load_compressed, save_compressed
 
@@ -46,6 +47,7 @@ __all__ = [
     "Cuts",
     "GammaSchedule",
     "GraphError",
+    "LayerShape",
     "Removal",
     "Surgeon",
     "SurgeryRecord",
@@ -55,6 +57,7 @@ __all__ = [
     "permute_for_24",
     "QuantizationConfig",
     "Rule",
+    "SelfCompressor",
     "SizeModel",
     "SizeReport",
     "Sparsifier24",

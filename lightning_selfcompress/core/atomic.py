@@ -8,7 +8,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+from ..errors import SelfCompressError
+
+__all__ = ["WriteError", "atomic_path"]
+
+
+class WriteError(SelfCompressError, OSError):
+    """A file could not be written (a full disk, a quota, a folder that cannot be written); what was on disk is as
+    it was."""
 
 
 def _umask() -> int:
@@ -21,15 +28,22 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside `path` (parent directories created) for the block to write; renamed onto `path` when
     the block succeeds, removed when it fails. The file gets the permissions of an ordinary new file (0666 less the
-    umask), not mkstemp's 0600, which a rename would keep."""
+    umask), not mkstemp's 0600, which a rename would keep. An OSError on the way is a `WriteError` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, WriteError):
+            raise WriteError(
+                error.errno, f"Could not write {str(path)!r}: {error.strerror or error}. Nothing was written there "
+                "(a file already there is unchanged); free some space or choose another path."
+            ) from error
         raise

@@ -296,12 +296,14 @@ def snap_bits(layers: dict[str, nn.Module]) -> None:
 
 
 @torch.no_grad()
-def clamp_bits(layers: dict[str, nn.Module], max_bits: float) -> None:
+def clamp_bits(layers: dict[str, nn.Module], max_bits: float | None, min_bits: float | None = None) -> None:
     """Keep every b at or below `max_bits` (after each optimizer step), so that the file stores every layer in
-    `max_bits`-bit integers: on the mid-rise grid, whose file stores 2k + 1, b stays one bit lower."""
+    `max_bits`-bit integers: on the mid-rise grid, whose file stores 2k + 1, b stays one bit lower. And at or above
+    `min_bits`, where given: then no channel dies."""
     for module in layers.values():
         quantizer = module.weight_quantizer
-        quantizer.bits.clamp_(max=max_bits - (1 if quantizer.offset else 0))
+        top = None if max_bits is None else max_bits - (1 if quantizer.offset else 0)
+        quantizer.bits.clamp_(min=min_bits, max=top)
 
 
 def freeze_bits(layers: dict[str, nn.Module], frozen: bool = True) -> None:
@@ -359,7 +361,7 @@ _BY_NAME = {cls.__name__: cls for cls in QUANTIZED_CLASS}
 _INIT_SCALES = {"absmax": initial_exponent, "lsq": lsq_exponent}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantizationConfig:
     """Which layers get quantizers, and how they start.
 
@@ -398,11 +400,8 @@ class QuantizationConfig:
             raise ValueError(f"init_bits={self.init_bits} would start every channel dead; use a value > 0 (8 is lossless).")
 
     def selects(self, name: str, module: nn.Module) -> bool:
-        return (
-            type(module) in {_BY_NAME[t] for t in self.layer_types}
-            and any(fnmatch.fnmatchcase(name, p) for p in self.include)
-            and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
-        )
+        """Whether the layer `name` gets a quantizer."""
+        return type(module) in {_BY_NAME[t] for t in self.layer_types} and selected(name, self.include, self.exclude)
 
 
 def check_patterns(name: str, patterns: Sequence[str]) -> tuple[str, ...]:
@@ -411,6 +410,11 @@ def check_patterns(name: str, patterns: Sequence[str]) -> tuple[str, ...]:
     if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"{name}={patterns!r} must be a list of glob patterns on module names, e.g. ['layer4.*'].")
     return tuple(patterns)
+
+
+def selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Whether glob patterns on module names pick `name`: one of `include` and none of `exclude`."""
+    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

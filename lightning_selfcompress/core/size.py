@@ -253,7 +253,7 @@ def _index_bits(b: Tensor, kept: Tensor, sparse: bool) -> Tensor:
     return 2 * (kept * (b.detach() > 0)).sum() if sparse else torch.zeros((), device=b.device)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GammaSchedule:
     """The weight of the size term: optional linear warm-up, optionally a budget of bits per weight.
 

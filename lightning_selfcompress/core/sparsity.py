@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .checks import check_choice, check_integer
-from .quant import check_patterns
+from .quant import check_patterns, selected
 
 __all__ = [
     "MaskEnforcer",
@@ -171,7 +170,7 @@ def eligible_layers(
     eligible, skipped = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, (_ConvNd, nn.Linear)):
-            chosen = any(fnmatchcase(name, p) for p in include) and not any(fnmatchcase(name, p) for p in exclude)
+            chosen = selected(name, include, exclude)
             reason = ineligible_reason(module, calculator) if chosen else "left out by include/exclude"
             if reason is None:
                 eligible[name] = module

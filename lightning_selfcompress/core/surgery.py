@@ -31,7 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 from .atomic import atomic_path
 from .checkpoint import read_checkpoint
 from .groups import ChannelGraph, Cuts, GraphError, channels_of, is_grouped
-from .quant import QuantizationConfig, attach_activation_quantizers, attach_quantizers
+from .quant import QuantizationConfig, attach_activation_quantizers, attach_quantizers, check_patterns, selected
 from .reembed import GATHER, set_reembedding
 from .sparsity import DROPPED, MASK
 
@@ -123,10 +123,15 @@ class Surgeon:
         atol: float = 0.0,
         round_to: int = 1,
         widths: Mapping[str, Collection[int]] | None = None,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
     ) -> None:
         """`widths`: per producer, the output widths it may be cut to (the steps of its latency table,
-        `core.widths`); a cut to any other width waits, dead channels kept as zeros, until enough have died."""
+        `core.widths`); a cut to any other width waits, dead channels kept as zeros, until enough have died.
+        `include`/`exclude`: glob patterns on module names; only the dead channels of the layers they pick are cut
+        (a channel group with another producer too is cut only when every producer of it is picked)."""
         self.check_options(atol, round_to)
+        self.include, self.exclude = check_patterns("include", include), check_patterns("exclude", exclude)
         self.graph = graph
         self.atol = atol
         self.round_to = round_to
@@ -151,9 +156,12 @@ class Surgeon:
 
     def _dead_outputs(self) -> dict[str, Tensor | None]:
         """Per producer, per original output channel: are its weights exact zeros (bits <= 0)? None for a producer
-        that is not quantized. One transfer from the device for all layers."""
+        that is not quantized or not picked by include/exclude. One transfer from the device for all layers."""
         g = self.graph
-        bits = {name: _quantized_bits(g.model.get_submodule(name)) for name in g.outputs}
+        bits = {
+            name: _quantized_bits(g.model.get_submodule(name)) if selected(name, self.include, self.exclude) else None
+            for name in g.outputs
+        }
         quantized = {name: b for name, b in bits.items() if b is not None}
         dead: dict[str, Tensor | None] = dict.fromkeys(bits)
         if not quantized:
