@@ -174,7 +174,8 @@ def run(cfg: DictConfig) -> dict:
         _check_resume(cfg.ckpt_path, surgeon)
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only: a checkpoint is read as data, never as code (torch < 2.6 would default to unpickling anything)
+        trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except Exception as error:
         if export is None or export.error is not error:
             raise
