@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import sys
@@ -47,3 +48,33 @@ def test_a_documented_snippet_runs_as_written(page, code, tiny_fmnist, tmp_path,
     assert trainer.global_step == 3, "the snippet's Trainer trained"
     if "CompressedExport" in code:
         assert (tmp_path / "model.onnx").stat().st_size > 0
+
+
+def _undocumented(obj: object, name: str) -> list[str]:
+    """`name` if `obj` has no docstring, and its public methods and properties that have none (an override of a
+    documented base method, such as a Lightning hook, counts as documented there)."""
+    missing = [] if inspect.getdoc(obj) else [name]
+    if inspect.isclass(obj):
+        for attr, member in vars(obj).items():
+            function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+            if attr.startswith("_") or not callable(function) or (function.__doc__ or "").strip():
+                continue
+            if not any((getattr(getattr(base, attr, None), "__doc__", None) or "").strip() for base in obj.__mro__[1:]):
+                missing.append(f"{name}.{attr}")
+    return missing
+
+
+def test_every_public_class_function_and_method_has_a_docstring():
+    """What the API reference (mkdocstrings) shows: the package's, the core's and the callbacks' exports."""
+    import lightning_selfcompress
+    import lightning_selfcompress.callbacks
+    import lightning_selfcompress.core
+
+    exported = {
+        name: getattr(module, name)
+        for module in (lightning_selfcompress, lightning_selfcompress.core, lightning_selfcompress.callbacks)
+        for name in module.__all__
+    }
+    missing = [m for name, obj in exported.items() if inspect.isclass(obj) or inspect.isfunction(obj)
+               for m in _undocumented(obj, name)]  # fmt: skip
+    assert not missing, f"no docstring: {missing}"

@@ -109,6 +109,7 @@ class ChannelSurgeon(Callback):
 
     @property
     def history(self) -> list[SurgeryRecord]:
+        """Every surgery of this run (and of the run it resumed), oldest first."""
         return self.surgeon.history if self.surgeon else []
 
     # ---- set-up and resume ---------------------------------------------------------------------------------------

@@ -274,6 +274,7 @@ class SelfCompressor:
         )
 
     def state_dict(self) -> dict[str, Any]:
+        """The size schedule's step, the float network's weight count and whether bits are frozen."""
         return {
             "schedule": self.schedule.state_dict(),
             "float_weights": self._size.float_weights if self._size else None,

@@ -109,6 +109,7 @@ class ExportResult:
     folded_batchnorm: list[str] = field(default_factory=list)  # BatchNorm nodes folded into scales and biases
 
     def to_dict(self) -> dict:
+        """As JSON-ready data, for the export report."""
         return {
             "path": str(self.path),
             "file_bytes": self.file_bytes,

@@ -133,6 +133,7 @@ class ChannelGraph:
     # ---- building ------------------------------------------------------------------------------------------------
 
     def new_slots(self, n: int, pin: str | None = None) -> list[int]:
+        """`n` fresh channel slots, each its own group until tied; pinned (not removable) when `pin` gives a reason."""
         start = len(self._parent)
         self._parent.extend(range(start, start + n))
         if pin:
@@ -140,6 +141,7 @@ class ChannelGraph:
         return list(range(start, start + n))
 
     def pin(self, slots: list[int], reason: str) -> None:
+        """Mark `slots` as not removable, saying why (the reason a refused removal reports)."""
         for s in slots:
             self._pins.setdefault(s, reason)
 
@@ -150,12 +152,14 @@ class ChannelGraph:
         return s
 
     def tie(self, a: list[int], b: list[int]) -> None:
+        """Put the channels of `a` and `b` pairwise into one group: they can only be removed together."""
         for x, y in zip(a, b, strict=True):
             rx, ry = self._find(x), self._find(y)
             if rx != ry:
                 self._parent[max(rx, ry)] = min(rx, ry)
 
     def record(self, table: str, module: str, slots: list[int]) -> None:
+        """Note that `module`'s `table` (outputs, inputs or members) holds the channels `slots`."""
         known = self._tables[table]
         if module in known:  # a module called twice: its weights serve both calls, so the channels are tied
             self.tie(known[module], slots)
@@ -223,6 +227,7 @@ class ChannelGraph:
             node = nodes[step.sources[0]]
 
     def groups_of(self, slots: list[int]) -> Tensor:
+        """The group of each slot in `slots`."""
         return self._group[torch.tensor(slots, dtype=torch.long)] if slots else torch.zeros(0, dtype=torch.long)
 
     # ---- queries -------------------------------------------------------------------------------------------------
@@ -233,6 +238,7 @@ class ChannelGraph:
                                                 ("members", self.members)) if module in t}  # fmt: skip
 
     def modules(self) -> list[str]:
+        """Every module whose channels the graph records."""
         return list(dict.fromkeys([*self.outputs, *self.inputs, *self.members]))
 
     def branch_of(self, module: str, role: str) -> str | None:
@@ -248,6 +254,7 @@ class ChannelGraph:
         return self._keys.get(group, ("<model input>", -1))
 
     def group_of(self, module: str, channel: int) -> int:
+        """The group of output channel `channel` of `module`, as traced."""
         if module not in self.outputs or not 0 <= channel < len(self.outputs[module]):
             raise GraphError(f"The traced model has no output channel {channel} in module '{module}'.")
         return int(self.outputs[module][channel])
@@ -289,6 +296,7 @@ class Cuts:
         return mask if branch is None else mask & ~self.cut[branch]
 
     def width(self, module: str, role: str) -> int:
+        """How many of `module`'s `role` channels (outputs, inputs, members) are left."""
         return int(self.present(module, role).sum())
 
     def kept(self, module: str, role: str, remove: Tensor, cuts: dict[str, Tensor] | None = None) -> Tensor | None:
@@ -303,6 +311,7 @@ class Cuts:
         return (~going).nonzero().flatten() if going.any() else None
 
     def expected_shape(self, module: str) -> dict[str, int]:
+        """Per role, the width `module` has now if nothing but this surgeon changed it."""
         return {role: self.width(module, role) for role in self.graph.tables(module)}
 
     def check_unchanged(self) -> None:

@@ -84,10 +84,12 @@ class SizeReport:
 
     @property
     def bits_per_weight(self) -> float:
+        """Real-valued bits over the float network's weights: the training signal."""
         return self.bits / self.float_weights
 
     @property
     def size_bytes(self) -> int:
+        """The real-valued bits in bytes, rounded up."""
         return math.ceil(self.bits / 8)
 
     @property
@@ -97,17 +99,21 @@ class SizeReport:
 
     @property
     def deployable_bytes(self) -> int:
+        """The deployable bits in bytes, rounded up: what a file packed at whole bits per channel holds."""
         return math.ceil(self.deployable_bits / 8)
 
     @property
     def float32_bytes(self) -> int:
+        """The float network's weights at 32 bits."""
         return 4 * self.float_weights
 
     @property
     def percent_of_float32(self) -> float:
+        """The real-valued bits as a percentage of the float network's float32 bits."""
         return 100.0 * self.bits / (32 * self.float_weights)
 
     def to_dict(self) -> dict:
+        """As JSON-ready data: the totals and one row per layer."""
         summary = {
             name: getattr(self, name)
             for name in (
@@ -218,10 +224,12 @@ class SizeModel:
         return weighted_sum(self.layer_bits(), layer_weights)
 
     def bits_per_weight(self) -> Tensor:
+        """The network's bits over the float network's weight count; differentiable in every b."""
         return self.bits() / self.float_weights
 
     @torch.no_grad()
     def report(self) -> SizeReport:
+        """Channels, weights and bits (real-valued and deployable) per layer and in total, now."""
         bits = [b.detach().float() for b in self._bits()]
         counts, sparse = self._live_inputs([b > 0 for b in bits])
         layers = []
@@ -296,7 +304,9 @@ class GammaSchedule:
         return gamma * min(max((bits_per_weight - target) / (self.band * target) + 1.0, -1.0), 1.0)
 
     def state_dict(self) -> dict:
+        """The step count (where the warm-up is), for a checkpoint."""
         return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at the checkpoint's step."""
         self.step = int(state["step"])

@@ -388,16 +388,19 @@ class Sparsifier24:
         return metrics
 
     def remove(self) -> None:
+        """Stop enforcing the masks (the hooks on the optimizers go); the masks stay on the layers."""
         for enforcer in self._enforcers:
             enforcer.remove()
         self._enforcers = []
 
     def state_dict(self) -> dict:
+        """Whether the masks are pruned, and what they kept: for a checkpoint."""
         return {"pruned": self.pruned, "kept_magnitude": dict(self.kept_magnitude),
                 "masked_at_step": self.masked_at_step, "recomputed": self.recomputed, "rederived": self.rederived,
                 "masks_changed": self.masks_changed}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict`'s output (the masks themselves load with the model's weights)."""
         self.pruned = bool(state["pruned"])
         self.kept_magnitude = dict(state.get("kept_magnitude", {}))
         self.masked_at_step = int(state.get("masked_at_step", 0))

@@ -52,6 +52,7 @@ class Removal:
 
     @property
     def count(self) -> int:
+        """The channels this removal takes out: whole groups, and channels leaving a branch alone."""
         return int(self.groups.sum()) + sum(int(c.sum()) for c in self.cuts.values())
 
 
@@ -68,6 +69,7 @@ class SurgeryRecord:
     branches: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """As JSON-ready data: the history in a checkpoint and in the run's report."""
         return {
             "step": self.step,
             "groups": [list(g) for g in self.groups],
@@ -79,6 +81,7 @@ class SurgeryRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> SurgeryRecord:
+        """The record `to_dict` wrote."""
         return cls(int(d["step"]), [(str(m), int(c)) for m, c in d["groups"]], dict(d["channels"]),
                    int(d["weights_removed"]), float(d["seconds"]),
                    {str(k): [int(i) for i in v] for k, v in d.get("branches", {}).items()})  # fmt: skip
@@ -147,6 +150,7 @@ class Surgeon:
 
     @staticmethod
     def check_options(atol: float, round_to: int) -> None:
+        """Refuse an `atol` or `round_to` that cannot work, naming it."""
         if not atol >= 0:
             raise ValueError(f"atol={atol} must be >= 0 (0: constants must be exactly zero or exactly foldable).")
         if not isinstance(round_to, int) or round_to < 1:
