@@ -7,16 +7,19 @@ import json
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from lightning_selfcompress import SelfCompressError
+from lightning_selfcompress import ChannelSurgeon, SelfCompressError, SelfCompression, Sparsity24
 from lightning_selfcompress.core import ChannelGraph
 from lightning_selfcompress.core.checkpoint import read_checkpoint
 from lightning_selfcompress.core.quant import QuantizationConfig
 from lightning_selfcompress.core.size import GammaSchedule
 from lightning_selfcompress.export_report import ExportOptions
+from lightning_selfcompress.models import BaselineCNN, ImageClassifier
 from lightning_selfcompress.report import write_json
 
 
@@ -111,3 +114,16 @@ def test_a_full_disk_names_the_file_and_leaves_what_was_there(tmp_path, monkeypa
     assert isinstance(caught.value, OSError) and caught.value.errno == errno.ENOSPC
     monkeypatch.undo()
     assert json.loads(report.read_text()) == {"accuracy": 0.9} and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+@pytest.mark.parametrize("callback", [SelfCompression, ChannelSurgeon, lambda: Sparsity24(start_step=0)])
+@pytest.mark.parametrize(("strategy", "message"), [
+    (lambda: dict(devices=2, strategy="ddp_spawn"), "cannot run under ddp_spawn or ddp_fork.*Use strategy='ddp'"),
+    (lambda: dict(devices=1, strategy=ModelParallelStrategy()), "ModelParallelStrategy shards or wraps parameters"),
+])  # fmt: skip
+def test_strategies_that_would_lose_or_shard_the_changes_are_refused_by_name(callback, strategy, message):
+    """ddp_spawn loads rank 0's weights back into the launching process's model, which never got the quantizers, masks
+    or cuts; model parallelism and FSDP shard the parameters they change (FSDP needs a GPU even to be built)."""
+    trainer = pl.Trainer(accelerator="cpu", logger=False, **strategy())
+    with pytest.raises(RuntimeError, match=message):
+        callback().setup(trainer, ImageClassifier(BaselineCNN(width=4)), "fit")

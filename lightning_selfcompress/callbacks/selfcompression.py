@@ -15,6 +15,7 @@ from ..core.compressor import SelfCompressor
 from ..core.inputs import model_input
 from ..core.size import SizeReport
 from ..report import print_size_table
+from .strategies import check_strategy
 
 __all__ = ["SelfCompression"]
 
@@ -41,6 +42,7 @@ class SelfCompression(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before configure_optimizers (so the user's optimizer holds b and e) and before a checkpoint's weights load.
+        check_strategy(trainer, "SelfCompression")
         self.compressor.attach(pl_module)
 
     def report(self) -> SizeReport:

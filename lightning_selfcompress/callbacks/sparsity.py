@@ -14,6 +14,7 @@ from ..core.inputs import model_input
 from ..core.permute import PermutationReport, permute_for_24
 from ..core.checks import check_flag, check_integer
 from ..core.sparsity import Sparsifier24
+from .strategies import check_strategy
 from .surgeon import ChannelSurgeon
 
 __all__ = ["Sparsity24"]
@@ -77,6 +78,7 @@ class Sparsity24(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "Sparsity24")
         for surgeon in (cb for cb in trainer.callbacks if isinstance(cb, ChannelSurgeon) and cb.round_to % 4):
             rank_zero_warn(
                 f"Sparsity24 beside ChannelSurgeon(round_to={surgeon.round_to}): a cut that leaves a layer's inputs "

@@ -9,8 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -24,6 +22,7 @@ from ..core.size import LayerShape
 from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
 from ..core.widths import latency_tables, step_pressure
 from ..report import print_surgery_table
+from .strategies import check_strategy
 
 __all__ = ["ChannelSurgeon"]
 
@@ -116,16 +115,7 @@ class ChannelSurgeon(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
-            raise RuntimeError(
-                f"ChannelSurgeon supports one device or the DDP strategy; {type(trainer.strategy).__name__} shards or "
-                "wraps parameters in ways a surgery cannot follow. Use strategy='ddp'."
-            )
-        if trainer.world_size > 1 and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-            raise RuntimeError(
-                "ChannelSurgeon cannot run under ddp_spawn or ddp_fork: they hand rank 0's weights back to the model "
-                "in the launching process, which the cuts never reached. Use strategy='ddp'."
-            )
+        check_strategy(trainer, "ChannelSurgeon")
         averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, (StochasticWeightAveraging, WeightAveraging))]
         if averaging:
             raise RuntimeError(
