@@ -54,3 +54,8 @@ def test_an_optimizer_without_the_quantizers_is_refused_by_name():
     float_only = torch.optim.SGD([p for n, p in model.named_parameters() if "weight_quantizer" not in n], lr=0.1)
     with pytest.raises(RuntimeError, match=r"No optimizer holds the quantizer parameters \['features.0"):
         compressor.use(float_only)
+
+
+def test_a_compressor_used_before_it_is_attached_says_so():
+    with pytest.raises(RuntimeError, match=r"attach\(model\) first"):
+        SelfCompressor().use(torch.optim.SGD(BaselineCNN(width=4).parameters(), lr=0.1))

@@ -184,6 +184,7 @@ class SelfCompressor:
         """Before the first step (and after `load_state_dict`, on a resume): the `optimizers` that train the model
         must hold every b and e; they step them at `quantizer_lr` and `quantizer_weight_decay` (each is left as built
         outside its steps). Fixed bits, and bits frozen before a resume, are frozen from here on."""
+        layers = self.size.layers  # attached first
         held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.model.named_parameters() if ".weight_quantizer." in n and id(p) not in held]
         if missing:
@@ -198,7 +199,7 @@ class SelfCompressor:
             for optimizer in optimizers
         ]
         if not self.learn_bits or self.bits_frozen:
-            freeze_bits(self.size.layers)
+            freeze_bits(layers)
 
     def measure_layer_weights(self, example: Tensor) -> dict[str, float]:
         """Per layer, the factor of its bits in the size term: its channels' latency, mixed by `latency_weight`."""
