@@ -22,7 +22,7 @@ and the constants a dead channel carries are followed through the original graph
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -245,6 +245,18 @@ class ChannelGraph:
         """The producer of the residual branch whose channels these positions are (its outputs and members)."""
         return self._chain.get((module, role))
 
+    def input_producers(self) -> dict[str, list[frozenset[tuple[str, int]] | None]]:
+        """Per Conv/Linear layer as traced, per input position: the (layer, output channel) pairs whose values reach
+        it, in the order the data flows (a residual sum unites its operands there, not along the whole stream as the
+        groups do); None where something else feeds it (the model's input, an opaque block, a normalisation across
+        channels). What size accounting needs: a position is constant when all of its producers are dead."""
+        env: dict[str, list] = {}
+        for step in self.steps:
+            env[step.node] = _producer_step(step, [env[s] for s in step.sources])
+        return {
+            layer: [_union(at) for at in zip(*(env[s] for s in sources))] for layer, sources in self.consumers.items()
+        }
+
     def macs(self) -> int:
         """Multiply-accumulates of one sample through every Conv/Linear at the model's current widths."""
         return sum(self.model.get_submodule(n).weight.numel() * s for n, s in self.spatial.items())
@@ -397,6 +409,32 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
         if any(v is None for v in values):
             return nan
         return op(*values) if len(values) == 2 else nan
+    raise AssertionError(f"unknown step kind {kind}")
+
+
+def _union(sets: Iterable[frozenset | None]) -> frozenset | None:
+    sets = list(sets)
+    return None if any(x is None for x in sets) else frozenset().union(*sets)
+
+
+def _producer_step(step: _Step, inputs: list[list]) -> list:
+    """`input_producers` through one step: per output position, the producers whose values reach it."""
+    kind, x = step.kind, inputs[0] if inputs else None
+    if kind in ("new", "opaque"):
+        return [None] * len(step.slots)
+    if kind == "produce":
+        return [frozenset({(step.payload, c)}) for c in range(len(step.slots))]
+    if kind in ("norm", "apply", "keep", "zeros_only", "dropout"):  # within each channel
+        return list(x)
+    if kind == "gather":
+        return [x[i] for i in step.payload]
+    if kind == "cat":
+        return [p for part in inputs for p in part]
+    if kind == "cat_other":
+        return [_union(at) for at in zip(*inputs)]
+    if kind == "elementwise":
+        operands = [inputs[a[1]] for a in step.payload[1] if a is not None and a[0] == "operand"]
+        return [_union(at) for at in zip(*operands)]
     raise AssertionError(f"unknown step kind {kind}")
 
 
