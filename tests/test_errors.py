@@ -113,7 +113,8 @@ def test_a_full_disk_names_the_file_and_leaves_what_was_there(tmp_path, monkeypa
         write_json(report, {"accuracy": 0.95})
     assert isinstance(caught.value, OSError) and caught.value.errno == errno.ENOSPC
     monkeypatch.undo()
-    assert json.loads(report.read_text()) == {"accuracy": 0.9} and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert json.loads(report.read_text()) == {"accuracy": 0.9}, "the old report is whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "no temporary file is left"
 
 
 @pytest.mark.parametrize("callback", [SelfCompression, ChannelSurgeon, lambda: Sparsity24(start_step=0)])
@@ -127,3 +128,13 @@ def test_strategies_that_would_lose_or_shard_the_changes_are_refused_by_name(cal
     trainer = pl.Trainer(accelerator="cpu", logger=False, **strategy())
     with pytest.raises(RuntimeError, match=message):
         callback().setup(trainer, ImageClassifier(BaselineCNN(width=4)), "fit")
+
+
+def test_a_write_error_without_an_errno_reads_as_its_message(tmp_path, monkeypatch):
+    def fails(self, *args, **kwargs):
+        raise OSError("the network share went away")
+
+    monkeypatch.setattr(Path, "write_text", fails)
+    with pytest.raises(SelfCompressError) as caught:
+        write_json(tmp_path / "report.json", {})
+    assert str(caught.value).startswith("Could not write") and "Errno" not in str(caught.value)

@@ -42,8 +42,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError) and not isinstance(error, WriteError):
-            raise WriteError(
-                error.errno, f"Could not write {str(path)!r}: {error.strerror or error}. Nothing was written there "
-                "(a file already there is unchanged); free some space or choose another path."
-            ) from error
+            message = (
+                f"Could not write {str(path)!r}: {error.strerror or error}. Nothing was written there (a file already "
+                "there is unchanged); free some space or choose another path."
+            )
+            # with its errno where it has one: OSError(None, message) would read '[Errno None] ...'
+            raise (WriteError(message) if error.errno is None else WriteError(error.errno, message)) from error
         raise
