@@ -336,8 +336,8 @@ def test_linear_layers_on_tokens_store_int8_weights_that_fold_at_load(tmp_path):
 
 
 def test_a_branch_cut_from_a_residual_block_keeps_both_branches_in_integer_kernels(tmp_path):
-    """A cut from one branch alone re-embeds its output (Concat with zeros, Gather): that moves values, so the
-    convolution before it still ends in a Q/DQ pair and an integer kernel."""
+    """A cut from one branch alone re-embeds its output (Concat with zeros, Gather in PyTorch's graph); in the file the
+    branch's last convolution writes the stream's width itself (zero rows), so both residual Adds stay in int8."""
     from lightning_selfcompress.models import ResNet9
 
     net = ResNet9(1, 10, width=4).eval()
@@ -349,9 +349,10 @@ def test_a_branch_cut_from_a_residual_block_keeps_both_branches_in_integer_kerne
     Surgeon(graph).remove(Removal(torch.zeros(graph.num_groups, dtype=torch.bool), cuts=cuts))
     assert cuts, "channels cut from a branch alone"
     export_onnx(net, x, tmp_path / "net.onnx", calibration=[x], tolerance=0.05, runtime="onnxruntime")
-    assert "Gather" in [n.op_type for n in onnx.load(str(tmp_path / "net.onnx")).graph.node], "re-embedded"
+    assert "Gather" not in [n.op_type for n in onnx.load(str(tmp_path / "net.onnx")).graph.node], "folded"
     ops = optimized_ops(tmp_path / "net.onnx", tmp_path)
     assert ops.count("QLinearConv") == 7, f"every conv but the first on the image, the cut branches' too: {ops}"
+    assert ops.count("QLinearAdd") == 2 and "Add" not in ops, f"both residual adds in int8: {ops}"
 
 
 def test_an_unknown_runtime_is_a_clear_error(tmp_path):

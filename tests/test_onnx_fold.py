@@ -63,3 +63,41 @@ def test_a_negative_factor_or_a_padded_next_convolution_keeps_the_batchnorm(tmp_
         norms = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
         assert result.folded_batchnorm == [] and batchnorm_nodes(tmp_path / f"{name}.onnx") == norms, name
         assert result.parity.max_rel <= 1e-5
+
+
+def test_a_branchs_reembedding_folds_into_its_last_convolution_with_zero_rows(tmp_path):
+    """A cut from one residual branch alone re-embeds its output (Concat with zeros, Gather); in the file the branch's
+    last convolution writes the stream's width itself: its integers gathered, zero rows (no bits) where it has no
+    channel, and the same function."""
+    from lightning_selfcompress.core.export import stored_weight_bits
+    from lightning_selfcompress.core.groups import ChannelGraph
+    from lightning_selfcompress.core.quant import integer_bits
+    from lightning_selfcompress.core.reembed import reembedding_of
+    from lightning_selfcompress.core.surgery import Removal, Surgeon
+    from lightning_selfcompress.testing import choose_branch_channels, kill_branch_channels
+
+    torch.manual_seed(0)
+    net = trained_statistics(ResNet9(1, 10, width=8))
+    attach_quantizers(net, QuantizationConfig(init_bits=4, init_scale="lsq"))
+    x = torch.randn(8, 1, 28, 28)
+    graph = ChannelGraph(net, x[:2])
+    cuts = choose_branch_channels(graph, 0.5, seed=1)
+    kill_branch_channels(graph, cuts)
+    Surgeon(graph).remove(Removal(torch.zeros(graph.num_groups, dtype=torch.bool), cuts=cuts))
+    tails = {"layer1.2.res2.0": 16, "layer3.2.res2.0": 64}  # the stream's widths
+    assert all(net.get_submodule(name).out_channels < width for name, width in tails.items()), "both branches cut"
+
+    result = export_onnx(net, x, tmp_path / "net.onnx", tolerance=1e-5)
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    assert not {"Gather", "Concat"} & {n.op_type for n in model.graph.node}, "no re-embedding left in the file"
+    assert result.parity.max_rel <= 1e-5
+    stored = {output.removesuffix(".weight_dequantized"): ints for output, (ints, _) in stored_weights(model).items()}
+    for name, width in tails.items():
+        ints = integer_weights(net.get_submodule(name))[0].numpy()
+        branch = net.get_submodule(name.removesuffix(".0"))
+        gather = next(reembedding_of(m) for m in branch.modules() if reembedding_of(m) is not None).numpy()
+        expected = np.concatenate([ints, np.zeros_like(ints[:1])])[gather]
+        assert stored[name].shape[0] == width and np.array_equal(stored[name], expected), name
+    counted = sum(int((integer_bits(integer_weights(m)[0]) * m.weight[0].numel()).sum())
+                  for m in quantized_layers(net).values())  # fmt: skip
+    assert result.weight_bits == stored_weight_bits(model) == counted, "the zero rows store no bits"

@@ -17,7 +17,8 @@ How it is built:
    - with activation quantization: `DequantizeLinear(integers, scale, zero_point=0, axis=0)` on the weight and a
      per-tensor int8 Q/DQ pair on the layer's input, the pattern from which TensorRT and ONNX Runtime pick int8
      kernels. Bias stays float.
-3. BatchNorm is folded into the scale beside the integers and into the biases where that is exact (`onnx_fold`).
+3. BatchNorm is folded into the scale beside the integers and into the biases where that is exact (`onnx_fold`), and
+   so is each residual branch's re-embedding (the branch's last convolution writes zeros where it has no channel).
 4. With activation quantization, each quantized layer's input gets a Q/DQ pair with its trained step (a layer with
    an `input_quantizer`) or one calibrated on a few batches (max |x| / 127), and its output the next layer's pair
    where only ops that commute with rounding lie between, so that ONNX Runtime fuses an integer kernel. Laid out for
@@ -60,7 +61,7 @@ from ..errors import SelfCompressError
 from .atomic import atomic_path
 from .checks import check_choice
 from .inputs import describe
-from .onnx_fold import dequantized_weight, fold_batchnorm, producers_of, readers_of
+from .onnx_fold import dequantized_weight, fold_batchnorm, fold_reembeddings, producers_of, readers_of
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import QUANTIZED_CLASS, integer_bits, integer_weights, quantized_layers
@@ -366,10 +367,10 @@ def _insert_qdq(graph: onnx.GraphProto, tensor: str, readers: list[onnx.NodeProt
 
 
 def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> None:
-    """Q/DQ on each quantized layer's output where it reaches the next layer's input Q only through ops that commute
-    with its rounding (ReLU, MaxPool, reshapes; with its type's least zero point the pair does the ReLU itself): with
-    that Q's scale and zero point, the added rounding changes no value, and ONNX Runtime fuses DQ -> Conv -> Q into
-    one integer kernel (QLinearConv)."""
+    """Q/DQ on each quantized layer's (or residual Add's) output where it reaches the next layer's input Q only through
+    ops that commute with its rounding (ReLU, MaxPool, reshapes; with its type's least zero point the pair does the
+    ReLU itself): with that Q's scale and zero point, the added rounding changes no value, and ONNX Runtime fuses
+    DQ -> Conv -> Q into one integer kernel (QLinearConv; QLinearAdd for an Add)."""
     reading = readers_of(graph)
     outputs = {o.name for o in graph.output}
 
@@ -436,6 +437,7 @@ def _quantize_activations(
     graph = model.graph
     producer = producers_of(graph)
     reads = [(node, node.input[0]) for node in layers]
+    adds = []
     if batches is not None:
         constants = {i.name for i in graph.initializer}
         adds = _residual_adds(producer, [n.input[0] for n in layers], constants)
@@ -465,7 +467,7 @@ def _quantize_activations(
             ]
         )
         _insert_qdq(graph, tensor, readers, [f"act{i}.scale", f"act{i}.zero_point"], f"act{i}")
-    _quantize_outputs(graph, layers)
+    _quantize_outputs(graph, layers + adds)
     _drop_relus_after_unsigned_pairs(graph)
     _fold_unfused_weights(graph, layers)
     return {tensor: scale for tensor, scale, _ in groups}
@@ -597,6 +599,7 @@ def export_onnx(
             )
         node_scales = {node.name: trained[name] for name in trained.keys() & stored for node in matches[name]}
         folded = fold_batchnorm(onnx_model, fixed=set(node_scales))
+        fold_reembeddings(onnx_model)
         scales = {}
         if quantized:
             layer_nodes = _by_name(onnx_model, quantized)

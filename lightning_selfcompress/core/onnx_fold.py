@@ -10,6 +10,12 @@ BatchNorm in eval mode is y = a x + t per channel (a = gamma / sqrt(var + eps), 
 Quantized layers keep their integers: only the scale next to them (`DequantizeLinear` or `Mul(Cast)`) changes, so
 the stored size does not move. A negative a stays a BatchNorm node (TensorRT needs positive scales, and a negative
 factor cannot pass a ReLU). Everything else is left as it is.
+
+A residual branch's re-embedding (`core/reembed.py`: Concat with a zero channel, then Gather to the stream's width)
+folds too, into the convolution that ends the branch: its weights, scales and bias are gathered the same way, zero
+rows where the branch has no channel, so it writes the stream's width itself (through a ReLU: relu(0) = 0). The
+zero rows store no bits, and they cost a few multiply-accumulates where the Gather cost a pass over memory on every
+call and, in an int8 file, broke the chain of integer kernels (the Add and everything after it ran in float).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["dequantized_weight", "fold_batchnorm", "producers_of", "readers_of"]
+__all__ = ["dequantized_weight", "fold_batchnorm", "fold_reembeddings", "producers_of", "readers_of"]
 
+ZERO_PRESERVING = ("Relu",)  # per-element ops with f(0) = 0: a zero channel stays zero through them
 SHIFT_TRANSPARENT = ("MaxPool", "Reshape", "Flatten")  # ops that carry a per-channel shift through unchanged
 SHAPE_ONLY = ("Shape",)  # consumers that read a tensor's shape, not its values
 INTEGER_TYPES = (TensorProto.INT8, TensorProto.INT4)
@@ -72,14 +79,25 @@ class _Graph:
         self.outputs = {o.name for o in self.graph.output}
 
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of an initializer, also through the Identity nodes the exporter writes for deduplicated ones."""
+        """The value of an initializer or a Constant node, also through the Identity nodes the exporter writes for
+        deduplicated ones."""
         while name not in self.initializers and name in self.producer and self.producer[name].op_type == "Identity":
             name = self.producer[name].input[0]
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
         return numpy_helper.to_array(self.initializers[name]) if name in self.initializers else None
+
+    def shape_only(self, node: onnx.NodeProto) -> bool:
+        """Whether `node` reads its input for the shape alone: a Shape, or a Slice read only that way (the exporter's
+        zeros_like(x.narrow(...)))."""
+        readers = [n for output in node.output for n in self.consumers[output]]
+        sliced = node.op_type == "Slice" and bool(readers) and all(map(self.shape_only, readers))
+        return node.op_type in SHAPE_ONLY or sliced
 
     def sole_consumer(self, name: str) -> onnx.NodeProto | None:
         """The one node reading `name`'s values (shape reads aside), or None."""
-        readers = [n for n in self.consumers[name] if n.op_type not in SHAPE_ONLY]
+        readers = [n for n in self.consumers[name] if not self.shape_only(n)]
         return readers[0] if len(readers) == 1 and name not in self.outputs else None
 
     def set_initializer(self, name: str, value: np.ndarray) -> None:
@@ -98,11 +116,14 @@ class _Layer:
     def __init__(self, g: _Graph, node: onnx.NodeProto) -> None:
         self.g, self.node = g, node
         weight = node.input[1]
-        self.scale_name, self.integers = weight, None
+        self.scale_name, self.integers, self.integers_name, self.zero_point_name = weight, None, None, None
         source = g.producer.get(weight)
         stored = dequantized_weight(source, g.producer, g.initializers) if source is not None else None
         if stored is not None:
-            self.integers, self.scale_name = g.constant(stored[0]), stored[1]
+            self.integers_name, self.scale_name = stored
+            self.integers = g.constant(self.integers_name)
+            if source.op_type == "DequantizeLinear" and len(source.input) > 2:
+                self.zero_point_name = source.input[2]
         if self.scale_name not in g.initializers or len(g.consumers[weight]) != 1:
             raise LookupError(f"{node.name}: its weight is not one layer's own constant")
         if len(g.consumers[self.scale_name]) != 1:
@@ -135,6 +156,21 @@ class _Layer:
             self.node.input[2] = name
         else:
             self.node.input.append(name)
+
+    def gather_outputs(self, index: np.ndarray) -> None:
+        """Output channel j becomes the old channel index[j], or a channel of zeros (no bits) where index[j] is the
+        channel count: weights, scale, zero points and bias alike."""
+        for name, pad in ((self.integers_name, 0), (self.scale_name, 1 if self.integers is not None else 0),
+                          (self.zero_point_name, 0)):  # fmt: skip
+            if name is None:
+                continue
+            value = numpy_helper.to_array(self.g.initializers[name])
+            if value.ndim == 0:  # a per-tensor zero point
+                continue
+            padded = np.concatenate([value, np.full((1, *value.shape[1:]), pad, value.dtype)])
+            self.g.initializers[name].CopyFrom(numpy_helper.from_array(padded[index], name))
+        self.integers = None if self.integers is None else self.g.constant(self.integers_name)
+        self.set_bias(np.append(self.bias, 0.0)[index])
 
     def scale_outputs(self, factor: np.ndarray) -> None:
         """Multiply every output channel (weights and bias) by `factor` (> 0): the integers stay as they are."""
@@ -202,6 +238,57 @@ def _fold_one(g: _Graph, bn: onnx.NodeProto, fixed: Collection[str]) -> bool:
                 node.input[i] = bn.input[0]
     g.graph.node.remove(bn)
     return True
+
+
+def _reembedded(g: _Graph, gather: onnx.NodeProto) -> tuple[_Layer, onnx.NodeProto] | None:
+    """(the layer that ends the branch, the Concat) where `gather` re-embeds that layer's output, through
+    zero-preserving ops, and nothing else reads it at the branch's width."""
+    concat = g.producer.get(gather.input[0])
+    index = g.constant(gather.input[1])
+    if _attribute(gather, "axis", 0) != 1 or concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+        return None
+    zeros = g.producer.get(concat.input[1])
+    if _attribute(concat, "axis") != 1 or zeros is None or zeros.op_type != "ConstantOfShape":
+        return None
+    if any(numpy_helper.to_array(a.t).any() for a in zeros.attribute if a.name == "value"):
+        return None
+    if index is None or index.ndim != 1 or g.sole_consumer(concat.output[0]) is not gather:
+        return None
+    tensor, reader = concat.input[0], concat
+    while g.sole_consumer(tensor) is reader and tensor in g.producer:
+        node = g.producer[tensor]
+        if node.op_type not in ZERO_PRESERVING:
+            layer = _layer(g, node)
+            if layer is None or _attribute(node, "group", 1) != 1 or index.max() > layer.weight.shape[0]:
+                return None
+            return layer, concat
+        tensor, reader = node.input[0], node
+    return None
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def fold_reembeddings(model: onnx.ModelProto) -> list[str]:
+    """Fold every branch re-embedding (Concat with zeros, Gather) into the layer that ends its branch, in place (see
+    the module docstring); returns the names of the layers that now write the stream's width."""
+    folded = []
+    for gather in [n for n in model.graph.node if n.op_type == "Gather"]:
+        g = _Graph(model)
+        found = _reembedded(g, gather)
+        if found is None or gather.output[0] in g.outputs:
+            continue
+        layer, concat = found
+        layer.gather_outputs(g.constant(gather.input[1]).astype(np.int64))
+        for node in g.consumers[gather.output[0]]:  # they read the branch's own output, now at the stream's width
+            node.input[:] = [concat.input[0] if name == gather.output[0] else name for name in node.input]
+        g.graph.node.remove(gather)
+        folded.append(layer.node.name)
+    if folded:
+        del model.graph.value_info[:]  # shapes the exporter inferred at the branches' widths (optional in ONNX)
+    _prune(model.graph)
+    return folded
 
 
 def _prune(graph: onnx.GraphProto) -> None:
