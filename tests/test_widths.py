@@ -78,6 +78,26 @@ def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path):
     assert len(latency_tables(graph, x, batch=3, runs=1, cache_dir=tmp_path / "b3")) == 4, "another batch, new tables"
 
 
+def test_a_layer_is_timed_in_its_chain_as_inside_the_network():
+    """Its input comes out of a convolution and its readers read its output (through the pooling their shapes ask
+    for), so that the runtime's layout changes between them are in the timing; only a reader whose input holds other
+    channels too (a concatenation) reads an input of its own."""
+    import onnxruntime
+
+    from lightning_selfcompress.core.widths import _graph, _spec
+
+    own = _spec(nn.Conv2d(8, 16, 3, padding=1), [1, 8, 14, 14])
+    readers = [_spec(nn.Conv2d(16, 32, 3, padding=1), [1, 16, 7, 7]), _spec(nn.Linear(16, 10), [1, 16]),
+               _spec(nn.Conv2d(24, 4, 1), [1, 24, 14, 14])]  # fmt: skip
+    model = _graph([own, *readers], batch=2)
+    assert [i.name for i in model.graph.input] == ["x0", "x3"], "the concatenation's reader alone reads its own input"
+    ops = [n.op_type for n in model.graph.node]
+    assert ops[:2] == ["Conv", "Conv"] and {"MaxPool", "GlobalMaxPool", "Flatten"} <= set(ops)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: torch.randn(*i.shape).numpy() for i in session.get_inputs()}
+    assert [o.shape for o in session.run(None, feeds)] == [(2, 32, 7, 7), (2, 10), (2, 4, 14, 14)]
+
+
 def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     pl.seed_everything(0, verbose=False)

@@ -506,7 +506,7 @@ def _fold_unfused_weights(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) 
             continue
         stored, scale = initializers[dq.input[0]], initializers[dq.input[1]]
         graph.initializer.remove(scale)  # the Mul(Cast) form's scale takes its name, shaped to broadcast
-        per_channel = torch.from_numpy(numpy_helper.to_array(scale).reshape((-1,) + (1,) * (len(stored.dims) - 1)))
+        per_channel = torch.tensor(numpy_helper.to_array(scale)).reshape((-1,) + (1,) * (len(stored.dims) - 1))
         storage = "int4" if stored.data_type == TensorProto.INT4 else "int8"
         name = dq.name.removesuffix(".dequantize")
         new_initializers, nodes = _dequantize(name, storage, per_channel, stored.name, dq.output[0], as_qdq=False)

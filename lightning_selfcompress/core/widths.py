@@ -4,8 +4,10 @@ target, and the widths worth cutting to.
 Kernels work in blocks of channels (16 on this CPU's ONNX Runtime, 8 or 32 on GPU tensor cores), so latency against
 width is a staircase: a width one past a step costs almost a whole step more. For each Conv/Linear whose output
 channels the surgeon may remove, `latency_tables` times that layer together with every layer that reads its channels,
-as one ONNX graph per width in ONNX Runtime (CPU), at the shapes they have in the model, and caches the table on disk
-keyed by backend, device and shapes. `step_widths` keeps the widths that are measurably faster than every wider
+as one ONNX graph per width in ONNX Runtime (CPU), at the shapes they have in the model, chained as in the model
+(measured in isolation, a width off the CPU's 16-channel block looked as fast as one on it; in the network it
+breaks ONNX Runtime's blocked layout between the layers and costs more than the wider width), and caches the table
+on disk keyed by backend, device, shapes and how it was timed. `step_widths` keeps the widths that are measurably faster than every wider
 one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place (exact zeros)
 until enough have died to reach the next step down.
 """
@@ -31,6 +33,8 @@ from torch.nn.modules.conv import _ConvNd
 from ..extras import require
 from .atomic import atomic_path
 from .groups import ChannelGraph
+
+TIMING = "in its chain"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
 
 __all__ = ["LatencyTable", "default_cache_dir", "latency_tables", "latency_weights", "step_pressure", "step_widths"]
 
@@ -88,30 +92,88 @@ def _spec(module: nn.Module, input_shape: Sequence[int]) -> dict:
 
 
 def _graph(specs: list[dict], batch: int):
-    """One ONNX model computing every layer in `specs` on its own random input."""
+    """One ONNX model timing the layer `specs[0]` in its chain, as inside the network: its input comes out of a
+    convolution (a 1x1 feeder of constant cost), and each reader of `specs[1:]` reads the layer's ReLU'd output
+    (through a max-pooling or a flattening where its shape says so), so that the runtime's layout changes between
+    them are timed too; a width off the CPU's channel block can cost more than a wider one that stays on it. A
+    reader whose input holds other channels too (a concatenation) reads its own random input."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes, inputs, outputs, initializers = [], [], [], []
-    for i, s in enumerate(specs):
-        x, w, y = f"x{i}", f"w{i}", f"y{i}"
+
+    def weight(name: str, shape: Sequence[int]) -> str:
+        initializers.append(numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32), name))
+        return name
+
+    def layer(i: int, s: dict, x: str, y: str) -> None:
         if s["op"] == "Gemm":
-            inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch * int(np.prod(s["shape"])), s["in"]]))
-            weight = rng.standard_normal((s["out"], s["in"]), dtype=np.float32)
-            nodes.append(helper.make_node("Gemm", [x, w], [y], transB=1))
-        else:
-            inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch, s["in"], *s["shape"]]))
-            weight = rng.standard_normal((s["out"], s["in"], *s["kernel"]), dtype=np.float32)
-            names = [x, w]
-            if s["bias"]:
-                initializers.append(numpy_helper.from_array(np.zeros(s["out"], np.float32), f"b{i}"))
-                names.append(f"b{i}")
-            nodes.append(helper.make_node("Conv", names, [y], kernel_shape=s["kernel"], strides=s["stride"],
-                                          pads=s["pads"], dilations=s["dilation"]))  # fmt: skip
-        initializers.append(numpy_helper.from_array(weight, w))
-        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
+            nodes.append(helper.make_node("Gemm", [x, weight(f"w{i}", (s["out"], s["in"]))], [y], transB=1))
+            return
+        names = [x, weight(f"w{i}", (s["out"], s["in"], *s["kernel"]))]
+        if s["bias"]:
+            initializers.append(numpy_helper.from_array(np.zeros(s["out"], np.float32), f"b{i}"))
+            names.append(f"b{i}")
+        nodes.append(helper.make_node("Conv", names, [y], kernel_shape=s["kernel"], strides=s["stride"],
+                                      pads=s["pads"], dilations=s["dilation"]))  # fmt: skip
+
+    def own_input(i: int, s: dict) -> str:
+        rows = [batch * int(np.prod(s["shape"])), s["in"]] if s["op"] == "Gemm" else [batch, s["in"], *s["shape"]]
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, rows))
+        return f"x{i}"
+
+    own = specs[0]
+    if own["op"] == "Conv":
+        feeder = {**own, "out": own["in"], "kernel": [1] * len(own["shape"]), "stride": [1] * len(own["shape"]),
+                  "pads": [0] * 2 * len(own["shape"]), "dilation": [1] * len(own["shape"]), "bias": True}  # fmt: skip
+        layer(-1, feeder, own_input(0, own), "fed")
+        layer(0, own, "fed", "y0")
+    else:
+        layer(0, own, own_input(0, own), "y0")
+    nodes.append(helper.make_node("Relu", ["y0"], ["r0"]))
+    shape = _output_shape(own)
+    for i, s in enumerate(specs[1:], 1):
+        x = _connect(nodes, i, s, shape, own["out"]) or own_input(i, s)
+        layer(i, s, x, f"y{i}")
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    if len(specs) == 1:
+        outputs.append(helper.make_tensor_value_info("r0", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "widths", inputs, outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _output_shape(s: dict) -> list[int]:
+    """The spatial shape of a layer's output (a Gemm's: its input's leading shape)."""
+    if s["op"] == "Gemm":
+        return list(s["shape"])
+    return [(n + 2 * p - d * (k - 1) - 1) // st + 1
+            for n, p, d, k, st in zip(s["shape"], s["pads"], s["dilation"], s["kernel"], s["stride"])]  # fmt: skip
+
+
+def _connect(nodes: list, i: int, s: dict, shape: list[int], width: int) -> str | None:
+    """The tensor through which reader `s` reads the layer's output "r0" (`width` channels of `shape`), adding a
+    max-pooling or a flattening where its input's shape asks for one; None where it cannot be read from there."""
+    from onnx import helper
+
+    if s["op"] == "Gemm":
+        per = int(np.prod(shape)) if shape else 1
+        if s["shape"] or s["in"] not in (width, width * per):
+            return None
+        pooled = "r0" if s["in"] == width * per else f"g{i}"
+        if pooled != "r0":
+            nodes.append(helper.make_node("GlobalMaxPool", ["r0"], [pooled]))
+        nodes.append(helper.make_node("Flatten", [pooled], [f"f{i}"]))
+        return f"f{i}"
+    if s["in"] != width or len(s["shape"]) != len(shape):
+        return None
+    if s["shape"] == shape:
+        return "r0"
+    factors = {n // m for n, m in zip(shape, s["shape"]) if m}
+    if len(factors) != 1 or any(m * next(iter(factors)) != n for n, m in zip(shape, s["shape"])):
+        return None
+    k = next(iter(factors))
+    nodes.append(helper.make_node("MaxPool", ["r0"], [f"p{i}"], kernel_shape=[k] * len(shape), strides=[k] * len(shape)))
+    return f"p{i}"
 
 
 def _time(specs: list[dict], batch: int, runs: int) -> float:
@@ -185,7 +247,8 @@ def latency_tables(
         except TypeError:
             continue  # grouped convolutions and the like: no table, the surgeon cuts them as before
         full = own["out"]
-        key = {"device": device, "batch": batch, "layer": own, "readers": [[s, per] for s, per in readers]}
+        key = {"device": device, "batch": batch, "layer": own, "readers": [[s, per] for s, per in readers],
+               "timing": TIMING}
         path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
         if path.is_file():
             stored = json.loads(path.read_text())
