@@ -101,3 +101,18 @@ def test_a_branchs_reembedding_folds_into_its_last_convolution_with_zero_rows(tm
     counted = sum(int((integer_bits(integer_weights(m)[0]) * m.weight[0].numel()).sum())
                   for m in quantized_layers(net).values())  # fmt: skip
     assert result.weight_bits == stored_weight_bits(model) == counted, "the zero rows store no bits"
+
+
+def test_a_constant_factor_on_the_classifiers_output_folds_into_its_scale(tmp_path):
+    """ResNet-9 scales its logits by 0.125: in the file the classifier's scale takes the factor, its integers stay."""
+    torch.manual_seed(0)
+    net = trained_statistics(ResNet9(1, 10, width=4))
+    attach_quantizers(net, QuantizationConfig(init_bits=4, init_scale="lsq"))
+    result = export_onnx(net, torch.randn(4, 1, 28, 28), tmp_path / "net.onnx", tolerance=1e-5)
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    assert "Mul" not in [n.op_type for n in model.graph.node if not n.name.endswith(".dequantize")], "no factor left"
+    ints, scale = stored_weights(model)["linear.weight_dequantized"]
+    expected_ints, expected_scale = (t.numpy() for t in integer_weights(net.linear))
+    assert np.array_equal(ints, expected_ints)
+    np.testing.assert_allclose(scale.flatten(), expected_scale.flatten() * 0.125, rtol=1e-6)
+    assert result.parity.max_rel <= 1e-5

@@ -61,7 +61,14 @@ from ..errors import SelfCompressError
 from .atomic import atomic_path
 from .checks import check_choice
 from .inputs import describe
-from .onnx_fold import dequantized_weight, fold_batchnorm, fold_reembeddings, producers_of, readers_of
+from .onnx_fold import (
+    dequantized_weight,
+    fold_batchnorm,
+    fold_output_scales,
+    fold_reembeddings,
+    producers_of,
+    readers_of,
+)
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import QUANTIZED_CLASS, integer_bits, integer_weights, quantized_layers
@@ -600,6 +607,7 @@ def export_onnx(
         node_scales = {node.name: trained[name] for name in trained.keys() & stored for node in matches[name]}
         folded = fold_batchnorm(onnx_model, fixed=set(node_scales))
         fold_reembeddings(onnx_model)
+        fold_output_scales(onnx_model)
         scales = {}
         if quantized:
             layer_nodes = _by_name(onnx_model, quantized)

@@ -16,6 +16,7 @@ folds too, into the convolution that ends the branch: its weights, scales and bi
 rows where the branch has no channel, so it writes the stream's width itself (through a ReLU: relu(0) = 0). The
 zero rows store no bits, and they cost a few multiply-accumulates where the Gather cost a pass over memory on every
 call and, in an int8 file, broke the chain of integer kernels (the Add and everything after it ran in float).
+A positive constant factor on a layer's output folds into its scale and bias the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["dequantized_weight", "fold_batchnorm", "fold_reembeddings", "producers_of", "readers_of"]
+__all__ = ["dequantized_weight", "fold_batchnorm", "fold_output_scales", "fold_reembeddings", "producers_of",
+           "readers_of"]
 
 ZERO_PRESERVING = ("Relu",)  # per-element ops with f(0) = 0: a zero channel stays zero through them
 SHIFT_TRANSPARENT = ("MaxPool", "Reshape", "Flatten")  # ops that carry a per-channel shift through unchanged
@@ -287,6 +289,29 @@ def fold_reembeddings(model: onnx.ModelProto) -> list[str]:
         folded.append(layer.node.name)
     if folded:
         del model.graph.value_info[:]  # shapes the exporter inferred at the branches' widths (optional in ONNX)
+    _prune(model.graph)
+    return folded
+
+
+def fold_output_scales(model: onnx.ModelProto) -> list[str]:
+    """Fold a positive constant factor on a layer's output (ResNet-9's `linear(x) * 0.125`) into the layer's scale and
+    bias, in place; returns the names of the layers that took one. The integers stay as they are."""
+    folded = []
+    for mul in [n for n in model.graph.node if n.op_type == "Mul"]:
+        g = _Graph(model)
+        values = [g.constant(name) for name in mul.input]
+        if sum(v is not None for v in values) != 1:
+            continue
+        factor = next(v for v in values if v is not None)
+        source = g.producer.get(next(name for name, v in zip(mul.input, values) if v is None))
+        layer = _layer(g, source)
+        readers = g.consumers[source.output[0]] if layer is not None else []
+        if len(readers) != 1 or source.output[0] in g.outputs or factor.size != 1 or not float(factor) > 0:
+            continue
+        layer.scale_outputs(np.full(layer.weight.shape[0], float(factor)))
+        source.output[0] = mul.output[0]
+        g.graph.node.remove(mul)
+        folded.append(source.name)
     _prune(model.graph)
     return folded
 
