@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
 from .core.checkpoint import read_checkpoint
-from .core.surgery import SURGEON_STATE_KEY
+from .core.surgery import SURGERY_KEY
 from .core.size import LayerShape, float_size_report
 from .models import ImageClassifier
 from .plots import write_size_plot
@@ -105,7 +105,7 @@ def _check_resume(path: str, surgeon: ChannelSurgeon | None) -> None:
         raise FileNotFoundError(f"ckpt_path={path!r} does not exist: give a checkpoint of an lsc-train run.")
     if surgeon is not None:  # it replays the history itself; Lightning reads the file once
         return
-    cuts = len(read_checkpoint(path).get("callbacks", {}).get(SURGEON_STATE_KEY, {}).get("history", []))
+    cuts = len((read_checkpoint(path).get(SURGERY_KEY) or {}).get("history", []))
     if cuts:
         raise ValueError(
             f"ckpt_path={path!r} holds a network the channel surgeon cut {cuts} times, and this run has no "

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 
 from lightning_selfcompress import ChannelSurgeon, SelfCompression, load_compressed
+from lightning_selfcompress.core.checkpoint import read_checkpoint
 from lightning_selfcompress.core.size import LayerShape
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier, ResNet9
 
@@ -134,6 +135,10 @@ def test_load_compressed_rebuilds_a_trained_module_from_its_checkpoint(tiny_fmni
     trainer = pl.Trainer(callbacks=callbacks(), **trainer_kwargs(tmp_path, max_steps=16))
     trainer.fit(net_module, tiny_fmnist)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = read_checkpoint(tmp_path / "last.ckpt")
+    assert saved["surgery"]["history"] and not any("Surgeon" in key for key in saved["callbacks"]), (
+        "the history sits beside the weights, where load_compressed reads it, not in Lightning's callback slot"
+    )
     loaded = load_compressed(module(net), tmp_path / "last.ckpt")
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(loaded(x), net_module.eval()(x), rtol=0, atol=0)

@@ -19,7 +19,7 @@ from ..core.groups import ChannelGraph
 from ..core.inputs import model_input
 from ..core.quant import check_patterns
 from ..core.size import LayerShape
-from ..core.surgery import SURGEON_STATE_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
+from ..core.surgery import SURGERY_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
 from ..core.widths import latency_tables, step_pressure
 from ..report import print_surgery_table
 from .strategies import check_strategy
@@ -102,11 +102,6 @@ class ChannelSurgeon(Callback):
         self._last_step = -1
 
     @property
-    @override
-    def state_key(self) -> str:
-        return SURGEON_STATE_KEY
-
-    @property
     def history(self) -> list[SurgeryRecord]:
         """Every surgery of this run (and of the run it resumed), oldest first."""
         return self.surgeon.history if self.surgeon else []
@@ -130,7 +125,7 @@ class ChannelSurgeon(Callback):
         load = strategy.load_model_state_dict
 
         def replay_then_load(checkpoint: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-            self._replay(pl_module, checkpoint.get("callbacks", {}).get(self.state_key))
+            self._replay(pl_module, checkpoint.get(SURGERY_KEY))
             return load(checkpoint, *args, **kwargs)
 
         strategy.load_model_state_dict = replay_then_load
@@ -261,13 +256,14 @@ class ChannelSurgeon(Callback):
     # ---- checkpoint ----------------------------------------------------------------------------------------------
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        if self.surgeon is None:
-            return {"history": []}
-        return self.surgeon.state_dict()
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The history goes where `load_compressed` reads it, beside the weights (not in Lightning's callback slot):
+        a plain PyTorch user reads the cut network from this file as from `save_compressed`'s."""
+        checkpoint[SURGERY_KEY] = self.surgeon.state_dict() if self.surgeon else {"history": []}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # The history was replayed before the weights loaded (see setup); here it only has to agree.
-        if state_dict.get("history") and [r.to_dict() for r in self.history] != list(state_dict["history"]):
+        history = (checkpoint.get(SURGERY_KEY) or {}).get("history")
+        if history and [r.to_dict() for r in self.history] != list(history):
             raise RuntimeError("ChannelSurgeon: the checkpoint's surgery history was not replayed on this model.")

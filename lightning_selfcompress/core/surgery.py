@@ -36,9 +36,9 @@ from .reembed import GATHER, set_reembedding
 from .sparsity import DROPPED, MASK
 
 __all__ = ["Removal", "Surgeon", "SurgeryRecord", "check_optimizer", "load_compressed", "save_compressed",
-           "SURGEON_STATE_KEY"]
+           "SURGERY_KEY"]
 
-SURGEON_STATE_KEY = "ChannelSurgeon"  # where a Lightning checkpoint keeps the surgeon's state
+SURGERY_KEY = "surgery"  # where a checkpoint keeps `Surgeon.state_dict()`: save_compressed's and ChannelSurgeon's alike
 
 
 @dataclass
@@ -564,7 +564,7 @@ def save_compressed(model: nn.Module, surgeon: Surgeon | None, path: str | os.Pa
     PyTorch counterpart of a Lightning checkpoint of the callbacks."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "surgery": surgeon.state_dict() if surgeon else None}, tmp)
+        torch.save({"state_dict": model.state_dict(), SURGERY_KEY: surgeon.state_dict() if surgeon else None}, tmp)
     return path
 
 
@@ -573,14 +573,14 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
     LightningModule) and a checkpoint written during or after compression: replay the surgery history, attach
     quantizers and 2:4 masks where the checkpoint has them, then load the weights. Returns `model`, in eval mode.
 
-    `checkpoint`: a file or mapping written by `save_compressed` ({"state_dict", "surgery": `Surgeon.state_dict()`}),
-    a Lightning checkpoint of the callbacks (the surgeon's state under its callback key), or a plain state_dict of a
-    model that was never cut.
+    `checkpoint`: a file or mapping with {"state_dict", "surgery": `Surgeon.state_dict()`}, as `save_compressed` and
+    the Lightning checkpoints of a run with `ChannelSurgeon` write it, or a plain state_dict of a model that was
+    never cut.
     """
     if not isinstance(checkpoint, Mapping):
         checkpoint = read_checkpoint(checkpoint)
     state_dict = checkpoint.get("state_dict", checkpoint)
-    surgeon_state = checkpoint.get("surgery") or checkpoint.get("callbacks", {}).get(SURGEON_STATE_KEY, {})
+    surgeon_state = checkpoint.get(SURGERY_KEY) or {}
     if surgeon_state.get("history"):
         Surgeon(ChannelGraph(model, traced_input(surgeon_state))).replay(surgeon_state["history"])
     quantized = sorted(k.removesuffix(".weight_quantizer.bits") for k in state_dict if k.endswith(".weight_quantizer.bits"))
