@@ -155,8 +155,8 @@ def main() -> None:
             fewer = 1 - multiply_accumulates(ours, x) / multiply_accumulates(float_net, x)
             for b in args.batches:
                 faster = 1 - best["ours, weights"][b] / best["float"][b]
-                console.print(f"batch {b}: the thinning removed {fewer:.1%} of the multiply-accumulates; the weight-only "
-                              f"file's latency fell {faster:.1%}, {faster / fewer:.0%} as much")  # fmt: skip
+                console.print(f"batch {b}: the thinning removed {fewer:.1%} of the multiply-accumulates; the "
+                              f"weight-only file's latency fell {faster:.1%}, {faster / fewer:.0%} as much")  # fmt: skip
         for key in mine:
             console.print(f"{key}, kernel per layer: {ort_kernels(files[key])}")
     console.print(f"load average after: {os.getloadavg()}")

@@ -256,13 +256,17 @@ class ChannelSurgeon(Callback):
     # ---- checkpoint ----------------------------------------------------------------------------------------------
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """The history goes where `load_compressed` reads it, beside the weights (not in Lightning's callback slot):
         a plain PyTorch user reads the cut network from this file as from `save_compressed`'s."""
         checkpoint[SURGERY_KEY] = self.surgeon.state_dict() if self.surgeon else {"history": []}
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # The history was replayed before the weights loaded (see setup); here it only has to agree.
         history = (checkpoint.get(SURGERY_KEY) or {}).get("history")
         if history and [r.to_dict() for r in self.history] != list(history):

@@ -7,9 +7,9 @@ channels the surgeon may remove, `latency_tables` times that layer together with
 as one ONNX graph per width in ONNX Runtime (CPU), at the shapes they have in the model, chained as in the model
 (measured in isolation, a width off the CPU's 16-channel block looked as fast as one on it; in the network it
 breaks ONNX Runtime's blocked layout between the layers and costs more than the wider width), and caches the table
-on disk keyed by backend, device, shapes and how it was timed. `step_widths` keeps the widths that are measurably faster than every wider
-one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place (exact zeros)
-until enough have died to reach the next step down.
+on disk keyed by backend, device, shapes and how it was timed. `step_widths` keeps the widths that are measurably
+faster than every wider one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels
+in place (exact zeros) until enough have died to reach the next step down.
 """
 
 from __future__ import annotations
@@ -171,8 +171,8 @@ def _connect(nodes: list, i: int, s: dict, shape: list[int], width: int) -> str 
     factors = {n // m for n, m in zip(shape, s["shape"]) if m}
     if len(factors) != 1 or any(m * next(iter(factors)) != n for n, m in zip(shape, s["shape"])):
         return None
-    k = next(iter(factors))
-    nodes.append(helper.make_node("MaxPool", ["r0"], [f"p{i}"], kernel_shape=[k] * len(shape), strides=[k] * len(shape)))
+    window = [next(iter(factors))] * len(shape)
+    nodes.append(helper.make_node("MaxPool", ["r0"], [f"p{i}"], kernel_shape=window, strides=window))
     return f"p{i}"
 
 
