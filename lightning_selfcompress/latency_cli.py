@@ -3,6 +3,7 @@ the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads 
 
     lsc-latency                                   # the main job's network (conf/model/baseline_cnn.yaml), 1x28x28
     lsc-latency --model resnet9 --set width=16 --batch 1
+    lsc-latency --int8                            # ONNX Runtime's integer kernels (widths="onnxruntime-cpu-int8")
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per width (the median counts)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all widths (the best counts)")
     parser.add_argument("--tolerance", type=float, default=0.02, help="a step is at least this much faster")
+    parser.add_argument("--int8", action="store_true", help="time the int8 layout (integer kernels)")
     parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default {default_cache_dir()})")
     args = parser.parse_args(argv)
 
@@ -42,9 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     config = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(args.set))
     model = instantiate(config).eval()
     example = torch.randn(2, *args.input)
-    tables = latency_tables(ChannelGraph(model, example[:1]), example, batch=args.batch, runs=args.runs, rounds=args.rounds,
-                            cache_dir=args.cache)  # fmt: skip
-    table = Table(title=f"Latency against width, batch {args.batch}, {next(iter(tables.values())).device}")
+    backend = "onnxruntime-cpu-int8" if args.int8 else "onnxruntime-cpu"
+    tables = latency_tables(ChannelGraph(model, example[:1]), example, backend=backend, batch=args.batch,
+                            runs=args.runs, rounds=args.rounds, cache_dir=args.cache)  # fmt: skip
+    table = Table(title=f"Latency against width, {backend}, batch {args.batch}, {next(iter(tables.values())).device}")
     for column in ("layer", "width", "ms at full width", "ms at half", "widths it may be cut to (steps)"):
         table.add_column(column, justify="left" if column in ("layer", "widths it may be cut to (steps)") else "right")
     for name, t in tables.items():

@@ -76,12 +76,18 @@ def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path):
     again = latency_tables(graph, x, batch=2, runs=2, cache_dir=tmp_path)
     assert all(t.ms == [7.0] * len(t.ms) for t in again.values())
     assert len(latency_tables(graph, x, batch=3, runs=1, cache_dir=tmp_path / "b3")) == 4, "another batch, new tables"
+    int8 = latency_tables(graph, x, backend="onnxruntime-cpu-int8", batch=2, runs=1, rounds=1, cache_dir=tmp_path)
+    assert len(int8) == 4 and all(t.ms != [7.0] * len(t.ms) for t in int8.values()), "another backend, measured anew"
+    assert len(list(tmp_path.glob("*.json"))) == 8
+    with pytest.raises(ValueError, match="backend='tensorrt' is not one of"):
+        latency_tables(graph, x, backend="tensorrt", cache_dir=tmp_path)
 
 
-def test_a_layer_is_timed_in_its_chain_as_inside_the_network():
+def test_a_layer_is_timed_in_its_chain_as_inside_the_network(tmp_path):
     """Its input comes out of a convolution and its readers read its output (through the pooling their shapes ask
     for), so that the runtime's layout changes between them are in the timing; only a reader whose input holds other
     channels too (a concatenation) reads an input of its own."""
+    import onnx
     import onnxruntime
 
     from lightning_selfcompress.core.widths import _graph, _spec
@@ -92,10 +98,18 @@ def test_a_layer_is_timed_in_its_chain_as_inside_the_network():
     model = _graph([own, *readers], batch=2)
     assert [i.name for i in model.graph.input] == ["x0", "x3"], "the concatenation's reader alone reads its own input"
     ops = [n.op_type for n in model.graph.node]
-    assert ops[:2] == ["Conv", "Conv"] and {"MaxPool", "GlobalMaxPool", "Flatten"} <= set(ops)
+    assert ops[:3] == ["Conv", "Relu", "Conv"] and {"MaxPool", "GlobalMaxPool", "Flatten"} <= set(ops)
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {i.name: torch.randn(*i.shape).numpy() for i in session.get_inputs()}
     assert [o.shape for o in session.run(None, feeds)] == [(2, 32, 7, 7), (2, 10), (2, 4, 14, 14)]
+
+    options = onnxruntime.SessionOptions()  # the int8 layout: ONNX Runtime runs every layer as an integer kernel
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(_graph([own, *readers], 2, int8=True).SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"])  # fmt: skip
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 4 and "QGemm" in ops and "Conv" not in ops, ops
+    assert "NhwcMaxPool" in ops, f"the pooling between the layer and its reader runs on uint8 too: {ops}"
 
 
 def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch):

@@ -20,13 +20,13 @@ from ..core.inputs import model_input
 from ..core.quant import check_patterns
 from ..core.size import LayerShape
 from ..core.surgery import SURGERY_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
-from ..core.widths import latency_tables, step_pressure
+from ..core.widths import BACKENDS, latency_tables, step_pressure
 from ..report import print_surgery_table
 from .strategies import check_strategy
 
 __all__ = ["ChannelSurgeon"]
 
-WIDTHS = ("any", "onnxruntime-cpu")
+WIDTHS = ("any", *BACKENDS)
 
 
 class ChannelSurgeon(Callback):
@@ -46,6 +46,8 @@ class ChannelSurgeon(Callback):
         widths: "any", or "onnxruntime-cpu": cut each layer only to the widths on its latency staircase, measured
             once in ONNX Runtime on this machine's CPU (`core.widths`, cached on disk), so that every cut makes the
             deployed layer faster; dead channels wait as exact zeros until the next step down is reached.
+            "onnxruntime-cpu-int8": the same for ONNX Runtime's integer kernels (a file exported with int8
+            activations, `runtime="onnxruntime"`), whose steps are not the float kernels' steps.
         latency_batch: the batch size at which the latency tables are measured.
         width_tolerance: a width counts as a step only if it is at least this fraction faster than the next one up.
         width_pressure: with latency steps, added per optimizer step to the gradient of b of each layer's weakest
@@ -157,10 +159,10 @@ class ChannelSurgeon(Callback):
         device = next(pl_module.parameters()).device
         self.example_input = example.detach()[:2].to(device)
         graph = ChannelGraph(pl_module, self.example_input)
-        if self.widths == "onnxruntime-cpu":  # traced before any cut: the tables cover every width
-            tables = latency_tables(graph, self.example_input.cpu(), batch=self.latency_batch)
+        if self.widths in BACKENDS:  # traced before any cut: the tables cover every width
+            tables = latency_tables(graph, self.example_input.cpu(), backend=self.widths, batch=self.latency_batch)
             self.step_widths = {name: t.step_widths(self.width_tolerance) for name, t in tables.items()}
-            rank_zero_info(f"ChannelSurgeon: widths each layer may be cut to (ONNX Runtime CPU): {self.step_widths}")
+            rank_zero_info(f"ChannelSurgeon: widths each layer may be cut to ({self.widths}): {self.step_widths}")
         self.surgeon = Surgeon(graph, self.atol, self.round_to, self.step_widths or None, self.include, self.exclude)
         self.original = {
             name: (len(groups), pl_module.get_submodule(name).weight.numel()) for name, groups in graph.outputs.items()

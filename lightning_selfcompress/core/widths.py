@@ -32,11 +32,13 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..extras import require
 from .atomic import atomic_path
+from .checks import check_choice
 from .groups import ChannelGraph
 
 TIMING = "in its chain"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8")  # float kernels; integer kernels (int8 activations)
 
-__all__ = ["LatencyTable", "default_cache_dir", "latency_tables", "latency_weights", "step_pressure", "step_widths"]
+__all__ = ["BACKENDS", "LatencyTable", "default_cache_dir", "latency_tables", "latency_weights", "step_pressure", "step_widths"]
 
 
 @dataclass(frozen=True)
@@ -91,31 +93,75 @@ def _spec(module: nn.Module, input_shape: Sequence[int]) -> dict:
             "dilation": list(module.dilation), "bias": module.bias is not None}  # fmt: skip
 
 
-def _graph(specs: list[dict], batch: int):
+def _graph(specs: list[dict], batch: int, int8: bool = False):
     """One ONNX model timing the layer `specs[0]` in its chain, as inside the network: its input comes out of a
     convolution (a 1x1 feeder of constant cost), and each reader of `specs[1:]` reads the layer's ReLU'd output
     (through a max-pooling or a flattening where its shape says so), so that the runtime's layout changes between
     them are timed too; a width off the CPU's channel block can cost more than a wider one that stays on it. A
-    reader whose input holds other channels too (a concatenation) reads its own random input."""
+    reader whose input holds other channels too (a concatenation) reads its own random input.
+    `int8`: in the layout `export_onnx(runtime="onnxruntime")` writes, which ONNX Runtime runs as integer kernels:
+    int8 weights behind DequantizeLinear, a uint8 Q/DQ pair on every layer's input and output (zero point 0 after a
+    ReLU, which it then drops)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes, inputs, outputs, initializers = [], [], [], []
+    paired: set[str] = set()  # tensors that come out of a Q/DQ pair already
 
-    def weight(name: str, shape: Sequence[int]) -> str:
-        initializers.append(numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32), name))
+    def constant(name: str, value: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(value, name))
         return name
 
-    def layer(i: int, s: dict, x: str, y: str) -> None:
+    if int8:  # one step for every activation, so that a pair on either side of a pooling fuses into it
+        constant("act.scale", np.array(0.05, np.float32))
+        constant("act.zero0", np.array(0, np.uint8))  # a ReLU's output (and what pooling makes of it)
+        constant("act.zero128", np.array(128, np.uint8))
+
+    def qdq(tensor: str, zero_point: int) -> str:
+        if not int8 or tensor in paired:
+            return tensor
+        args = ["act.scale", f"act.zero{zero_point}"]
+        nodes.append(helper.make_node("QuantizeLinear", [tensor, *args], [f"{tensor}.q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{tensor}.q", *args], [f"{tensor}.dq"]))
+        paired.add(f"{tensor}.dq")
+        return f"{tensor}.dq"
+
+    def weight(name: str, shape: Sequence[int]) -> str:
+        if not int8:
+            return constant(name, rng.standard_normal(shape, dtype=np.float32))
+        args = [constant(f"{name}.int8", rng.integers(-8, 8, shape, dtype=np.int8)),
+                constant(f"{name}.scale", np.full(shape[0], 0.01, np.float32)),
+                constant(f"{name}.zero", np.zeros(shape[0], np.int8))]  # fmt: skip
+        nodes.append(helper.make_node("DequantizeLinear", args, [name], axis=0))
+        return name
+
+    def layer(i: int, s: dict, x: str, relu: bool = False, relu_input: bool = False) -> str:
+        """The layer on `x` (a ReLU's output, through pooling, where `relu_input`); returns its output (ReLU'd and
+        paired where asked)."""
+        x, y = qdq(x, 0 if relu_input else 128), f"y{i}"
         if s["op"] == "Gemm":
             nodes.append(helper.make_node("Gemm", [x, weight(f"w{i}", (s["out"], s["in"]))], [y], transB=1))
-            return
-        names = [x, weight(f"w{i}", (s["out"], s["in"], *s["kernel"]))]
-        if s["bias"]:
-            initializers.append(numpy_helper.from_array(np.zeros(s["out"], np.float32), f"b{i}"))
-            names.append(f"b{i}")
-        nodes.append(helper.make_node("Conv", names, [y], kernel_shape=s["kernel"], strides=s["stride"],
-                                      pads=s["pads"], dilations=s["dilation"]))  # fmt: skip
+        else:
+            names = [x, weight(f"w{i}", (s["out"], s["in"], *s["kernel"]))]
+            if s["bias"]:
+                names.append(constant(f"b{i}", np.zeros(s["out"], np.float32)))
+            nodes.append(helper.make_node("Conv", names, [y], kernel_shape=s["kernel"], strides=s["stride"],
+                                          pads=s["pads"], dilations=s["dilation"]))  # fmt: skip
+        if relu:
+            nodes.append(helper.make_node("Relu", [y], [f"r{i}"]))
+            y = f"r{i}"
+        return qdq(y, 0 if relu else 128)
+
+    def own_copy(tensor: str, i: int) -> str:
+        """Reader i's own DequantizeLinear of a paired tensor, as the export writes it: ONNX Runtime fuses a DQ into
+        the integer op after it (a uint8 max-pooling, say) only where that op is the DQ's sole reader."""
+        if tensor not in paired:
+            return tensor
+        name = tensor.removesuffix(".dq")
+        args = [f"{name}.q", "act.scale", "act.zero0"]
+        nodes.append(helper.make_node("DequantizeLinear", args, [f"{name}.dq{i}"]))
+        paired.add(f"{name}.dq{i}")
+        return f"{name}.dq{i}"
 
     def own_input(i: int, s: dict) -> str:
         rows = [batch * int(np.prod(s["shape"])), s["in"]] if s["op"] == "Gemm" else [batch, s["in"], *s["shape"]]
@@ -123,21 +169,18 @@ def _graph(specs: list[dict], batch: int):
         return f"x{i}"
 
     own = specs[0]
+    x = own_input(0, own)
     if own["op"] == "Conv":
         feeder = {**own, "out": own["in"], "kernel": [1] * len(own["shape"]), "stride": [1] * len(own["shape"]),
                   "pads": [0] * 2 * len(own["shape"]), "dilation": [1] * len(own["shape"]), "bias": True}  # fmt: skip
-        layer(-1, feeder, own_input(0, own), "fed")
-        layer(0, own, "fed", "y0")
-    else:
-        layer(0, own, own_input(0, own), "y0")
-    nodes.append(helper.make_node("Relu", ["y0"], ["r0"]))
+        x = layer(-1, feeder, x, relu=True)
+    out = layer(0, own, x, relu=True)
     shape = _output_shape(own)
+    results = []
     for i, s in enumerate(specs[1:], 1):
-        x = _connect(nodes, i, s, shape, own["out"]) or own_input(i, s)
-        layer(i, s, x, f"y{i}")
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
-    if len(specs) == 1:
-        outputs.append(helper.make_tensor_value_info("r0", TensorProto.FLOAT, None))
+        x = _connect(nodes, own_copy(out, i), i, s, shape, own["out"])
+        results.append(layer(i, s, x, relu_input=True) if x else layer(i, s, own_input(i, s)))
+    outputs.extend(helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in results or [out])
     graph = helper.make_graph(nodes, "widths", inputs, outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -150,36 +193,37 @@ def _output_shape(s: dict) -> list[int]:
             for n, p, d, k, st in zip(s["shape"], s["pads"], s["dilation"], s["kernel"], s["stride"])]  # fmt: skip
 
 
-def _connect(nodes: list, i: int, s: dict, shape: list[int], width: int) -> str | None:
-    """The tensor through which reader `s` reads the layer's output "r0" (`width` channels of `shape`), adding a
-    max-pooling or a flattening where its input's shape asks for one; None where it cannot be read from there."""
+def _connect(nodes: list, source: str, i: int, s: dict, shape: list[int], width: int) -> str | None:
+    """The tensor through which reader `s` reads the layer's output `source` (`width` channels of `shape`), adding
+    a max-pooling or a flattening where its input's shape asks for one; None where it cannot be read from there."""
     from onnx import helper
 
     if s["op"] == "Gemm":
         per = int(np.prod(shape)) if shape else 1
         if s["shape"] or s["in"] not in (width, width * per):
             return None
-        pooled = "r0" if s["in"] == width * per else f"g{i}"
-        if pooled != "r0":
-            nodes.append(helper.make_node("GlobalMaxPool", ["r0"], [pooled]))
+        pooled = source if s["in"] == width * per else f"g{i}"
+        if pooled != source:
+            nodes.append(helper.make_node("GlobalMaxPool", [source], [pooled]))
         nodes.append(helper.make_node("Flatten", [pooled], [f"f{i}"]))
         return f"f{i}"
     if s["in"] != width or len(s["shape"]) != len(shape):
         return None
     if s["shape"] == shape:
-        return "r0"
+        return source
     factors = {n // m for n, m in zip(shape, s["shape"]) if m}
     if len(factors) != 1 or any(m * next(iter(factors)) != n for n, m in zip(shape, s["shape"])):
         return None
     window = [next(iter(factors))] * len(shape)
-    nodes.append(helper.make_node("MaxPool", ["r0"], [f"p{i}"], kernel_shape=window, strides=window))
+    nodes.append(helper.make_node("MaxPool", [source], [f"p{i}"], kernel_shape=window, strides=window))
     return f"p{i}"
 
 
-def _time(specs: list[dict], batch: int, runs: int) -> float:
+def _time(specs: list[dict], batch: int, runs: int, int8: bool = False) -> float:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(_graph(specs, batch).SerializeToString(), providers=["CPUExecutionProvider"])
+    model = _graph(specs, batch, int8).SerializeToString()
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal(i.shape, dtype=np.float32) for i in session.get_inputs()}
     for _ in range(3):
@@ -219,6 +263,7 @@ def latency_tables(
     graph: ChannelGraph,
     example_input: Tensor,
     *,
+    backend: str = "onnxruntime-cpu",
     batch: int = 64,
     runs: int = 20,
     rounds: int = 3,
@@ -226,8 +271,11 @@ def latency_tables(
 ) -> dict[str, LatencyTable]:
     """Per Conv/Linear producer of removable channels (as the model is now, every channel present), its latency
     table, from the cache where this device measured the same shapes before, else measured (the median of `runs`,
-    the best of `rounds`) and cached. Measure on an otherwise idle machine: the steps are read from these numbers."""
-    require("Latency tables (ChannelSurgeon's widths='onnxruntime-cpu')", "onnx", "onnxruntime")
+    the best of `rounds`) and cached. Measure on an otherwise idle machine: the steps are read from these numbers.
+    `backend`: "onnxruntime-cpu" (float kernels, the weight-only file) or "onnxruntime-cpu-int8" (integer kernels,
+    the file `export_onnx(runtime="onnxruntime")` writes with int8 activations)."""
+    check_choice("backend", backend, BACKENDS)
+    require(f"Latency tables (ChannelSurgeon's widths={backend!r})", "onnx", "onnxruntime")
     model = graph.model
     shapes = _input_shapes(model, example_input)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -248,7 +296,7 @@ def latency_tables(
             continue  # grouped convolutions and the like: no table, the surgeon cuts them as before
         full = own["out"]
         key = {"device": device, "batch": batch, "layer": own, "readers": [[s, per] for s, per in readers],
-               "timing": TIMING}
+               "timing": TIMING, "backend": backend}
         path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
         if path.is_file():
             stored = json.loads(path.read_text())
@@ -260,7 +308,7 @@ def latency_tables(
             for i, width in enumerate(widths):
                 specs = [{**own, "out": width}]
                 specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
-                ms[i] = min(ms[i], _time(specs, batch, runs))
+                ms[i] = min(ms[i], _time(specs, batch, runs, int8=backend.endswith("int8")))
         table = LatencyTable(producer, widths, ms, device, batch)
         with atomic_path(path) as tmp:  # parent folders included
             tmp.write_text(json.dumps({**asdict(table), "key": key}))
