@@ -38,7 +38,8 @@ from .groups import ChannelGraph
 TIMING = "in its chain"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
 BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8")  # float kernels; integer kernels (int8 activations)
 
-__all__ = ["BACKENDS", "LatencyTable", "default_cache_dir", "latency_tables", "latency_weights", "step_pressure", "step_widths"]
+__all__ = ["BACKENDS", "LatencyTable", "default_cache_dir", "latency_tables", "latency_weights", "step_pressure",
+           "step_widths"]
 
 
 @dataclass(frozen=True)
