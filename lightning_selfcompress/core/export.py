@@ -68,6 +68,7 @@ from .onnx_fold import (
     fold_reembeddings,
     producers_of,
     readers_of,
+    shape_only,
 )
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
@@ -381,12 +382,8 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
     reading = readers_of(graph)
     outputs = {o.name for o in graph.output}
 
-    def shape_only(node: onnx.NodeProto) -> bool:  # reads a tensor for its shape alone (Shape, Slice -> Shape)
-        readers = [n for output in node.output for n in reading[output]]
-        return node.op_type == "Shape" or (node.op_type == "Slice" and bool(readers) and all(map(shape_only, readers)))
-
     def sole_reader(tensor: str) -> onnx.NodeProto | None:
-        values = [n for n in reading[tensor] if not shape_only(n)]
+        values = [n for n in reading[tensor] if not shape_only(n, reading)]
         return values[0] if len(values) == 1 and tensor not in outputs and values[0].input[0] == tensor else None
 
     for layer in layers:

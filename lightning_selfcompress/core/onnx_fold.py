@@ -22,14 +22,14 @@ A positive constant factor on a layer's output folds into its scale and bias the
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
 __all__ = ["dequantized_weight", "fold_batchnorm", "fold_output_scales", "fold_reembeddings", "producers_of",
-           "readers_of"]
+           "readers_of", "shape_only"]
 
 ZERO_PRESERVING = ("Relu",)  # per-element ops with f(0) = 0: a zero channel stays zero through them
 SHIFT_TRANSPARENT = ("MaxPool", "Reshape", "Flatten")  # ops that carry a per-channel shift through unchanged
@@ -54,6 +54,14 @@ def dequantized_weight(
     if stored is None or stored.data_type not in INTEGER_TYPES or len(stored.dims) < 2 or scale not in initializers:
         return None  # activations, float layers
     return data, scale
+
+
+def shape_only(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """Whether `node` reads its input for the shape alone: a Shape, or a Slice read only that way (the exporter's
+    zeros_like(x.narrow(...))). `readers`: `readers_of` the graph."""
+    after = [n for output in node.output for n in readers[output]]
+    sliced = node.op_type == "Slice" and bool(after) and all(shape_only(n, readers) for n in after)
+    return node.op_type in SHAPE_ONLY or sliced
 
 
 def producers_of(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -90,16 +98,9 @@ class _Graph:
             return numpy_helper.to_array(node.attribute[0].t)
         return numpy_helper.to_array(self.initializers[name]) if name in self.initializers else None
 
-    def shape_only(self, node: onnx.NodeProto) -> bool:
-        """Whether `node` reads its input for the shape alone: a Shape, or a Slice read only that way (the exporter's
-        zeros_like(x.narrow(...)))."""
-        readers = [n for output in node.output for n in self.consumers[output]]
-        sliced = node.op_type == "Slice" and bool(readers) and all(map(self.shape_only, readers))
-        return node.op_type in SHAPE_ONLY or sliced
-
     def sole_consumer(self, name: str) -> onnx.NodeProto | None:
         """The one node reading `name`'s values (shape reads aside), or None."""
-        readers = [n for n in self.consumers[name] if not self.shape_only(n)]
+        readers = [n for n in self.consumers[name] if not shape_only(n, self.consumers)]
         return readers[0] if len(readers) == 1 and name not in self.outputs else None
 
     def set_initializer(self, name: str, value: np.ndarray) -> None:
@@ -272,46 +273,59 @@ def _attribute(node: onnx.NodeProto, name: str, default: object = None) -> objec
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
+def _fold_reembedding(g: _Graph, gather: onnx.NodeProto) -> str | None:
+    found = _reembedded(g, gather)
+    if found is None or gather.output[0] in g.outputs:
+        return None
+    layer, concat = found
+    layer.gather_outputs(g.constant(gather.input[1]).astype(np.int64))
+    for node in g.consumers[gather.output[0]]:  # they read the branch's own output, now at the stream's width
+        node.input[:] = [concat.input[0] if name == gather.output[0] else name for name in node.input]
+    g.graph.node.remove(gather)
+    return layer.node.name
+
+
 def fold_reembeddings(model: onnx.ModelProto) -> list[str]:
     """Fold every branch re-embedding (Concat with zeros, Gather) into the layer that ends its branch, in place (see
     the module docstring); returns the names of the layers that now write the stream's width."""
-    folded = []
-    for gather in [n for n in model.graph.node if n.op_type == "Gather"]:
-        g = _Graph(model)
-        found = _reembedded(g, gather)
-        if found is None or gather.output[0] in g.outputs:
-            continue
-        layer, concat = found
-        layer.gather_outputs(g.constant(gather.input[1]).astype(np.int64))
-        for node in g.consumers[gather.output[0]]:  # they read the branch's own output, now at the stream's width
-            node.input[:] = [concat.input[0] if name == gather.output[0] else name for name in node.input]
-        g.graph.node.remove(gather)
-        folded.append(layer.node.name)
+    folded = _fold_all(model, "Gather", _fold_reembedding)
     if folded:
         del model.graph.value_info[:]  # shapes the exporter inferred at the branches' widths (optional in ONNX)
-    _prune(model.graph)
     return folded
+
+
+def _fold_output_scale(g: _Graph, mul: onnx.NodeProto) -> str | None:
+    values = [g.constant(name) for name in mul.input]
+    if sum(v is not None for v in values) != 1:
+        return None
+    factor = next(v for v in values if v is not None)
+    source = g.producer.get(next(name for name, v in zip(mul.input, values) if v is None))
+    layer = _layer(g, source)
+    readers = g.consumers[source.output[0]] if layer is not None else []
+    if len(readers) != 1 or source.output[0] in g.outputs or factor.size != 1 or not float(factor) > 0:
+        return None
+    layer.scale_outputs(np.full(layer.weight.shape[0], float(factor)))
+    source.output[0] = mul.output[0]
+    g.graph.node.remove(mul)
+    return source.name
 
 
 def fold_output_scales(model: onnx.ModelProto) -> list[str]:
     """Fold a positive constant factor on a layer's output (ResNet-9's `linear(x) * 0.125`) into the layer's scale and
     bias, in place; returns the names of the layers that took one. The integers stay as they are."""
-    folded = []
-    for mul in [n for n in model.graph.node if n.op_type == "Mul"]:
-        g = _Graph(model)
-        values = [g.constant(name) for name in mul.input]
-        if sum(v is not None for v in values) != 1:
-            continue
-        factor = next(v for v in values if v is not None)
-        source = g.producer.get(next(name for name, v in zip(mul.input, values) if v is None))
-        layer = _layer(g, source)
-        readers = g.consumers[source.output[0]] if layer is not None else []
-        if len(readers) != 1 or source.output[0] in g.outputs or factor.size != 1 or not float(factor) > 0:
-            continue
-        layer.scale_outputs(np.full(layer.weight.shape[0], float(factor)))
-        source.output[0] = mul.output[0]
-        g.graph.node.remove(mul)
-        folded.append(source.name)
+    return _fold_all(model, "Mul", _fold_output_scale)
+
+
+def _fold_all(model: onnx.ModelProto, op_type: str, fold: Callable[[_Graph, onnx.NodeProto], str | None]) -> list[str]:
+    """`fold` on every node of `op_type` (it returns what it folded, or None having changed nothing), then the nodes
+    and initializers left unread go. The lookups are built once and again only after a fold changed the graph: a
+    network has thousands of Mul nodes, and rebuilding them per node made the export quadratic."""
+    folded, g = [], _Graph(model)
+    for node in [n for n in model.graph.node if n.op_type == op_type]:
+        name = fold(g, node)
+        if name is not None:
+            folded.append(name)
+            g = _Graph(model)
     _prune(model.graph)
     return folded
 
@@ -336,9 +350,7 @@ def fold_batchnorm(model: onnx.ModelProto, fixed: Collection[str] = ()) -> list[
     """Fold every BatchNormalization node of `model` that folds exactly (see the module docstring), in place; returns
     the names of the folded nodes. No shift moves into the input of a node named in `fixed` (an input quantized
     with a trained scale: the tensor it was trained on must stay the one it quantizes)."""
-    folded = []
-    for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
-        if len(bn.output) == 1 and _fold_one(_Graph(model), bn, fixed):
-            folded.append(bn.name)
-    _prune(model.graph)
-    return folded
+    def fold(g: _Graph, bn: onnx.NodeProto) -> str | None:
+        return bn.name if len(bn.output) == 1 and _fold_one(g, bn, fixed) else None
+
+    return _fold_all(model, "BatchNormalization", fold)
