@@ -13,10 +13,10 @@ from lightning_selfcompress.models import BaselineCNN
 def train(compressor: SelfCompressor, steps: int = 12) -> BaselineCNN:
     torch.manual_seed(0)
     model = BaselineCNN(width=4)
-    compressor.attach(model)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    compressor.attach(model, x)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     compressor.use(optimizer)
-    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     for step in range(steps):
         compressor.start_step(step, steps)
         optimizer.zero_grad()

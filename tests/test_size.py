@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers, integer_bits, integer_weights
-from lightning_selfcompress.core.size import GammaSchedule, SizeModel, float_size_report
+from lightning_selfcompress.core.size import GammaSchedule, SizeModel, float_size_report, input_sources
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.models import BaselineCNN, ResNet9
 
@@ -37,7 +37,7 @@ def test_hand_counted_grouped_model_with_live_inputs():
     model = Small()
     attach_quantizers(model)
     set_bits(model, conv1=[2.0, 0.0, 3.0, -1.0], conv2=[1.0, 2.0, 0.0, 4.0, 1.5, 2.0], fc=[3.0, 1.0, 2.0])
-    report = SizeModel(model).report()
+    report = SizeModel(model, torch.randn(2, 2, 6, 6)).report()
     by_name = {layer.name: layer for layer in report.layers}
     # conv1: every input live, 2 inputs x 9 = 18 weights per channel; channels 1 and 3 are dead
     assert by_name["conv1"].bits == (2 + 3) * 18 and by_name["conv1"].weights_kept == 2 * 18
@@ -60,7 +60,7 @@ def test_size_gradient_is_the_live_weight_count_per_channel():
     model = Small()
     attach_quantizers(model)
     set_bits(model, conv1=[2.0, 0.0, 3.0, -1.0], conv2=[1.0, 2.0, 0.0, 4.0, 1.5, 2.0], fc=[3.0, 1.0, 2.0])
-    SizeModel(model).bits().backward()
+    SizeModel(model, torch.randn(2, 2, 6, 6)).bits().backward()
     assert model.conv1.weight_quantizer.bits.grad.tolist() == [18.0, 0.0, 18.0, 0.0]
     assert model.conv2.weight_quantizer.bits.grad.tolist() == [9.0, 9.0, 0.0, 9.0, 9.0, 9.0]
     assert model.fc.weight_quantizer.bits.grad.tolist() == [20.0, 20.0, 20.0]
@@ -69,7 +69,7 @@ def test_size_gradient_is_the_live_weight_count_per_channel():
 def test_baseline_cnn_flatten_into_1x1_conv_counts_nine_features_per_channel():
     model = BaselineCNN(width=4)
     attach_quantizers(model)
-    size = SizeModel(model)
+    size = SizeModel(model, torch.randn(2, 1, 28, 28))
     full = size.report()
     model.features[8].weight_quantizer.bits.data[3] = 0.0
     cut = {layer.name: layer for layer in size.report().layers}
@@ -81,7 +81,7 @@ def test_baseline_cnn_flatten_into_1x1_conv_counts_nine_features_per_channel():
 def test_resnet9_residual_input_is_dead_only_when_both_producers_are():
     model = ResNet9(in_channels=1, width=4)
     attach_quantizers(model)
-    size = SizeModel(model)
+    size = SizeModel(model, torch.randn(2, 1, 28, 28))
     kept = lambda: {layer.name: layer.weights_kept for layer in size.report().layers}["layer2.0.0"]  # noqa: E731
     full = kept()
     model.get_submodule("layer1.0.0").weight_quantizer.bits.data[5] = 0.0
@@ -99,12 +99,13 @@ def test_a_channel_cut_from_a_residual_branch_alone_leaves_the_size_as_it_was():
         bn.bias[[6, 7]] = 0.0  # the branch adds relu(0) = 0 for them
         stream.weight_quantizer.bits[7] = 0.0
         stream_bn.bias[7] = 0.5  # channel 7 is dead (a constant) but not zero: it stays in the stream
-    surgeon = Surgeon(ChannelGraph(model, torch.randn(2, 1, 28, 28)))
+    x = torch.randn(2, 1, 28, 28)
+    surgeon = Surgeon(ChannelGraph(model, x))
     surgeon.settle_statistics()
-    before = SizeModel(model).report()
+    before = SizeModel(model, x).report()
     surgeon.remove(surgeon.find())
     assert branch.out_channels == 6 and stream.out_channels == 8
-    after = SizeModel(model).report()
+    after = SizeModel(model, x).report()  # the branch re-embedded: followed through its zeros
     assert (after.weights_kept, after.bits) == (before.weights_kept, before.bits)
 
 
@@ -119,7 +120,7 @@ def test_concat_offsets_and_unquantized_producers():
 
     model = Cat()
     attach_quantizers(model, QuantizationConfig(exclude=("a",)))
-    size = SizeModel(model)
+    size = SizeModel(model, torch.randn(2, 1, 4, 4))
     model.b.weight_quantizer.bits.data[1] = 0.0  # channel 3 + 1 = 4 of c's input
     assert {layer.name: layer.weights_kept for layer in size.report().layers}["c"] == 4 * 4
 
@@ -136,10 +137,20 @@ def test_untraceable_model_counts_every_input_as_live():
 
     model = Branchy()
     attach_quantizers(model)
-    with pytest.warns(UserWarning, match="could not trace Branchy.*upper bound"):
-        size = SizeModel(model)
+    with pytest.warns(UserWarning, match="cannot follow the channels of Branchy: torch.fx cannot trace.*upper bound"):
+        size = SizeModel(model, torch.randn(2, 4))
     model.a.weight_quantizer.bits.data[:] = 0.0
     assert {layer.name: layer.weights_kept for layer in size.report().layers}["b"] == 8
+
+
+def test_without_an_example_input_every_input_counts_as_live_with_a_warning():
+    model = Small()
+    attach_quantizers(model)
+    set_bits(model, conv1=[2.0, 0.0, 3.0, -1.0])
+    with pytest.warns(UserWarning, match=r"no example input was given \(SizeModel\(model, example_input.*upper bound"):
+        size = SizeModel(model)
+    followed = SizeModel(model, torch.randn(2, 2, 6, 6))
+    assert size.report().weights_kept == followed.report().weights_kept + 6 * 9, "conv1's 2 dead channels"
 
 
 def test_float_report_counts_32_bits_per_weight():
@@ -199,9 +210,10 @@ def test_a_two_four_sparse_layer_counts_kept_weights_and_their_two_bit_indices()
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 4))
     net(torch.randn(1, 3, 8, 8))
     attach_quantizers(net, QuantizationConfig(init_bits=4.0))
-    dense = SizeModel(net).report()
+    x = torch.randn(2, 3, 8, 8)
+    dense = SizeModel(net, x).report()
     attach_masks(net)  # layers 2 and 4 (8 and 256 inputs); the 3-input stem stays dense
-    size = SizeModel(net)
+    size = SizeModel(net, x)
     sparse = size.report()
     conv = {layer.name: layer for layer in sparse.layers}["2"]
     assert conv.weights_kept == 16 * 8 * 9 // 2
@@ -220,10 +232,10 @@ def test_a_quantized_layer_whose_weight_the_model_reads_itself_is_refused_by_nam
     attach_quantizers(net)
     names = r"\['features.1.0.attn.qkv', 'features.1.0.attn.proj', 'features.3.0.attn.qkv', 'features.3.0.attn.proj'\]"
     with pytest.raises(ValueError, match=rf"reads the weight of the quantized layers {names} itself.*exclude="):
-        SizeModel(net)
+        SizeModel(net, torch.randn(1, 3, 16, 16))
     net = SwinTransformer([4, 4], 16, [1, 1], [2, 2], [2, 2], num_classes=10)
     attach_quantizers(net, QuantizationConfig(exclude=["*.attn.qkv", "*.attn.proj"]))
-    assert "features.1.0.mlp.0" in SizeModel(net).layers
+    assert "features.1.0.mlp.0" in SizeModel(net, torch.randn(1, 3, 16, 16)).layers
 
 
 def test_the_size_table_is_not_cut_to_80_columns_without_a_terminal(capsys):
@@ -232,7 +244,7 @@ def test_the_size_table_is_not_cut_to_80_columns_without_a_terminal(capsys):
     net = nn.Sequential()
     net.add_module("a_convolution_whose_name_alone_is_longer_than_forty_characters", nn.Conv2d(3, 4, 3))
     attach_quantizers(net)
-    print_size_table(SizeModel(net).report(), title="size")
+    print_size_table(SizeModel(net, torch.randn(1, 3, 5, 5)).report(), title="size")
     out = capsys.readouterr().out  # pytest's capture is not a terminal
     assert "a_convolution_whose_name_alone_is_longer_than_forty_characters" in out and "…" not in out
 
@@ -243,10 +255,7 @@ def test_the_size_table_is_not_cut_to_80_columns_without_a_terminal(capsys):
     ids=["softplus", "dropout2d", "groupnorm-per-channel", "groupnorm-across-channels"],
 )
 def test_size_accounting_follows_the_ops_surgery_follows_and_no_others(middle, followed):
-    """One table of ops for both tracers: what keeps each channel in place is followed, a GroupNorm over several
-    channels is not (a dead channel's output there depends on the others: its consumer's weights stay counted)."""
-    from lightning_selfcompress.core.graph import input_sources
-
+    """One walker for both: what keeps each channel in place is followed, a GroupNorm over several channels is not (a dead channel's output there depends on the others: its consumer's weights stay counted)."""
     net = nn.Sequential(nn.Conv2d(3, 4, 1), middle, nn.Conv2d(4, 2, 1))
-    expected = tuple(frozenset({("0", i)}) for i in range(4)) if followed else None
-    assert input_sources(net)["2"] == expected
+    expected = [frozenset({("0", i)}) if followed else None for i in range(4)]
+    assert input_sources(net, torch.randn(2, 3, 4, 4))["2"] == expected

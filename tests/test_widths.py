@@ -202,7 +202,7 @@ def test_latency_weights_pull_each_layer_by_the_time_its_channels_cost():
 def test_weighted_bits_scale_each_layers_size_gradient():
     net = BaselineCNN(1, 10, width=4)
     attach_quantizers(net)
-    size = SizeModel(net)
+    size = SizeModel(net, torch.randn(2, 1, 28, 28))
     factors = {"features.2": 3.0, "classifier": 0.5}
     grads = torch.autograd.grad(size.bits(factors), [m.weight_quantizer.bits for m in quantized_layers(net).values()])
     plain = torch.autograd.grad(size.bits(), [m.weight_quantizer.bits for m in quantized_layers(net).values()])

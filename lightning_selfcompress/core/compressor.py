@@ -3,7 +3,7 @@ size budget, the whole-bit phase and the bound on b. `SelfCompression` drives it
 PyTorch loop drives it the same way:
 
     compressor = SelfCompressor(gamma=0.15, target_bits_per_weight=1.9, init_bits=2, freeze_bits_at=0.8)
-    compressor.attach(model)                                    # before the optimizer: it must hold b and e
+    compressor.attach(model, example)                           # before the optimizer: it must hold b and e
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     compressor.use(optimizer)                                   # it holds b and e (their own rate, if set)
     for step, (x, y) in enumerate(batches):
@@ -37,7 +37,7 @@ from .quant import (
     quantizer_parameters,
     snap_bits,
 )
-from .size import GammaSchedule, SizeModel, SizeReport, weighted_sum
+from .size import GammaSchedule, SizeModel, SizeReport, layer_shapes, weighted_sum
 from .widths import latency_tables, latency_weights
 
 __all__ = ["SelfCompressor"]
@@ -150,6 +150,8 @@ class SelfCompressor:
         self.bits_frozen = False
         self.model: nn.Module | None = None
         self._size: SizeModel | None = None
+        self._original: dict[str, tuple[int, int]] = {}  # per layer (channels, weights) as first attached
+        self.traced = False  # whether size accounting was given its example input (or told there is none)
         self._overrides: list[HyperparameterOverride] = []
         # What the last step did, for logging: NaN until a step with the size term.
         self.bits_per_weight = self.gamma = self.size_loss = math.nan
@@ -159,21 +161,35 @@ class SelfCompressor:
         """What this trains, for reports and plots."""
         return "self-compression" if self.learn_bits else f"fixed {self.config.init_bits:g}-bit (LSQ)"
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, example_input: Tensor | None = None) -> None:
         """Quantizers on the selected layers of `model` (again after a surgery or a resume: layers that have them keep
-        them), and the size accounting; before the optimizer is built and a checkpoint's weights load."""
+        them); before the optimizer is built and a checkpoint's weights load. `example_input` (a sample or two of what
+        forward takes; or later, `trace`) lets size accounting follow the channels: without it every input counts."""
         attach_quantizers(model, self.config)
         self.model = model
-        if self._size is None or set(self._size.layers) != set(quantized_layers(model)) or self._size.stale():
-            self._size = self._size.rebuilt(model) if self._size else SizeModel(model)
+        self._original = self._original or layer_shapes(model)  # before a checkpoint's surgery history replays
+        if example_input is not None:
+            self.trace(example_input)
+
+    def trace(self, example_input: Tensor | None) -> None:
+        """Follow the channels on `example_input` for size accounting; before the first step. None: every input
+        channel counts as live (with a warning)."""
+        self._size = SizeModel(self._attached(), example_input, original=self._original)
+        self.traced = True
+
+    def _attached(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("SelfCompressor.attach(model) first.")
+        return self.model
 
     @property
     def size(self) -> SizeModel:
         """The size accounting of the model now: built anew after a surgeon changed layer shapes."""
-        if self._size is None or self.model is None:
-            raise RuntimeError("SelfCompressor.attach(model) first.")
-        if self._size.stale():
-            self._size = self._size.rebuilt(self.model)
+        model = self._attached()
+        if self._size is None:
+            self._size = SizeModel(model, original=self._original)
+        elif self._size.stale() or set(self._size.layers) != set(quantized_layers(model)):
+            self._size = self._size.rebuilt(model)
         return self._size
 
     def report(self) -> SizeReport:
@@ -184,7 +200,7 @@ class SelfCompressor:
         """Before the first step (and after `load_state_dict`, on a resume): the `optimizers` that train the model
         must hold every b and e; they step them at `quantizer_lr` and `quantizer_weight_decay` (each is left as built
         outside its steps). Fixed bits, and bits frozen before a resume, are frozen from here on."""
-        layers = self.size.layers  # attached first
+        layers = quantized_layers(self._attached())
         held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.model.named_parameters() if ".weight_quantizer." in n and id(p) not in held]
         if missing:

@@ -196,7 +196,8 @@ def _export_float(model: nn.Module, example: Tensor, path: Path) -> None:
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
+        # grad mode on: under no_grad, nn.MultiheadAttention takes a fused fast path that ONNX has no operator for
+        with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
@@ -243,6 +244,9 @@ def _match_layers(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dic
     initializers = {i.name: i for i in model.graph.initializer}
     arrays: dict[str, np.ndarray] = {}
     matches: dict[str, list[onnx.NodeProto]] = {name: [] for name in weights}
+    by_print: dict[tuple, list[str]] = {}
+    for name, w in weights.items():
+        by_print.setdefault(_fingerprint(w), []).append(name)
     for node in model.graph.node:
         init = _weight_initializer(node, initializers)
         if init is None:
@@ -250,13 +254,21 @@ def _match_layers(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dic
         array = arrays.setdefault(init, numpy_helper.to_array(initializers[init]))
         if node.op_type == "MatMul":
             array = array.T  # compared as the layer's [out, in]
-        same = [n for n, w in weights.items() if w.shape == array.shape and np.array_equal(w, array)]
-        if not same:
+        named = init.removesuffix(".weight")
+        if named in weights and weights[named].shape == array.shape and np.array_equal(weights[named], array):
+            matches[named].append(node)
             continue
-        named = [n for n in same if f"{n}.weight" == init]
-        unclaimed = [n for n in same if not matches[n]]
-        matches[(named or unclaimed or same)[0]].append(node)
+        same = [n for n in by_print.get(_fingerprint(array), []) if np.array_equal(weights[n], array)]
+        if same:
+            unclaimed = [n for n in same if not matches[n]]
+            matches[(unclaimed or same)[0]].append(node)
     return matches
+
+
+def _fingerprint(array: np.ndarray) -> tuple:
+    """The shape and a few values: which weights can be equal at all (comparing every pair whole is quadratic)."""
+    picks = np.unravel_index(np.arange(0, array.size, max(1, array.size // 16)), array.shape)
+    return array.shape, array[picks].tobytes()  # no copy of a transposed weight
 
 
 def _storage(integers: Tensor, scale: Tensor, bits: Tensor, int4: bool) -> tuple[str, str | None]:

@@ -1,5 +1,7 @@
 """Groups of coupled channels: which channels must be removed together, and where each one is produced, normalised
-and consumed. Traced once with torch.fx on an example input; strict: what it cannot follow is an error.
+and consumed. Traced once with torch.fx on an example input, by the one channel walker of the package, in two modes:
+strict for surgery (what it cannot follow is an error) and lenient for size accounting (what it cannot follow writes
+new channels of unknown origin, and a branch already re-embedded is followed through its zeros).
 
 Every channel that flows through the network is a slot. A Conv/Linear output creates slots; a residual add or an
 elementwise product ties slots together (removing one means removing the other), and so does a grouped convolution
@@ -67,7 +69,8 @@ class _Step:
     """How one node maps its channel inputs' positions to its output's; replayed to follow constants."""
 
     node: str
-    kind: str  # new | produce | norm | apply | opaque | keep | zeros_only | dropout | elementwise | cat | gather
+    kind: str  # new | produce | norm | apply | opaque | keep | zeros_only | dropout | elementwise | cat | cat_other
+    # | gather | reembed
     sources: list[str]
     slots: list[int]
     payload: object = None
@@ -99,11 +102,12 @@ class ChannelGraph:
     feature, channel). `pinned`: groups never removed, with the reason. `branches`: per producer, its residual
     branch. Read-only: what has been removed since is a `Cuts`.
     `consumers`: per Conv/Linear, the nodes whose output it reads. `spatial`: per Conv/Linear, output positions per
-    channel for one sample (for multiply-accumulate counts).
+    channel for one sample (for multiply-accumulate counts). `strict=False`: the lenient mode of size accounting,
+    for `input_producers` only (what it cannot follow is unknown, not an error; cut branches are followed).
     """
 
-    def __init__(self, model: nn.Module, example_input: Tensor) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, example_input: Tensor, strict: bool = True) -> None:
+        self.model, self.strict = model, strict
         self.input_shape, self.input_dtype = tuple(example_input.shape), example_input.dtype  # to trace it again
         try:
             self.fx_graph = LeafTracer().trace(model)
@@ -379,7 +383,7 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
         module = graph.model.get_submodule(payload)
         weight = _expand(cuts, module.weight, payload, "members") if module.weight is not None else torch.ones_like(x)
         bias = _expand(cuts, module.bias, payload, "members") if module.bias is not None else torch.zeros_like(x)
-        if training or module.running_mean is None:  # batch statistics of a constant: mean c, variance 0
+        if training or getattr(module, "running_mean", None) is None:  # batch statistics of a constant: c, 0
             return torch.where(x.isfinite(), bias, nan)
         mean = _expand(cuts, module.running_mean, payload, "members")
         var = _expand(cuts, module.running_var, payload, "members")
@@ -399,6 +403,8 @@ def _constant_step(graph: ChannelGraph, step: _Step, inputs: list[Tensor], train
         return x.clone()
     if kind == "gather":
         return x[torch.tensor(payload, dtype=torch.long)]
+    if kind == "reembed":
+        return torch.cat([x, x.new_zeros(1)])[torch.tensor(payload, dtype=torch.long)]
     if kind == "cat":
         return torch.cat(inputs)
     if kind == "cat_other":
@@ -428,6 +434,8 @@ def _producer_step(step: _Step, inputs: list[list]) -> list:
         return list(x)
     if kind == "gather":
         return [x[i] for i in step.payload]
+    if kind == "reembed":  # the zero channel has no producer
+        return [x[i] if i < len(x) else frozenset() for i in step.payload]
     if kind == "cat":
         return [p for part in inputs for p in part]
     if kind == "cat_other":
@@ -530,16 +538,43 @@ class _Walker:
             real = node.target(*args, **kwargs)
         else:
             real = getattr(args[0], node.target)(*args[1:], **kwargs)
+        try:
+            return self.follow(node, real)
+        except GraphError:
+            if self.g.strict:
+                raise
+            return self.unknown(node, real)
+
+    def follow(self, node: fx.Node, real: object) -> _Value:
         tracked = self.tracked(node)
+        if not self.g.strict and node.op == "call_module" and isinstance(self.modules[node.target], PRODUCERS):
+            tracked = tracked or self.track_anew(node.args[0])
         if not tracked or op_name(node) in NON_TENSOR_OPS:
             return _Value(real)
         target = self.modules[node.target] if node.op == "call_module" else node.target
         if node.op != "call_method" and rule_of(target) is Rule.OPAQUE:
             return self.opaque(node, real, tracked, f"read whole by '{node.name}' (its registered rule)")
         if node.op == "call_module":
-            slots = self.module(node, self.modules[node.target], real, tracked)
+            module = self.modules[node.target]
+            slots = self.module(node, module, real, tracked)
+            if (gather := reembedding_of(module)) is not None:  # lenient mode (strict refuses it)
+                slots = self.reembed(node, slots, gather.tolist())
             return _Value(real, slots, dim=self.env[tracked[0]].dim)  # a module keeps its input's channel dim
         return self.function(node, real, tracked)
+
+    def unknown(self, node: fx.Node, real: object) -> _Value:
+        """Lenient mode: what the walker cannot follow writes new channels that nothing is known of (size accounting
+        then counts the layers that read them whole)."""
+        if not isinstance(real, Tensor) or real.dim() < 2:
+            return _Value(real)
+        return _Value(real, self.add_step(node, "new", [], self.g.new_slots(real.shape[1])))
+
+    def track_anew(self, arg: object) -> list[fx.Node]:
+        """Lenient mode: a layer's input that lost its channels upstream gets new ones, so the layer is recorded."""
+        if not isinstance(arg, fx.Node) or not isinstance(self.env[arg].real, Tensor):
+            return []
+        self.env[arg] = self.unknown(arg, self.env[arg].real)
+        return [arg] if self.env[arg].slots is not None else []
 
     def single(self, node: fx.Node, tracked: list[fx.Node]) -> fx.Node:
         if len(tracked) > 1 or not node.args or node.args[0] is not tracked[0]:
@@ -548,7 +583,7 @@ class _Walker:
 
     def module(self, node: fx.Node, module: nn.Module, real: object, tracked: list[fx.Node]) -> list[int]:
         g, source = self.g, self.single(node, tracked)
-        if reembedding_of(module) is not None:
+        if reembedding_of(module) is not None and self.g.strict:
             raise self.fail(node, "its channels were cut from a residual branch already; trace the model before "
                             "surgery and replay the history on it (Surgeon.replay, load_compressed)")
         slots = self.env[source].slots
@@ -571,11 +606,10 @@ class _Walker:
             if channels_of(module) != len(slots):
                 raise self.fail(node, f"{channels_of(module)} channels in the module, {len(slots)} reach it")
             g.record("members", node.target, slots)
-        if isinstance(module, NORMS):
+        if isinstance(module, NORMS) or one_channel_per_group(module):  # each channel normalised on its own
             return self.add_step(node, "norm", [source], slots, node.target)
         if isinstance(module, nn.GroupNorm):
-            if not one_channel_per_group(module):
-                g.pin(slots, f"normalised across channels by '{node.target}'")
+            g.pin(slots, f"normalised across channels by '{node.target}'")
             return self.add_step(node, "opaque", [source], slots)
         if isinstance(module, nn.PReLU):  # a slope per channel, sliced with the group
             return self.add_step(node, "apply", [source], slots, node.target)
@@ -818,6 +852,11 @@ class _Walker:
             return
         for piece in pieces[1:]:
             self.g.tie([slots[i] for i in pieces[0]], [slots[i] for i in piece])
+
+    def reembed(self, node: fx.Node, slots: list[int], gather: list[int]) -> list[int]:
+        """A branch's output re-embedded at the stream's width (core/reembed.py): its channels, and zeros."""
+        padded = slots + self.g.new_slots(1)
+        return self.add_step(node, "reembed", [node], [padded[i] for i in gather], gather)
 
     def gather(self, node: fx.Node, source: fx.Node, positions: list[int]) -> list[int]:
         slots = [self.env[source].slots[p] for p in positions]

@@ -1,9 +1,8 @@
-"""The layers and the channel-moving ops both channel tracers handle themselves, in one place (activations,
+"""The layers and the channel-moving ops the channel walker handles itself, in one place (activations,
 poolings, dropouts and blocks of one's own are rules: core/rules.py).
 
-The strict graph of surgery (groups.py) and the lenient map of size accounting (graph.py) read these same tables,
-each in its own way: surgery follows the constant a dead channel carries through them, size accounting only which
-producers feed each channel. A module with a rule, and every Conv/Linear, stays whole in the trace.
+The channel walker (groups.py) reads them, strict for surgery and lenient for size accounting. A module with a rule,
+and every Conv/Linear, stays whole in the trace.
 """
 
 from __future__ import annotations
@@ -33,10 +32,6 @@ MOVES = {
     "view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "flatten", "contiguous",
     "clone", "squeeze", "unsqueeze",
 }  # fmt: skip
-# For the lenient map: the modules without a rule that keep every channel in its place (a GroupNorm only with one
-# channel per group: else it mixes them, see graph.py), and the layout ops it follows when they flatten from dim 1.
-PER_CHANNEL_MODULES = (*NORMS, nn.PReLU, nn.modules.pooling._AvgPoolNd)
-FLATTENING_OPS = {"flatten", "view", "reshape"}
 
 
 def one_channel_per_group(module: nn.Module) -> bool:
@@ -54,3 +49,10 @@ class LeafTracer(fx.Tracer):
 def op_name(node: fx.Node) -> str:
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def weights_read_directly(graph: fx.Graph) -> list[str]:
+    """The modules whose weight the model reads itself rather than by calling them (Swin's attention passes
+    `qkv.weight` to a function): a quantizer on them would not act."""
+    weights = [str(n.target) for n in graph.nodes if n.op == "get_attr" and str(n.target).endswith(".weight")]
+    return list(dict.fromkeys(target.rpartition(".")[0] for target in weights))

@@ -1,11 +1,11 @@
-"""The rules by which the channel tracers follow a module or a function: torch's own, and those of one's own.
+"""The rules by which the channel walker follows a module or a function: torch's own, and those of one's own.
 
-Both tracers (the strict channel graph of surgery, the lenient one of size accounting) look every module and op up
-here. torch's activations, poolings, dropouts and value casts are registered below; layers with weights
-(Conv/Linear, the normalisations) and the ops that move channels (view, permute, cat) the tracers handle
-themselves. A block they do not know (a custom activation, a pooling written by hand) stops surgery with an error
-naming it; a rule says how it treats the channels that reach it, and the tracers then keep a registered module whole
-(a leaf of the torch.fx trace) and follow it by its rule:
+The walker (core/groups.py; strict for surgery, lenient for size accounting) looks every module and op up here.
+torch's activations, poolings, dropouts and value casts are registered below; layers with weights (Conv/Linear, the
+normalisations) and the ops that move channels (view, permute, cat) the walker handles itself. A block it does not
+know (a custom activation, a pooling written by hand) stops surgery with an error naming it; a rule says how it
+treats the channels that reach it, and the walker then keeps a registered module whole (a leaf of the torch.fx
+trace) and follows it by its rule:
 
     from lightning_selfcompress import Rule, register_rule
 
@@ -63,7 +63,7 @@ _OPS: dict[str, Rule] = {
     **dict.fromkeys(("avg_pool1d", "avg_pool2d", "avg_pool3d"), Rule.ZEROS_ONLY),  # padding may count as zeros
     **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "dropout3d", "stochastic_depth"), Rule.EVAL_IDENTITY),
 }
-# torch's own modules (a per-channel PReLU and the poolings that may count padding the tracers handle themselves).
+# torch's own modules (a per-channel PReLU and the poolings that may count padding the walker handles itself).
 _MODULES: tuple[tuple[tuple[type[nn.Module], ...], Rule], ...] = (
     ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
       nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity), Rule.ELEMENTWISE),
@@ -88,7 +88,7 @@ def _builtin(target: object) -> Rule | None:
 
 
 def register_rule(target: type[nn.Module] | Callable, rule: Rule) -> None:
-    """Teach both channel tracers `target` (a module class, for it and its subclasses, or a function)."""
+    """Teach the channel walker `target` (a module class, for it and its subclasses, or a function)."""
     if not isinstance(rule, Rule):
         raise TypeError(f"rule={rule!r} is not a Rule; use one of {[r.name for r in Rule]}.")
     if not (isinstance(target, type) and issubclass(target, nn.Module)) and not callable(target):

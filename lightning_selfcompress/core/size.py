@@ -20,6 +20,7 @@ whole bits per channel holds, and what fixed-bit baselines are compared at.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -27,10 +28,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .graph import input_sources
+from .groups import ChannelGraph, GraphError
+from .ops import PRODUCERS, weights_read_directly
 from .quant import integer_bits, integer_weights, quantized_layers
 
-__all__ = ["GammaSchedule", "LayerShape", "LayerSize", "SizeModel", "SizeReport", "float_size_report", "weighted_sum"]
+__all__ = [
+    "GammaSchedule", "LayerShape", "LayerSize", "SizeModel", "SizeReport", "float_size_report", "input_sources",
+    "weighted_sum",
+]
 
 
 @dataclass(frozen=True)
@@ -147,25 +152,74 @@ def float_size_report(model: nn.Module) -> SizeReport:
     return SizeReport(layers, sum(layer.weights for layer in layers))
 
 
-class SizeModel:
-    """Size accounting for the quantized layers of one model. The channel graph is traced once, here.
+def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Per quantized layer, its (output channels, weights) now."""
+    return {name: (m.weight.shape[0], m.weight.numel()) for name, m in quantized_layers(model).items()}
 
-    `float_weights` is the weight count of the float network the size is measured against, and `original` each
-    layer's (channels, weights) in it; both default to the model's now. After a cut, `rebuilt` carries them over.
+
+Producers = frozenset[tuple[str, int]]  # the (layer, output channel) pairs whose values reach one input position
+
+
+def input_sources(model: nn.Module, example_input: Tensor | None) -> dict[str, list[Producers | None] | None]:
+    """Per Conv/Linear layer, per input position, its producers: the channel walker (core/groups.py) in its lenient
+    mode. None where it cannot tell (the model's input, an op it does not know, a model it cannot trace or run):
+    those inputs count as live, so the size is overestimated, never underestimated."""
+    layers = [name for name, m in model.named_modules() if isinstance(m, PRODUCERS)]
+    if example_input is None:
+        why = "no example input was given (SizeModel(model, example_input), SelfCompressor.attach(model, example))"
+    else:
+        try:
+            graph = ChannelGraph(model, example_input.detach()[:2], strict=False)
+        except GraphError as error:
+            graph, why = None, str(error)
+        if graph is not None:
+            _check_weights_go_through_forward(model, graph.fx_graph)
+            producers = graph.input_producers()
+            return {name: producers.get(name) for name in layers}
+    warnings.warn(
+        f"Size accounting cannot follow the channels of {type(model).__name__}: {why.rstrip('.')}. It counts every "
+        "input channel as live, so the reported size is an upper bound.",
+        stacklevel=3,
+    )
+    return dict.fromkeys(layers)
+
+
+def _check_weights_go_through_forward(model: nn.Module, graph: torch.fx.Graph) -> None:
+    """A quantized layer whose weight the model reads itself would train and be counted as quantized while its float
+    weight is what runs: refuse, naming it."""
+    bypassed = [name for name in weights_read_directly(graph) if hasattr(model.get_submodule(name), "weight_quantizer")]
+    if bypassed:
+        raise ValueError(
+            f"The model reads the weight of the quantized layers {bypassed} itself, not through their forward, so "
+            f"their quantizers would not act. Leave them out: exclude={bypassed} (SelfCompression, QuantizationConfig, "
+            "or compression.exclude in lsc-train)."
+        )
+
+
+class SizeModel:
+    """Size accounting for the quantized layers of one model. The channel graph is traced once, here, on
+    `example_input` (a sample or two of what forward takes; without it every input channel counts as live).
+
+    `original` is each layer's (channels, weights) in the float network the size is measured against (`layer_shapes`
+    before any cut; default: the model's now), and `float_weights` their total. After a cut, `rebuilt` carries it over.
     """
 
     def __init__(
-        self, model: nn.Module, float_weights: int | None = None, original: dict[str, tuple[int, int]] | None = None
+        self,
+        model: nn.Module,
+        example_input: Tensor | None = None,
+        *,
+        original: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         self.layers = quantized_layers(model)
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no quantized layer; attach quantizers first.")
-        now = {name: (m.weight.shape[0], m.weight.numel()) for name, m in self.layers.items()}
-        self.original = {**now, **(original or {})}
-        self.float_weights = float_weights or sum(m.weight.numel() for m in self.layers.values())
+        self.example_input = None if example_input is None else example_input.detach()[:2]
+        self.original = {**layer_shapes(model), **(original or {})}
+        self.float_weights = sum(weights for _, weights in self.original.values())
         self._shapes = [m.weight.shape for m in self.layers.values()]
         index = {name: i for i, name in enumerate(self.layers)}
-        sources = input_sources(model)
+        sources = input_sources(model, self.example_input)
         self._plans = []
         for name, module in self.layers.items():
             in_features, groups, kernel = _geometry(module)
@@ -174,7 +228,7 @@ class SizeModel:
             edges: dict[int, tuple[list[int], list[int]]] = {}  # producer index -> (input indices, producer channels)
             if channel_map is not None:
                 for i, producers in enumerate(channel_map):
-                    quantized = [(index[p], ch) for p, ch in producers if p in index]
+                    quantized = [(index[p], ch) for p, ch in producers or () if p in index]
                     if producers and len(quantized) == len(producers):
                         always_live[i] = False
                         for p, ch in quantized:
@@ -185,7 +239,7 @@ class SizeModel:
 
     def rebuilt(self, model: nn.Module) -> SizeModel:
         """The same accounting for `model` after a cut: sizes still per weight and channel of the original network."""
-        return SizeModel(model, self.float_weights, self.original)
+        return SizeModel(model, self.example_input, original=self.original)
 
     def stale(self) -> bool:
         """Whether a layer changed shape since this was built (channels were removed): then build it anew."""

@@ -31,6 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 from .atomic import atomic_path
 from .checkpoint import read_checkpoint
 from .groups import ChannelGraph, Cuts, GraphError, channels_of, is_grouped
+from .ops import one_channel_per_group
 from .quant import QuantizationConfig, attach_activation_quantizers, attach_quantizers, check_patterns, selected
 from .reembed import GATHER, set_reembedding
 from .sparsity import DROPPED, MASK
@@ -487,6 +488,8 @@ class _Plan:
                 return t.index_select(0, member_keep.to(t.device)) if t.dim() >= 1 and t.shape[0] == count else None
 
             self._tensors(module, slicer)
+            if one_channel_per_group(module):
+                self.attributes.append((module, "num_groups", len(member_keep)))
             for attr in ("num_features", "num_parameters", "num_channels"):
                 if hasattr(module, attr):
                     self.attributes.append((module, attr, len(member_keep)))
