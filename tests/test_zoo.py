@@ -22,7 +22,11 @@ HUGE = {
     "efficientnet_v2_l", "regnet_x_32gf", "regnet_y_32gf", "regnet_y_128gf", "convnext_large", "vit_l_16", "vit_l_32",
     "vit_h_14",
 }  # fmt: skip
-SLOW = {"maxvit_t", "efficientnet_b7", "efficientnet_v2_m", "swin_v2_b", "efficientnet_b6", "swin_b"}
+# `-m "not slow"` keeps one quick member of most families; the rest of the list is marked slow (CI runs it)
+QUICK = {
+    "resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "efficientnet_b0", "convnext_tiny",
+    "swin_t", "densenet121", "regnet_x_400mf", "mnasnet0_5", "googlenet",
+}  # fmt: skip
 RUN_HUGE = bool(os.environ.get("LSC_ZOO_HUGE"))
 
 
@@ -30,7 +34,7 @@ def marks(name: str) -> list:
     if name in HUGE:
         reason = "past 100 M parameters: LSC_ZOO_HUGE=1 runs it (about 10 minutes for all 17), as bench/zoo.py does"
         return [pytest.mark.slow, pytest.mark.skipif(not RUN_HUGE, reason=reason)]
-    return [pytest.mark.slow] if name in SLOW else []
+    return [] if name in QUICK else [pytest.mark.slow]
 
 
 def test_the_list_is_torchvisions_whole_classification_list():

@@ -53,7 +53,3 @@ def set_reembedding(module: nn.Module, kept: Tensor | None, device: torch.device
     if not hooked:
         module.register_forward_hook(reembed)
 
-
-def channel_map(gather: Tensor, channels: tuple) -> tuple:
-    """The re-embedding on a per-channel description (size accounting): the zero channel has no source."""
-    return tuple(channels[i] if i < len(channels) else frozenset() for i in gather.tolist())
