@@ -187,6 +187,20 @@ def test_the_lenient_walker_of_size_accounting_agrees_with_the_strict_one_of_sur
     assert sum(p is not None for positions in strict.values() for p in positions) > 0
 
 
+def test_a_layer_behind_an_unknown_op_that_returns_a_tuple_is_still_recorded_and_followed():
+    class Sorted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 5, 1), nn.Conv2d(5, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.b(torch.sort(self.a(x), dim=1)[0]))
+
+    sources = input_sources(Sorted(), torch.randn(2, 3, 4, 4))
+    assert sources["b"] == [None] * 4, "it reads the unknown op's values"
+    assert sources["c"] == [frozenset({("b", i)}) for i in range(5)], "b's own channels are followed"
+
+
 def test_the_lenient_walker_counts_live_only_what_reads_an_op_it_does_not_know():
     """Surgery refuses the unknown op; size accounting follows every layer but the one that reads it."""
     net, x = Net(ChannelSoftmax()), torch.randn(2, 3, 4, 4)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from ..core.compressor import SelfCompressor
-from ..core.inputs import image_batch, model_input
+from ..core.inputs import model_input
 from ..core.size import SizeReport
 from ..report import print_size_table
 from .strategies import check_strategy
@@ -57,8 +57,11 @@ class SelfCompression(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
         compressor = self.compressor
         if not compressor.traced:  # size accounting follows the channels on what forward takes
-            example = getattr(pl_module, "example_input_array", None)
-            compressor.trace(example if isinstance(example, torch.Tensor) else image_batch(batch))
+            try:
+                example = model_input(pl_module, batch, "SelfCompression's size accounting")
+            except ValueError:
+                example = None  # counted as an upper bound, with a warning that says so
+            compressor.trace(example)
         if compressor.latency_weight and compressor.layer_weights is None:  # on rank 0: every replica pulls alike
             measured = None
             if trainer.is_global_zero:

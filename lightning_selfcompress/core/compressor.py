@@ -168,6 +168,8 @@ class SelfCompressor:
         attach_quantizers(model, self.config)
         self.model = model
         self._original = self._original or layer_shapes(model)  # before a checkpoint's surgery history replays
+        if self._size is not None and set(self._size.layers) != set(quantized_layers(model)):
+            self._size = self._size.rebuilt(model)
         if example_input is not None:
             self.trace(example_input)
 
@@ -188,7 +190,7 @@ class SelfCompressor:
         model = self._attached()
         if self._size is None:
             self._size = SizeModel(model, original=self._original)
-        elif self._size.stale() or set(self._size.layers) != set(quantized_layers(model)):
+        elif self._size.stale():
             self._size = self._size.rebuilt(model)
         return self._size
 
