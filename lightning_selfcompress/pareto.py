@@ -4,7 +4,9 @@
         [--float-accuracy 0.912]
 
 Every `report.json` under the given folders is one run (a sweep's folder holds `<n>/report.json`, a
-single run's folder holds `report.json`). Runs that differ only in their seed form a group: a point of the plot at
+single run's folder holds `report.json`). A `PREFIX.csv` that lsc-pareto wrote before may stand beside them: its
+rows are runs too, grouped by their `group` column, so that a front measured over several days or machines (runs
+whose folders are gone) can be redrawn with new runs. Runs that differ only in their seed form a group: a point of the plot at
 the group's mean, with the spread over seeds. Size is the deployable bits per weight (whole bits, what the exported
 file needs), since the real-valued bit depths are a training signal, not a size.
 
@@ -34,7 +36,8 @@ file needs), since the real-valued bit depths are a training signal, not a size.
 groups at their mean with a std error bar and their seeds as faint dots, a marker and colour per method, the float
 baseline as a horizontal line with its min-max band, the front as a step line (compressed methods) and rings.
 
-The default PREFIX is `<first folder>/pareto`. Files are written through a temporary file and a rename.
+The default PREFIX is `<first folder>/pareto`. Files are written through a temporary file and a rename, after every
+input is read: `lsc-pareto recipes/front.csv outputs/new_runs --out recipes/front` redraws a front in place.
 """
 
 from __future__ import annotations
@@ -52,10 +55,13 @@ from typing import Any
 
 from .core.atomic import atomic_path
 
-__all__ = ["Group", "Run", "find_reports", "group_runs", "load_run", "main", "mark_front", "write_outputs"]
+__all__ = ["Group", "Run", "find_reports", "group_runs", "load_csv_runs", "load_run", "main", "mark_front",
+           "write_outputs"]
 
 FLOAT = "float"
 REQUIRED = ("test_accuracy", "bits_per_weight", "weights_kept", "float_weights", "config")
+CSV_COLUMNS = ("run_dir", "method", "group", "seed", "test_accuracy", "bits_per_weight", "deployable_bits_per_weight",
+               "weights_kept", "float_weights")  # fmt: skip
 # Config keys that say where or when a run wrote its files, or which seed it drew, and not what it trained: runs that
 # differ only in these are the same experiment. A teacher's checkpoint (distill.teacher) is each seed's own float run.
 IGNORED_KEYS = {"seed", "report_path", "name", "init_from", "ckpt_path", "teacher"}
@@ -124,7 +130,8 @@ def find_reports(dirs: Sequence[Path]) -> list[Path]:
     found: dict[Path, None] = {}
     for directory in dirs:
         if not directory.is_dir():
-            raise SystemExit(f"lsc-pareto: {directory} is not a folder: pass the folder of an lsc-train run or sweep.")
+            raise SystemExit(f"lsc-pareto: {directory} is not a folder: pass the folder of an lsc-train run or sweep "
+                             "(or a PREFIX.csv that lsc-pareto wrote).")
         reports = sorted(directory.rglob("report.json"))
         if not reports:
             raise SystemExit(
@@ -216,6 +223,37 @@ def load_run(path: Path, notes: set[str]) -> Run:
         settings={k: v for k, v in _flatten(config).items() if not _ignored(k, v)},
         overrides=_read_overrides(path.parent),
     )
+
+
+def load_csv_runs(path: Path) -> list[Run]:
+    """The runs of a PREFIX.csv that lsc-pareto wrote: a row's group label stands for the settings it ran with."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise SystemExit(f"lsc-pareto: cannot read {path}: {error}") from None
+    missing = [c for c in CSV_COLUMNS if rows and c not in rows[0]]
+    if not rows or missing:
+        raise SystemExit(f"lsc-pareto: {path} is not a runs CSV of lsc-pareto (PREFIX.csv, not PREFIX_groups.csv): "
+                         f"{'it lacks the columns ' + ', '.join(missing) if missing else 'it has no rows'}.")  # fmt: skip
+    runs = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            runs.append(Run(
+                run_dir=Path(row["run_dir"]),
+                method=row["method"],
+                seed=int(row["seed"]) if row["seed"] else None,
+                test_accuracy=float(row["test_accuracy"]),
+                bits_per_weight=float(row["bits_per_weight"]),
+                deployable_bits_per_weight=float(row["deployable_bits_per_weight"]),
+                weights_kept=int(row["weights_kept"]),
+                float_weights=int(row["float_weights"]),
+                settings={"group": row["group"]},
+                overrides=[] if row["group"] == row["method"] else row["group"].split(" "),
+            ))  # fmt: skip
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"lsc-pareto: {path}, line {line}: {error}") from None
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------- groups, front
@@ -397,7 +435,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         description="The accuracy-size Pareto front of lsc-train runs: finds every report.json under the folders, "
         "groups runs that differ only in their seed, writes PREFIX.csv, PREFIX_groups.csv and PREFIX.png.",
     )
-    parser.add_argument("dirs", nargs="+", type=Path, help="folders of lsc-train runs or sweeps (searched recursively)")
+    parser.add_argument("dirs", nargs="+", type=Path, help="folders of lsc-train runs or sweeps (searched recursively), "
+                        "or runs CSVs that lsc-pareto wrote before")
     parser.add_argument("--out", type=Path, help="prefix of the files written (default: <first folder>/pareto)")
     parser.add_argument(
         "--float-accuracy", type=float, metavar="X",
@@ -413,12 +452,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if float_accuracy is not None and float_accuracy > 1:
         float_accuracy /= 100  # given in percent
     notes: set[str] = set()
-    runs = [load_run(path, notes) for path in find_reports(args.dirs)]
+    tables = [p for p in args.dirs if p.suffix == ".csv" and p.is_file()]
+    folders = [p for p in args.dirs if p not in tables]
+    runs = [run for table in tables for run in load_csv_runs(table)]
+    runs += [load_run(path, notes) for path in find_reports(folders)]
     for note in sorted(notes):
         print(f"lsc-pareto: warning: {note}", file=sys.stderr)
     groups = group_runs(runs)
     mark_front(groups)
-    prefix = args.out or args.dirs[0] / "pareto"
+    prefix = args.out or (folders or [tables[0].parent])[0] / "pareto"
     if prefix.is_dir():
         prefix = prefix / "pareto"
     elif prefix.suffix in (".csv", ".png"):

@@ -189,6 +189,34 @@ def test_seeds_form_groups_and_dominated_groups_are_off_the_front(tmp_path, caps
     assert len(read_csv(tmp_path / "out" / "pareto.csv")) == 1
 
 
+def test_a_front_is_redrawn_from_its_csv_with_new_runs(tmp_path):
+    """Runs whose folders are gone come back from the CSV, in the groups they had; new runs join beside them."""
+    for seed, accuracy in enumerate((0.91, 0.93)):
+        write_report(tmp_path / "old" / f"float_{seed}", "float", seed, accuracy, 32.0)
+        write_report(tmp_path / "old" / f"sc_{seed}", "self-compression", seed, accuracy - 0.02, 1.9,
+                     gamma=0.1, overrides=["compression.gamma=0.1"], kept=500)  # fmt: skip
+    write_report(tmp_path / "old" / "sc_b", "self-compression", 0, 0.85, 1.0, gamma=0.3,
+                 overrides=["compression.gamma=0.3"])
+    main([str(tmp_path / "old"), "--out", str(tmp_path / "front")])
+    before = {g["group"]: g for g in read_csv(tmp_path / "front_groups.csv")}
+    write_report(tmp_path / "new" / "kd", "self-compression + distillation", 0, 0.915, 1.85, overrides=["distill=x"])
+
+    main([str(tmp_path / "front.csv"), str(tmp_path / "new"), "--out", str(tmp_path / "front")])  # in place
+    after = {g["group"]: g for g in read_csv(tmp_path / "front_groups.csv")}
+    assert set(after) == set(before) | {"self-compression + distillation"}
+    for label, group in before.items():
+        assert {k: after[label][k] for k in ("n_seeds", "seeds", "accuracy_mean", "accuracy_std")} == {
+            k: group[k] for k in ("n_seeds", "seeds", "accuracy_mean", "accuracy_std")}, label
+    assert before["compression.gamma=0.1"]["on_front"] == "True" and after["compression.gamma=0.1"]["on_front"] == "False"
+    assert len(read_csv(tmp_path / "front.csv")) == 6 and png_shape(tmp_path / "front.png")[2] == 4
+
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'front_groups.csv'} is not a runs CSV of lsc-pareto")):
+        main([str(tmp_path / "front_groups.csv")])
+    (tmp_path / "bad.csv").write_text((tmp_path / "front.csv").read_text().replace("0.915", "high", 1))
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'bad.csv'}, line ")):
+        main([str(tmp_path / "bad.csv")])
+
+
 def test_the_size_plot_draws_what_the_run_logged(tmp_path):
     header = "epoch,step,train/loss,selfcompress/bits_per_weight,selfcompress/deployable_bits_per_weight,"
     rows = [header + "selfcompress/weights_kept,val/accuracy"]
