@@ -6,9 +6,9 @@
 Every `report.json` under the given folders is one run (a sweep's folder holds `<n>/report.json`, a
 single run's folder holds `report.json`). A `PREFIX.csv` that lsc-pareto wrote before may stand beside them: its
 rows are runs too, grouped by their `group` column, so that a front measured over several days or machines (runs
-whose folders are gone) can be redrawn with new runs. Runs that differ only in their seed form a group: a point of the plot at
-the group's mean, with the spread over seeds. Size is the deployable bits per weight (whole bits, what the exported
-file needs), since the real-valued bit depths are a training signal, not a size.
+whose folders are gone) can be redrawn with new runs. Runs that differ only in their seed form a group: a point of
+the plot at the group's mean, with the spread over seeds. Size is the deployable bits per weight (whole bits, what
+the exported file needs), since the real-valued bit depths are a training signal, not a size.
 
 `PREFIX.csv`, one row per run:
     run_dir                     the folder of the run's report.json
@@ -234,8 +234,8 @@ def load_csv_runs(path: Path) -> list[Run]:
         raise SystemExit(f"lsc-pareto: cannot read {path}: {error}") from None
     missing = [c for c in CSV_COLUMNS if rows and c not in rows[0]]
     if not rows or missing:
-        raise SystemExit(f"lsc-pareto: {path} is not a runs CSV of lsc-pareto (PREFIX.csv, not PREFIX_groups.csv): "
-                         f"{'it lacks the columns ' + ', '.join(missing) if missing else 'it has no rows'}.")  # fmt: skip
+        why = f"it lacks the columns {', '.join(missing)}" if missing else "it has no rows"
+        raise SystemExit(f"lsc-pareto: {path} is not a runs CSV of lsc-pareto (PREFIX.csv, not _groups.csv): {why}.")
     runs = []
     for line, row in enumerate(rows, start=2):
         try:
@@ -435,8 +435,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         description="The accuracy-size Pareto front of lsc-train runs: finds every report.json under the folders, "
         "groups runs that differ only in their seed, writes PREFIX.csv, PREFIX_groups.csv and PREFIX.png.",
     )
-    parser.add_argument("dirs", nargs="+", type=Path, help="folders of lsc-train runs or sweeps (searched recursively), "
-                        "or runs CSVs that lsc-pareto wrote before")
+    parser.add_argument("dirs", nargs="+", type=Path,
+                        help="folders of lsc-train runs or sweeps (searched recursively), or runs CSVs it wrote before")
     parser.add_argument("--out", type=Path, help="prefix of the files written (default: <first folder>/pareto)")
     parser.add_argument(
         "--float-accuracy", type=float, metavar="X",

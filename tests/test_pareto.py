@@ -207,7 +207,7 @@ def test_a_front_is_redrawn_from_its_csv_with_new_runs(tmp_path):
     for label, group in before.items():
         assert {k: after[label][k] for k in ("n_seeds", "seeds", "accuracy_mean", "accuracy_std")} == {
             k: group[k] for k in ("n_seeds", "seeds", "accuracy_mean", "accuracy_std")}, label
-    assert before["compression.gamma=0.1"]["on_front"] == "True" and after["compression.gamma=0.1"]["on_front"] == "False"
+    assert [g["compression.gamma=0.1"]["on_front"] for g in (before, after)] == ["True", "False"]
     assert len(read_csv(tmp_path / "front.csv")) == 6 and png_shape(tmp_path / "front.png")[2] == 4
 
     with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'front_groups.csv'} is not a runs CSV of lsc-pareto")):
