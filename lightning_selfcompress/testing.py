@@ -136,15 +136,16 @@ def _build(name: str) -> nn.Module:
 
 
 def _prepare(name: str, net: nn.Module) -> tuple[nn.Module, Tensor]:
-    """float64 where there is BatchNorm (in train mode, over a few samples, it amplifies float32 round-off past 1e-5),
-    else float32; running statistics made non-trivial and frozen, dropout and stochastic depth off (their masks are
+    """float64 where there is BatchNorm (in train mode, over a few samples, it amplifies float32 round-off past 1e-5)
+    and for Swin V2 (its LayerNorm at the end of every residual branch did too: 1.2e-5 on one CPU of this project's
+    machine kind, under 1e-5 on another), else float32; running statistics made non-trivial and frozen, dropout and stochastic depth off (their masks are
     drawn per call), quantizers on every layer whose weight goes through its forward."""
     import torchvision
 
     from .core.quant import QuantizationConfig, attach_quantizers
 
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-    dtype = torch.float64 if batchnorm else torch.float32
+    dtype = torch.float64 if batchnorm or name.startswith("swin_v2") else torch.float32
     net = net.to(dtype)
     randomize_zero_weights(net)
     side = SIDES.get(name, IMAGE_SIZE.get(name, 32))
