@@ -138,8 +138,9 @@ def _build(name: str) -> nn.Module:
 def _prepare(name: str, net: nn.Module) -> tuple[nn.Module, Tensor]:
     """float64 where there is BatchNorm (in train mode, over a few samples, it amplifies float32 round-off past 1e-5)
     and for Swin V2 (its LayerNorm at the end of every residual branch did too: 1.2e-5 on one CPU of this project's
-    machine kind, under 1e-5 on another), else float32; running statistics made non-trivial and frozen, dropout and stochastic depth off (their masks are
-    drawn per call), quantizers on every layer whose weight goes through its forward."""
+    machine kind, under 1e-5 on another), else float32; running statistics made non-trivial and frozen, dropout and
+    stochastic depth off (their masks are drawn per call), quantizers on every layer whose weight goes through its
+    forward."""
     import torchvision
 
     from .core.quant import QuantizationConfig, attach_quantizers
