@@ -4,6 +4,7 @@ the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads 
     lsc-latency                                   # the main job's network (conf/model/baseline_cnn.yaml), 1x28x28
     lsc-latency --model resnet9 --set width=16 --batch 1
     lsc-latency --int8                            # ONNX Runtime's integer kernels (widths="onnxruntime-cpu-int8")
+    lsc-latency --round-to 8                      # the steps a surgeon with round_to=8 cuts to
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per width (the median counts)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all widths (the best counts)")
     parser.add_argument("--tolerance", type=float, default=0.02, help="a step is at least this much faster")
+    parser.add_argument("--round-to", type=int, default=1, help="only steps that are multiples of this (as round_to)")
     parser.add_argument("--int8", action="store_true", help="time the int8 layout (integer kernels)")
     parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default {default_cache_dir()})")
     args = parser.parse_args(argv)
 
+    if args.round_to < 1:
+        parser.error(f"--round-to {args.round_to}: must be a positive integer (1: any width)")
     config_path = Path(CONFIG_DIR) / "model" / f"{args.model}.yaml"
     if not config_path.is_file():
         choices = sorted(p.stem for p in config_path.parent.glob("*.yaml"))
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in tables.items():
         full = t.widths[-1]
         table.add_row(name, str(full), f"{t.ms[-1]:.3f}", f"{t.ms[full // 2 - 1]:.3f}" if full > 1 else "",
-                      ", ".join(map(str, t.step_widths(args.tolerance))))  # fmt: skip
+                      ", ".join(map(str, t.step_widths(args.tolerance, args.round_to))))  # fmt: skip
     make_console().print(table)
 
 

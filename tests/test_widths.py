@@ -30,6 +30,17 @@ def test_the_steps_of_a_staircase_are_its_edges():
     assert kept[-1] == 64 and len(kept) > 16 and all(b - a <= 2 for a, b in zip(kept[40:], kept[41:]))
 
 
+def test_steps_off_the_block_are_left_out_on_request():
+    """A width off the block that timed a little faster than its edge above (19 of 32, as ResNet-9's tables showed)
+    is a step of its own, unless only multiples of the block count; the edges below it stay, as does the full
+    width when it is off the block itself."""
+    widths = list(range(1, 33))
+    ms = [math.ceil(w / 8) + 0.001 * w - (0.3 if w == 19 else 0.0) for w in widths]
+    assert step_widths(widths, ms) == [8, 16, 19, 24, 32]
+    assert step_widths(widths, ms, multiple_of=8) == [8, 16, 24, 32]
+    assert step_widths(widths[:30], ms[:30], multiple_of=8) == [8, 16, 24, 30]
+
+
 class Two(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -116,7 +127,7 @@ def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     pl.seed_everything(0, verbose=False)
     module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
-    surgeon = ChannelSurgeon(every_n_steps=2, widths="onnxruntime-cpu", latency_batch=4)
+    surgeon = ChannelSurgeon(every_n_steps=2, widths="onnxruntime-cpu", latency_batch=4, round_to=2)
 
     class Kill(pl.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -126,6 +137,7 @@ def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeyp
     callbacks = [SelfCompression(gamma=0.0, init_bits=4.0), Kill(), surgeon]
     pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=4)).fit(module, tiny_fmnist)
     assert set(surgeon.step_widths) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"}
+    assert all(w % 2 == 0 for steps in surgeon.step_widths.values() for w in steps), "round_to=2: even steps only"
     assert list((tmp_path / "cache").rglob("*.json")), "the tables went to the cache"
     assert surgeon.history, "a surgery ran"
     for name, allowed in surgeon.step_widths.items():
@@ -147,6 +159,9 @@ def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "no_such_model"])
     assert "no model config 'no_such_model'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--round-to", "0"])
+    assert "--round-to 0: must be a positive integer" in capsys.readouterr().err
 
 
 def test_the_step_pressure_pushes_the_weakest_live_channels_above_the_step_below():

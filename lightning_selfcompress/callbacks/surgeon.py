@@ -41,8 +41,9 @@ class ChannelSurgeon(Callback):
             zero (the paper's L1 pull, as a proximal step), so that their constant output can be removed. 0: off.
         atol: how far from zero (or from train/eval agreement, for folding) a dead channel's constant may be.
             0 (the default) removes only what provably leaves the function unchanged.
-        round_to: keep every layer whose width is a multiple of this a multiple of it (8 for GPU tensor cores),
-            leaving some dead channels in place until enough have died.
+        round_to: keep every layer whose width is a multiple of this a multiple of it (8 for GPU tensor cores and
+            for this CPU's ONNX Runtime kernels), leaving some dead channels in place until enough have died. With
+            latency steps, only the steps that are multiples of it count.
         widths: "any", or "onnxruntime-cpu": cut each layer only to the widths on its latency staircase, measured
             once in ONNX Runtime on this machine's CPU (`core.widths`, cached on disk), so that every cut makes the
             deployed layer faster; dead channels wait as exact zeros until the next step down is reached.
@@ -161,7 +162,7 @@ class ChannelSurgeon(Callback):
         graph = ChannelGraph(pl_module, self.example_input)
         if self.widths in BACKENDS:  # traced before any cut: the tables cover every width
             tables = latency_tables(graph, self.example_input.cpu(), backend=self.widths, batch=self.latency_batch)
-            self.step_widths = {name: t.step_widths(self.width_tolerance) for name, t in tables.items()}
+            self.step_widths = {name: t.step_widths(self.width_tolerance, self.round_to) for name, t in tables.items()}
             rank_zero_info(f"ChannelSurgeon: widths each layer may be cut to ({self.widths}): {self.step_widths}")
         self.surgeon = Surgeon(graph, self.atol, self.round_to, self.step_widths or None, self.include, self.exclude)
         self.original = {

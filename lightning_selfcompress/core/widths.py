@@ -50,15 +50,20 @@ class LatencyTable:
     device: str
     batch: int
 
-    def step_widths(self, tolerance: float = 0.02) -> list[int]:
-        return step_widths(self.widths, self.ms, tolerance)
+    def step_widths(self, tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
+        return step_widths(self.widths, self.ms, tolerance, multiple_of)
 
 
-def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.02) -> list[int]:
+def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
     """The widths worth cutting to, ascending: from the full width down, each width kept is at least `tolerance`
     (a fraction) faster than the narrowest one kept above it. On a staircase these are the step edges; widths inside
-    a step, no faster than its edge above, are left out; on a smooth slope every few widths stay."""
-    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    a step, no faster than its edge above, are left out; on a smooth slope every few widths stay.
+    `multiple_of`: only multiples of it are candidates (the full width always is). A layer timed in its chain can
+    look fast at a width off the CPU's channel block (19 of 32, say) that in the whole network breaks the blocked
+    layout around it; on this CPU `multiple_of=8` keeps the cuts on the block (recipes/fashion_mnist_resnet9.md)."""
+    full = max(widths)
+    order = sorted((i for i in range(len(widths)) if widths[i] % multiple_of == 0 or widths[i] == full),
+                   key=lambda i: -widths[i])  # fmt: skip
     kept = [order[0]]
     for i in order[1:]:
         if ms[i] < ms[kept[-1]] * (1 - tolerance):
