@@ -69,7 +69,7 @@ def test_the_surgeon_cuts_only_to_allowed_widths(dead, width):
     assert torch.allclose(net(x), before, atol=1e-6), "the function is unchanged"
 
 
-def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path):
+def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path, monkeypatch):
     net = BaselineCNN(1, 10, width=4)
     x = torch.randn(2, 1, 28, 28)
     graph = ChannelGraph(net, x[:1])
@@ -90,6 +90,13 @@ def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path):
     int8 = latency_tables(graph, x, backend="onnxruntime-cpu-int8", batch=2, runs=1, rounds=1, cache_dir=tmp_path)
     assert len(int8) == 4 and all(t.ms != [7.0] * len(t.ms) for t in int8.values()), "another backend, measured anew"
     assert len(list(tmp_path.glob("*.json"))) == 8
+    from lightning_selfcompress.core import widths
+
+    here = widths._device()  # a host of the same CPU model with other vector extensions has other steps
+    monkeypatch.setattr(widths, "_device", lambda: here.replace(" CPU, ", " CPU, other+avx512f "))
+    other = latency_tables(graph, x, batch=2, runs=1, rounds=1, cache_dir=tmp_path)
+    assert all(t.ms != [7.0] * len(t.ms) for t in other.values()), "another CPU, measured anew"
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="backend='tensorrt' is not one of"):
         latency_tables(graph, x, backend="tensorrt", cache_dir=tmp_path)
 

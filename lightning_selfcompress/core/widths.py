@@ -75,17 +75,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_selfcompress" / "latency"
 
 
+# the vector extensions ONNX Runtime's kernels choose between: one CPU model name ("AMD EPYC") covers hosts with and
+# without AVX-512, whose channel blocks (16 and 8) and so whose steps differ
+VECTOR_EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
 def _device() -> str:
-    """The CPU's model name and the threads ONNX Runtime will use: what the timings depend on."""
-    name = platform.processor() or platform.machine()
+    """The CPU's model name and vector extensions and the threads ONNX Runtime will use: what the timings depend on."""
+    name, flags = platform.processor() or platform.machine(), set()
     try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))  # fmt: skip
-    except (OSError, StopIteration):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
         pass
     import onnxruntime
 
-    return f"onnxruntime {onnxruntime.__version__} CPU, {name}, {os.cpu_count()} cores"
+    extensions = "".join(f"+{e}" for e in VECTOR_EXTENSIONS if e in flags)
+    return f"onnxruntime {onnxruntime.__version__} CPU, {name}{extensions}, {os.cpu_count()} cores"
 
 
 def _spec(module: nn.Module, input_shape: Sequence[int]) -> dict:
