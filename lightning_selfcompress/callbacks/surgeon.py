@@ -42,8 +42,8 @@ class ChannelSurgeon(Callback):
         atol: how far from zero (or from train/eval agreement, for folding) a dead channel's constant may be.
             0 (the default) removes only what provably leaves the function unchanged.
         round_to: keep every layer whose width is a multiple of this a multiple of it (8 for GPU tensor cores and
-            for this CPU's ONNX Runtime kernels), leaving some dead channels in place until enough have died. With
-            latency steps, only the steps that are multiples of it count.
+            ONNX Runtime on AVX2 CPUs, 16 with AVX-512), leaving some dead channels in place until enough have died.
+            With latency steps, only the steps that are multiples of it count.
         widths: "any", or "onnxruntime-cpu": cut each layer only to the widths on its latency staircase, measured
             once in ONNX Runtime on this machine's CPU (`core.widths`, cached on disk), so that every cut makes the
             deployed layer faster; dead channels wait as exact zeros until the next step down is reached.
