@@ -6,9 +6,10 @@ ONNX Runtime session, with no training (speed does not depend on the values).
 
 Each `--widths` gives one output width per prunable layer, in the order the model runs them (the script prints the
 names). Channels past each width are made dead (0 bits, their shifts 0) and the surgeon cuts them, as a trained run
-would; a residual branch's own outputs are cut from that branch. Three files per case, timed side by side with the
+would; a residual branch's own outputs are cut from that branch. Two files per case, timed side by side with the
 float network's plain `torch.onnx.export`, alternating rounds, the best of the rounds' medians: the weight-only file
-(`export_onnx`) and the int8 file for ONNX Runtime (`runtime="onnxruntime"`, calibrated on random inputs).
+(`export_onnx`) and the int8 file for ONNX Runtime (`runtime="onnxruntime"`, calibrated on random inputs). MACs are
+counted as the PyTorch network runs them.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.testing import kill_branch_channels, kill_groups
 
 
-def build(config, seed: int = 0):
+def build(config):
     from hydra.utils import instantiate
 
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     return instantiate(config).eval()
 
 
@@ -49,7 +50,7 @@ def cut_to(net: torch.nn.Module, x: torch.Tensor, widths: list[int]) -> torch.nn
     names = prunable(graph)
     if len(widths) != len(names):
         raise SystemExit(f"--widths has {len(widths)} numbers; this model has {len(names)} prunable layers: {names}")
-    trunk, branches = torch.zeros(graph.num_groups, dtype=torch.bool), {}
+    dead, branches = torch.zeros(graph.num_groups, dtype=torch.bool), {}
     for name, width in zip(names, widths):
         if not 1 <= width <= len(graph.outputs[name]):
             raise SystemExit(f"--widths: {name} has {len(graph.outputs[name])} channels; {width} is not a width of it")
@@ -57,8 +58,8 @@ def cut_to(net: torch.nn.Module, x: torch.Tensor, widths: list[int]) -> torch.nn
         if name in graph.branches:
             branches[name] = past
         else:
-            trunk[graph.outputs[name][past]] = True
-    kill_groups(graph, trunk)
+            dead[graph.outputs[name][past]] = True
+    kill_groups(graph, dead)
     kill_branch_channels(graph, branches)
     surgeon = Surgeon(graph)
     surgeon.remove(surgeon.find())

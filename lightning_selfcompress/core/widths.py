@@ -60,7 +60,7 @@ def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0
     a step, no faster than its edge above, are left out; on a smooth slope every few widths stay.
     `multiple_of`: only multiples of it are candidates (the full width always is). A layer timed in its chain can
     look fast at a width off the CPU's channel block (19 of 32, say) that in the whole network breaks the blocked
-    layout around it; on this CPU `multiple_of=8` keeps the cuts on the block (recipes/fashion_mnist_resnet9.md)."""
+    layout around it; on an AVX2 CPU `multiple_of=8` keeps the cuts on its block (recipes/fashion_mnist_resnet9.md)."""
     full = max(widths)
     order = sorted((i for i in range(len(widths)) if widths[i] % multiple_of == 0 or widths[i] == full),
                    key=lambda i: -widths[i])  # fmt: skip
