@@ -71,7 +71,7 @@ def _export_line(e: dict) -> str:
     )
 
 
-def _load_weights(module: ImageClassifier, path: str, option: str = "init_from") -> None:
+def _load_weights(module: ImageClassifier, path: str, option: str = "init_from", hint: str = "") -> None:
     """A Lightning checkpoint of the module, or a plain state_dict of its network (torchvision's .pth files)."""
     if not Path(path).is_file():
         raise FileNotFoundError(
@@ -95,7 +95,7 @@ def _load_weights(module: ImageClassifier, path: str, option: str = "init_from")
         module.load_state_dict(state)
     except RuntimeError as error:
         model = type(module.net).__name__
-        raise ValueError(f"{option}={path!r} does not fit model={model} as configured: {error}") from error
+        raise ValueError(f"{option}={path!r} does not fit model={model} as configured{hint}: {error}") from error
 
 
 def _check_resume(path: str, surgeon: ChannelSurgeon | None) -> None:
@@ -124,18 +124,21 @@ def _sparsity_summary(sparsity: Sparsity24 | None) -> dict | None:
 
 
 def _distillation(cfg: DictConfig, datamodule: pl.LightningDataModule, out_dir: Path) -> Distillation | None:
-    """The teacher: the same network in float, from `distill.teacher` (a float run's checkpoint), or with
-    `distill.teacher=train` trained here first, with the same data, optimizer and steps (its log in `teacher/`)."""
+    """The teacher: the network in float (as `distill.model` changes it: a wider one, say), from `distill.teacher`
+    (a float run's checkpoint), or with `distill.teacher=train` trained here first, with the same data, optimizer
+    and steps (its log in `teacher/`)."""
     if not cfg.get("distill"):
         return None
-    teacher = ImageClassifier(instantiate(cfg.model), num_classes=cfg.model.num_classes, **cfg.optim)
+    model = OmegaConf.merge(cfg.model, cfg.distill.get("model") or {})
+    teacher = ImageClassifier(instantiate(model), num_classes=model.num_classes, **cfg.optim)
     if cfg.distill.teacher == "train":
         logger = CSVLogger(out_dir, name="teacher", version="")
         trainer = pl.Trainer(**{**cfg.trainer, "enable_checkpointing": False}, logger=logger, default_root_dir=out_dir)
         trainer.fit(teacher, datamodule)
         pl.seed_everything(cfg.seed, workers=True)  # the student starts as it would without a teacher
     else:
-        _load_weights(teacher, cfg.distill.teacher, "distill.teacher")
+        _load_weights(teacher, cfg.distill.teacher, "distill.teacher", hint="; a teacher of another size needs "
+                      "distill.model (e.g. +distill.model.width=32)")
     return Distillation(teacher, weight=cfg.distill.weight, temperature=cfg.distill.temperature)
 
 

@@ -17,8 +17,9 @@ from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.core.size import SizeModel
-from lightning_selfcompress.core.widths import LatencyTable, latency_tables, latency_weights, step_pressure, step_widths
-from lightning_selfcompress.models import BaselineCNN, ImageClassifier
+from lightning_selfcompress.core.widths import (LatencyTable, latency_tables, latency_weights, step_pressure, step_widths,
+                                                stream_pressure)
+from lightning_selfcompress.models import BaselineCNN, ImageClassifier, ResNet9
 
 
 def test_the_steps_of_a_staircase_are_its_edges():
@@ -199,6 +200,41 @@ def test_with_step_pressure_a_real_run_reaches_the_steps(tiny_fmnist, tmp_path):
     for name in surgeon.step_widths:
         layer = module.get_submodule(name)
         assert layer.out_channels in (2, 4) and bool((layer.weight_quantizer.bits > 0).all()), name
+
+
+def test_a_stream_is_pushed_by_its_groups_in_every_producer_together():
+    """The stream's layer a and a branch b (its channels in another order) write the same 4 groups: a group's
+    strength is its strongest writer's bits, and the two weakest groups are pushed in both, where still live."""
+    groups = {"a": torch.tensor([0, 1, 2, 3]), "b": torch.tensor([3, 2, 1, 0])}
+    bits = {"a": torch.tensor([3.0, 0.0, 1.0, 2.0]), "b": torch.tensor([0.0, 0.5, 2.5, 0.0])}
+    grads = stream_pressure(bits, groups, {"a": [2, 8]}, 0.5)  # strengths 3, 2.5, 1, 2: groups 2 and 3 go
+    assert grads["a"].tolist() == [0, 0, 0.5, 0.5] and grads["b"].tolist() == [0, 0.5, 0, 0]
+    unquantized = {**groups, "c": torch.tensor([2])}  # a float layer writes group 2 too: it can never die
+    grads = stream_pressure({**bits, "c": None}, unquantized, {"a": [2, 8]}, 0.5)
+    assert grads["a"].tolist() == [0, 0, 0, 0.5] and grads["b"].tolist() == [0, 0, 0.5, 0], "groups 3 and 1"
+    assert stream_pressure(bits, groups, {"a": [4, 8]}, 0.5) == {}, "4 groups live: on a step"
+
+
+def test_with_stream_pressure_a_real_residual_stream_reaches_its_step(tiny_fmnist, tmp_path):
+    """ResNet-9's first stream (8 channels: layer1.0 and the residual branch's res2 write it) with steps {4, 8}:
+    the two layers' dead channels differ, so 7 groups are live; pushed group by group, the stream goes to 4."""
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(ResNet9(1, 10, width=4), optimizer="adam", lr=0.003)
+    stream, branch = "net.layer1.0.0", "net.layer1.2.res2.0"
+    surgeon = ChannelSurgeon(every_n_steps=5, widths="any", constant_pull=0.02)
+
+    class Setup(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            if trainer.global_step == 0:  # traced: steps for the stream alone, dead channels that do not line up
+                surgeon.width_pressure, surgeon.step_widths = 1.0, {stream: [4, 8]}
+                surgeon.surgeon.widths = {stream: {4, 8}}
+                pl_module.get_submodule(stream).weight_quantizer.bits.data[:3] = -1.0
+                pl_module.get_submodule(branch).weight_quantizer.bits.data[[0, 3, 4]] = -1.0
+
+    callbacks = [SelfCompression(gamma=0.0, init_bits=2.0, quantizer_lr=0.1), surgeon, Setup()]
+    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=40)).fit(module, tiny_fmnist)
+    assert module.get_submodule(stream).out_channels == 4
+    assert module.get_submodule("net.layer1.2.res1.0").in_channels == 4, "the branch reads the narrower stream"
 
 
 def test_pressure_without_latency_steps_is_refused():

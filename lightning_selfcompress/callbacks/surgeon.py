@@ -20,7 +20,7 @@ from ..core.inputs import model_input
 from ..core.quant import check_patterns
 from ..core.size import LayerShape
 from ..core.surgery import SURGERY_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
-from ..core.widths import BACKENDS, latency_tables, step_pressure
+from ..core.widths import BACKENDS, latency_tables, stream_pressure
 from ..report import print_surgery_table
 from .strategies import check_strategy
 
@@ -52,8 +52,9 @@ class ChannelSurgeon(Callback):
         latency_batch: the batch size at which the latency tables are measured.
         width_tolerance: a width counts as a step only if it is at least this fraction faster than the next one up.
         width_pressure: with latency steps, added per optimizer step to the gradient of b of each layer's weakest
-            live channels above the step below its live count (`core.widths.step_pressure`), so that the layer
-            reaches that step instead of keeping dead channels that the file still stores. 0: off.
+            live channels above the step below its live count (`core.widths.stream_pressure`; on a residual stream,
+            the weakest channel groups, in every layer that writes them), so that the layer reaches that step
+            instead of keeping dead channels that the file still stores. 0: off.
         include: glob patterns on module names: the layers whose dead channels may be cut (default: all).
         exclude: glob patterns on module names: layers never cut (their dead channels stay, as exact zeros).
     """
@@ -188,14 +189,12 @@ class ChannelSurgeon(Callback):
     ) -> None:
         if not self.width_pressure:
             return
-        for name, steps in self.step_widths.items():
-            quantizer = getattr(pl_module.get_submodule(name), "weight_quantizer", None)
-            if quantizer is None or not quantizer.bits.requires_grad:  # a float layer, or the whole-bit phase
-                continue
-            grad = step_pressure(quantizer.bits, steps, self.width_pressure)
-            if grad is not None:  # after the backward pass (and AMP unscaling): added as it is
-                bits = quantizer.bits
-                bits.grad = grad if bits.grad is None else bits.grad.add_(grad)
+        bits = self.surgeon.producer_bits()
+        pressure = stream_pressure(bits, self.surgeon.present_groups(), self.step_widths, self.width_pressure)
+        for name, grad in pressure.items():
+            b = bits[name]
+            if b.requires_grad:  # not in the whole-bit phase; after the backward pass (and AMP unscaling)
+                b.grad = grad if b.grad is None else b.grad.add_(grad)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

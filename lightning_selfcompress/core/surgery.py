@@ -159,14 +159,24 @@ class Surgeon:
 
     # ---- the dead-channel rule -----------------------------------------------------------------------------------
 
+    def producer_bits(self) -> dict[str, Tensor | None]:
+        """Per producer, its bit depths (the quantizer's parameter, one per present output channel); None where it
+        is not quantized or not picked by include/exclude: its channels are never dead."""
+        return {
+            name: _quantized_bits(self.graph.model.get_submodule(name)) if selected(name, self.include, self.exclude)
+            else None
+            for name in self.graph.outputs
+        }  # fmt: skip
+
+    def present_groups(self) -> dict[str, Tensor]:
+        """Per producer, the group of each of its present output channels."""
+        return {name: ids[self.cuts.present(name, "outputs")] for name, ids in self.graph.outputs.items()}
+
     def _dead_outputs(self) -> dict[str, Tensor | None]:
         """Per producer, per original output channel: are its weights exact zeros (bits <= 0)? None for a producer
         that is not quantized or not picked by include/exclude. One transfer from the device for all layers."""
         g = self.graph
-        bits = {
-            name: _quantized_bits(g.model.get_submodule(name)) if selected(name, self.include, self.exclude) else None
-            for name in g.outputs
-        }
+        bits = self.producer_bits()
         quantized = {name: b for name, b in bits.items() if b is not None}
         dead: dict[str, Tensor | None] = dict.fromkeys(bits)
         if not quantized:

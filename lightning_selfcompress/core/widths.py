@@ -21,7 +21,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ TIMING = "in its chain"  # how a table was timed (part of the cache key: tables 
 BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8")  # float kernels; integer kernels (int8 activations)
 
 __all__ = ["BACKENDS", "LatencyTable", "default_cache_dir", "latency_tables", "latency_weights", "step_pressure",
-           "step_widths"]
+           "step_widths", "stream_pressure"]
 
 
 @dataclass(frozen=True)
@@ -299,8 +299,8 @@ def latency_tables(
     tables = {}
     for producer, groups in graph.outputs.items():
         module = model.get_submodule(producer)
-        if producer not in shapes or bool(graph.pinned_mask[groups].all()):
-            continue
+        if producer not in shapes or bool(graph.pinned_mask[groups].all()) or producer in graph.branches:
+            continue  # a residual branch's last layer runs at its stream's width in the file (zero rows): not timed
         try:
             own = _spec(module, shapes[producer])
             readers = []  # (spec, input positions per producer channel)
@@ -363,3 +363,36 @@ def step_pressure(bits: Tensor, steps: Sequence[int], strength: float) -> Tensor
     grad = torch.zeros_like(bits)
     grad[weakest] = strength
     return grad
+
+
+def stream_pressure(
+    bits: Mapping[str, Tensor | None], groups: Mapping[str, Tensor], steps: Mapping[str, Sequence[int]], strength: float
+) -> dict[str, Tensor]:
+    """`step_pressure` for every layer with steps, over channel groups: per producer, a gradient for its bit depths.
+    A group that several producers write (a residual stream: the layer that starts it and each branch that adds to
+    it) goes only when every producer's channel of it is at 0 bits. Pushed one layer at a time, the producers chose
+    different channels and the stream kept its full width; here a group's strength is its strongest producer's bits,
+    and the weakest groups are pushed down in every producer together. `bits`: per producer, None where it is not
+    quantized (its groups never die); `groups`: per producer, the group of each of its present channels."""
+    grads: dict[str, Tensor] = {}
+    top = 1 + max(int(ids.max()) for ids in groups.values() if len(ids))
+    for name, allowed in steps.items():
+        if bits.get(name) is None:
+            continue
+        device = bits[name].device
+        ids = groups[name].to(device)
+        writers = [q for q in groups if torch.isin(groups[q].to(device), ids).any()]  # name among them
+        strongest = torch.full((top,), -math.inf, device=device)
+        for q in writers:
+            value = bits[q].detach().float() if bits[q] is not None else torch.full((len(groups[q]),), math.inf)
+            at = groups[q].to(device)
+            strongest[at] = torch.maximum(strongest[at], value.to(device))
+        grad = step_pressure(strongest[ids], allowed, strength)
+        if grad is None:
+            continue
+        weakest = ids[grad > 0]
+        for q in writers:
+            if bits[q] is not None:
+                where = torch.isin(groups[q].to(device), weakest) & (bits[q].detach() > 0)
+                grads.setdefault(q, torch.zeros_like(bits[q]))[where] = strength
+    return grads
