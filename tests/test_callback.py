@@ -283,3 +283,15 @@ def test_a_layer_that_falls_back_to_float_in_the_file_is_warned_by_name(tmp_path
 def test_a_bad_max_bits_is_named():
     with pytest.raises(ValueError, match="max_bits=4 must be a number >= init_bits"):
         SelfCompression(init_bits=8, max_bits=4)
+
+
+def test_the_logits_keep_a_bit_when_the_size_term_kills_every_other_channel(tiny_fmnist, tmp_path):
+    """A 0-bit logit is a class lost (a ResNet-9 run lost 4 of 10 classes and fell to 63%): under a size pull that
+    kills channels everywhere else, the classifier's every channel stays at 1 bit or more."""
+    module = classifier()
+    compression = SelfCompression(gamma=5.0, init_bits=2.0, quantizer_lr=0.5)
+    pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=10)).fit(module, tiny_fmnist)
+    bits = bits_of(module)
+    assert compression.compressor.size.output_layers == ["net.classifier"]
+    assert float(bits.pop("net.classifier").min()) >= 1.0
+    assert any(bool((b <= 0).any()) for b in bits.values()), "the pull killed channels elsewhere (the test can fail)"

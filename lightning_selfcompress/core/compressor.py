@@ -265,10 +265,14 @@ class SelfCompressor:
         self.schedule.step += 1
 
     def end_step(self) -> None:
-        """After the optimizer step: every b back within `min_bits` and `max_bits`."""
-        bounded = self.max_bits is not None or self.min_bits is not None
-        if bounded and self.learn_bits and not self.bits_frozen:
-            clamp_bits(self.size.layers, self.max_bits, self.min_bits)
+        """After the optimizer step: every b back within `min_bits` and `max_bits`; the channels the model outputs
+        (a classifier's logits) at 1 bit or more, so that no class is lost."""
+        if self.learn_bits and not self.bits_frozen:
+            size = self.size
+            if self.max_bits is not None or self.min_bits is not None:
+                clamp_bits(size.layers, self.max_bits, self.min_bits)
+            outputs = {name: size.layers[name] for name in size.output_layers}
+            clamp_bits(outputs, None, max(self.min_bits or 0.0, 1.0))
 
     def finish(self) -> None:
         """The end of training: every b trainable again, the optimizers as the user built them."""

@@ -118,6 +118,7 @@ class ChannelGraph:
             ) from error
         self._parent: list[int] = []
         self._pins: dict[int, str] = {}
+        self._output_slots: list[int] = []
         self._tables: dict[str, dict[str, list[int]]] = {"outputs": {}, "inputs": {}, "members": {}}
         self.steps: list[_Step] = []
         self.channel_dims: dict[str, int] = {}  # per node whose channels lie in a dim other than 1
@@ -188,6 +189,8 @@ class ChannelGraph:
                 self._keys.setdefault(group, (name, channel))
         self._step_groups = [self.groups_of(step.slots) for step in self.steps]
         self.pinned_mask = torch.zeros(self.num_groups, dtype=torch.bool)
+        self.output_mask = torch.zeros(self.num_groups, dtype=torch.bool)  # the groups the model outputs
+        self.output_mask[self.groups_of(self._output_slots)] = True
         self.pinned_mask[list(self.pinned)] = True
 
     def _find_branches(self) -> None:
@@ -244,6 +247,10 @@ class ChannelGraph:
     def modules(self) -> list[str]:
         """Every module whose channels the graph records."""
         return list(dict.fromkeys([*self.outputs, *self.inputs, *self.members]))
+
+    def output_producers(self) -> list[str]:
+        """The producers whose every channel is one the model outputs (a classifier's logits)."""
+        return [name for name, groups in self.outputs.items() if len(groups) and bool(self.output_mask[groups].all())]
 
     def branch_of(self, module: str, role: str) -> str | None:
         """The producer of the residual branch whose channels these positions are (its outputs and members)."""
@@ -530,6 +537,7 @@ class _Walker:
         if node.op == "output":
             for n in self.tracked(node):
                 self.g.pin(self.env[n].slots or [], "reaches the model's output")
+                self.g._output_slots += self.env[n].slots or []
             return _Value(None)
         args, kwargs = self.real(node.args), self.real(node.kwargs)
         if node.op == "call_module":

@@ -164,24 +164,32 @@ def input_sources(model: nn.Module, example_input: Tensor | None) -> dict[str, l
     """Per Conv/Linear layer, per input position, its producers: the channel walker (core/groups.py) in its lenient
     mode. None where it cannot tell (the model's input, an op it does not know, a model it cannot trace or run):
     those inputs count as live, so the size is overestimated, never underestimated."""
-    layers = [name for name, m in model.named_modules() if isinstance(m, PRODUCERS)]
+    return _sources(model, _lenient_graph(model, example_input))
+
+
+def _lenient_graph(model: nn.Module, example_input: Tensor | None) -> ChannelGraph | None:
+    """The channel graph for size accounting; None, with a warning, where it cannot be traced."""
     if example_input is None:
         why = "no example input was given (SizeModel(model, example_input), SelfCompressor.attach(model, example))"
     else:
         try:
             graph = ChannelGraph(model, example_input.detach()[:2], strict=False)
-        except GraphError as error:
-            graph, why = None, str(error)
-        if graph is not None:
             _check_weights_go_through_forward(model, graph.fx_graph)
-            producers = graph.input_producers()
-            return {name: producers.get(name) for name in layers}
+            return graph
+        except GraphError as error:
+            why = str(error)
     warnings.warn(
         f"Size accounting cannot follow the channels of {type(model).__name__}: {why.rstrip('.')}. It counts every "
         "input channel as live, so the reported size is an upper bound.",
         stacklevel=3,
     )
-    return dict.fromkeys(layers)
+    return None
+
+
+def _sources(model: nn.Module, graph: ChannelGraph | None) -> dict[str, list[Producers | None] | None]:
+    layers = [name for name, m in model.named_modules() if isinstance(m, PRODUCERS)]
+    producers = graph.input_producers() if graph is not None else {}
+    return {name: producers.get(name) for name in layers}
 
 
 def _check_weights_go_through_forward(model: nn.Module, graph: torch.fx.Graph) -> None:
@@ -219,7 +227,10 @@ class SizeModel:
         self.float_weights = sum(weights for _, weights in self.original.values())
         self._shapes = [m.weight.shape for m in self.layers.values()]
         index = {name: i for i, name in enumerate(self.layers)}
-        sources = input_sources(model, self.example_input)
+        graph = _lenient_graph(model, self.example_input)
+        sources = _sources(model, graph)
+        # a 0-bit logit is a class the network can no longer tell apart: these keep a bit (`SelfCompressor.end_step`)
+        self.output_layers = [name for name in graph.output_producers() if name in self.layers] if graph else []
         self._plans = []
         for name, module in self.layers.items():
             in_features, groups, kernel = _geometry(module)
