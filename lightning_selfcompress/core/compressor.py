@@ -61,7 +61,8 @@ class SelfCompressor:
         init_bits: starting bit depth (8: the quantized network starts within about 1% of the float one).
         max_bits: the largest bit depth b may reach (8: every layer exports as int8; None: no bound).
         min_bits: the smallest (None: none, channels die at 0; 1: every channel keeps at least one bit, so the size
-            term trades bits between channels without removing any: mixed precision without pruning).
+            term trades bits between channels without removing any: mixed precision without pruning). The channels
+            the model outputs (a classifier's logits) keep at least one bit whatever it is: no class is lost.
         init_exponent: starting exponent; None picks it per channel by `init_scale`.
         init_scale: "absmax" (the bit range spans the channel's largest weight) or "lsq" (LSQ's step, 2 mean|w| /
             sqrt(2^(b-1) - 1), for fixed low bit depths).
