@@ -17,8 +17,14 @@ from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.core.size import SizeModel
-from lightning_selfcompress.core.widths import (LatencyTable, latency_tables, latency_weights, step_pressure, step_widths,
-                                                stream_pressure)
+from lightning_selfcompress.core.widths import (
+    LatencyTable,
+    latency_tables,
+    latency_weights,
+    step_pressure,
+    step_widths,
+    stream_pressure,
+)
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier, ResNet9
 
 
