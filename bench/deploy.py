@@ -1,6 +1,7 @@
 """Deployed speed: our exported files against what a user would ship instead, in a default ONNX Runtime session.
 
 `python bench/deploy.py --run RUN_DIR [--float-run FLOAT_RUN_DIR] [--batches 1 64] [--quick]`
+`python bench/deploy.py --model resnet50 [--size 224] [--runs 10 --rounds 3]`
 
 Four files of the same network, timed side by side in one process on CPU (ONNX Runtime's default session options,
 random inputs, alternating rounds, the best of the rounds' medians):
@@ -18,7 +19,9 @@ random inputs, alternating rounds, the best of the rounds' medians):
 
 The float network is the run's, rebuilt from its config (untrained: speed does not depend on the values), or the
 trained float run given with `--float-run`, in which case its test accuracy and that of its `quantize_static` file
-are measured too. Each row says how many of the file's convolutions ONNX Runtime runs as integer kernels (read from
+are measured too. With `--model`, a torchvision classifier (untrained) stands in for a run, as a trained network
+would leave it: half of its removable channel groups dead (0 bits, constant 0) and cut to multiples of 16; both
+sides calibrate on the same random images (no data here, so no accuracy). Each row says how many of the file's convolutions ONNX Runtime runs as integer kernels (read from
 its optimized graph). Last, how much of the fall in multiply-accumulates the weight-only file's latency shows (both
 files float32 at inference: the thinning alone).
 """
@@ -58,6 +61,16 @@ def load_run(path: str) -> tuple[nn.Module, nn.Module, object]:
     datamodule.setup("fit")
     datamodule.setup("test")
     return float_net, trained, datamodule
+
+
+def load_torchvision(name: str, size: int, batches: int) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """(the float network, the same with half its removable channel groups dead and cut, calibration batches)."""
+    import torchvision
+    from latency import synthetic  # bench/ is on the path when this runs as a script
+
+    float_net, ours, _ = synthetic(lambda: torchvision.models.get_model(name), (3, size, size), round_to=16)
+    generator = torch.Generator().manual_seed(1)
+    return float_net, ours, [torch.randn(8, 3, size, size, generator=generator) for _ in range(batches)]
 
 
 def multiply_accumulates(net: nn.Module, x: torch.Tensor) -> int:
@@ -106,21 +119,32 @@ def integer_share(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="an lsc-train run directory or checkpoint (the compressed model)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="an lsc-train run directory or checkpoint (the compressed model)")
+    source.add_argument("--model", help="a torchvision classifier, half its channel groups dead and cut (synthetic)")
     parser.add_argument("--float-run", help="a trained float lsc-train run of the same network (for accuracies)")
+    parser.add_argument("--size", type=int, default=224, help="with --model: the input images' height and width")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--calibration-batches", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=100, help="timed calls per file, batch size and round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="few runs and rounds, no accuracy (a smoke run)")
     args = parser.parse_args()
-    runs, rounds = (5, 1) if args.quick else (100, 5)
+    if args.float_run and not args.run:
+        parser.error("--float-run goes with --run: a torchvision model has no trained float run here")
+    runs, rounds = (5, 1) if args.quick else (args.runs, args.rounds)
     console = Console(width=200)
     console.print(f"load average before: {os.getloadavg()}, {os.cpu_count()} cores, torch {torch.__version__}")
 
-    float_net, ours, datamodule = load_run(args.run)
-    if args.float_run:
-        float_net = load_run(args.float_run)[1]
-    train = iter(datamodule.train_dataloader())
-    calibration = [next(train)[0] for _ in range(args.calibration_batches)]
+    datamodule = None
+    if args.model:
+        float_net, ours, calibration = load_torchvision(args.model, args.size, args.calibration_batches)
+    else:
+        float_net, ours, datamodule = load_run(args.run)
+        if args.float_run:
+            float_net = load_run(args.float_run)[1]
+        train = iter(datamodule.train_dataloader())
+        calibration = [next(train)[0] for _ in range(args.calibration_batches)]
     x = calibration[0][:2]
     trained_steps = any("input_quantizer" in m._modules for m in quantized_layers(ours).values())
     layouts = {"ours, int8 (TensorRT layout)": "tensorrt", "ours, int8 (ONNX Runtime layout)": "onnxruntime"}
@@ -139,7 +163,7 @@ def main() -> None:
                 for b, ms in ort_latency_ms(path, shape, args.batches, runs=runs, warmup=5).items():
                     best[key][b] = min(best[key][b], ms)
         trained = set(mine) | ({"float", "ORT int8"} if args.float_run else set())
-        test = None if args.quick else list(datamodule.test_dataloader())
+        test = None if args.quick or datamodule is None else list(datamodule.test_dataloader())
         title = f"ONNX Runtime CPU, default session, median ms per batch (best of {rounds} rounds of {runs})"
         table = Table(title=title)
         timed = [f"batch {b}" for b in args.batches] + [f"speed-up, batch {b}" for b in args.batches]

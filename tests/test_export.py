@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torchvision
 from onnx import helper, numpy_helper
 from torch import nn
 
@@ -508,3 +509,14 @@ def test_written_files_have_the_permissions_the_umask_gives(umask, tmp_path):
     for name in ("net.onnx", "new/float.onnx", "net.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["float.onnx", "net.json", "net.onnx", "new"]
+
+
+def test_a_torchvision_resnet_runs_every_conv_but_the_first_as_an_integer_kernel(tmp_path):
+    """The last block's Add reaches the classifier through a ReLU and a global average pooling, which keep its sign:
+    it is quantized like the other Adds, so the last convolution ends in an integer kernel too."""
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    attach_quantizers(net, QuantizationConfig(init_bits=6))
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    export_onnx(net, batches[0], tmp_path / "net.onnx", calibration=batches, tolerance=0.1, runtime="onnxruntime")
+    ops = optimized_ops(tmp_path / "net.onnx", tmp_path)
+    assert ops.count("QLinearConv") == 19 and ops.count("Conv") == 1, f"all 20 but the one on the image: {ops}"

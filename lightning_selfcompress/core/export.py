@@ -84,7 +84,7 @@ WEIGHT_OPS = ("Conv", "Gemm")
 # f(q(x)) = q(f(x)) for a per-tensor q: ops that only move, select or take the max of elements (a branch's
 # re-embedding is Concat with zeros, then Gather), and ReLU
 COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten", "Concat", "Gather")
-KEEPS_SIGN = ("MaxPool", "Reshape", "Flatten", "Gather")  # a ReLU's output stays non-negative through these
+KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten", "Gather")  # a ReLU's output stays >= 0
 RUNTIMES = ("tensorrt", "onnxruntime")  # the int8 activation layouts export_onnx writes
 FEW_INPUT_CHANNELS = 4  # onnxruntime: a layer reading fewer channels per group keeps float activations
 TRAINED_ACTIVATION_TOLERANCE = 1e-2  # the least parity tolerance of a model trained with int8 activations
@@ -410,7 +410,7 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
 
 
 def _non_negative(producer: dict[str, onnx.NodeProto], tensor: str) -> bool:
-    """Whether `tensor` is a ReLU's output, through max-pooling, reshapes and gathers, or a sum or concatenation of
+    """Whether `tensor` is a ReLU's output, through pooling, reshapes and gathers, or a sum or concatenation of
     such (and of zeros)."""
     node = producer.get(tensor)
     while node is not None and node.op_type in KEEPS_SIGN:
