@@ -39,7 +39,7 @@ from rich.table import Table
 from torch import nn
 
 from lightning_selfcompress.core.export import export_onnx
-from lightning_selfcompress.core.latency import INTEGER_KERNELS, ort_kernels, ort_latency_ms
+from lightning_selfcompress.core.latency import INTEGER_KERNELS, ort_kernels, ort_latency_side_by_side
 from lightning_selfcompress.core.parity import onnx_session
 from lightning_selfcompress.core.quant import quantized_layers
 
@@ -156,12 +156,7 @@ def main() -> None:
         for key in mine:  # a model trained with int8 inputs exports its trained steps, calibration or not
             export_onnx(ours, x, files[key], calibration=calibration if key in layouts else None, tolerance=None,
                         runtime=layouts.get(key, "tensorrt"))  # fmt: skip
-        best = {key: dict.fromkeys(args.batches, float("inf")) for key in files}
-        shape = tuple(x.shape[1:])
-        for _ in range(rounds):  # alternate, so that drift in machine speed hits every file alike
-            for key, path in files.items():
-                for b, ms in ort_latency_ms(path, shape, args.batches, runs=runs, warmup=5).items():
-                    best[key][b] = min(best[key][b], ms)
+        best = ort_latency_side_by_side(files, args.batches, tuple(x.shape[1:]), runs=runs, rounds=rounds)
         trained = set(mine) | ({"float", "ORT int8"} if args.float_run else set())
         test = None if args.quick or datamodule is None else list(datamodule.test_dataloader())
         title = f"ONNX Runtime CPU, default session, median ms per batch (best of {rounds} rounds of {runs})"

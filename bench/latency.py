@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lightning_selfcompress.core.export import export_onnx, inference_form
 from lightning_selfcompress.core.groups import ChannelGraph
-from lightning_selfcompress.core.latency import ort_latency_ms
+from lightning_selfcompress.core.latency import ort_latency_side_by_side
 from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.core.tensorrt import Engine, EngineBuildError, TensorRTUnavailable, build_engine
@@ -81,12 +81,7 @@ def ort_table(cases: dict, batches: list[int], runs: int, rounds: int, threads: 
         files = onnx_files(scratch, name)
         export_onnx(float_net, x, files["float"])
         export_onnx(compressed, x, files["exported"], float_path=files["thinned"])
-        shape = tuple(x.shape[1:])
-        best = {key: dict.fromkeys(batches, float("inf")) for key in files}
-        for _ in range(rounds):  # alternate, so that drift in machine speed hits every file alike
-            for key, path in files.items():
-                for b, ms in ort_latency_ms(path, shape, batches, runs=runs, warmup=3, threads=threads).items():
-                    best[key][b] = min(best[key][b], ms)
+        best = ort_latency_side_by_side(files, batches, tuple(x.shape[1:]), runs, rounds, warmup=3, threads=threads)
         m_float, m_comp = macs(float_net, x), macs(compressed, x)
         for b in batches:
             f, t, e = best["float"][b], best["thinned"][b], best["exported"][b]

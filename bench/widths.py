@@ -25,7 +25,7 @@ from rich.table import Table
 
 from lightning_selfcompress.core.export import export_onnx
 from lightning_selfcompress.core.groups import ChannelGraph
-from lightning_selfcompress.core.latency import ort_latency_ms
+from lightning_selfcompress.core.latency import ort_latency_side_by_side
 from lightning_selfcompress.core.quant import attach_quantizers
 from lightning_selfcompress.core.surgery import Surgeon
 from lightning_selfcompress.testing import kill_branch_channels, kill_groups
@@ -96,11 +96,7 @@ def main() -> None:
             export_onnx(net, x, files[(case, "weights")], tolerance=None)
             files[(case, "int8")] = Path(scratch) / f"{len(files)}.onnx"
             export_onnx(net, x, files[(case, "int8")], calibration=calibration, tolerance=None, runtime="onnxruntime")
-        best = {key: dict.fromkeys(args.batches, float("inf")) for key in files}
-        for _ in range(args.rounds):  # alternate, so that drift in machine speed hits every file alike
-            for key, path in files.items():
-                for b, ms in ort_latency_ms(path, tuple(args.input), args.batches, runs=50).items():
-                    best[key][b] = min(best[key][b], ms)
+        best = ort_latency_side_by_side(files, args.batches, tuple(args.input), runs=50, rounds=args.rounds)
     table = Table(title=f"ONNX Runtime CPU, default session: speed-up over the float export (best of {args.rounds})")
     for column in ("widths", "MACs", "file", *(f"batch {b}" for b in args.batches), "latency fall / MACs fall"):
         table.add_column(column, justify="left" if column in ("widths", "file") else "right")

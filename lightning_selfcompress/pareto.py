@@ -1,7 +1,7 @@
 """`lsc-pareto`: the accuracy-size Pareto front of a set of `lsc-train` runs, as two CSV files and a plot.
 
     lsc-pareto outputs/multirun/2026-12-01_10-00-00 outputs/fmnist_baseline_cnn_float [--out PREFIX]
-        [--float-accuracy 0.912]
+        [--float-accuracy 0.912] [--latency-batch 64]
 
 Every `report.json` under the given folders is one run (a sweep's folder holds `<n>/report.json`, a
 single run's folder holds `report.json`). A `PREFIX.csv` that lsc-pareto wrote before may stand beside them: its
@@ -21,18 +21,22 @@ the exported file needs), since the real-valued bit depths are a training signal
     weights_kept                weights left after pruning and surgery
     float_weights               weights of the float network
     weights_kept_fraction       weights_kept / float_weights
+    latency_ms, latency_batch   with --latency-batch: the run's exported file (its report's export.path), median ms per
+                                batch in ONNX Runtime on this CPU, default session, timed side by side with the
+                                other runs' files (the best of 3 rounds); empty for a run without a file
     on_front                    whether the run's group is on the Pareto front
 
 `PREFIX_groups.csv`, one row per group:
     group, method, n_seeds, seeds ("0 1 2")
     accuracy_mean, accuracy_std (sample std over seeds; 0 for one seed), accuracy_min, accuracy_max
     bits_per_weight_mean, deployable_bits_per_weight_mean, deployable_bits_per_weight_std,
-    weights_kept_fraction_mean
+    weights_kept_fraction_mean, latency_ms_mean (empty unless every run of the group was timed)
     on_front                    no other group is at most as large (mean deployable bits per weight) and at least as
                                 accurate (mean test accuracy), and strictly one of the two
     run_dirs                    the group's run folders, separated by " "
 
-`PREFIX.png`: accuracy against deployable bits per weight (log axis), and against the fraction of weights kept;
+`PREFIX.png`: accuracy against deployable bits per weight (log axis), against the fraction of weights kept, and
+with --latency-batch (or a CSV whose runs were timed) against the latency of the exported file;
 groups at their mean with a std error bar and their seeds as faint dots, a marker and colour per method, the float
 baseline as a horizontal line with its min-max band, the front as a step line (compressed methods) and rings.
 
@@ -49,7 +53,7 @@ import re
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +87,9 @@ class Run:
     float_weights: int
     settings: dict[str, Any]  # the flattened config without seeds, paths and times: equal within a group
     overrides: list[str] | None  # .hydra/overrides.yaml without seed and paths, when the run has one
+    onnx_path: Path | None = None  # the file the run exported, where its report names one
+    latency_ms: float | None = None  # that file's median ms per batch of `latency_batch` (measure_latency)
+    latency_batch: int | None = None
 
     @property
     def weights_kept_fraction(self) -> float:
@@ -107,6 +114,10 @@ class Group:
 
     def mean(self, name: str) -> float:
         return statistics.fmean(self.values(name))
+
+    @property
+    def timed(self) -> bool:
+        return all(r.latency_ms is not None for r in self.runs)
 
     def std(self, name: str) -> float:
         """The sample standard deviation over seeds; 0 for a single seed."""
@@ -211,6 +222,8 @@ def load_run(path: Path, notes: set[str]) -> Run:
         deployable = _deployable(report, notes)
     except (TypeError, ValueError) as error:
         raise SystemExit(f"lsc-pareto: {path} holds a size or accuracy that is not a number: {error}") from None
+    export = report.get("export")
+    onnx_path = export.get("path") if isinstance(export, dict) else None
     return Run(
         run_dir=path.parent,
         method=_method(report, config, notes),
@@ -222,6 +235,7 @@ def load_run(path: Path, notes: set[str]) -> Run:
         float_weights=int(numbers["float_weights"]),
         settings={k: v for k, v in _flatten(config).items() if not _ignored(k, v)},
         overrides=_read_overrides(path.parent),
+        onnx_path=Path(onnx_path) if onnx_path else None,
     )
 
 
@@ -250,10 +264,28 @@ def load_csv_runs(path: Path) -> list[Run]:
                 float_weights=int(row["float_weights"]),
                 settings={"group": row["group"]},
                 overrides=[] if row["group"] == row["method"] else row["group"].split(" "),
+                latency_ms=float(row["latency_ms"]) if row.get("latency_ms") else None,
+                latency_batch=int(row["latency_batch"]) if row.get("latency_batch") else None,
             ))  # fmt: skip
         except (TypeError, ValueError) as error:
             raise SystemExit(f"lsc-pareto: {path}, line {line}: {error}") from None
     return runs
+
+
+def measure_latency(runs: Sequence[Run], batch: int, rounds: int = 3, calls: int = 30) -> list[Run]:
+    """The runs, each with its exported file's latency at `batch`: every file timed in one process, side by side
+    (ONNX Runtime on this CPU, default session, the files taking turns each round), so that the latencies compare.
+    Runs without a file on disk (float runs with `export=none`, rows of a CSV) are left untimed, even where a CSV
+    held a latency: that one was timed in another process, maybe on another machine."""
+    from .core.latency import ort_latency_side_by_side
+
+    files = {i: r.onnx_path for i, r in enumerate(runs) if r.onnx_path is not None and r.onnx_path.is_file()}
+    if not files:
+        raise SystemExit("lsc-pareto: --latency-batch: none of the runs has its exported file on disk (the report's "
+                         "export.path): train with export=onnx, or leave --latency-batch out.")  # fmt: skip
+    best = ort_latency_side_by_side(files, [batch], runs=calls, rounds=rounds)
+    return [replace(r, latency_ms=best[i][batch] if i in files else None, latency_batch=batch if i in files else None)
+            for i, r in enumerate(runs)]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- groups, front
@@ -328,6 +360,8 @@ def _run_rows(groups: list[Group]) -> list[dict[str, Any]]:
                 "weights_kept": r.weights_kept,
                 "float_weights": r.float_weights,
                 "weights_kept_fraction": r.weights_kept_fraction,
+                "latency_ms": r.latency_ms,
+                "latency_batch": r.latency_batch,
                 "on_front": g.on_front,
             })  # fmt: skip
     return rows
@@ -350,6 +384,7 @@ def _group_rows(groups: list[Group]) -> list[dict[str, Any]]:
             "deployable_bits_per_weight_mean": g.size,
             "deployable_bits_per_weight_std": g.std("deployable_bits_per_weight"),
             "weights_kept_fraction_mean": g.mean("weights_kept_fraction"),
+            "latency_ms_mean": g.mean("latency_ms") if g.timed else None,
             "on_front": g.on_front,
             "run_dirs": " ".join(str(r.run_dir) for r in g.runs),
         })  # fmt: skip
@@ -377,14 +412,21 @@ def _plot(path: Path, groups: list[Group], float_accuracy: float | None) -> None
 
     methods = sorted({g.method for g in groups}, key=lambda m: (m != FLOAT, m))
     style = {m: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
-    fig = Figure(figsize=(13, 5.5))
-    axes = fig.subplots(1, 2, sharey=True)
-    panels = (("deployable_bits_per_weight", "deployable bits per weight (log)"),
-              ("weights_kept_fraction", "weights kept (fraction of the float network's)"))  # fmt: skip
+    panels = [("deployable_bits_per_weight", "deployable bits per weight (log)"),
+              ("weights_kept_fraction", "weights kept (fraction of the float network's)")]  # fmt: skip
+    timed = [g for g in groups if g.timed]
+    if timed:
+        batch = timed[0].runs[0].latency_batch
+        panels.append(("latency_ms", f"exported file's latency, batch {batch} (ms, ONNX Runtime on this CPU)"))
+    fig = Figure(figsize=(6.5 * len(panels), 5.5))
+    axes = fig.subplots(1, len(panels), sharey=True)
     for ax, (x, xlabel) in zip(axes, panels):
+        shown = timed if x == "latency_ms" else groups
         for method in methods:
             colour, marker = style[method]
-            own = [g for g in groups if g.method == method]
+            own = [g for g in shown if g.method == method]
+            if not own:
+                continue
             seeds = [r for g in own for r in g.runs]
             ax.scatter([getattr(r, x) for r in seeds], [100 * r.test_accuracy for r in seeds], color=colour,
                        marker=marker, alpha=0.25, s=14, linewidths=0)  # fmt: skip
@@ -392,7 +434,7 @@ def _plot(path: Path, groups: list[Group], float_accuracy: float | None) -> None
             ax.errorbar([g.mean(x) for g in own], [100 * g.accuracy for g in own],
                         yerr=[100 * g.std("test_accuracy") for g in own], xerr=[g.std(x) for g in own], color=colour,
                         marker=marker, linestyle="none", capsize=3, label=label)  # fmt: skip
-        front = [g for g in groups if g.on_front]
+        front = [g for g in shown if g.on_front]
         ax.scatter([g.mean(x) for g in front], [100 * g.accuracy for g in front], s=160, facecolors="none",
                    edgecolors="black", linewidths=1.2, label="Pareto front" if x == panels[0][0] else None)  # fmt: skip
         for label, mean, low, high in _float_baselines(groups, float_accuracy):
@@ -442,7 +484,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--float-accuracy", type=float, metavar="X",
         help="the float baseline's test accuracy, 0.912 or 91.2 (default: the runs of method float)",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--latency-batch", type=int, metavar="N",
+        help="time each run's exported file at this batch size, side by side in ONNX Runtime on this CPU, and plot "
+        "accuracy against it (run on an otherwise idle machine)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.latency_batch is not None and args.latency_batch < 1:
+        parser.error(f"--latency-batch {args.latency_batch}: a batch size is at least 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -458,6 +508,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs += [load_run(path, notes) for path in find_reports(folders)]
     for note in sorted(notes):
         print(f"lsc-pareto: warning: {note}", file=sys.stderr)
+    if args.latency_batch:
+        runs = measure_latency(runs, args.latency_batch)
+    batches = {r.latency_batch for r in runs if r.latency_ms is not None}
+    if len(batches) > 1:
+        raise SystemExit(f"lsc-pareto: the CSVs' runs were timed at different batch sizes ({sorted(batches)}): pass "
+                         "their folders with --latency-batch to time them all side by side.")  # fmt: skip
     groups = group_runs(runs)
     mark_front(groups)
     prefix = args.out or (folders or [tables[0].parent])[0] / "pareto"
@@ -468,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = write_outputs(prefix, groups, float_accuracy)
     print(f"{len(runs)} runs in {len(groups)} groups; on the Pareto front (deployable bits per weight, accuracy):")
     for g in sorted((g for g in groups if g.on_front), key=lambda g: g.size):
-        print(f"  {g.size:7.3f} bits  {100 * g.accuracy:6.2f}% ± {100 * g.std('test_accuracy'):.2f}  "
+        latency = f"  {g.mean('latency_ms'):.3f} ms" if g.timed else ""
+        print(f"  {g.size:7.3f} bits  {100 * g.accuracy:6.2f}% ± {100 * g.std('test_accuracy'):.2f}{latency}  "
               f"[{g.method}] {g.label} ({len(g.runs)} seed{'s' * (len(g.runs) > 1)})")  # fmt: skip
     print("Wrote " + ", ".join(map(str, paths)))
 

@@ -21,7 +21,8 @@ from lightning_selfcompress.train import CONFIG_DIR
 
 BIN = Path(sys.executable).parent  # the virtual environment's console scripts
 RUN_COLUMNS = ["run_dir", "method", "group", "seed", "test_accuracy", "bits_per_weight", "deployable_bits_per_weight",
-               "weights_kept", "float_weights", "weights_kept_fraction", "on_front"]  # fmt: skip
+               "weights_kept", "float_weights", "weights_kept_fraction", "latency_ms", "latency_batch",
+               "on_front"]  # fmt: skip
 TINY = {  # 3 steps of a 2-wide network on 64 images; validation and test on one batch
     "trainer.max_steps": 3, "trainer.val_check_interval": 3, "+trainer.limit_val_batches": 1,
     "+trainer.limit_test_batches": 1, "+trainer.enable_progress_bar": "false", "trainer.enable_checkpointing": "false",
@@ -215,6 +216,39 @@ def test_a_front_is_redrawn_from_its_csv_with_new_runs(tmp_path):
     (tmp_path / "bad.csv").write_text((tmp_path / "front.csv").read_text().replace("0.915", "high", 1))
     with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'bad.csv'}, line ")):
         main([str(tmp_path / "bad.csv")])
+
+
+def test_accuracy_is_drawn_against_the_latency_of_each_run_s_exported_file(tmp_path):
+    """With --latency-batch, each run's exported file (its report's export.path) is timed in ONNX Runtime, all of them
+    in one process; runs without a file stay untimed, and so do a CSV's runs, timed in another process."""
+    import torch
+    from torch import nn
+
+    from lightning_selfcompress.core.export import export_onnx
+
+    for seed, width in enumerate((4, 8)):
+        report = write_report(tmp_path / "runs" / f"sc_{seed}", "self-compression", seed, 0.9, 2.0, gamma=0.1)
+        net = nn.Sequential(nn.Conv2d(1, width, 3), nn.ReLU(), nn.Flatten(), nn.Linear(width * 26 * 26, 10))
+        path = export_onnx(net, torch.randn(2, 1, 28, 28), report.parent / "model.onnx").path
+        report.write_text(json.dumps(json.loads(report.read_text()) | {"export": {"path": str(path)}}))
+    write_report(tmp_path / "runs" / "float", "float", 0, 0.91, 32.0)  # export=none: no file
+
+    main([str(tmp_path / "runs"), "--latency-batch", "4", "--out", str(tmp_path / "timed")])
+    rows = {Path(r["run_dir"]).name: r for r in read_csv(tmp_path / "timed.csv")}
+    assert all(float(rows[name]["latency_ms"]) > 0 and rows[name]["latency_batch"] == "4" for name in ("sc_0", "sc_1"))
+    assert rows["float"]["latency_ms"] == rows["float"]["latency_batch"] == "", "no file, no latency"
+    groups = {g["method"]: g for g in read_csv(tmp_path / "timed_groups.csv")}
+    assert float(groups["self-compression"]["latency_ms_mean"]) > 0 and groups["float"]["latency_ms_mean"] == ""
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "untimed")])
+    height, width, _ = png_shape(tmp_path / "timed.png")
+    assert width > png_shape(tmp_path / "untimed.png")[1] * 1.3, "a third panel: accuracy against latency"
+
+    main([str(tmp_path / "timed.csv"), "--out", str(tmp_path / "redrawn")])  # a CSV keeps what it held
+    assert read_csv(tmp_path / "redrawn.csv") == read_csv(tmp_path / "timed.csv")
+    with pytest.raises(SystemExit, match="none of the runs has its exported file on disk"):
+        main([str(tmp_path / "timed.csv"), "--latency-batch", "4", "--out", str(tmp_path / "again")])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "runs"), "--latency-batch", "0"])
 
 
 def test_the_size_plot_draws_what_the_run_logged(tmp_path):

@@ -84,7 +84,8 @@ WEIGHT_OPS = ("Conv", "Gemm")
 # f(q(x)) = q(f(x)) for a per-tensor q: ops that only move, select or take the max of elements (a branch's
 # re-embedding is Concat with zeros, then Gather), and ReLU
 COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten", "Concat", "Gather")
-KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten", "Gather")  # a ReLU's output stays >= 0
+# a ReLU's output stays non-negative through these
+KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten", "Gather")
 RUNTIMES = ("tensorrt", "onnxruntime")  # the int8 activation layouts export_onnx writes
 FEW_INPUT_CHANNELS = 4  # onnxruntime: a layer reading fewer channels per group keeps float activations
 TRAINED_ACTIVATION_TOLERANCE = 1e-2  # the least parity tolerance of a model trained with int8 activations

@@ -7,14 +7,14 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .parity import onnx_session
 
-__all__ = ["INTEGER_KERNELS", "ort_kernels", "ort_latency_ms"]
+__all__ = ["INTEGER_KERNELS", "ort_kernels", "ort_latency_ms", "ort_latency_side_by_side"]
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat")
 
@@ -43,6 +43,38 @@ def ort_latency_ms(
             times.append(1e3 * (time.perf_counter() - start))
         medians[batch] = statistics.median(times)
     return medians
+
+
+def ort_latency_side_by_side(
+    files: Mapping[Hashable, str | os.PathLike],
+    batch_sizes: Sequence[int],
+    sample_shape: Sequence[int] | None = None,
+    runs: int = 50,
+    rounds: int = 3,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> dict[Hashable, dict[int, float]]:
+    """Per file (key -> path), per batch size, the best of `rounds` medians, the files taking turns in every round so
+    that a busy moment or a drift in the machine's speed hits them alike: latencies to compare with each other.
+    `sample_shape`: one input's shape; default: each file's own (its input's dimensions after the batch)."""
+    best = {key: dict.fromkeys(batch_sizes, float("inf")) for key in files}
+    shapes = {key: sample_shape or input_sample_shape(path) for key, path in files.items()}
+    for _ in range(rounds):
+        for key, path in files.items():
+            for batch, ms in ort_latency_ms(path, shapes[key], batch_sizes, runs, warmup, threads).items():
+                best[key][batch] = min(best[key][batch], ms)
+    return best
+
+
+def input_sample_shape(path: str | os.PathLike) -> list[int]:
+    """The shape of one input of an ONNX file: its first input's dimensions after the batch, which must be fixed."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1:]
+    if not dims or any(not d.HasField("dim_value") for d in dims):
+        given = [d.dim_param or d.dim_value for d in dims]
+        raise ValueError(f"{path}: its input's shape after the batch is not fixed ({given}): give the shape to time.")
+    return [d.dim_value for d in dims]
 
 
 def ort_kernels(path: str | os.PathLike) -> dict[str, str]:
