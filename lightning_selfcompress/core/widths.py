@@ -373,26 +373,28 @@ def stream_pressure(
     it) goes only when every producer's channel of it is at 0 bits. Pushed one layer at a time, the producers chose
     different channels and the stream kept its full width; here a group's strength is its strongest producer's bits,
     and the weakest groups are pushed down in every producer together. `bits`: per producer, None where it is not
-    quantized (its groups never die); `groups`: per producer, the group of each of its present channels."""
-    grads: dict[str, Tensor] = {}
+    quantized (its groups never die); `groups`: per producer, the group of each of its present channels (on the CPU).
+    It runs every optimizer step: the bits come to the CPU in one transfer, and only the gradients go back."""
+    quantized = {name: b for name, b in bits.items() if b is not None}
+    if not quantized or not steps:
+        return {}
+    flat = torch.cat([b.detach().float().reshape(-1) for b in quantized.values()]).cpu()
+    values = dict(zip(quantized, flat.split([b.numel() for b in quantized.values()])))
     top = 1 + max(int(ids.max()) for ids in groups.values() if len(ids))
+    strongest = torch.full((top,), -math.inf)
+    for name, ids in groups.items():
+        own = values.get(name, torch.full((len(ids),), math.inf))  # not quantized: never dies
+        strongest[ids] = torch.maximum(strongest[ids], own)
+    push = torch.zeros(top, dtype=torch.bool)
     for name, allowed in steps.items():
-        if bits.get(name) is None:
-            continue
-        device = bits[name].device
-        ids = groups[name].to(device)
-        writers = [q for q in groups if torch.isin(groups[q].to(device), ids).any()]  # name among them
-        strongest = torch.full((top,), -math.inf, device=device)
-        for q in writers:
-            value = bits[q].detach().float() if bits[q] is not None else torch.full((len(groups[q]),), math.inf)
-            at = groups[q].to(device)
-            strongest[at] = torch.maximum(strongest[at], value.to(device))
-        grad = step_pressure(strongest[ids], allowed, strength)
-        if grad is None:
-            continue
-        weakest = ids[grad > 0]
-        for q in writers:
-            if bits[q] is not None:
-                where = torch.isin(groups[q].to(device), weakest) & (bits[q].detach() > 0)
-                grads.setdefault(q, torch.zeros_like(bits[q]))[where] = strength
+        if name in values:
+            grad = step_pressure(strongest[groups[name]], allowed, strength)
+            if grad is not None:
+                push[groups[name][grad > 0]] = True
+    grads: dict[str, Tensor] = {}
+    for name, b in quantized.items():
+        where = push[groups[name]] & (values[name] > 0)
+        if where.any():
+            grads[name] = torch.zeros_like(b)
+            grads[name][where.to(b.device)] = strength
     return grads
