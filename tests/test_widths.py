@@ -48,6 +48,21 @@ def test_steps_off_the_block_are_left_out_on_request():
     assert step_widths(widths[:30], ms[:30], multiple_of=8) == [8, 16, 24, 30]
 
 
+def test_a_float_kernels_table_keeps_its_steps_on_the_cpus_channel_block():
+    """ONNX Runtime's NCHWc block is 16 channels with AVX-512 and 8 with AVX2: a table measured there steps only on
+    multiples of it (17 of 32, which timed faster than 32 in its chain, cost the main job its speed). Integer kernels'
+    tables, and a CPU without either extension, keep every measured step."""
+    widths = list(range(1, 33))
+    ms = [math.ceil(w / 8) + 0.001 * w - (0.3 if w == 17 else 0.0) for w in widths]
+    epyc = "onnxruntime 1.32.0 CPU, AMD EPYC+avx2"
+    assert LatencyTable("a", widths, ms, epyc + "+avx512f+avx512_vnni", 64).step_widths() == [16, 32]
+    assert LatencyTable("a", widths, ms, epyc, 64).step_widths() == [8, 16, 24, 32]
+    assert LatencyTable("a", widths, ms, epyc, 64).step_widths(multiple_of=16) == [16, 32], "with round_to: both"
+    assert LatencyTable("a", widths, ms, "onnxruntime 1.32.0 CPU, aarch64", 64).step_widths() == [8, 16, 17, 24, 32]
+    int8 = LatencyTable("a", widths, ms, epyc + "+avx512f", 64, backend="onnxruntime-cpu-int8")
+    assert int8.step_widths() == [8, 16, 17, 24, 32]
+
+
 class Two(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -140,7 +155,7 @@ def test_a_layer_is_timed_in_its_chain_as_inside_the_network(tmp_path):
 def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     pl.seed_everything(0, verbose=False)
-    module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
+    module = ImageClassifier(BaselineCNN(1, 10, width=16), optimizer="adam", lr=0.003)  # widths 16, 16, 32, 32
     surgeon = ChannelSurgeon(every_n_steps=2, widths="onnxruntime-cpu", latency_batch=4, round_to=2)
 
     class Kill(pl.Callback):
@@ -152,6 +167,9 @@ def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeyp
     pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=4)).fit(module, tiny_fmnist)
     assert set(surgeon.step_widths) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"}
     assert all(w % 2 == 0 for steps in surgeon.step_widths.values() for w in steps), "round_to=2: even steps only"
+    device = json.loads(next((tmp_path / "cache").rglob("*.json")).read_text())["device"]
+    block = LatencyTable("", [1], [0.0], device, 4).block  # this CPU's: 16 with AVX-512, 8 with AVX2
+    assert all(w % block == 0 or w == max(steps) for steps in surgeon.step_widths.values() for w in steps), block
     assert list((tmp_path / "cache").rglob("*.json")), "the tables went to the cache"
     assert surgeon.history, "a surgery ran"
     for name, allowed in surgeon.step_widths.items():

@@ -41,12 +41,13 @@ class ChannelSurgeon(Callback):
             zero (the paper's L1 pull, as a proximal step), so that their constant output can be removed. 0: off.
         atol: how far from zero (or from train/eval agreement, for folding) a dead channel's constant may be.
             0 (the default) removes only what provably leaves the function unchanged.
-        round_to: keep every layer whose width is a multiple of this a multiple of it (8 for GPU tensor cores and
-            ONNX Runtime on AVX2 CPUs, 16 with AVX-512), leaving some dead channels in place until enough have died.
-            With latency steps, only the steps that are multiples of it count.
+        round_to: keep every layer whose width is a multiple of this a multiple of it (8 for GPU tensor cores),
+            leaving some dead channels in place until enough have died. With latency steps, only the steps that are
+            multiples of it count.
         widths: "any", or "onnxruntime-cpu": cut each layer only to the widths on its latency staircase, measured
-            once in ONNX Runtime on this machine's CPU (`core.widths`, cached on disk), so that every cut makes the
-            deployed layer faster; dead channels wait as exact zeros until the next step down is reached.
+            once in ONNX Runtime on this machine's CPU (`core.widths`, cached on disk), and on its channel block
+            (16 with AVX-512, 8 with AVX2), so that every cut makes the deployed layer faster; dead channels wait as
+            exact zeros until the next step down is reached.
             "onnxruntime-cpu-int8": the same for ONNX Runtime's integer kernels (a file exported with int8
             activations, `runtime="onnxruntime"`), whose steps are not the float kernels' steps.
         latency_batch: the batch size at which the latency tables are measured.

@@ -7,8 +7,8 @@ channels the surgeon may remove, `latency_tables` times that layer together with
 as one ONNX graph per width in ONNX Runtime (CPU), at the shapes they have in the model, chained as in the model
 (measured in isolation, a width off the CPU's 16-channel block looked as fast as one on it; in the network it
 breaks ONNX Runtime's blocked layout between the layers and costs more than the wider width), and caches the table
-on disk keyed by backend, device, shapes and how it was timed. `step_widths` keeps the widths that are measurably
-faster than every wider one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels
+on disk keyed by backend, device, shapes and how it was timed. `LatencyTable.step_widths` keeps the widths on the
+CPU's channel block that are measurably faster than every wider one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels
 in place (exact zeros) until enough have died to reach the next step down.
 """
 
@@ -49,18 +49,31 @@ class LatencyTable:
     ms: list[float]  # median latency of the layer and its readers at each width
     device: str
     batch: int
+    backend: str = "onnxruntime-cpu"
+
+    @property
+    def block(self) -> int:
+        """The channel block of the layout the table's kernels run in, which every step below the full width is a
+        multiple of: ONNX Runtime's float convolutions run in its blocked NCHWc layout, 16 channels wide with
+        AVX-512 and 8 with AVX2 (MLAS's `NchwcBlockSize`). A width off the block drops the layers around it out of
+        that layout, which costs more in the whole network than the layer timed in its chain shows (the main job
+        cut to 17 of 32 channels ran slower than at 16, 2026-12-03). Integer kernels: no such layout, 1."""
+        if self.backend != "onnxruntime-cpu":
+            return 1
+        return 16 if "+avx512f" in self.device else 8 if "+avx2" in self.device else 1
 
     def step_widths(self, tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
-        return step_widths(self.widths, self.ms, tolerance, multiple_of)
+        """`step_widths` on this table, the candidates also multiples of its `block`."""
+        return step_widths(self.widths, self.ms, tolerance, math.lcm(multiple_of, self.block))
 
 
 def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
     """The widths worth cutting to, ascending: from the full width down, each width kept is at least `tolerance`
     (a fraction) faster than the narrowest one kept above it. On a staircase these are the step edges; widths inside
     a step, no faster than its edge above, are left out; on a smooth slope every few widths stay.
-    `multiple_of`: only multiples of it are candidates (the full width always is). A layer timed in its chain can
-    look fast at a width off the CPU's channel block (19 of 32, say) that in the whole network breaks the blocked
-    layout around it; on an AVX2 CPU `multiple_of=8` keeps the cuts on its block (recipes/fashion_mnist_resnet9.md)."""
+    `multiple_of`: only multiples of it are candidates (the full width always is): a layer timed in its chain can
+    look fast at a width off the CPU's channel block (17 of 32, say) that in the whole network breaks the blocked
+    layout around it (`LatencyTable.step_widths` keeps its table's cuts on that block)."""
     full = max(widths)
     order = sorted((i for i in range(len(widths)) if widths[i] % multiple_of == 0 or widths[i] == full),
                    key=lambda i: -widths[i])  # fmt: skip
@@ -316,7 +329,7 @@ def latency_tables(
         path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
         if path.is_file():
             stored = json.loads(path.read_text())
-            tables[producer] = LatencyTable(producer, stored["widths"], stored["ms"], device, batch)
+            tables[producer] = LatencyTable(producer, stored["widths"], stored["ms"], device, batch, backend)
             continue
         widths = list(range(1, full + 1))
         ms = [math.inf] * full
@@ -325,7 +338,7 @@ def latency_tables(
                 specs = [{**own, "out": width}]
                 specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
                 ms[i] = min(ms[i], _time(specs, batch, runs, int8=backend.endswith("int8")))
-        table = LatencyTable(producer, widths, ms, device, batch)
+        table = LatencyTable(producer, widths, ms, device, batch, backend)
         with atomic_path(path) as tmp:  # parent folders included
             tmp.write_text(json.dumps({**asdict(table), "key": key}))
         tables[producer] = table
