@@ -10,6 +10,7 @@ the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     backend = "onnxruntime-cpu-int8" if args.int8 else "onnxruntime-cpu"
     tables = latency_tables(ChannelGraph(model, example[:1]), example, backend=backend, batch=args.batch,
                             runs=args.runs, rounds=args.rounds, cache_dir=args.cache)  # fmt: skip
-    table = Table(title=f"Latency against width, {backend}, batch {args.batch}, {next(iter(tables.values())).device}")
+    first = next(iter(tables.values()))
+    table = Table(title=f"Latency against width, {backend}, batch {args.batch}, {first.device}; steps on multiples "
+                        f"of {math.lcm(first.block, args.round_to)} channels (its kernels' channel block, --round-to)")
     for column in ("layer", "width", "ms at full width", "ms at half", "widths it may be cut to (steps)"):
         table.add_column(column, justify="left" if column in ("layer", "widths it may be cut to (steps)") else "right")
     for name, t in tables.items():

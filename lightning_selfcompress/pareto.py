@@ -283,7 +283,10 @@ def measure_latency(runs: Sequence[Run], batch: int, rounds: int = 3, calls: int
     if not files:
         raise SystemExit("lsc-pareto: --latency-batch: none of the runs has its exported file on disk (the report's "
                          "export.path): train with export=onnx, or leave --latency-batch out.")  # fmt: skip
-    best = ort_latency_side_by_side(files, [batch], runs=calls, rounds=rounds)
+    try:
+        best = ort_latency_side_by_side(files, [batch], runs=calls, rounds=rounds)
+    except ValueError as error:  # a file whose input shape is not fixed: nothing to time it at
+        raise SystemExit(f"lsc-pareto: --latency-batch: {error}") from None
     return [replace(r, latency_ms=best[i][batch] if i in files else None, latency_batch=batch if i in files else None)
             for i, r in enumerate(runs)]  # fmt: skip
 

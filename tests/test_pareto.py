@@ -250,6 +250,14 @@ def test_accuracy_is_drawn_against_the_latency_of_each_run_s_exported_file(tmp_p
     with pytest.raises(SystemExit):
         main([str(tmp_path / "runs"), "--latency-batch", "0"])
 
+    import onnx  # a file exported with a free image size: one line naming the file, no traceback
+
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    onnx.save(model, str(path))
+    with pytest.raises(SystemExit, match=r"lsc-pareto: --latency-batch: .*model.onnx: its input's shape after the"):
+        main([str(tmp_path / "runs"), "--latency-batch", "4", "--out", str(tmp_path / "free")])
+
 
 def test_the_size_plot_draws_what_the_run_logged(tmp_path):
     header = "epoch,step,train/loss,selfcompress/bits_per_weight,selfcompress/deployable_bits_per_weight,"
