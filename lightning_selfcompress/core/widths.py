@@ -53,18 +53,20 @@ class LatencyTable:
 
     @property
     def block(self) -> int:
-        """The channel block of the layout the table's kernels run in, which every step below the full width is a
-        multiple of: ONNX Runtime's float convolutions run in its blocked NCHWc layout, 16 channels wide with
-        AVX-512 and 8 with AVX2 (MLAS's `NchwcBlockSize`). A width off the block drops the layers around it out of
-        that layout, which costs more in the whole network than the layer timed in its chain shows (the main job
-        cut to 17 of 32 channels ran slower than at 16, 2026-12-03). Integer kernels: no such layout, 1."""
+        """The channel block of the layout the table's kernels run in: ONNX Runtime's float convolutions run in its
+        blocked NCHWc layout, 16 channels wide with AVX-512 and 8 with AVX2 (MLAS's `NchwcBlockSize`). A width off
+        the block drops the layers around it out of that layout, which costs more in the whole network than the
+        layer timed in its chain shows (the main job cut to 17 of 32 channels ran slower than at 16, 2026-12-03).
+        Integer kernels: no such layout, 1."""
         if self.backend != "onnxruntime-cpu":
             return 1
         return 16 if "+avx512f" in self.device else 8 if "+avx2" in self.device else 1
 
     def step_widths(self, tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
-        """`step_widths` on this table, the candidates also multiples of its `block`."""
-        return step_widths(self.widths, self.ms, tolerance, math.lcm(multiple_of, self.block))
+        """`step_widths` on this table; a layer whose width is a multiple of its `block` (so in that layout) stays
+        on it, as `round_to` keeps a layer on its multiple."""
+        block = self.block if max(self.widths) % self.block == 0 else 1
+        return step_widths(self.widths, self.ms, tolerance, math.lcm(multiple_of, block))
 
 
 def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
