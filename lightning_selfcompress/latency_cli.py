@@ -4,6 +4,7 @@ the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads 
     lsc-latency                                   # the main job's network (conf/model/baseline_cnn.yaml), 1x28x28
     lsc-latency --model resnet9 --set width=16 --batch 1
     lsc-latency --int8                            # ONNX Runtime's integer kernels (widths="onnxruntime-cpu-int8")
+    lsc-latency --torch --device cuda             # PyTorch eager on a GPU (widths="torch" in a GPU run)
     lsc-latency --round-to 8                      # the steps a surgeon with round_to=8 cuts to
 """
 
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all widths (the best counts)")
     parser.add_argument("--tolerance", type=float, default=0.02, help="a step is at least this much faster")
     parser.add_argument("--round-to", type=int, default=1, help="only steps that are multiples of this (as round_to)")
-    parser.add_argument("--int8", action="store_true", help="time the int8 layout (integer kernels)")
+    backend = parser.add_mutually_exclusive_group()
+    backend.add_argument("--int8", action="store_true", help="time the int8 layout (integer kernels)")
+    backend.add_argument("--torch", action="store_true", help="time PyTorch eager (float32) instead of ONNX Runtime")
+    parser.add_argument("--device", default="cpu", help="with --torch: the device to time on (cpu, cuda, cuda:1)")
     parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default {default_cache_dir()})")
     args = parser.parse_args(argv)
 
@@ -47,9 +51,15 @@ def main(argv: list[str] | None = None) -> None:
         choices = sorted(p.stem for p in config_path.parent.glob("*.yaml"))
         parser.error(f"no model config '{args.model}' in {config_path.parent}; choose one of {choices}")
     config = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(args.set))
-    model = instantiate(config).eval()
-    example = torch.randn(2, *args.input)
-    backend = "onnxruntime-cpu-int8" if args.int8 else "onnxruntime-cpu"
+    if args.device != "cpu" and not args.torch:
+        parser.error(f"--device {args.device}: ONNX Runtime's tables are timed on the CPU; add --torch")
+    try:
+        device = torch.device(args.device)
+        model = instantiate(config).eval().to(device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
+    example = torch.randn(2, *args.input, device=device)
+    backend = "torch" if args.torch else "onnxruntime-cpu-int8" if args.int8 else "onnxruntime-cpu"
     tables = latency_tables(ChannelGraph(model, example[:1]), example, backend=backend, batch=args.batch,
                             runs=args.runs, rounds=args.rounds, cache_dir=args.cache)  # fmt: skip
     first = next(iter(tables.values()))

@@ -116,13 +116,44 @@ def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path, monkey
     assert len(list(tmp_path.glob("*.json"))) == 8
     from lightning_selfcompress.core import widths
 
-    here = widths._device()  # a host of the same CPU model with other vector extensions has other steps
-    monkeypatch.setattr(widths, "_device", lambda: here.replace(" CPU, ", " CPU, other+avx512f "))
+    here = widths._device("onnxruntime-cpu", x.device)  # the same CPU model with other vector extensions: other steps
+    monkeypatch.setattr(widths, "_device", lambda *args: here.replace(" CPU, ", " CPU, other+avx512f "))
     other = latency_tables(graph, x, batch=2, runs=1, rounds=1, cache_dir=tmp_path)
     assert all(t.ms != [7.0] * len(t.ms) for t in other.values()), "another CPU, measured anew"
     monkeypatch.undo()
     with pytest.raises(ValueError, match="backend='tensorrt' is not one of"):
         latency_tables(graph, x, backend="tensorrt", cache_dir=tmp_path)
+
+
+def test_torch_tables_time_the_same_chain_in_pytorch_on_the_models_device(tmp_path):
+    """backend="torch": the chain that ONNX Runtime's tables time (the layer behind a feeder, its readers through the
+    pooling or flattening their shapes ask for), built in PyTorch and timed in eager mode on the model's device (a
+    GPU where it trains on one; this CPU here), cached apart from ONNX Runtime's tables."""
+    import numpy as np
+    import onnxruntime
+
+    from lightning_selfcompress.core.widths import _Chain, _graph
+
+    net = BaselineCNN(1, 10, width=4)
+    x = torch.randn(2, 1, 28, 28)
+    graph = ChannelGraph(net, x[:1])
+    tables = latency_tables(graph, x, backend="torch", batch=2, runs=2, rounds=1, cache_dir=tmp_path)
+    assert set(tables) == {"features.0", "features.2", "features.6", "features.8"}
+    for name, table in tables.items():
+        assert table.device.startswith(f"torch {torch.__version__} CPU") and table.block == 1, table.device
+        assert all(ms > 0 for ms in table.ms) and table.step_widths()[-1] == net.get_submodule(name).out_channels
+    assert len(latency_tables(graph, x, batch=2, runs=1, rounds=1, cache_dir=tmp_path)) == 4
+    assert len(list(tmp_path.glob("*.json"))) == 8, "ONNX Runtime's tables are measured and cached apart"
+    rng = np.random.default_rng(0)
+    for f in tmp_path.glob("*.json"):
+        key = json.loads(f.read_text())["key"]
+        specs = [key["layer"], *(spec for spec, _ in key["readers"])]
+        session = onnxruntime.InferenceSession(_graph(specs, 2).SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = [rng.standard_normal(i.shape, dtype=np.float32) for i in session.get_inputs()]
+        expected = [list(y.shape) for y in session.run(None, dict(zip([i.name for i in session.get_inputs()], feeds)))]
+        with torch.no_grad():
+            got = [list(y.shape) for y in _Chain(specs)(*map(torch.from_numpy, feeds))]
+        assert got == expected, (key["layer"], got, expected)
 
 
 def test_a_layer_is_timed_in_its_chain_as_inside_the_network(tmp_path):
@@ -154,11 +185,12 @@ def test_a_layer_is_timed_in_its_chain_as_inside_the_network(tmp_path):
     assert "NhwcMaxPool" in ops, f"the pooling between the layer and its reader runs on uint8 too: {ops}"
 
 
-def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
+def test_a_surgeon_on_latency_steps_in_a_real_run(backend, tiny_fmnist, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     pl.seed_everything(0, verbose=False)
     module = ImageClassifier(BaselineCNN(1, 10, width=16), optimizer="adam", lr=0.003)  # widths 16, 16, 32, 32
-    surgeon = ChannelSurgeon(every_n_steps=2, widths="onnxruntime-cpu", latency_batch=4, round_to=2)
+    surgeon = ChannelSurgeon(every_n_steps=2, widths=backend, latency_batch=4, round_to=2)
 
     class Kill(pl.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -169,8 +201,8 @@ def test_a_surgeon_on_latency_steps_in_a_real_run(tiny_fmnist, tmp_path, monkeyp
     pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=4)).fit(module, tiny_fmnist)
     assert set(surgeon.step_widths) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"}
     assert all(w % 2 == 0 for steps in surgeon.step_widths.values() for w in steps), "round_to=2: even steps only"
-    device = json.loads(next((tmp_path / "cache").rglob("*.json")).read_text())["device"]
-    block = LatencyTable("", [1], [0.0], device, 4).block  # this CPU's: 16 with AVX-512, 8 with AVX2
+    stored = json.loads(next((tmp_path / "cache").rglob("*.json")).read_text())
+    block = LatencyTable("", [1], [0.0], stored["device"], 4, backend).block  # ONNX Runtime on AVX-512: 16, AVX2: 8
     assert all(w % block == 0 for steps in surgeon.step_widths.values() for w in steps), block  # 16, 32: on it
     assert list((tmp_path / "cache").rglob("*.json")), "the tables went to the cache"
     assert surgeon.history, "a surgery ran"
@@ -197,6 +229,11 @@ def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--round-to", "0"])
     assert "--round-to 0: must be a positive integer" in capsys.readouterr().err
+    main(["--set", "width=2", "--batch", "1", "--runs", "1", "--cache", str(tmp_path), "--torch"])
+    assert "torch" in capsys.readouterr().out and len(list(tmp_path.glob("*.json"))) == 8, "PyTorch's own tables"
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda"])
+    assert "ONNX Runtime's tables are timed on the CPU; add --torch" in capsys.readouterr().err
 
 
 def test_the_step_pressure_pushes_the_weakest_live_channels_above_the_step_below():

@@ -49,7 +49,8 @@ class ChannelSurgeon(Callback):
             (16 with AVX-512, 8 with AVX2), so that every cut makes the deployed layer faster; dead channels wait as
             exact zeros until the next step down is reached.
             "onnxruntime-cpu-int8": the same for ONNX Runtime's integer kernels (a file exported with int8
-            activations, `runtime="onnxruntime"`), whose steps are not the float kernels' steps.
+            activations, `runtime="onnxruntime"`), whose steps are not the float kernels' steps. "torch": PyTorch's
+            own steps (eager, float32) on the device the model trains on, a GPU's where it trains on one.
         latency_batch: the batch size at which the latency tables are measured.
         width_tolerance: a width counts as a step only if it is at least this fraction faster than the next one up.
         width_pressure: with latency steps, added per optimizer step to the gradient of b of each layer's weakest
@@ -163,7 +164,7 @@ class ChannelSurgeon(Callback):
         self.example_input = example.detach()[:2].to(device)
         graph = ChannelGraph(pl_module, self.example_input)
         if self.widths in BACKENDS:  # traced before any cut: the tables cover every width
-            tables = latency_tables(graph, self.example_input.cpu(), backend=self.widths, batch=self.latency_batch)
+            tables = latency_tables(graph, self.example_input, backend=self.widths, batch=self.latency_batch)
             self.step_widths = {name: t.step_widths(self.width_tolerance, self.round_to) for name, t in tables.items()}
             rank_zero_info(f"ChannelSurgeon: widths each layer may be cut to ({self.widths}): {self.step_widths}")
         self.surgeon = Surgeon(graph, self.atol, self.round_to, self.step_widths or None, self.include, self.exclude)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
 from ..extras import require
@@ -36,7 +37,9 @@ from .checks import check_choice
 from .groups import ChannelGraph
 
 TIMING = "in its chain"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
-BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8")  # float kernels; integer kernels (int8 activations)
+# ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); PyTorch eager, float32, on the model's
+# device (a GPU where it trains on one)
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "torch")
 
 __all__ = ["BACKENDS", "LatencyTable", "default_cache_dir", "latency_tables", "latency_weights", "step_pressure",
            "step_widths", "stream_pressure"]
@@ -95,8 +98,19 @@ def default_cache_dir() -> Path:
 VECTOR_EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
-def _device() -> str:
-    """The CPU's model name and vector extensions and the threads ONNX Runtime will use: what the timings depend on."""
+def _device(backend: str, device: torch.device) -> str:
+    """What the timings depend on: the runtime and its version, the processor (a CPU's model name and vector
+    extensions, a GPU's name) and the threads a CPU runtime uses."""
+    if backend != "torch":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__} CPU, {_cpu()}, {os.cpu_count()} cores"
+    if device.type == "cuda":
+        return f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}"
+    return f"torch {torch.__version__} {device.type.upper()}, {_cpu()}, {torch.get_num_threads()} threads"
+
+
+def _cpu() -> str:
     name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -107,10 +121,7 @@ def _device() -> str:
                 flags = set(value.split())
     except OSError:
         pass
-    import onnxruntime
-
-    extensions = "".join(f"+{e}" for e in VECTOR_EXTENSIONS if e in flags)
-    return f"onnxruntime {onnxruntime.__version__} CPU, {name}{extensions}, {os.cpu_count()} cores"
+    return name + "".join(f"+{e}" for e in VECTOR_EXTENSIONS if e in flags)
 
 
 def _spec(module: nn.Module, input_shape: Sequence[int]) -> dict:
@@ -195,16 +206,13 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
         return f"{name}.dq{i}"
 
     def own_input(i: int, s: dict) -> str:
-        rows = [batch * int(np.prod(s["shape"])), s["in"]] if s["op"] == "Gemm" else [batch, s["in"], *s["shape"]]
-        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, rows))
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, _input_rows(s, batch)))
         return f"x{i}"
 
     own = specs[0]
     x = own_input(0, own)
     if own["op"] == "Conv":
-        feeder = {**own, "out": own["in"], "kernel": [1] * len(own["shape"]), "stride": [1] * len(own["shape"]),
-                  "pads": [0] * 2 * len(own["shape"]), "dilation": [1] * len(own["shape"]), "bias": True}  # fmt: skip
-        x = layer(-1, feeder, x, relu=True)
+        x = layer(-1, _feeder(own), x, relu=True)
     out = layer(0, own, x, relu=True)
     shape = _output_shape(own)
     results = []
@@ -216,6 +224,13 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _feeder(own: dict) -> dict:
+    """A 1x1 convolution of constant cost that feeds a convolution `own` its input, as a layer before it would."""
+    n = len(own["shape"])
+    return {**own, "out": own["in"], "kernel": [1] * n, "stride": [1] * n, "pads": [0] * 2 * n, "dilation": [1] * n,
+            "bias": True}
+
+
 def _output_shape(s: dict) -> list[int]:
     """The spatial shape of a layer's output (a Gemm's: its input's leading shape)."""
     if s["op"] == "Gemm":
@@ -224,30 +239,105 @@ def _output_shape(s: dict) -> list[int]:
             for n, p, d, k, st in zip(s["shape"], s["pads"], s["dilation"], s["kernel"], s["stride"])]  # fmt: skip
 
 
-def _connect(nodes: list, source: str, i: int, s: dict, shape: list[int], width: int) -> str | None:
-    """The tensor through which reader `s` reads the layer's output `source` (`width` channels of `shape`), adding
-    a max-pooling or a flattening where its input's shape asks for one; None where it cannot be read from there."""
-    from onnx import helper
-
+def _reading(s: dict, shape: list[int], width: int) -> tuple | None:
+    """How reader `s` reads the layer's output (`width` channels of `shape`): ("direct",), ("maxpool", window) or
+    ("flatten", after a global max-pooling?) as its input's shape asks; None where it cannot be read from there."""
     if s["op"] == "Gemm":
         per = int(np.prod(shape)) if shape else 1
         if s["shape"] or s["in"] not in (width, width * per):
             return None
-        pooled = source if s["in"] == width * per else f"g{i}"
-        if pooled != source:
-            nodes.append(helper.make_node("GlobalMaxPool", [source], [pooled]))
-        nodes.append(helper.make_node("Flatten", [pooled], [f"f{i}"]))
-        return f"f{i}"
+        return ("flatten", s["in"] != width * per)
     if s["in"] != width or len(s["shape"]) != len(shape):
         return None
     if s["shape"] == shape:
-        return source
+        return ("direct",)
     factors = {n // m for n, m in zip(shape, s["shape"]) if m}
     if len(factors) != 1 or any(m * next(iter(factors)) != n for n, m in zip(shape, s["shape"])):
         return None
-    window = [next(iter(factors))] * len(shape)
-    nodes.append(helper.make_node("MaxPool", [source], [f"p{i}"], kernel_shape=window, strides=window))
-    return f"p{i}"
+    return ("maxpool", [next(iter(factors))] * len(shape))
+
+
+def _connect(nodes: list, source: str, i: int, s: dict, shape: list[int], width: int) -> str | None:
+    """The ONNX tensor through which reader `s` reads the layer's output `source` (`_reading`), or None."""
+    from onnx import helper
+
+    how = _reading(s, shape, width)
+    if how is None:
+        return None
+    if how[0] == "direct":
+        return source
+    if how[0] == "maxpool":
+        nodes.append(helper.make_node("MaxPool", [source], [f"p{i}"], kernel_shape=how[1], strides=how[1]))
+        return f"p{i}"
+    if how[1]:
+        nodes.append(helper.make_node("GlobalMaxPool", [source], [f"g{i}"]))
+        source = f"g{i}"
+    nodes.append(helper.make_node("Flatten", [source], [f"f{i}"]))
+    return f"f{i}"
+
+
+def _input_rows(s: dict, batch: int) -> list[int]:
+    """The shape of a layer's own input (a Gemm's rows: the batch times its leading shape)."""
+    return [batch * int(np.prod(s["shape"])), s["in"]] if s["op"] == "Gemm" else [batch, s["in"], *s["shape"]]
+
+
+def _torch_layer(s: dict) -> nn.Module:
+    if s["op"] == "Gemm":
+        return nn.Linear(s["in"], s["out"])
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(s["kernel"]) - 1]
+    return conv(s["in"], s["out"], s["kernel"], s["stride"], s["pads"][: len(s["kernel"])], s["dilation"],
+                bias=s["bias"])  # fmt: skip
+
+
+class _Chain(nn.Module):
+    """`_graph`'s chain in PyTorch (float32): the layer behind a 1x1 feeder, each reader on its ReLU'd output."""
+
+    def __init__(self, specs: list[dict]) -> None:
+        super().__init__()
+        own = specs[0]
+        self.feeder = nn.Identity() if own["op"] == "Gemm" else _torch_layer(_feeder(own))
+        self.own = _torch_layer(own)
+        self.readers = nn.ModuleList(_torch_layer(s) for s in specs[1:])
+        self.reads = [_reading(s, _output_shape(own), own["out"]) for s in specs[1:]]
+
+    def forward(self, x: Tensor, *own_inputs: Tensor) -> list[Tensor]:
+        y = torch.relu(self.own(torch.relu(self.feeder(x))))
+        own_inputs, outputs = iter(own_inputs), []
+        for reader, how in zip(self.readers, self.reads):
+            if how is None:
+                z = next(own_inputs)
+            elif how[0] == "maxpool":
+                z = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(how[1]) - 1](y, how[1])
+            elif how[0] == "flatten":
+                z = (y.amax(dim=tuple(range(2, y.dim()))) if how[1] else y).flatten(1)
+            else:
+                z = y
+            outputs.append(reader(z))
+        return outputs or [y]
+
+
+def _median_ms(call, runs: int, sync=lambda: None) -> float:
+    """The median of `runs` timed calls, after 3 untimed ones (`sync`: wait for the device to finish)."""
+    for _ in range(3):
+        call()
+    sync()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _time_torch(specs: list[dict], batch: int, runs: int, device: torch.device) -> float:
+    chain = _Chain(specs).to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    own = [specs[0]] + [s for s, how in zip(specs[1:], chain.reads) if how is None]
+    inputs = [torch.randn(_input_rows(s, batch), generator=generator).to(device) for s in own]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        return _median_ms(lambda: chain(*inputs), runs, sync)
 
 
 def _time(specs: list[dict], batch: int, runs: int, int8: bool = False) -> float:
@@ -257,14 +347,11 @@ def _time(specs: list[dict], batch: int, runs: int, int8: bool = False) -> float
     session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal(i.shape, dtype=np.float32) for i in session.get_inputs()}
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return _median_ms(lambda: session.run(None, feeds), runs)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def _input_shapes(model: nn.Module, example_input: Tensor) -> dict[str, list[int]]:
@@ -282,7 +369,7 @@ def _input_shapes(model: nn.Module, example_input: Tensor) -> dict[str, list[int
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(example_input[:1])
+            model.eval()(example_input[:1].to(_model_device(model)))
     finally:
         model.train(was_training)
         for handle in handles:
@@ -303,14 +390,17 @@ def latency_tables(
     """Per Conv/Linear producer of removable channels (as the model is now, every channel present), its latency
     table, from the cache where this device measured the same shapes before, else measured (the median of `runs`,
     the best of `rounds`) and cached. Measure on an otherwise idle machine: the steps are read from these numbers.
-    `backend`: "onnxruntime-cpu" (float kernels, the weight-only file) or "onnxruntime-cpu-int8" (integer kernels,
-    the file `export_onnx(runtime="onnxruntime")` writes with int8 activations)."""
+    `backend`: "onnxruntime-cpu" (float kernels, the weight-only file), "onnxruntime-cpu-int8" (integer kernels,
+    the file `export_onnx(runtime="onnxruntime")` writes with int8 activations) or "torch" (PyTorch eager, float32,
+    on the device the model is on: a GPU's own steps where it trains on one)."""
     check_choice("backend", backend, BACKENDS)
-    require(f"Latency tables (ChannelSurgeon's widths={backend!r})", "onnx", "onnxruntime")
+    if backend != "torch":
+        require(f"Latency tables (ChannelSurgeon's widths={backend!r})", "onnx", "onnxruntime")
     model = graph.model
     shapes = _input_shapes(model, example_input)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    device = _device()
+    on = _model_device(model)
+    device = _device(backend, on)
     tables = {}
     for producer, groups in graph.outputs.items():
         module = model.get_submodule(producer)
@@ -339,7 +429,8 @@ def latency_tables(
             for i, width in enumerate(widths):
                 specs = [{**own, "out": width}]
                 specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
-                ms[i] = min(ms[i], _time(specs, batch, runs, int8=backend.endswith("int8")))
+                ms[i] = min(ms[i], _time_torch(specs, batch, runs, on) if backend == "torch" else
+                            _time(specs, batch, runs, int8=backend.endswith("int8")))  # fmt: skip
         table = LatencyTable(producer, widths, ms, device, batch, backend)
         with atomic_path(path) as tmp:  # parent folders included
             tmp.write_text(json.dumps({**asdict(table), "key": key}))
