@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -131,13 +132,13 @@ class ChannelSurgeon(Callback):
         load = strategy.load_model_state_dict
 
         def replay_then_load(checkpoint: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-            self._replay(pl_module, checkpoint.get(SURGERY_KEY))
+            self._replay(pl_module, checkpoint.get(SURGERY_KEY), strategy)
             return load(checkpoint, *args, **kwargs)
 
         strategy.load_model_state_dict = replay_then_load
         self._restore = (strategy, load)
 
-    def _replay(self, pl_module: pl.LightningModule, state: Mapping[str, Any] | None) -> None:
+    def _replay(self, pl_module: pl.LightningModule, state: Mapping[str, Any] | None, strategy: Strategy) -> None:
         if not state or not state.get("history"):
             return
         if self.surgeon is not None and self.surgeon.history:
@@ -148,7 +149,7 @@ class ChannelSurgeon(Callback):
                 f"checkpoint's model {len(state['history'])} times, and cut channels cannot be put back. Evaluate "
                 "that checkpoint on a freshly built module (or `load_compressed(fresh_module, path)`)."
             )
-        self._trace(pl_module, traced_input(state))
+        self._trace(pl_module, traced_input(state), strategy)
         self.surgeon.replay(state["history"])
         self.surgeon.cuts.check_unchanged()
 
@@ -159,13 +160,16 @@ class ChannelSurgeon(Callback):
             strategy.load_model_state_dict = load
             self._restore = None
 
-    def _trace(self, pl_module: pl.LightningModule, example: Tensor) -> None:
+    def _trace(self, pl_module: pl.LightningModule, example: Tensor, strategy: Strategy) -> None:
         device = next(pl_module.parameters()).device
         self.example_input = example.detach()[:2].to(device)
         graph = ChannelGraph(pl_module, self.example_input)
         if self.widths in BACKENDS:  # traced before any cut: the tables cover every width
-            tables = latency_tables(graph, self.example_input, backend=self.widths, batch=self.latency_batch)
-            self.step_widths = {name: t.step_widths(self.width_tolerance, self.round_to) for name, t in tables.items()}
+            steps = None  # measured on rank 0 alone (ranks timing at once would slow each other), the same for all
+            if strategy.is_global_zero:
+                tables = latency_tables(graph, self.example_input, backend=self.widths, batch=self.latency_batch)
+                steps = {name: t.step_widths(self.width_tolerance, self.round_to) for name, t in tables.items()}
+            self.step_widths = strategy.broadcast(steps, src=0)
             rank_zero_info(f"ChannelSurgeon: widths each layer may be cut to ({self.widths}): {self.step_widths}")
         self.surgeon = Surgeon(graph, self.atol, self.round_to, self.step_widths or None, self.include, self.exclude)
         self.original = {
@@ -183,7 +187,7 @@ class ChannelSurgeon(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.surgeon is None:
-            self._trace(pl_module, model_input(pl_module, batch, "ChannelSurgeon"))
+            self._trace(pl_module, model_input(pl_module, batch, "ChannelSurgeon"), trainer.strategy)
 
     @override
     def on_before_optimizer_step(
