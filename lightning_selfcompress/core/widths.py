@@ -4,12 +4,13 @@ target, and the widths worth cutting to.
 Kernels work in blocks of channels (16 on this CPU's ONNX Runtime, 8 or 32 on GPU tensor cores), so latency against
 width is a staircase: a width one past a step costs almost a whole step more. For each Conv/Linear whose output
 channels the surgeon may remove, `latency_tables` times that layer together with every layer that reads its channels,
-as one ONNX graph per width in ONNX Runtime (CPU), at the shapes they have in the model, chained as in the model
-(measured in isolation, a width off the CPU's 16-channel block looked as fast as one on it; in the network it
-breaks ONNX Runtime's blocked layout between the layers and costs more than the wider width), and caches the table
-on disk keyed by backend, device, shapes and how it was timed. `LatencyTable.step_widths` keeps the widths on the
-CPU's channel block that are measurably faster than every wider one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels
-in place (exact zeros) until enough have died to reach the next step down.
+as one ONNX graph per width in ONNX Runtime (CPU), or the same chain in PyTorch on the model's device, at the shapes
+they have in the model, chained as in the model (measured in isolation, a width off the CPU's 16-channel block looked
+as fast as one on it; in the network it breaks ONNX Runtime's blocked layout between the layers and costs more than
+the wider width), and caches the table on disk keyed by backend, device, shapes and how it was timed.
+`LatencyTable.step_widths` keeps the widths, on the CPU's channel block, that are measurably faster than every wider
+one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place (exact zeros)
+until enough have died to reach the next step down.
 """
 
 from __future__ import annotations
