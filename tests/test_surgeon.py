@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -219,4 +220,21 @@ def test_under_ddp_two_processes_train_as_one_process_with_their_global_batch(tm
         assert other["steps"] == 16 and other["cuts"] == two[0]["cuts"]
         for name, weights in two[0]["weights"].items():
             assert other["weights"][name] == pytest.approx(weights, abs=1e-5), name
+
+
+@pytest.mark.slow
+def test_under_ddp_the_latency_steps_are_rank_zeros(tmp_path):
+    """With latency steps and their pressure, rank 0 alone times the tables (rank 1's cache stays empty) and both
+    ranks push and cut to its steps, so that their weights stay equal."""
+    script = Path(__file__).parent / "scripts" / "ddp_surgery.py"
+    command = [sys.executable, str(script), str(tmp_path), "2", "32"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "LSC_WIDTHS": "onnxruntime-cpu"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["widths"] and ranks[1]["widths"] == ranks[0]["widths"]
+    assert list((tmp_path / "cache0").rglob("*.json")) and not list((tmp_path / "cache1").rglob("*.json"))
+    assert ranks[1]["cuts"] == ranks[0]["cuts"]
+    for name, weights in ranks[0]["weights"].items():
+        assert ranks[1]["weights"][name] == pytest.approx(weights, abs=1e-5), name
 

@@ -4,11 +4,15 @@ statistics are per process, and torch's SyncBatchNorm runs on GPUs only. Rank 0 
 with, and the checkpoint of step 8, so the test can compare runs weight by weight.
 
     python ddp_surgery.py OUT DEVICES BATCH [CHECKPOINT]
+
+With LSC_WIDTHS set (a ChannelSurgeon `widths` backend), the surgeon cuts to latency steps under a width pressure,
+each rank with a latency cache of its own (OUT/cache<rank>).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import lightning.pytorch as pl
@@ -21,13 +25,15 @@ from lightning_selfcompress.models import ImageClassifier
 
 out, devices, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 resume = sys.argv[4] if len(sys.argv) > 4 else None
+widths = os.environ.get("LSC_WIDTHS", "any")
+os.environ["XDG_CACHE_HOME"] = f"{out}/cache{os.environ.get('LOCAL_RANK', '0')}"  # DDP's launcher sets it on rank 1
 pl.seed_everything(0, verbose=False)
 net = nn.Sequential(
     nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU(),
     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
 )  # fmt: skip
 module = ImageClassifier(net, optimizer="adam", lr=0.003)
-surgeon = ChannelSurgeon(every_n_steps=4, constant_pull=0.01)
+surgeon = ChannelSurgeon(every_n_steps=4, constant_pull=0.01, widths=widths, width_pressure=0.01 * (widths != "any"))
 at_step_8 = ModelCheckpoint(out, "step{step}", every_n_train_steps=8, save_top_k=-1, auto_insert_metric_name=False)
 parallel = {"strategy": "ddp"} if devices > 1 else {}
 trainer = pl.Trainer(
@@ -39,4 +45,4 @@ trainer.fit(module, FashionMNISTDataModule(batch_size=batch, val_size=256, limit
 weights = {name: p.detach().flatten().tolist() for name, p in module.named_parameters()}
 cuts = [(r.step, [list(g) for g in r.groups]) for r in surgeon.history]
 with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-    json.dump({"cuts": cuts, "weights": weights, "steps": trainer.global_step}, f)
+    json.dump({"cuts": cuts, "weights": weights, "steps": trainer.global_step, "widths": surgeon.step_widths}, f)
