@@ -15,7 +15,7 @@ from conftest import trainer_kwargs
 from lightning_selfcompress import ChannelSurgeon, SelfCompression
 from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
-from lightning_selfcompress.core.surgery import Surgeon
+from lightning_selfcompress.core.surgery import SURGERY_KEY, Surgeon
 from lightning_selfcompress.core.size import SizeModel
 from lightning_selfcompress.core.widths import (
     LatencyTable,
@@ -213,6 +213,30 @@ def test_a_surgeon_on_latency_steps_in_a_real_run(backend, tiny_fmnist, tmp_path
         assert layer.out_channels == expected, (name, alive, allowed)
     with pytest.raises(ValueError, match="widths='gpu' is not one of"):
         ChannelSurgeon(widths="gpu")
+
+
+def test_a_resumed_run_keeps_cutting_to_its_checkpoint_s_steps(tiny_fmnist, tmp_path, monkeypatch):
+    """The steps travel in the checkpoint: resumed on a machine whose cache is empty, the surgeon times nothing and
+    cuts to the steps the run had (timed anew they could differ, and the resumed run would not be the same run)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def fit(max_steps: int, ckpt_path=None) -> ChannelSurgeon:
+        pl.seed_everything(0, verbose=False)
+        module = ImageClassifier(BaselineCNN(1, 10, width=4), optimizer="adam", lr=0.003)
+        surgeon = ChannelSurgeon(every_n_steps=2, widths="onnxruntime-cpu", latency_batch=2, width_pressure=0.1)
+        trainer = pl.Trainer(callbacks=[SelfCompression(gamma=0.0), surgeon],
+                             **trainer_kwargs(tmp_path, max_steps=max_steps))  # fmt: skip
+        trainer.fit(module, tiny_fmnist, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / f"step{max_steps}.ckpt")
+        return surgeon
+
+    first = fit(2)
+    saved = torch.load(tmp_path / "step2.ckpt", weights_only=True)[SURGERY_KEY]["latency_steps"]
+    assert saved == {"widths": "onnxruntime-cpu", "steps": first.step_widths} and first.step_widths
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another machine"))
+    resumed = fit(4, tmp_path / "step2.ckpt")
+    assert resumed.step_widths == first.step_widths
+    assert not list((tmp_path / "another machine").rglob("*.json")), "nothing was timed again"
 
 
 def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):

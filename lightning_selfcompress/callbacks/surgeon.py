@@ -95,6 +95,7 @@ class ChannelSurgeon(Callback):
         self.widths, self.latency_batch, self.width_tolerance = widths, latency_batch, width_tolerance
         self.width_pressure = width_pressure
         self.step_widths: dict[str, list[int]] = {}  # per layer, the widths it may be cut to (widths != "any")
+        self._resumed_steps: dict[str, list[int]] | None = None  # those of the checkpoint a run resumes from
         self.every_n_steps = every_n_steps
         self.on_epoch_end = on_epoch_end
         self.constant_pull = constant_pull
@@ -132,6 +133,9 @@ class ChannelSurgeon(Callback):
         load = strategy.load_model_state_dict
 
         def replay_then_load(checkpoint: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+            saved = (checkpoint.get(SURGERY_KEY) or {}).get("latency_steps") or {}
+            if saved.get("widths") == self.widths:  # a resumed run keeps its steps, on any machine, without timing
+                self._resumed_steps = saved["steps"]
             self._replay(pl_module, checkpoint.get(SURGERY_KEY), strategy)
             return load(checkpoint, *args, **kwargs)
 
@@ -165,11 +169,13 @@ class ChannelSurgeon(Callback):
         self.example_input = example.detach()[:2].to(device)
         graph = ChannelGraph(pl_module, self.example_input)
         if self.widths in BACKENDS:  # traced before any cut: the tables cover every width
-            steps = None  # measured on rank 0 alone (ranks timing at once would slow each other), the same for all
-            if strategy.is_global_zero:
-                tables = latency_tables(graph, self.example_input, backend=self.widths, batch=self.latency_batch)
-                steps = {name: t.step_widths(self.width_tolerance, self.round_to) for name, t in tables.items()}
-            self.step_widths = strategy.broadcast(steps, src=0)
+            steps, self._resumed_steps = self._resumed_steps, None
+            if steps is None:  # measured on rank 0 alone (ranks timing at once would slow each other), for all
+                if strategy.is_global_zero:
+                    tables = latency_tables(graph, self.example_input, backend=self.widths, batch=self.latency_batch)
+                    steps = {name: t.step_widths(self.width_tolerance, self.round_to) for name, t in tables.items()}
+                steps = strategy.broadcast(steps, src=0)
+            self.step_widths = steps
             rank_zero_info(f"ChannelSurgeon: widths each layer may be cut to ({self.widths}): {self.step_widths}")
         self.surgeon = Surgeon(graph, self.atol, self.round_to, self.step_widths or None, self.include, self.exclude)
         self.original = {
@@ -270,6 +276,8 @@ class ChannelSurgeon(Callback):
         """The history goes where `load_compressed` reads it, beside the weights (not in Lightning's callback slot):
         a plain PyTorch user reads the cut network from this file as from `save_compressed`'s."""
         checkpoint[SURGERY_KEY] = self.surgeon.state_dict() if self.surgeon else {"history": []}
+        if self.step_widths:  # resumed, the run keeps cutting to these steps (timed anew they could differ)
+            checkpoint[SURGERY_KEY]["latency_steps"] = {"widths": self.widths, "steps": self.step_widths}
 
     @override
     def on_load_checkpoint(
