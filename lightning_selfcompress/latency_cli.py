@@ -11,7 +11,6 @@ the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -63,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     tables = latency_tables(ChannelGraph(model, example[:1]), example, backend=backend, batch=args.batch,
                             runs=args.runs, rounds=args.rounds, cache_dir=args.cache)  # fmt: skip
     first = next(iter(tables.values()))
-    table = Table(title=f"Latency against width, {backend}, batch {args.batch}, {first.device}; steps on multiples "
-                        f"of {math.lcm(first.block, args.round_to)} channels (its kernels' channel block, --round-to)")
+    table = Table(title=f"Latency against width, {backend}, batch {args.batch}, {first.device}; channel block "
+                        f"{first.block} (a layer on it steps on its multiples)")
     for column in ("layer", "width", "ms at full width", "ms at half", "widths it may be cut to (steps)"):
         table.add_column(column, justify="left" if column in ("layer", "widths it may be cut to (steps)") else "right")
     for name, t in tables.items():
