@@ -22,8 +22,8 @@ trained float run given with `--float-run`, in which case its test accuracy and 
 are measured too. With `--model`, a torchvision classifier (untrained) stands in for a run, as a trained network
 would leave it: half of its removable channel groups dead (0 bits, constant 0) and cut to multiples of 16; both
 sides calibrate on the same random images (no data here, so no accuracy). Each row says how many of the file's
-convolutions ONNX Runtime runs as integer kernels (read from its optimized graph). Last, how much of the fall in multiply-accumulates the weight-only file's latency shows (both
-files float32 at inference: the thinning alone).
+convolutions ONNX Runtime runs as integer kernels (read from its optimized graph). Last, how much of the fall in
+multiply-accumulates the weight-only file's latency shows (both files float32 at inference: the thinning alone).
 """
 
 from __future__ import annotations

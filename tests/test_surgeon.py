@@ -237,4 +237,3 @@ def test_under_ddp_the_latency_steps_are_rank_zeros(tmp_path):
     assert ranks[1]["cuts"] == ranks[0]["cuts"]
     for name, weights in ranks[0]["weights"].items():
         assert ranks[1]["weights"][name] == pytest.approx(weights, abs=1e-5), name
-
