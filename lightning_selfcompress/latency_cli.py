@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(column, justify="left" if column in ("layer", "widths it may be cut to (steps)") else "right")
     for name, t in tables.items():
         full = t.widths[-1]
-        table.add_row(name, str(full), f"{t.ms[-1]:.3f}", f"{t.ms[full // 2 - 1]:.3f}" if full > 1 else "",
+        half = next(ms for width, ms in zip(t.widths, t.ms) if width >= full / 2)  # the timed width nearest above
+        table.add_row(name, str(full), f"{t.ms[-1]:.3f}", f"{half:.3f}" if full > 1 else "",
                       ", ".join(map(str, t.step_widths(args.tolerance, args.round_to))))  # fmt: skip
     make_console().print(table)
 

@@ -24,6 +24,7 @@ from lightning_selfcompress.core.widths import (
     step_pressure,
     step_widths,
     stream_pressure,
+    timed_widths,
 )
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier, ResNet9
 
@@ -65,6 +66,23 @@ def test_a_float_kernels_table_keeps_its_steps_on_the_cpus_channel_block():
     assert narrow.step_widths() == [8, 16, 17, 24], "a layer off the block keeps its table's steps"
 
 
+def test_a_table_times_only_widths_the_surgeon_may_cut_to_and_a_wide_layer_on_a_coarser_grid():
+    """On the CPU's block a table times its multiples alone, with the same steps as a table of every width; past
+    `MAX_TIMED_WIDTHS` channels the grid widens, so ResNet-50's 2,048-channel layers are timed 128 times, not 2,048."""
+    assert timed_widths(32, 16) == [16, 32] and timed_widths(24, 16) == list(range(1, 25))
+    assert timed_widths(128, 1) == list(range(1, 129))
+    assert timed_widths(2048, 16) == list(range(16, 2049, 16)) == timed_widths(2048, 1)
+    assert timed_widths(4096, 16) == list(range(32, 4097, 32))
+    assert timed_widths(300, 1) == [*range(3, 300, 3), 300] and timed_widths(300, 16)[:2] == [3, 6]
+    widths = list(range(1, 65))
+    ms = [math.ceil(w / 16) + 0.001 * w - (0.3 if w == 17 else 0.0) for w in widths]
+    device = "onnxruntime 1.32.0 CPU, AMD EPYC+avx2+avx512f"
+    every = LatencyTable("a", widths, ms, device, 64)
+    timed = LatencyTable("a", timed_widths(64, every.block), [ms[w - 1] for w in timed_widths(64, every.block)], device,
+                         64)  # fmt: skip
+    assert timed.widths == [16, 32, 48, 64] and timed.step_widths() == every.step_widths() == [16, 32, 48, 64]
+
+
 class Two(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -101,7 +119,7 @@ def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path, monkey
     assert set(tables) == {"features.0", "features.2", "features.6", "features.8"}, "the classifier's are pinned"
     for name, table in tables.items():
         full = net.get_submodule(name).out_channels
-        assert table.widths == list(range(1, full + 1)) and all(ms > 0 for ms in table.ms)
+        assert table.widths == timed_widths(full, table.block) and all(ms > 0 for ms in table.ms)
         assert table.step_widths()[-1] == full
     files = sorted(tmp_path.glob("*.json"))
     assert len(files) == 4 and json.loads(files[0].read_text())["key"]["batch"] == 2
@@ -356,15 +374,20 @@ def test_weighted_bits_scale_each_layers_size_gradient():
         assert torch.allclose(g, factors.get(name, 1.0) * p), name
 
 
-def test_a_latency_weighted_size_term_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
+def test_a_latency_weighted_size_term_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch, backend):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
-    compression = SelfCompression(gamma=0.5, init_bits=4.0, latency_weight=1.0)
+    compression = SelfCompression(gamma=0.5, init_bits=4.0, latency_weight=1.0, latency_backend=backend)
     pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=3)).fit(module, tiny_fmnist)
     weights = compression.compressor.layer_weights
     assert set(weights) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"}
     assert all(w >= 0 for w in weights.values()) and len(set(weights.values())) > 1, weights
-    assert list((tmp_path / "cache").rglob("*.json")), "measured through the surgeon's cached tables"
+    tables = list((tmp_path / "cache").rglob("*.json"))
+    assert tables, "measured through the surgeon's cached tables"
+    assert {json.loads(t.read_text())["backend"] for t in tables} == {backend}
     for bad in (-0.1, 1.5, "fast"):
         with pytest.raises(ValueError, match="latency_weight=.* must be a number in \\[0, 1\\]"):
             SelfCompression(latency_weight=bad)
+    with pytest.raises(ValueError, match="latency_backend='tensorrt' is not one of"):
+        SelfCompression(latency_weight=1.0, latency_backend="tensorrt")

@@ -21,7 +21,7 @@ from ..core.inputs import model_input
 from ..core.quant import check_patterns
 from ..core.size import LayerShape
 from ..core.surgery import SURGERY_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
-from ..core.widths import BACKENDS, latency_tables, stream_pressure
+from ..core.widths import BACKENDS, default_cache_dir, latency_tables, stream_pressure
 from ..report import print_surgery_table
 from .strategies import check_strategy
 
@@ -172,6 +172,8 @@ class ChannelSurgeon(Callback):
             steps, self._resumed_steps = self._resumed_steps, None
             if steps is None:  # measured on rank 0 alone (ranks timing at once would slow each other), for all
                 if strategy.is_global_zero:
+                    rank_zero_info(f"ChannelSurgeon: latency tables ({self.widths}, batch {self.latency_batch}) from "
+                                   f"{default_cache_dir()}, each timed there once per machine (idle is best)")
                     tables = latency_tables(graph, self.example_input, backend=self.widths, batch=self.latency_batch)
                     steps = {name: t.step_widths(self.width_tolerance, self.round_to) for name, t in tables.items()}
                 steps = strategy.broadcast(steps, src=0)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import check_flag, check_fraction
+from .checks import check_choice, check_flag, check_fraction
 from .groups import ChannelGraph
 from .optim import HyperparameterOverride
 from .quant import (
@@ -38,7 +38,7 @@ from .quant import (
     snap_bits,
 )
 from .size import GammaSchedule, SizeModel, SizeReport, layer_shapes, weighted_sum
-from .widths import latency_tables, latency_weights
+from .widths import BACKENDS, latency_tables, latency_weights
 
 __all__ = ["SelfCompressor"]
 
@@ -81,9 +81,12 @@ class SelfCompressor:
             exported file runs integer kernels (TensorRT, ONNX Runtime's QLinearConv) at the accuracy it trained with,
             without calibration.
         latency_weight: 0 (the paper's size term: every weight's bits count alike) to 1: each layer's bits weighted
-            by the time its channels cost, measured in ONNX Runtime on this CPU (`core.widths.latency_weights`, the
+            by the time its channels cost, measured on `latency_backend` (`core.widths.latency_weights`, the
             tables ChannelSurgeon's latency steps use, cached), so that gamma trades accuracy for measured time;
             between, a mix. Measured by `measure_layer_weights`.
+        latency_backend: where that time is measured, one of `core.widths.BACKENDS`: "onnxruntime-cpu" (float
+            kernels on this CPU), "onnxruntime-cpu-int8" (its integer kernels) or "torch" (PyTorch on the model's
+            device: a GPU's time where it trains on one).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class SelfCompressor:
         freeze_bits_at: float | None = None,
         int8_activations: bool = False,
         latency_weight: float = 0.0,
+        latency_backend: str = "onnxruntime-cpu",
     ) -> None:
         self.schedule = GammaSchedule(
             gamma=gamma, warmup_steps=gamma_warmup_steps, target_bits_per_weight=target_bits_per_weight,
@@ -147,6 +151,7 @@ class SelfCompressor:
         self.quantizer_lr = quantizer_lr
         self.quantizer_weight_decay = quantizer_weight_decay
         self.latency_weight = check_fraction("latency_weight", latency_weight, meaning="0: bits alone, 1: time")
+        self.latency_backend = check_choice("latency_backend", latency_backend, BACKENDS)
         self.layer_weights: dict[str, float] | None = None  # per layer, its bits' factor in the size term
         self.bits_frozen = False
         self.model: nn.Module | None = None
@@ -223,7 +228,7 @@ class SelfCompressor:
     def measure_layer_weights(self, example: Tensor) -> dict[str, float]:
         """Per layer, the factor of its bits in the size term: its channels' latency, mixed by `latency_weight`."""
         example = example.detach()[:2]
-        tables = latency_tables(ChannelGraph(self.model, example), example.cpu())
+        tables = latency_tables(ChannelGraph(self.model, example), example, backend=self.latency_backend)
         measured = latency_weights(tables, self.size.original)
         return {name: 1 - self.latency_weight + self.latency_weight * w for name, w in measured.items()}
 

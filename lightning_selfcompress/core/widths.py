@@ -7,7 +7,9 @@ channels the surgeon may remove, `latency_tables` times that layer together with
 as one ONNX graph per width in ONNX Runtime (CPU), or the same chain in PyTorch on the model's device, at the shapes
 they have in the model, chained as in the model (measured in isolation, a width off the CPU's 16-channel block looked
 as fast as one on it; in the network it breaks ONNX Runtime's blocked layout between the layers and costs more than
-the wider width), and caches the table on disk keyed by backend, device, shapes and how it was timed.
+the wider width), and caches the table on disk keyed by backend, device, shapes and how it was timed. It times only
+widths the surgeon may cut to (`timed_widths`: on the channel block, at most 128 per layer), so a wide network's
+tables take minutes, not hours.
 `LatencyTable.step_widths` keeps the widths, on the CPU's channel block, that are measurably faster than every wider
 one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place (exact zeros)
 until enough have died to reach the next step down.
@@ -41,15 +43,16 @@ TIMING = "in its chain"  # how a table was timed (part of the cache key: tables 
 # ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); PyTorch eager, float32, on the model's
 # device (a GPU where it trains on one)
 BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "torch")
+MAX_TIMED_WIDTHS = 128  # per layer: up to this many channels every width is timed, a wider layer on a coarser grid
 
-__all__ = ["BACKENDS", "LatencyTable", "default_cache_dir", "latency_tables", "latency_weights", "step_pressure",
-           "step_widths", "stream_pressure"]
+__all__ = ["BACKENDS", "LatencyTable", "channel_block", "default_cache_dir", "latency_tables", "latency_weights",
+           "step_pressure", "step_widths", "stream_pressure", "timed_widths"]
 
 
 @dataclass(frozen=True)
 class LatencyTable:
     layer: str
-    widths: list[int]  # 1 .. the layer's full output width
+    widths: list[int]  # the widths timed, ascending, up to the layer's full output width (`timed_widths`)
     ms: list[float]  # median latency of the layer and its readers at each width
     device: str
     batch: int
@@ -57,20 +60,33 @@ class LatencyTable:
 
     @property
     def block(self) -> int:
-        """The channel block of the layout the table's kernels run in: ONNX Runtime's float convolutions run in its
-        blocked NCHWc layout, 16 channels wide with AVX-512 and 8 with AVX2 (MLAS's `NchwcBlockSize`). A width off
-        the block drops the layers around it out of that layout, which costs more in the whole network than the
-        layer timed in its chain shows (the main job cut to 17 of 32 channels ran slower than at 16, 2026-12-03).
-        Integer kernels: no such layout, 1."""
-        if self.backend != "onnxruntime-cpu":
-            return 1
-        return 16 if "+avx512f" in self.device else 8 if "+avx2" in self.device else 1
+        return channel_block(self.backend, self.device)
 
     def step_widths(self, tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
         """`step_widths` on this table; a layer whose width is a multiple of its `block` (so in that layout) stays
         on it, as `round_to` keeps a layer on its multiple."""
         block = self.block if max(self.widths) % self.block == 0 else 1
         return step_widths(self.widths, self.ms, tolerance, math.lcm(multiple_of, block))
+
+
+def channel_block(backend: str, device: str) -> int:
+    """The channel block of the layout a backend's kernels run in: ONNX Runtime's float convolutions run in its
+    blocked NCHWc layout, 16 channels wide with AVX-512 and 8 with AVX2 (MLAS's `NchwcBlockSize`). A width off
+    the block drops the layers around it out of that layout, which costs more in the whole network than the
+    layer timed in its chain shows (the main job cut to 17 of 32 channels ran slower than at 16, 2026-12-03).
+    Integer kernels and PyTorch: no such layout known, 1. `device`: as `_device` names it."""
+    if backend != "onnxruntime-cpu":
+        return 1
+    return 16 if "+avx512f" in device else 8 if "+avx2" in device else 1
+
+
+def timed_widths(full: int, block: int) -> list[int]:
+    """The widths a layer's table times, ascending, ending at `full`: on its channel block where the layer is (no
+    other width is a step there), and at most about `MAX_TIMED_WIDTHS` of them, evenly spaced, so that a wide layer
+    (ResNet-50's 2,048 channels) costs as much to time as a narrow one."""
+    grid = block if full % block == 0 else 1
+    grid *= math.ceil(full / grid / MAX_TIMED_WIDTHS)
+    return list(range(grid, full, grid)) + [full]
 
 
 def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
@@ -424,8 +440,8 @@ def latency_tables(
             stored = json.loads(path.read_text())
             tables[producer] = LatencyTable(producer, stored["widths"], stored["ms"], device, batch, backend)
             continue
-        widths = list(range(1, full + 1))
-        ms = [math.inf] * full
+        widths = timed_widths(full, channel_block(backend, device))
+        ms = [math.inf] * len(widths)
         for _ in range(rounds):  # the best of a few rounds over all widths: a busy moment hits one round, not all
             for i, width in enumerate(widths):
                 specs = [{**own, "out": width}]
