@@ -5,6 +5,7 @@ the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads 
     lsc-latency --model resnet9 --set width=16 --batch 1
     lsc-latency --int8                            # ONNX Runtime's integer kernels (widths="onnxruntime-cpu-int8")
     lsc-latency --torch --device cuda             # PyTorch eager on a GPU (widths="torch" in a GPU run)
+    lsc-latency --torch --device cuda --autocast bfloat16   # the same as a bf16-mixed run computes
     lsc-latency --round-to 8                      # the steps a surgeon with round_to=8 cuts to
 """
 
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     backend.add_argument("--int8", action="store_true", help="time the int8 layout (integer kernels)")
     backend.add_argument("--torch", action="store_true", help="time PyTorch eager (float32) instead of ONNX Runtime")
     parser.add_argument("--device", default="cpu", help="with --torch: the device to time on (cpu, cuda, cuda:1)")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="with --torch: time under torch.autocast "
+                        "to this type, as a run with precision=bf16-mixed or 16-mixed computes")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default {default_cache_dir()})")
     args = parser.parse_args(argv)
 
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     config = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(args.set))
     if args.device != "cpu" and not args.torch:
         parser.error(f"--device {args.device}: ONNX Runtime's tables are timed on the CPU; add --torch")
+    if args.autocast and not args.torch:
+        parser.error(f"--autocast {args.autocast}: ONNX Runtime's tables time the file's own types; add --torch")
     try:
         device = torch.device(args.device)
         model = instantiate(config).eval().to(device)
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     example = torch.randn(2, *args.input, device=device)
     backend = "torch" if args.torch else "onnxruntime-cpu-int8" if args.int8 else "onnxruntime-cpu"
     tables = latency_tables(ChannelGraph(model, example[:1]), example, backend=backend, batch=args.batch,
-                            runs=args.runs, rounds=args.rounds, cache_dir=args.cache)  # fmt: skip
+                            runs=args.runs, rounds=args.rounds, cache_dir=args.cache,
+                            autocast=getattr(torch, args.autocast) if args.autocast else None)  # fmt: skip
     first = next(iter(tables.values()))
     table = Table(title=f"Latency against width, {backend}, batch {args.batch}, {first.device}; channel block "
                         f"{first.block} (a layer on it steps on its multiples)")

@@ -162,6 +162,11 @@ def test_torch_tables_time_the_same_chain_in_pytorch_on_the_models_device(tmp_pa
         assert all(ms > 0 for ms in table.ms) and table.step_widths()[-1] == net.get_submodule(name).out_channels
     assert len(latency_tables(graph, x, batch=2, runs=1, rounds=1, cache_dir=tmp_path)) == 4
     assert len(list(tmp_path.glob("*.json"))) == 8, "ONNX Runtime's tables are measured and cached apart"
+    half = latency_tables(graph, x, backend="torch", batch=2, runs=1, rounds=1, cache_dir=tmp_path / "half",
+                          autocast=torch.bfloat16)  # fmt: skip
+    assert {t.device for t in half.values()} == {tables["features.0"].device + ", autocast to bfloat16"}
+    with pytest.raises(ValueError, match="autocast=torch.bfloat16 is for backend='torch'"):
+        latency_tables(graph, x, autocast=torch.bfloat16, cache_dir=tmp_path)
     rng = np.random.default_rng(0)
     for f in tmp_path.glob("*.json"):
         key = json.loads(f.read_text())["key"]
@@ -203,8 +208,10 @@ def test_a_layer_is_timed_in_its_chain_as_inside_the_network(tmp_path):
     assert "NhwcMaxPool" in ops, f"the pooling between the layer and its reader runs on uint8 too: {ops}"
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
-def test_a_surgeon_on_latency_steps_in_a_real_run(backend, tiny_fmnist, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("backend", "precision"),
+                         [("onnxruntime-cpu", "32-true"), ("torch", "32-true"), ("torch", "bf16-mixed")])
+def test_a_surgeon_on_latency_steps_in_a_real_run(backend, precision, tiny_fmnist, tmp_path, monkeypatch):
+    """PyTorch's tables are timed in the type the run computes in (a GPU's half kernels step elsewhere)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     pl.seed_everything(0, verbose=False)
     module = ImageClassifier(BaselineCNN(1, 10, width=16), optimizer="adam", lr=0.003)  # widths 16, 16, 32, 32
@@ -216,10 +223,12 @@ def test_a_surgeon_on_latency_steps_in_a_real_run(backend, tiny_fmnist, tmp_path
                 m.weight_quantizer.bits.data[: m.weight_quantizer.bits.numel() // 2] = -1.0
 
     callbacks = [SelfCompression(gamma=0.0, init_bits=4.0), Kill(), surgeon]
-    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=4)).fit(module, tiny_fmnist)
+    pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=4, precision=precision)).fit(module,
+                                                                                                   tiny_fmnist)
     assert set(surgeon.step_widths) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"}
     assert all(w % 2 == 0 for steps in surgeon.step_widths.values() for w in steps), "round_to=2: even steps only"
     stored = json.loads(next((tmp_path / "cache").rglob("*.json")).read_text())
+    assert stored["device"].endswith(", autocast to bfloat16") == (precision == "bf16-mixed"), stored["device"]
     block = LatencyTable("", [1], [0.0], stored["device"], 4, backend).block  # ONNX Runtime on AVX-512: 16, AVX2: 8
     assert all(w % block == 0 for steps in surgeon.step_widths.values() for w in steps), block  # 16, 32: on it
     assert list((tmp_path / "cache").rglob("*.json")), "the tables went to the cache"
@@ -276,6 +285,12 @@ def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cuda"])
     assert "ONNX Runtime's tables are timed on the CPU; add --torch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--autocast", "bfloat16"])
+    assert "--autocast bfloat16: ONNX Runtime's tables time the file's own types; add --torch" in capsys.readouterr().err
+    main(["--set", "width=2", "--batch", "1", "--runs", "1", "--cache", str(tmp_path), "--torch", "--autocast",
+          "bfloat16"])  # fmt: skip
+    assert "autocast to bfloat16" in capsys.readouterr().out and len(list(tmp_path.glob("*.json"))) == 12
 
 
 def test_the_step_pressure_pushes_the_weakest_live_channels_above_the_step_below():
@@ -374,18 +389,22 @@ def test_weighted_bits_scale_each_layers_size_gradient():
         assert torch.allclose(g, factors.get(name, 1.0) * p), name
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
-def test_a_latency_weighted_size_term_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch, backend):
+@pytest.mark.parametrize(("backend", "precision"), [("onnxruntime-cpu", "bf16-mixed"), ("torch", "bf16-mixed")])
+def test_a_latency_weighted_size_term_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch, backend, precision):
+    """In a mixed-precision run PyTorch's tables are timed in its half type; ONNX Runtime's time the file's."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
     compression = SelfCompression(gamma=0.5, init_bits=4.0, latency_weight=1.0, latency_backend=backend)
-    pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=3)).fit(module, tiny_fmnist)
+    trainer = pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=3, precision=precision))
+    trainer.fit(module, tiny_fmnist)
     weights = compression.compressor.layer_weights
     assert set(weights) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"}
     assert all(w >= 0 for w in weights.values()) and len(set(weights.values())) > 1, weights
     tables = list((tmp_path / "cache").rglob("*.json"))
     assert tables, "measured through the surgeon's cached tables"
     assert {json.loads(t.read_text())["backend"] for t in tables} == {backend}
+    autocast = {json.loads(t.read_text())["device"].endswith(", autocast to bfloat16") for t in tables}
+    assert autocast == {backend == "torch"}
     for bad in (-0.1, 1.5, "fast"):
         with pytest.raises(ValueError, match="latency_weight=.* must be a number in \\[0, 1\\]"):
             SelfCompression(latency_weight=bad)

@@ -15,7 +15,7 @@ from ..core.compressor import SelfCompressor
 from ..core.inputs import model_input
 from ..core.size import SizeReport
 from ..report import print_size_table
-from .strategies import check_strategy
+from .strategies import check_strategy, half_dtype
 
 __all__ = ["SelfCompression"]
 
@@ -66,7 +66,7 @@ class SelfCompression(Callback):
             measured = None
             if trainer.is_global_zero:
                 example = model_input(pl_module, batch, "SelfCompression(latency_weight)")
-                measured = compressor.measure_layer_weights(example)
+                measured = compressor.measure_layer_weights(example, half_dtype(trainer))
                 rank_zero_info(f"SelfCompression: each layer's bits weighted by its latency: {measured}")
             compressor.layer_weights = trainer.strategy.broadcast(measured, src=0)
         compressor.start_step(trainer.global_step, trainer.estimated_stepping_batches)

@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
-from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -23,7 +22,7 @@ from ..core.size import LayerShape
 from ..core.surgery import SURGERY_KEY, Surgeon, SurgeryRecord, check_optimizer, traced_input
 from ..core.widths import BACKENDS, default_cache_dir, latency_tables, stream_pressure
 from ..report import print_surgery_table
-from .strategies import check_strategy
+from .strategies import check_strategy, half_dtype
 
 __all__ = ["ChannelSurgeon"]
 
@@ -51,7 +50,8 @@ class ChannelSurgeon(Callback):
             exact zeros until the next step down is reached.
             "onnxruntime-cpu-int8": the same for ONNX Runtime's integer kernels (a file exported with int8
             activations, `runtime="onnxruntime"`), whose steps are not the float kernels' steps. "torch": PyTorch's
-            own steps (eager, float32) on the device the model trains on, a GPU's where it trains on one.
+            own steps (eager, in the run's precision: its half type under bf16/16 precision) on the device the model
+            trains on, a GPU's where it trains on one.
         latency_batch: the batch size at which the latency tables are measured.
         width_tolerance: a width counts as a step only if it is at least this fraction faster than the next one up.
         width_pressure: with latency steps, added per optimizer step to the gradient of b of each layer's weakest
@@ -136,13 +136,13 @@ class ChannelSurgeon(Callback):
             saved = (checkpoint.get(SURGERY_KEY) or {}).get("latency_steps") or {}
             if saved.get("widths") == self.widths:  # a resumed run keeps its steps, on any machine, without timing
                 self._resumed_steps = saved["steps"]
-            self._replay(pl_module, checkpoint.get(SURGERY_KEY), strategy)
+            self._replay(pl_module, checkpoint.get(SURGERY_KEY), trainer)
             return load(checkpoint, *args, **kwargs)
 
         strategy.load_model_state_dict = replay_then_load
         self._restore = (strategy, load)
 
-    def _replay(self, pl_module: pl.LightningModule, state: Mapping[str, Any] | None, strategy: Strategy) -> None:
+    def _replay(self, pl_module: pl.LightningModule, state: Mapping[str, Any] | None, trainer: pl.Trainer) -> None:
         if not state or not state.get("history"):
             return
         if self.surgeon is not None and self.surgeon.history:
@@ -153,7 +153,7 @@ class ChannelSurgeon(Callback):
                 f"checkpoint's model {len(state['history'])} times, and cut channels cannot be put back. Evaluate "
                 "that checkpoint on a freshly built module (or `load_compressed(fresh_module, path)`)."
             )
-        self._trace(pl_module, traced_input(state), strategy)
+        self._trace(pl_module, traced_input(state), trainer)
         self.surgeon.replay(state["history"])
         self.surgeon.cuts.check_unchanged()
 
@@ -164,19 +164,21 @@ class ChannelSurgeon(Callback):
             strategy.load_model_state_dict = load
             self._restore = None
 
-    def _trace(self, pl_module: pl.LightningModule, example: Tensor, strategy: Strategy) -> None:
+    def _trace(self, pl_module: pl.LightningModule, example: Tensor, trainer: pl.Trainer) -> None:
         device = next(pl_module.parameters()).device
         self.example_input = example.detach()[:2].to(device)
         graph = ChannelGraph(pl_module, self.example_input)
         if self.widths in BACKENDS:  # traced before any cut: the tables cover every width
             steps, self._resumed_steps = self._resumed_steps, None
             if steps is None:  # measured on rank 0 alone (ranks timing at once would slow each other), for all
-                if strategy.is_global_zero:
+                if trainer.is_global_zero:
                     rank_zero_info(f"ChannelSurgeon: latency tables ({self.widths}, batch {self.latency_batch}) from "
                                    f"{default_cache_dir()}, each timed there once per machine (idle is best)")
-                    tables = latency_tables(graph, self.example_input, backend=self.widths, batch=self.latency_batch)
+                    autocast = half_dtype(trainer) if self.widths == "torch" else None
+                    tables = latency_tables(graph, self.example_input, backend=self.widths, batch=self.latency_batch,
+                                            autocast=autocast)
                     steps = {name: t.step_widths(self.width_tolerance, self.round_to) for name, t in tables.items()}
-                steps = strategy.broadcast(steps, src=0)
+                steps = trainer.strategy.broadcast(steps, src=0)
             self.step_widths = steps
             rank_zero_info(f"ChannelSurgeon: widths each layer may be cut to ({self.widths}): {self.step_widths}")
         self.surgeon = Surgeon(graph, self.atol, self.round_to, self.step_widths or None, self.include, self.exclude)
@@ -195,7 +197,7 @@ class ChannelSurgeon(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.surgeon is None:
-            self._trace(pl_module, model_input(pl_module, batch, "ChannelSurgeon"), trainer.strategy)
+            self._trace(pl_module, model_input(pl_module, batch, "ChannelSurgeon"), trainer)
 
     @override
     def on_before_optimizer_step(

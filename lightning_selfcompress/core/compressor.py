@@ -225,10 +225,13 @@ class SelfCompressor:
         if not self.learn_bits or self.bits_frozen:
             freeze_bits(layers)
 
-    def measure_layer_weights(self, example: Tensor) -> dict[str, float]:
-        """Per layer, the factor of its bits in the size term: its channels' latency, mixed by `latency_weight`."""
+    def measure_layer_weights(self, example: Tensor, autocast: torch.dtype | None = None) -> dict[str, float]:
+        """Per layer, the factor of its bits in the size term: its channels' latency, mixed by `latency_weight`.
+        `autocast`: the half type a mixed-precision run computes in (the "torch" backend times in it)."""
         example = example.detach()[:2]
-        tables = latency_tables(ChannelGraph(self.model, example), example, backend=self.latency_backend)
+        autocast = autocast if self.latency_backend == "torch" else None
+        graph = ChannelGraph(self.model, example)
+        tables = latency_tables(graph, example, backend=self.latency_backend, autocast=autocast)
         measured = latency_weights(tables, self.size.original)
         return {name: 1 - self.latency_weight + self.latency_weight * w for name, w in measured.items()}
 

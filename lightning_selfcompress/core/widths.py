@@ -347,13 +347,13 @@ def _median_ms(call, runs: int, sync=lambda: None) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _time_torch(specs: list[dict], batch: int, runs: int, device: torch.device) -> float:
+def _time_torch(specs: list[dict], batch: int, runs: int, device: torch.device, autocast: torch.dtype | None) -> float:
     chain = _Chain(specs).to(device).eval()
     generator = torch.Generator().manual_seed(0)
     own = [specs[0]] + [s for s, how in zip(specs[1:], chain.reads) if how is None]
     inputs = [torch.randn(_input_rows(s, batch), generator=generator).to(device) for s in own]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, autocast, enabled=autocast is not None):
         return _median_ms(lambda: chain(*inputs), runs, sync)
 
 
@@ -403,21 +403,26 @@ def latency_tables(
     runs: int = 20,
     rounds: int = 3,
     cache_dir: str | os.PathLike | None = None,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, LatencyTable]:
     """Per Conv/Linear producer of removable channels (as the model is now, every channel present), its latency
     table, from the cache where this device measured the same shapes before, else measured (the median of `runs`,
     the best of `rounds`) and cached. Measure on an otherwise idle machine: the steps are read from these numbers.
     `backend`: "onnxruntime-cpu" (float kernels, the weight-only file), "onnxruntime-cpu-int8" (integer kernels,
     the file `export_onnx(runtime="onnxruntime")` writes with int8 activations) or "torch" (PyTorch eager, float32,
-    on the device the model is on: a GPU's own steps where it trains on one)."""
+    on the device the model is on: a GPU's own steps where it trains on one). `autocast`: with "torch", time the
+    chain under `torch.autocast` to this dtype, as a mixed-precision run computes (a GPU's bfloat16 or float16
+    kernels step at other widths than its float32 ones)."""
     check_choice("backend", backend, BACKENDS)
+    if autocast is not None and backend != "torch":
+        raise ValueError(f"autocast={autocast} is for backend='torch'; {backend!r} times the file's own types.")
     if backend != "torch":
         require(f"Latency tables (ChannelSurgeon's widths={backend!r})", "onnx", "onnxruntime")
     model = graph.model
     shapes = _input_shapes(model, example_input)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     on = _model_device(model)
-    device = _device(backend, on)
+    device = _device(backend, on) + (f", autocast to {str(autocast).removeprefix('torch.')}" if autocast else "")
     tables = {}
     for producer, groups in graph.outputs.items():
         module = model.get_submodule(producer)
@@ -446,7 +451,7 @@ def latency_tables(
             for i, width in enumerate(widths):
                 specs = [{**own, "out": width}]
                 specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
-                ms[i] = min(ms[i], _time_torch(specs, batch, runs, on) if backend == "torch" else
+                ms[i] = min(ms[i], _time_torch(specs, batch, runs, on, autocast) if backend == "torch" else
                             _time(specs, batch, runs, int8=backend.endswith("int8")))  # fmt: skip
         table = LatencyTable(producer, widths, ms, device, batch, backend)
         with atomic_path(path) as tmp:  # parent folders included
