@@ -92,6 +92,14 @@ class Two(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+def test_steps_that_do_not_fit_the_model_are_stale():
+    graph = ChannelGraph(Two(), torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"steps for 'a' \(\[8, 16\]\) are stale: 'a' has 32 output channels"):
+        Surgeon(graph, widths={"a": [8, 16]})
+    with pytest.raises(ValueError, match="'c' is not a layer whose channels can be cut here"):
+        Surgeon(graph, widths={"c": [4]})
+
+
 @pytest.mark.parametrize(("dead", "width"), [(5, 32), (16, 16), (20, 16), (31, 16)])
 def test_the_surgeon_cuts_only_to_allowed_widths(dead, width):
     """With steps {16, 32}: 5 dead channels wait (27 live would cost a full step of 32 anyway); 16, 20, 31 dead cut
@@ -128,6 +136,14 @@ def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path, monkey
         f.write_text(json.dumps({**stored, "ms": [7.0] * len(stored["ms"])}))
     again = latency_tables(graph, x, batch=2, runs=2, cache_dir=tmp_path)
     assert all(t.ms == [7.0] * len(t.ms) for t in again.values())
+    files[0].write_text(files[0].read_text()[:40])  # cut short
+    stored = json.loads(files[1].read_text())
+    files[1].write_text(json.dumps({**stored, "widths": stored["widths"][:-1], "ms": stored["ms"][:-1]}))
+    with pytest.warns(UserWarning, match="is stale .*: timing it again") as stale:
+        again = latency_tables(graph, x, batch=2, runs=1, rounds=1, cache_dir=tmp_path)
+    assert sorted(str(w.message).split()[5] for w in stale) == [str(files[0]), str(files[1])]
+    assert sum(t.ms != [7.0] * len(t.ms) for t in again.values()) == 2, "the two stale tables timed again"
+    assert latency_tables(graph, x, batch=2, cache_dir=tmp_path) == again, "and cached again"
     assert len(latency_tables(graph, x, batch=3, runs=1, cache_dir=tmp_path / "b3")) == 4, "another batch, new tables"
     int8 = latency_tables(graph, x, backend="onnxruntime-cpu-int8", batch=2, runs=1, rounds=1, cache_dir=tmp_path)
     assert len(int8) == 4 and all(t.ms != [7.0] * len(t.ms) for t in int8.values()), "another backend, measured anew"
@@ -264,6 +280,11 @@ def test_a_resumed_run_keeps_cutting_to_its_checkpoint_s_steps(tiny_fmnist, tmp_
     resumed = fit(4, tmp_path / "step2.ckpt")
     assert resumed.step_widths == first.step_widths
     assert not list((tmp_path / "another machine").rglob("*.json")), "nothing was timed again"
+    checkpoint = torch.load(tmp_path / "step2.ckpt", weights_only=True)  # steps another model's run saved
+    checkpoint[SURGERY_KEY]["latency_steps"]["steps"]["net.features.0"] = [16, 32]
+    torch.save(checkpoint, tmp_path / "stale.ckpt")
+    with pytest.raises(ValueError, match="latency steps for 'net.features.0' .* are stale: 'net.features.0' has 4 "):
+        fit(4, tmp_path / "stale.ckpt")
 
 
 def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):

@@ -140,6 +140,7 @@ class Surgeon:
         self.atol = atol
         self.round_to = round_to
         self.widths = {name: set(allowed) for name, allowed in (widths or {}).items()}
+        self._check_widths()
         self.history: list[SurgeryRecord] = []
         self.cuts = Cuts(graph)  # what this surgeon removed: the graph itself stays as traced
 
@@ -148,6 +149,19 @@ class Surgeon:
         step = self.round_to if was % self.round_to == 0 else 1
         allowed = self.widths.get(producer)
         return width > 0 and width % step == 0 and (allowed is None or width in allowed or width == was)
+
+    def _check_widths(self) -> None:
+        """Steps that do not fit the traced model (a layer it lacks; none at a layer's width, where every table
+        ends) are stale: timed for another model, or saved in another run's checkpoint."""
+        for name, allowed in self.widths.items():
+            width = len(self.graph.outputs[name]) if name in self.graph.outputs else None
+            if width not in allowed:
+                where = f"has {width} output channels" if width else "is not a layer whose channels can be cut here"
+                raise ValueError(
+                    f"The latency steps for '{name}' ({sorted(allowed)}) are stale: '{name}' {where}. They were "
+                    "measured for another model (a checkpoint's `latency_steps` from another run?); resume from this "
+                    "model's own checkpoint, or start the run anew to time its tables."
+                )
 
     @staticmethod
     def check_options(atol: float, round_to: int) -> None:

@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -367,6 +368,24 @@ def _time(specs: list[dict], batch: int, runs: int, int8: bool = False) -> float
     return _median_ms(lambda: session.run(None, feeds), runs)
 
 
+def _cached(path: Path, full: int) -> dict | None:
+    """The table cached at `path`, or None where there is none; one that does not fit its layer (unreadable, its
+    widths not ending at the layer's `full` width, a time missing) is stale: said, and timed again over it."""
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        widths, ms = stored["widths"], stored["ms"]
+        if widths and widths[-1] == full and widths == sorted(set(widths)) and len(ms) == len(widths):
+            if all(isinstance(t, (int, float)) and 0 < t < math.inf for t in ms):
+                return stored
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    warnings.warn(f"The latency table cached in {path} is stale (unreadable, or not for a layer of {full} channels): "
+                  "timing it again, over it.", stacklevel=3)  # fmt: skip
+    return None
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
@@ -441,8 +460,8 @@ def latency_tables(
         key = {"device": device, "batch": batch, "layer": own, "readers": [[s, per] for s, per in readers],
                "timing": TIMING, "backend": backend}
         path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
-        if path.is_file():
-            stored = json.loads(path.read_text())
+        stored = _cached(path, full)
+        if stored is not None:
             tables[producer] = LatencyTable(producer, stored["widths"], stored["ms"], device, batch, backend)
             continue
         widths = timed_widths(full, channel_block(backend, device))
