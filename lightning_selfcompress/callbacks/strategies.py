@@ -1,5 +1,6 @@
 """The strategies under which the callbacks that change a model's parameters are sound: one device, or DDP with a
-process of its own per rank (the replicas stay whole, so quantizers, masks and cuts apply to each alike)."""
+process of its own per rank (the replicas stay whole, so quantizers, masks and cuts apply to each alike); and the type
+a strategy's precision computes in."""
 
 from __future__ import annotations
 

@@ -230,8 +230,8 @@ class SelfCompressor:
         `autocast`: the half type a mixed-precision run computes in (the "torch" backend times in it)."""
         example = example.detach()[:2]
         autocast = autocast if self.latency_backend == "torch" else None
-        graph = ChannelGraph(self.model, example)
-        tables = latency_tables(graph, example, backend=self.latency_backend, autocast=autocast)
+        tables = latency_tables(ChannelGraph(self.model, example), example, backend=self.latency_backend,
+                                autocast=autocast)
         measured = latency_weights(tables, self.size.original)
         return {name: 1 - self.latency_weight + self.latency_weight * w for name, w in measured.items()}
 

@@ -41,8 +41,8 @@ from .checks import check_choice
 from .groups import ChannelGraph
 
 TIMING = "in its chain"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
-# ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); PyTorch eager, float32, on the model's
-# device (a GPU where it trains on one)
+# ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); PyTorch eager on the model's device (a
+# GPU where it trains on one), float32 or under autocast to a half type
 BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "torch")
 MAX_TIMED_WIDTHS = 128  # per layer: up to this many channels every width is timed, a wider layer on a coarser grid
 
