@@ -67,13 +67,14 @@ def tables(device: str, batch: int, cache: Path) -> dict:
 class StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     def on_train_batch_start(self, trainer, pl_module, *args) -> None:
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        self.sync()
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        self.sync()
         self.times.append(time.perf_counter() - self.start)
 
 
