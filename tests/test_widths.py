@@ -21,7 +21,6 @@ from lightning_selfcompress.core.widths import (
     LatencyTable,
     latency_tables,
     latency_weights,
-    step_pressure,
     step_widths,
     stream_pressure,
     timed_widths,
@@ -316,10 +315,13 @@ def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):
 
 def test_the_step_pressure_pushes_the_weakest_live_channels_above_the_step_below():
     bits = torch.tensor([3.0, 0.0, 1.0, 2.5, 0.5, 2.0, -1.0, 4.0])  # 6 live channels
-    grad = step_pressure(bits, [2, 4, 8], strength=0.5)
-    assert grad.tolist() == [0, 0, 0.5, 0, 0.5, 0, 0, 0], "6 live, step below 4: the two with the fewest bits"
-    assert step_pressure(bits, [6, 8], 0.3) is None, "on a step"
-    assert step_pressure(bits, [8], 0.3) is None, "no step below: a layer is never pushed to nothing"
+
+    def pressure(steps, strength=0.5):
+        return stream_pressure({"a": bits}, {"a": torch.arange(8)}, {"a": steps}, strength).get("a")
+
+    assert pressure([2, 4, 8]).tolist() == [0, 0, 0.5, 0, 0.5, 0, 0, 0], "6 live, step below 4: the 2 weakest"
+    assert pressure([6, 8]) is None, "on a step"
+    assert pressure([8]) is None, "no step below: a layer is never pushed to nothing"
 
 
 def test_with_step_pressure_a_real_run_reaches_the_steps(tiny_fmnist, tmp_path):
@@ -345,21 +347,28 @@ def test_with_step_pressure_a_real_run_reaches_the_steps(tiny_fmnist, tmp_path):
 
 
 def test_a_stream_is_pushed_by_its_groups_in_every_producer_together():
-    """The stream's layer a and a branch b (its channels in another order) write the same 4 groups: a group's
-    strength is its strongest writer's bits, and the two weakest groups are pushed in both, where still live."""
+    """The stream's layer a and a branch b (its channels in another order) write the same 4 groups: a group is live
+    while a writer's channel of it is, and the groups that some writer let go are pushed first, in the others."""
     groups = {"a": torch.tensor([0, 1, 2, 3]), "b": torch.tensor([3, 2, 1, 0])}
     bits = {"a": torch.tensor([3.0, 0.0, 1.0, 2.0]), "b": torch.tensor([0.0, 0.5, 2.5, 0.0])}
-    grads = stream_pressure(bits, groups, {"a": [2, 8]}, 0.5)  # strengths 3, 2.5, 1, 2: groups 2 and 3 go
-    assert grads["a"].tolist() == [0, 0, 0.5, 0.5] and grads["b"].tolist() == [0, 0.5, 0, 0]
-    unquantized = {**groups, "c": torch.tensor([2])}  # a float layer writes group 2 too: it can never die
-    grads = stream_pressure({**bits, "c": None}, unquantized, {"a": [2, 8]}, 0.5)
+    # groups 0, 1 and 3 let go by a writer (strongest 3, 2.5, 2), group 2 live in both: 4 live, to the step 2
+    grads = stream_pressure(bits, groups, {"a": [2, 8]}, 0.5)
     assert grads["a"].tolist() == [0, 0, 0, 0.5] and grads["b"].tolist() == [0, 0, 0.5, 0], "groups 3 and 1"
-    assert stream_pressure(bits, groups, {"a": [4, 8]}, 0.5) == {}, "4 groups live: on a step"
+    assert stream_pressure(bits, groups, {"a": [4, 8]}, 0.5) == {}, "4 groups live, no step below"
+    unquantized = {**groups, "c": torch.tensor([3])}  # a float layer writes group 3 too: it never dies
+    grads = stream_pressure({**bits, "c": None}, unquantized, {"a": [2, 8]}, 0.5)
+    assert grads["a"].tolist() == [0.5, 0, 0, 0] and grads["b"].tolist() == [0, 0, 0.5, 0], "groups 1 and 0"
+    # on its full width, a step: groups 1 and 2 let go by one writer each; the step at or below the 2 groups live
+    # in both is 2, so those two go, where still live; without them, nothing pushes the stream below its width
+    bits = {"a": torch.tensor([3.0, 0.0, 1.0, 2.0]), "b": torch.tensor([1.0, 0.0, 1.0, 1.0])}  # b: groups 3 2 1 0
+    grads = stream_pressure(bits, groups, {"a": [2, 4]}, 0.5)
+    assert grads["a"].tolist() == [0, 0, 0.5, 0] and grads["b"].tolist() == [0, 0, 0.5, 0]
 
 
 def test_with_stream_pressure_a_real_residual_stream_reaches_its_step(tiny_fmnist, tmp_path):
     """ResNet-9's first stream (8 channels: layer1.0 and the residual branch's res2 write it) with steps {4, 8}:
-    the two layers' dead channels differ, so 7 groups are live; pushed group by group, the stream goes to 4."""
+    the two layers let different channels go, so all 8 groups are live, on a step; pushed group by group, those let
+    go first, the stream goes to 4."""
     pl.seed_everything(0, verbose=False)
     module = ImageClassifier(ResNet9(1, 10, width=4), optimizer="adam", lr=0.003)
     stream, branch = "net.layer1.0.0", "net.layer1.2.res2.0"
@@ -371,7 +380,7 @@ def test_with_stream_pressure_a_real_residual_stream_reaches_its_step(tiny_fmnis
                 surgeon.width_pressure, surgeon.step_widths = 1.0, {stream: [4, 8]}
                 surgeon.surgeon.widths = {stream: {4, 8}}
                 pl_module.get_submodule(stream).weight_quantizer.bits.data[:3] = -1.0
-                pl_module.get_submodule(branch).weight_quantizer.bits.data[[0, 3, 4]] = -1.0
+                pl_module.get_submodule(branch).weight_quantizer.bits.data[[3, 4, 5]] = -1.0
 
     callbacks = [SelfCompression(gamma=0.0, init_bits=2.0, quantizer_lr=0.1), surgeon, Setup()]
     pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=40)).fit(module, tiny_fmnist)

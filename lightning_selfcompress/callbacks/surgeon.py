@@ -56,8 +56,8 @@ class ChannelSurgeon(Callback):
         width_tolerance: a width counts as a step only if it is at least this fraction faster than the next one up.
         width_pressure: with latency steps, added per optimizer step to the gradient of b of each layer's weakest
             live channels above the step below its live count (`core.widths.stream_pressure`; on a residual stream,
-            the weakest channel groups, in every layer that writes them), so that the layer reaches that step
-            instead of keeping dead channels that the file still stores. 0: off.
+            channel groups, in every layer that writes them, those some writer let go first), so that the layer
+            reaches that step instead of keeping dead channels that the file still stores. 0: off.
         include: glob patterns on module names: the layers whose dead channels may be cut (default: all).
         exclude: glob patterns on module names: layers never cut (their dead channels stay, as exact zeros).
     """

@@ -47,7 +47,7 @@ BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "torch")
 MAX_TIMED_WIDTHS = 128  # per layer: up to this many channels every width is timed, a wider layer on a coarser grid
 
 __all__ = ["BACKENDS", "LatencyTable", "channel_block", "default_cache_dir", "latency_tables", "latency_weights",
-           "step_pressure", "step_widths", "stream_pressure", "timed_widths"]
+           "step_widths", "stream_pressure", "timed_widths"]
 
 
 @dataclass(frozen=True)
@@ -496,32 +496,21 @@ def latency_weights(tables: dict[str, LatencyTable], original: dict[str, tuple[i
     return {name: per_ms * slope * original[name][0] / original[name][1] for name, slope in slopes.items()}
 
 
-def step_pressure(bits: Tensor, steps: Sequence[int], strength: float) -> Tensor | None:
-    """A gradient for one layer's bit depths that pushes its weakest live channels (the fewest bits) down towards 0,
-    as many as its live count exceeds the step below it; None where the live count is on a step or no step lies
-    below it (a layer is never pushed to nothing). Added to b's gradient,
-    it lets the surgeon reach the next step down instead of keeping dead channels that the file still stores."""
-    live = bits.detach() > 0
-    count = int(live.sum())
-    below = max((w for w in steps if w < count), default=0)
-    if count in steps or below == 0:
-        return None
-    weakest = live.nonzero().flatten()[bits.detach()[live].argsort()[: count - below]]
-    grad = torch.zeros_like(bits)
-    grad[weakest] = strength
-    return grad
-
-
 def stream_pressure(
     bits: Mapping[str, Tensor | None], groups: Mapping[str, Tensor], steps: Mapping[str, Sequence[int]], strength: float
 ) -> dict[str, Tensor]:
-    """`step_pressure` for every layer with steps, over channel groups: per producer, a gradient for its bit depths.
+    """Per producer, a gradient for its bit depths that pushes the weakest live channel groups of each layer with
+    steps down towards 0, as many as its live count exceeds its target step, so that the surgeon reaches that step
+    instead of keeping dead channels that the file still stores. A layer alone: its target is the step below its
+    live count, none while the count is on a step, and it is never pushed to nothing.
     A group that several producers write (a residual stream: the layer that starts it and each branch that adds to
-    it) goes only when every producer's channel of it is at 0 bits. Pushed one layer at a time, the producers chose
-    different channels and the stream kept its full width; here a group's strength is its strongest producer's bits,
-    and the weakest groups are pushed down in every producer together. `bits`: per producer, None where it is not
-    quantized (its groups never die); `groups`: per producer, the group of each of its present channels (on the CPU).
-    It runs every optimizer step: the bits come to the CPU in one transfer, and only the gradients go back."""
+    it) is live while any producer's channel of it is. Pushed one layer at a time, the producers let different
+    channels go and ResNet-9's streams kept their full width, no group dead in all. So a stream aims at the step at
+    or below its groups live in every producer, and pushes first the groups that some producer already let go (the
+    size term's saving on them is not real until all do), then the weakest by their strongest producer's bits, in
+    every producer where they are live. `bits`: per producer, None where it is not quantized (its groups never
+    die); `groups`: per producer, the group of each of its present channels (on the CPU). It runs every optimizer
+    step: the bits come to the CPU in one transfer, and only the gradients go back."""
     quantized = {name: b for name, b in bits.items() if b is not None}
     if not quantized or not steps:
         return {}
@@ -529,15 +518,24 @@ def stream_pressure(
     values = dict(zip(quantized, flat.split([b.numel() for b in quantized.values()])))
     top = 1 + max(int(ids.max()) for ids in groups.values() if len(ids))
     strongest = torch.full((top,), -math.inf)
+    weakest = torch.full((top,), math.inf)
     for name, ids in groups.items():
         own = values.get(name, torch.full((len(ids),), math.inf))  # not quantized: never dies
         strongest[ids] = torch.maximum(strongest[ids], own)
+        weakest[ids] = torch.minimum(weakest[ids], own)
     push = torch.zeros(top, dtype=torch.bool)
     for name, allowed in steps.items():
-        if name in values:
-            grad = step_pressure(strongest[groups[name]], allowed, strength)
-            if grad is not None:
-                push[groups[name][grad > 0]] = True
+        if name not in values:
+            continue
+        ids = groups[name]
+        live = ids[strongest[ids] > 0]
+        everywhere = int((weakest[live] > 0).sum())
+        below = max((w for w in allowed if w < len(live)), default=0)  # never pushed to nothing
+        target = max((w for w in allowed if w <= everywhere), default=0) or below
+        if 0 < target < len(live):
+            by_strength = live[strongest[live].argsort(stable=True)]
+            first = by_strength[(weakest[by_strength] > 0).argsort(stable=True)]  # let go somewhere: first
+            push[first[: len(live) - target]] = True
     grads: dict[str, Tensor] = {}
     for name, b in quantized.items():
         where = push[groups[name]] & (values[name] > 0)
