@@ -363,6 +363,10 @@ def test_a_stream_is_pushed_by_its_groups_in_every_producer_together():
     bits = {"a": torch.tensor([3.0, 0.0, 1.0, 2.0]), "b": torch.tensor([1.0, 0.0, 1.0, 1.0])}  # b: groups 3 2 1 0
     grads = stream_pressure(bits, groups, {"a": [2, 4]}, 0.5)
     assert grads["a"].tolist() == [0, 0, 0.5, 0] and grads["b"].tolist() == [0, 0, 0.5, 0]
+    # the same, with a float layer writing group 1 too: it never dies, so it neither takes a push slot nor counts as
+    # let go; 3 groups live everywhere, to the step 2: group 2 (let go by a) and the weakest mortal one, group 3
+    grads = stream_pressure({**bits, "c": None}, {**groups, "c": torch.tensor([1])}, {"a": [2, 4]}, 0.5)
+    assert grads["a"].tolist() == [0, 0, 0.5, 0.5] and grads["b"].tolist() == [0.5, 0, 0, 0]
 
 
 def test_with_stream_pressure_a_real_residual_stream_reaches_its_step(tiny_fmnist, tmp_path):

@@ -509,7 +509,7 @@ def stream_pressure(
     or below its groups live in every producer, and pushes first the groups that some producer already let go (the
     size term's saving on them is not real until all do), then the weakest by their strongest producer's bits, in
     every producer where they are live. `bits`: per producer, None where it is not quantized (its groups never
-    die); `groups`: per producer, the group of each of its present channels (on the CPU). It runs every optimizer
+    die, so they count as live everywhere and are never pushed); `groups`: per producer, the group of each of its present channels (on the CPU). It runs every optimizer
     step: the bits come to the CPU in one transfer, and only the gradients go back."""
     quantized = {name: b for name, b in bits.items() if b is not None}
     if not quantized or not steps:
@@ -523,18 +523,21 @@ def stream_pressure(
         own = values.get(name, torch.full((len(ids),), math.inf))  # not quantized: never dies
         strongest[ids] = torch.maximum(strongest[ids], own)
         weakest[ids] = torch.minimum(weakest[ids], own)
+    mortal = strongest.isfinite()  # a group that a float layer writes never dies: it is never pushed
+    let_go = (weakest <= 0) & mortal
     push = torch.zeros(top, dtype=torch.bool)
     for name, allowed in steps.items():
         if name not in values:
             continue
         ids = groups[name]
         live = ids[strongest[ids] > 0]
-        everywhere = int((weakest[live] > 0).sum())
+        everywhere = len(live) - int(let_go[live].sum())
         below = max((w for w in allowed if w < len(live)), default=0)  # never pushed to nothing
         target = max((w for w in allowed if w <= everywhere), default=0) or below
         if 0 < target < len(live):
-            by_strength = live[strongest[live].argsort(stable=True)]
-            first = by_strength[(weakest[by_strength] > 0).argsort(stable=True)]  # let go somewhere: first
+            candidates = live[mortal[live]]
+            by_strength = candidates[strongest[candidates].argsort(stable=True)]
+            first = by_strength[(~let_go[by_strength]).argsort(stable=True)]  # let go somewhere: first
             push[first[: len(live) - target]] = True
     grads: dict[str, Tensor] = {}
     for name, b in quantized.items():
