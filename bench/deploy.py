@@ -1,6 +1,6 @@
 """Deployed speed: our exported files against what a user would ship instead, in a default ONNX Runtime session.
 
-`python bench/deploy.py --run RUN_DIR [--float-run FLOAT_RUN_DIR] [--batches 1 64] [--quick]`
+`python bench/deploy.py --run RUN_DIR [RUN_DIR ...] [--float-run FLOAT_RUN_DIR] [--batches 1 64] [--quick]`
 `python bench/deploy.py --model resnet50 [--size 224] [--runs 10 --rounds 3]`
 
 Four files of the same network, timed side by side in one process on CPU (ONNX Runtime's default session options,
@@ -24,6 +24,10 @@ would leave it: half of its removable channel groups dead (0 bits, constant 0) a
 sides calibrate on the same random images (no data here, so no accuracy). Each row says how many of the file's
 convolutions ONNX Runtime runs as integer kernels (read from its optimized graph). Last, how much of the fall in
 multiply-accumulates the weight-only file's latency shows (both files float32 at inference: the thinning alone).
+
+Several runs of the same network (`--run A B C`, say two versions of the code) are timed in the same rounds, each
+file of each run beside the others and the float export: timings from separate invocations wander by more than the
+differences between runs (the float export's own latency moved 10.4-13.1 ms at batch 64 between invocations here).
 """
 
 from __future__ import annotations
@@ -120,7 +124,8 @@ def integer_share(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="an lsc-train run directory or checkpoint (the compressed model)")
+    source.add_argument("--run", nargs="+", help="lsc-train run directories or checkpoints (compressed models of "
+                        "one network), timed side by side")
     source.add_argument("--model", help="a torchvision classifier, half its channel groups dead and cut (synthetic)")
     parser.add_argument("--float-run", help="a trained float lsc-train run of the same network (for accuracies)")
     parser.add_argument("--size", type=int, default=224, help="with --model: the input images' height and width")
@@ -138,24 +143,31 @@ def main() -> None:
 
     datamodule = None
     if args.model:
-        float_net, ours, calibration = load_torchvision(args.model, args.size, args.calibration_batches)
+        float_net, net, calibration = load_torchvision(args.model, args.size, args.calibration_batches)
+        ours = {"ours": net}
     else:
-        float_net, ours, datamodule = load_run(args.run)
+        loaded = {run: load_run(run) for run in args.run}
+        float_net, _, datamodule = loaded[args.run[0]]
         if args.float_run:
             float_net = load_run(args.float_run)[1]
+        ours = {"ours" if len(args.run) == 1 else f"ours {run}": net for run, (_, net, _) in loaded.items()}
         train = iter(datamodule.train_dataloader())
         calibration = [next(train)[0] for _ in range(args.calibration_batches)]
     x = calibration[0][:2]
-    trained_steps = any("input_quantizer" in m._modules for m in quantized_layers(ours).values())
-    layouts = {"ours, int8 (TensorRT layout)": "tensorrt", "ours, int8 (ONNX Runtime layout)": "onnxruntime"}
-    mine = ["ours, int8 (trained steps)"] if trained_steps else ["ours, weights", *layouts]
+    layouts = {"int8 (TensorRT layout)": "tensorrt", "int8 (ONNX Runtime layout)": "onnxruntime"}
+    mine: dict[str, tuple[nn.Module, str, list | None]] = {}  # file -> (network, layout, calibration)
+    for label, net in ours.items():
+        if any("input_quantizer" in m._modules for m in quantized_layers(net).values()):
+            mine[f"{label}, int8 (trained steps)"] = net, "tensorrt", None  # its trained steps: no calibration
+        else:
+            mine[f"{label}, weights"] = net, "tensorrt", None
+            mine.update({f"{label}, {key}": (net, runtime, calibration) for key, runtime in layouts.items()})
     with tempfile.TemporaryDirectory() as scratch:
         files = {key: Path(scratch) / f"{key}.onnx" for key in ("float", "ORT int8", *mine)}
         plain_export(float_net, x, files["float"])
         ort_quantize_static(files["float"], files["ORT int8"], calibration)
-        for key in mine:  # a model trained with int8 inputs exports its trained steps, calibration or not
-            export_onnx(ours, x, files[key], calibration=calibration if key in layouts else None, tolerance=None,
-                        runtime=layouts.get(key, "tensorrt"))  # fmt: skip
+        for key, (net, runtime, steps_from) in mine.items():
+            export_onnx(net, x, files[key], calibration=steps_from, tolerance=None, runtime=runtime)
         best = ort_latency_side_by_side(files, args.batches, tuple(x.shape[1:]), runs=runs, rounds=rounds)
         trained = set(mine) | ({"float", "ORT int8"} if args.float_run else set())
         test = None if args.quick or datamodule is None else list(datamodule.test_dataloader())
@@ -170,12 +182,13 @@ def main() -> None:
                           *(f"{best[key][b]:.3f}" for b in args.batches),
                           *(f"{best['float'][b] / best[key][b]:.2f}x" for b in args.batches))  # fmt: skip
         console.print(table)
-        if "ours, weights" in files:  # the thinning alone: float32 weights on both sides, at inference
-            fewer = 1 - multiply_accumulates(ours, x) / multiply_accumulates(float_net, x)
-            for b in args.batches:
-                faster = 1 - best["ours, weights"][b] / best["float"][b]
-                console.print(f"batch {b}: the thinning removed {fewer:.1%} of the multiply-accumulates; the "
-                              f"weight-only file's latency fell {faster:.1%}, {faster / fewer:.0%} as much")  # fmt: skip
+        for label, net in ours.items():  # the thinning alone: float32 weights on both sides, at inference
+            if f"{label}, weights" in files:
+                fewer = 1 - multiply_accumulates(net, x) / multiply_accumulates(float_net, x)
+                for b in args.batches:
+                    faster = 1 - best[f"{label}, weights"][b] / best["float"][b]
+                    console.print(f"{label}, batch {b}: the thinning removed {fewer:.1%} of the multiply-accumulates; "
+                                  f"the weight-only file's latency fell {faster:.1%}, {faster / fewer:.0%} as much")
         for key in mine:
             console.print(f"{key}, kernel per layer: {ort_kernels(files[key])}")
     console.print(f"load average after: {os.getloadavg()}")
