@@ -223,6 +223,26 @@ def test_a_layer_is_timed_in_its_chain_as_inside_the_network(tmp_path):
     assert "NhwcMaxPool" in ops, f"the pooling between the layer and its reader runs on uint8 too: {ops}"
 
 
+def test_in_the_int8_layout_a_first_layer_on_the_image_is_timed_float_as_in_the_file(tmp_path):
+    """The int8 file for ONNX Runtime leaves a layer reading fewer than 4 channels float (its weights folded at
+    load): timed as an integer kernel, ResNet-9's `prep` stepped to 14 of 16 channels, and in the file the float
+    kernel's output, transposed into the integer layout at 14 channels, cost 8x as long as at 16."""
+    import onnx
+    import onnxruntime
+
+    from lightning_selfcompress.core.widths import _graph, _spec
+
+    own = _spec(nn.Conv2d(1, 16, 3, padding=1), [1, 1, 28, 28])
+    reader = _spec(nn.Conv2d(16, 32, 3, padding=1), [1, 16, 28, 28])
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(_graph([own, reader], 2, int8=True).SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"])  # fmt: skip
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops[0] == "Conv" and ops.count("QLinearConv") == 1, f"float on the image, its reader integer: {ops}"
+    assert "Transpose" in ops[: ops.index("QLinearConv")], f"into the integer kernel's layout, as in the file: {ops}"
+
+
 @pytest.mark.parametrize(("backend", "precision"),
                          [("onnxruntime-cpu", "32-true"), ("torch", "32-true"), ("torch", "bf16-mixed")])
 def test_a_surgeon_on_latency_steps_in_a_real_run(backend, precision, tiny_fmnist, tmp_path, monkeypatch):

@@ -161,7 +161,10 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
     reader whose input holds other channels too (a concatenation) reads its own random input.
     `int8`: in the layout `export_onnx(runtime="onnxruntime")` writes, which ONNX Runtime runs as integer kernels:
     int8 weights behind DequantizeLinear, a uint8 Q/DQ pair on every layer's input and output (zero point 0 after a
-    ReLU, which it then drops)."""
+    ReLU, which it then drops); a layer reading fewer channels than the export quantizes (a first layer, on the
+    image) reads its float input directly, its float kernel and the transposition into its readers' integer layout
+    timed as in the file (ResNet-9's `prep` timed as an integer kernel stepped to 14 of 16 channels, which made the
+    file's transposition after it 8x as slow)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -186,8 +189,9 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
         paired.add(f"{tensor}.dq")
         return f"{tensor}.dq"
 
-    def weight(name: str, shape: Sequence[int]) -> str:
-        if not int8:
+    def weight(name: str, shape: Sequence[int], integer: bool) -> str:
+        """Float where the layer's kernel is (the file's int8 weights of a float layer are folded at load)."""
+        if not integer:
             return constant(name, rng.standard_normal(shape, dtype=np.float32))
         args = [constant(f"{name}.int8", rng.integers(-8, 8, shape, dtype=np.int8)),
                 constant(f"{name}.scale", np.full(shape[0], 0.01, np.float32)),
@@ -198,11 +202,12 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
     def layer(i: int, s: dict, x: str, relu: bool = False, relu_input: bool = False) -> str:
         """The layer on `x` (a ReLU's output, through pooling, where `relu_input`); returns its output (ReLU'd and
         paired where asked)."""
-        x, y = qdq(x, 0 if relu_input else 128), f"y{i}"
+        integer = int8 and not _float_input(s)
+        x, y = (qdq(x, 0 if relu_input else 128) if integer else x), f"y{i}"
         if s["op"] == "Gemm":
-            nodes.append(helper.make_node("Gemm", [x, weight(f"w{i}", (s["out"], s["in"]))], [y], transB=1))
+            nodes.append(helper.make_node("Gemm", [x, weight(f"w{i}", (s["out"], s["in"]), integer)], [y], transB=1))
         else:
-            names = [x, weight(f"w{i}", (s["out"], s["in"], *s["kernel"]))]
+            names = [x, weight(f"w{i}", (s["out"], s["in"], *s["kernel"]), integer)]
             if s["bias"]:
                 names.append(constant(f"b{i}", np.zeros(s["out"], np.float32)))
             nodes.append(helper.make_node("Conv", names, [y], kernel_shape=s["kernel"], strides=s["stride"],
@@ -229,7 +234,7 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
 
     own = specs[0]
     x = own_input(0, own)
-    if own["op"] == "Conv":
+    if own["op"] == "Conv" and not (int8 and _float_input(own)):  # a float first layer reads the image itself
         x = layer(-1, _feeder(own), x, relu=True)
     out = layer(0, own, x, relu=True)
     shape = _output_shape(own)
@@ -240,6 +245,13 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
     outputs.extend(helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in results or [out])
     graph = helper.make_graph(nodes, "widths", inputs, outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _float_input(s: dict) -> bool:
+    """Whether the int8 file for ONNX Runtime leaves the layer's input float (a first layer, on an image)."""
+    from .export import FEW_INPUT_CHANNELS
+
+    return s["in"] < FEW_INPUT_CHANNELS
 
 
 def _feeder(own: dict) -> dict:
@@ -459,6 +471,8 @@ def latency_tables(
         full = own["out"]
         key = {"device": device, "batch": batch, "layer": own, "readers": [[s, per] for s, per in readers],
                "timing": TIMING, "backend": backend}
+        if backend.endswith("int8") and _float_input(own):
+            key["timing"] += ", on its float input"  # timed as an integer kernel before: measured again
         path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
         stored = _cached(path, full)
         if stored is not None:
@@ -509,8 +523,9 @@ def stream_pressure(
     or below its groups live in every producer, and pushes first the groups that some producer already let go (the
     size term's saving on them is not real until all do), then the weakest by their strongest producer's bits, in
     every producer where they are live. `bits`: per producer, None where it is not quantized (its groups never
-    die, so they count as live everywhere and are never pushed); `groups`: per producer, the group of each of its present channels (on the CPU). It runs every optimizer
-    step: the bits come to the CPU in one transfer, and only the gradients go back."""
+    die, so they count as live everywhere and are never pushed); `groups`: per producer, the group of each of its
+    present channels (on the CPU). It runs every optimizer step: the bits come to the CPU in one transfer, and only
+    the gradients go back."""
     quantized = {name: b for name, b in bits.items() if b is not None}
     if not quantized or not steps:
         return {}
