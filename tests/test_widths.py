@@ -387,6 +387,9 @@ def test_a_stream_is_pushed_by_its_groups_in_every_producer_together():
     # let go; 3 groups live everywhere, to the step 2: group 2 (let go by a) and the weakest mortal one, group 3
     grads = stream_pressure({**bits, "c": None}, {**groups, "c": torch.tensor([1])}, {"a": [2, 4]}, 0.5)
     assert grads["a"].tolist() == [0, 0, 0.5, 0.5] and grads["b"].tolist() == [0.5, 0, 0, 0]
+    # float layers write 3 of the 4 groups: the step 2 is out of reach, so the one group that could die is not pushed
+    bits = {"a": torch.tensor([0.0, 1.0, 1.0, 2.0]), "b": torch.tensor([1.0, 1.0, 1.0, 1.0]), "c": None}
+    assert stream_pressure(bits, {**groups, "c": torch.tensor([1, 2, 3])}, {"a": [2, 4]}, 0.5) == {}
 
 
 def test_with_stream_pressure_a_real_residual_stream_reaches_its_step(tiny_fmnist, tmp_path):

@@ -523,9 +523,9 @@ def stream_pressure(
     or below its groups live in every producer, and pushes first the groups that some producer already let go (the
     size term's saving on them is not real until all do), then the weakest by their strongest producer's bits, in
     every producer where they are live. `bits`: per producer, None where it is not quantized (its groups never
-    die, so they count as live everywhere and are never pushed); `groups`: per producer, the group of each of its
-    present channels (on the CPU). It runs every optimizer step: the bits come to the CPU in one transfer, and only
-    the gradients go back."""
+    die: they count as live everywhere, are never pushed, and no step below their count is aimed at); `groups`: per
+    producer, the group of each of its present channels (on the CPU). It runs every optimizer step: the bits come to
+    the CPU in one transfer, and only the gradients go back."""
     quantized = {name: b for name, b in bits.items() if b is not None}
     if not quantized or not steps:
         return {}
@@ -549,8 +549,10 @@ def stream_pressure(
         everywhere = len(live) - int(let_go[live].sum())
         below = max((w for w in allowed if w < len(live)), default=0)  # never pushed to nothing
         target = max((w for w in allowed if w <= everywhere), default=0) or below
+        candidates = live[mortal[live]]
+        if target < len(live) - len(candidates):  # no lower than the groups that never die leave
+            target = min((w for w in allowed if w >= len(live) - len(candidates)), default=0)
         if 0 < target < len(live):
-            candidates = live[mortal[live]]
             by_strength = candidates[strongest[candidates].argsort(stable=True)]
             first = by_strength[(~let_go[by_strength]).argsort(stable=True)]  # let go somewhere: first
             push[first[: len(live) - target]] = True
