@@ -546,12 +546,13 @@ def stream_pressure(
             continue
         ids = groups[name]
         live = ids[strongest[ids] > 0]
+        candidates = live[mortal[live]]
+        immortal = len(live) - len(candidates)
         everywhere = len(live) - int(let_go[live].sum())
         below = max((w for w in allowed if w < len(live)), default=0)  # never pushed to nothing
         target = max((w for w in allowed if w <= everywhere), default=0) or below
-        candidates = live[mortal[live]]
-        if target < len(live) - len(candidates):  # no lower than the groups that never die leave
-            target = min((w for w in allowed if w >= len(live) - len(candidates)), default=0)
+        if target < immortal:  # no lower than the groups that never die leave
+            target = min((w for w in allowed if w >= immortal), default=0)
         if 0 < target < len(live):
             by_strength = candidates[strongest[candidates].argsort(stable=True)]
             first = by_strength[(~let_go[by_strength]).argsort(stable=True)]  # let go somewhere: first
