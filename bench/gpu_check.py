@@ -11,7 +11,8 @@ a folder that travels with the tree:
    `widths="torch"`, on Fashion-MNIST, for `--steps` steps: the steps it cut to (timed in bf16), its widths,
    accuracy and milliseconds per training step.
 3. TensorRT, where `tensorrt` is importable: that run's exported file built into an engine, its outputs against
-   PyTorch, timed against the float network's engine at batch 1 and 64; else the import error, said.
+   PyTorch, timed against the float network's engine at batch 1 and 64; and the main job's network's latency
+   tables as TensorRT int8 engines (`widths="tensorrt-int8"`), each layer's steps; else the import error, said.
 
 One JSON report, on stdout and in $OUT/gpu_check.json where OUT is set. `--device cpu --latency-batch 2 --steps 40`
 runs it all on this CPU in a few minutes (TensorRT said unavailable), which is how it is tested before a GPU is lent.
@@ -100,7 +101,7 @@ def train(device: str, data: str | None, steps: int, batch: int, scratch: Path) 
             "median ms per training step (after 10)": round(1e3 * times[len(times) // 2], 3)}, module  # fmt: skip
 
 
-def tensorrt(module: ImageClassifier, scratch: Path) -> dict:
+def tensorrt(module: ImageClassifier, batch: int, scratch: Path) -> dict:
     try:
         files = {"ours": scratch / "ours.onnx", "float": scratch / "float.onnx"}
         module = module.cpu().eval()
@@ -116,8 +117,15 @@ def tensorrt(module: ImageClassifier, scratch: Path) -> dict:
         expected = module.cuda()(x)
     got = engines["ours"](x)
     times = {name: engine.latency_ms((1, 28, 28), [1, 64]) for name, engine in engines.items()}
+    start, net = time.perf_counter(), BaselineCNN(1, 10, width=32).eval()
+    x = torch.randn(2, 1, 28, 28)
+    measured = latency_tables(ChannelGraph(net, x[:1]), x, backend="tensorrt-int8", batch=batch, rounds=1,
+                              cache_dir=scratch / "cache")  # fmt: skip
     return {"max |engine - PyTorch| / max |PyTorch|": float((got - expected).abs().max() / expected.abs().max()),
-            "ms": times, "speed-up": {b: times["float"][b] / times["ours"][b] for b in (1, 64)}}  # fmt: skip
+            "ms": times, "speed-up": {b: times["float"][b] / times["ours"][b] for b in (1, 64)},
+            "latency tables (tensorrt-int8)": {"seconds": round(time.perf_counter() - start, 1),
+                                               "steps": {n: t.step_widths() for n, t in measured.items()},
+                                               "ms": {n: [round(v, 4) for v in t.ms] for n, t in measured.items()}}}
 
 
 def main() -> None:
@@ -136,7 +144,7 @@ def main() -> None:
         report["1. latency tables"] = tables(args.device, args.latency_batch, scratch / "cache")
         os.environ["XDG_CACHE_HOME"] = str(scratch / "run cache")  # the run times its own, in its own precision
         report["2. a bf16-mixed run"], module = train(args.device, args.data, args.steps, args.latency_batch, scratch)
-        report["3. TensorRT"] = tensorrt(module, scratch)
+        report["3. TensorRT"] = tensorrt(module, args.latency_batch, scratch)
     text = json.dumps(report, indent=1, default=str)
     print(text)
     if os.environ.get("OUT"):

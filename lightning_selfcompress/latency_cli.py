@@ -4,6 +4,7 @@ the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads 
     lsc-latency                                   # the main job's network (conf/model/baseline_cnn.yaml), 1x28x28
     lsc-latency --model resnet9 --set width=16 --batch 1
     lsc-latency --int8                            # ONNX Runtime's integer kernels (widths="onnxruntime-cpu-int8")
+    lsc-latency --tensorrt                        # TensorRT's int8 engines on this GPU (widths="tensorrt-int8")
     lsc-latency --torch --device cuda             # PyTorch eager on a GPU (widths="torch" in a GPU run)
     lsc-latency --torch --device cuda --autocast bfloat16   # the same as a bf16-mixed run computes
     lsc-latency --round-to 8                      # the steps a surgeon with round_to=8 cuts to
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from .report import make_console
 from .core.groups import ChannelGraph
+from .core.tensorrt import TensorRTUnavailable
 from .core.widths import default_cache_dir, latency_tables
+from .report import make_console
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--round-to", type=int, default=1, help="only steps that are multiples of this (as round_to)")
     backend = parser.add_mutually_exclusive_group()
     backend.add_argument("--int8", action="store_true", help="time the int8 layout (integer kernels)")
+    backend.add_argument("--tensorrt", action="store_true", help="time TensorRT's int8 engines on this CUDA GPU")
     backend.add_argument("--torch", action="store_true", help="time PyTorch eager (float32) instead of ONNX Runtime")
     parser.add_argument("--device", default="cpu", help="with --torch: the device to time on (cpu, cuda, cuda:1)")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="with --torch: time under torch.autocast "
@@ -63,10 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as error:
         parser.error(f"--device {args.device}: {error}")
     example = torch.randn(2, *args.input, device=device)
-    backend = "torch" if args.torch else "onnxruntime-cpu-int8" if args.int8 else "onnxruntime-cpu"
-    tables = latency_tables(ChannelGraph(model, example[:1]), example, backend=backend, batch=args.batch,
-                            runs=args.runs, rounds=args.rounds, cache_dir=args.cache,
-                            autocast=getattr(torch, args.autocast) if args.autocast else None)  # fmt: skip
+    backend = ("torch" if args.torch else "onnxruntime-cpu-int8" if args.int8 else
+               "tensorrt-int8" if args.tensorrt else "onnxruntime-cpu")  # fmt: skip
+    try:
+        tables = latency_tables(ChannelGraph(model, example[:1]), example, backend=backend, batch=args.batch,
+                                runs=args.runs, rounds=args.rounds, cache_dir=args.cache,
+                                autocast=getattr(torch, args.autocast) if args.autocast else None)  # fmt: skip
+    except TensorRTUnavailable as error:
+        parser.error(f"--tensorrt: {error}")
     first = next(iter(tables.values()))
     table = Table(title=f"Latency against width, {backend}, batch {args.batch}, {first.device}; channel block "
                         f"{first.block} (a layer on it steps on its multiples)")

@@ -3,20 +3,22 @@ surgeon that cuts only to those widths (waiting, exactly, while the live count s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import trainer_kwargs
 from torch import nn
 
-from conftest import trainer_kwargs
 from lightning_selfcompress import ChannelSurgeon, SelfCompression
 from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.quant import attach_quantizers, quantized_layers
-from lightning_selfcompress.core.surgery import SURGERY_KEY, Surgeon
 from lightning_selfcompress.core.size import SizeModel
+from lightning_selfcompress.core.surgery import SURGERY_KEY, Surgeon
+from lightning_selfcompress.core.tensorrt import TensorRTUnavailable
 from lightning_selfcompress.core.widths import (
     LatencyTable,
     latency_tables,
@@ -216,7 +218,7 @@ def test_a_layer_is_timed_in_its_chain_as_inside_the_network(tmp_path):
 
     options = onnxruntime.SessionOptions()  # the int8 layout: ONNX Runtime runs every layer as an integer kernel
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    onnxruntime.InferenceSession(_graph([own, *readers], 2, int8=True).SerializeToString(), options,
+    onnxruntime.InferenceSession(_graph([own, *readers], 2, int8="onnxruntime").SerializeToString(), options,
                                  providers=["CPUExecutionProvider"])  # fmt: skip
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops.count("QLinearConv") == 4 and "QGemm" in ops and "Conv" not in ops, ops
@@ -236,11 +238,53 @@ def test_in_the_int8_layout_a_first_layer_on_the_image_is_timed_float_as_in_the_
     reader = _spec(nn.Conv2d(16, 32, 3, padding=1), [1, 16, 28, 28])
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    onnxruntime.InferenceSession(_graph([own, reader], 2, int8=True).SerializeToString(), options,
+    onnxruntime.InferenceSession(_graph([own, reader], 2, int8="onnxruntime").SerializeToString(), options,
                                  providers=["CPUExecutionProvider"])  # fmt: skip
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops[0] == "Conv" and ops.count("QLinearConv") == 1, f"float on the image, its reader integer: {ops}"
     assert "Transpose" in ops[: ops.index("QLinearConv")], f"into the integer kernel's layout, as in the file: {ops}"
+
+
+def test_in_tensorrt_s_layout_every_layer_of_the_chain_reads_int8_by_its_rules():
+    """TensorRT runs a layer in INT8 only where both its input and its weight come through Q/DQ, symmetric (zero
+    point 0 of int8): so the chain a "tensorrt-int8" table times, the first layer on the image included (the export
+    for TensorRT quantizes it too), passes TensorRT's rule checker, and runs."""
+    import onnxruntime
+
+    from lightning_selfcompress.core.onnx_rules import check_explicit_quantization
+    from lightning_selfcompress.core.widths import _graph, _spec
+
+    own = _spec(nn.Conv2d(1, 16, 3, padding=1), [1, 1, 28, 28])
+    readers = [_spec(nn.Conv2d(16, 32, 3, padding=1), [1, 16, 14, 14]), _spec(nn.Linear(16, 10), [1, 16])]
+    model = _graph([own, *readers], 2, int8="tensorrt")
+    assert check_explicit_quantization(model) > 0
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(layers) == 3 and all(made_by.get(n.input[0]) == made_by.get(n.input[1]) == "DequantizeLinear"
+                                    for n in layers), "every input and weight through Q/DQ, the image's layer too"
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: torch.randn(*i.shape).numpy() for i in session.get_inputs()}
+    assert [o.shape for o in session.run(None, feeds)] == [(2, 32, 14, 14), (2, 10)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_tensorrt_tables_without_tensorrt_say_how_to_install_it(tmp_path):
+    model = BaselineCNN(1, 10, width=8).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(TensorRTUnavailable, match="pip install --extra-index-url https://pypi.nvidia.com tensorrt"):
+        latency_tables(ChannelGraph(model, x[:1]), x, backend="tensorrt-int8", cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir()), "nothing cached"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="needs TensorRT and a CUDA GPU (bench/gpu_check.py runs this on a lent one)")
+def test_tensorrt_tables_time_multiples_of_8_on_the_gpu_and_are_cached(tmp_path):
+    model = BaselineCNN(1, 10, width=16).eval()
+    x = torch.randn(2, 1, 28, 28)
+    tables = latency_tables(ChannelGraph(model, x[:1]), x, backend="tensorrt-int8", batch=8, runs=5, rounds=1,
+                            cache_dir=tmp_path)  # fmt: skip
+    assert tables and all(t.widths == [8, 16] and min(t.ms) > 0 for t in tables.values())
+    assert "tensorrt" in next(iter(tables.values())).device and len(list(tmp_path.iterdir())) == len(tables)
 
 
 @pytest.mark.parametrize(("backend", "precision"),
@@ -331,6 +375,10 @@ def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):
     main(["--set", "width=2", "--batch", "1", "--runs", "1", "--cache", str(tmp_path), "--torch", "--autocast",
           "bfloat16"])  # fmt: skip
     assert "autocast to bfloat16" in capsys.readouterr().out and len(list(tmp_path.glob("*.json"))) == 12
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(SystemExit):
+            main(["--tensorrt", "--cache", str(tmp_path)])
+        assert "--tensorrt: TensorRT is not installed" in capsys.readouterr().err
 
 
 def test_the_step_pressure_pushes_the_weakest_live_channels_above_the_step_below():

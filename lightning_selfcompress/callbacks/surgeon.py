@@ -49,7 +49,9 @@ class ChannelSurgeon(Callback):
             (16 with AVX-512, 8 with AVX2), so that every cut makes the deployed layer faster; dead channels wait as
             exact zeros until the next step down is reached.
             "onnxruntime-cpu-int8": the same for ONNX Runtime's integer kernels (a file exported with int8
-            activations, `runtime="onnxruntime"`), whose steps are not the float kernels' steps. "torch": PyTorch's
+            activations, `runtime="onnxruntime"`), whose steps are not the float kernels' steps. "tensorrt-int8":
+            TensorRT's int8 engines on this CUDA GPU (the export's default int8 file; needs `tensorrt`), each width
+            an engine, on multiples of 8. "torch": PyTorch's
             own steps (eager, in the run's precision: its half type under bf16/16 precision) on the device the model
             trains on, a GPU's where it trains on one.
         latency_batch: the batch size at which the latency tables are measured.

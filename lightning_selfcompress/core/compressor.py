@@ -85,8 +85,8 @@ class SelfCompressor:
             tables ChannelSurgeon's latency steps use, cached), so that gamma trades accuracy for measured time;
             between, a mix. Measured by `measure_layer_weights`.
         latency_backend: where that time is measured, one of `core.widths.BACKENDS`: "onnxruntime-cpu" (float
-            kernels on this CPU), "onnxruntime-cpu-int8" (its integer kernels) or "torch" (PyTorch on the model's
-            device: a GPU's time where it trains on one).
+            kernels on this CPU), "onnxruntime-cpu-int8" (its integer kernels), "tensorrt-int8" (TensorRT's int8
+            engines on this CUDA GPU) or "torch" (PyTorch on the model's device: a GPU's time where it trains on one).
     """
 
     def __init__(

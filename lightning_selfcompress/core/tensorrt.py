@@ -71,7 +71,8 @@ def build_engine(
     workspace_bytes: int = 1 << 30,
 ) -> Path:
     """Build a serialized engine for batches 1..`max_batch` (every batch it will run) from `onnx_path`; written
-    atomically to `engine_path`."""
+    atomically to `engine_path`. A file whose inputs all have fixed shapes (a latency table's chain) needs no batch
+    range: it is built for those shapes alone."""
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch} must be >= 1.")
     trt = import_tensorrt()
@@ -93,12 +94,13 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        sample = tuple(tensor.shape)[1:]
-        profile.set_shape(tensor.name, (1, *sample), (max_batch, *sample), (max_batch, *sample))
-    config.add_optimization_profile(profile)
+    dynamic = [t for t in (network.get_input(i) for i in range(network.num_inputs)) if -1 in tuple(t.shape)]
+    if dynamic:  # the batch: the one dimension the export leaves free
+        profile = builder.create_optimization_profile()
+        for tensor in dynamic:
+            sample = tuple(tensor.shape)[1:]
+            profile.set_shape(tensor.name, (1, *sample), (max_batch, *sample), (max_batch, *sample))
+        config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT could not build an engine from '{onnx_path}': " + "; ".join(logger.errors))
@@ -108,11 +110,11 @@ def build_engine(
 
 
 class Engine:
-    """A deserialized engine with one input and one output, run on torch CUDA tensors."""
+    """A deserialized engine, run on torch CUDA tensors: the exported network (one input, one output), or any graph
+    of float inputs and outputs (a latency table's chain: several of each)."""
 
     def __init__(self, engine_path: str | os.PathLike) -> None:
         trt = import_tensorrt()
-        self._trt = trt
         self._logger = _logger(trt)
         runtime = trt.Runtime(self._logger)
         self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
@@ -120,57 +122,61 @@ class Engine:
             raise EngineBuildError(f"TensorRT could not load '{engine_path}': " + "; ".join(self._logger.errors))
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if n not in inputs]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ValueError(f"Engine has inputs {inputs} and outputs {outputs}; one of each is supported.")
-        (self.input,), (self.output,) = inputs, outputs
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
         dtypes = {
             trt.DataType.FLOAT: torch.float32,
             trt.DataType.HALF: torch.float16,
             trt.DataType.BF16: torch.bfloat16,
         }
-        output_type = self.engine.get_tensor_dtype(self.output)
-        if output_type not in dtypes:
-            raise ValueError(
-                f"Engine output '{self.output}' is {output_type}; float32, float16 or bfloat16 is supported."
-            )
-        self.output_dtype = dtypes[output_type]
+        self.output_dtypes = {}
+        for name in self.outputs:
+            if self.engine.get_tensor_dtype(name) not in dtypes:
+                raise ValueError(f"Engine output '{name}' is {self.engine.get_tensor_dtype(name)}; float32, float16 "
+                                 "or bfloat16 is supported.")  # fmt: skip
+            self.output_dtypes[name] = dtypes[self.engine.get_tensor_dtype(name)]
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """The output for `x`, computed on the current CUDA stream (the one torch orders `x` and the result on)."""
-        x = x.detach().float().cuda().contiguous()
+    def __call__(self, *xs: Tensor) -> Tensor | list[Tensor]:
+        """The output for inputs `xs` (in the engine's input order), computed on the current CUDA stream (the one
+        torch orders the inputs and the result on); a list where the engine has several outputs."""
+        if len(xs) != len(self.inputs):
+            raise ValueError(f"The engine takes {len(self.inputs)} input(s), {self.inputs}; {len(xs)} given.")
+        xs = tuple(x.detach().float().cuda().contiguous() for x in xs)
         self._logger.errors.clear()
-        if not self.context.set_input_shape(self.input, tuple(x.shape)):
-            low, _, high = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input, 0))
-            raise ValueError(
-                f"Batch {x.shape[0]} (input shape {tuple(x.shape)}) is outside the engine's profile, {low} to {high}. "
-                f"Build the engine with max_batch >= {x.shape[0]}."
-            )
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device=x.device, dtype=self.output_dtype)
-        self.context.set_tensor_address(self.input, x.data_ptr())
-        self.context.set_tensor_address(self.output, out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream):
+        for name, x in zip(self.inputs, xs):
+            if not self.context.set_input_shape(name, tuple(x.shape)):
+                low, _, high = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
+                raise ValueError(
+                    f"Batch {x.shape[0]} (input shape {tuple(x.shape)}) is outside the engine's profile, {low} to "
+                    f"{high}. Build the engine with max_batch >= {x.shape[0]}."
+                )
+            self.context.set_tensor_address(name, x.data_ptr())
+        outs = [torch.empty(tuple(self.context.get_tensor_shape(name)), device=xs[0].device, dtype=dtype)
+                for name, dtype in self.output_dtypes.items()]  # fmt: skip
+        for name, out in zip(self.outputs, outs):
+            self.context.set_tensor_address(name, out.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(xs[0].device).cuda_stream):
             raise RuntimeError("TensorRT's execute_async_v3 failed: " + "; ".join(self._logger.errors))
-        return out
+        return outs[0] if len(outs) == 1 else outs
 
     @torch.no_grad()
+    def median_ms(self, *xs: Tensor, runs: int = 100, warmup: int = 20) -> float:
+        """Median milliseconds of a call on inputs `xs` (CUDA tensors), timed with CUDA events."""
+        for _ in range(warmup):
+            self(*xs)
+        times = []
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self(*xs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
     def latency_ms(
         self, sample_shape: Sequence[int], batch_sizes: Sequence[int], runs: int = 100, warmup: int = 20
     ) -> dict[int, float]:
-        """Median milliseconds per batch, timed with CUDA events, for each batch size."""
-        medians = {}
-        for batch in batch_sizes:
-            x = torch.randn(batch, *sample_shape, device="cuda")
-            for _ in range(warmup):
-                self(x)
-            times = []
-            for _ in range(runs):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                self(x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            medians[batch] = statistics.median(times)
-        return medians
+        """Median milliseconds per batch of the one input, random, for each batch size."""
+        return {b: self.median_ms(torch.randn(b, *sample_shape, device="cuda"), runs=runs, warmup=warmup)
+                for b in batch_sizes}  # fmt: skip

@@ -4,12 +4,12 @@ target, and the widths worth cutting to.
 Kernels work in blocks of channels (16 on this CPU's ONNX Runtime, 8 or 32 on GPU tensor cores), so latency against
 width is a staircase: a width one past a step costs almost a whole step more. For each Conv/Linear whose output
 channels the surgeon may remove, `latency_tables` times that layer together with every layer that reads its channels,
-as one ONNX graph per width in ONNX Runtime (CPU), or the same chain in PyTorch on the model's device, at the shapes
-they have in the model, chained as in the model (measured in isolation, a width off the CPU's 16-channel block looked
-as fast as one on it; in the network it breaks ONNX Runtime's blocked layout between the layers and costs more than
-the wider width), and caches the table on disk keyed by backend, device, shapes and how it was timed. It times only
-widths the surgeon may cut to (`timed_widths`: on the channel block, at most 128 per layer), so a wide network's
-tables take minutes, not hours.
+as one ONNX graph per width in ONNX Runtime (CPU) or as a TensorRT engine (GPU), or the same chain in PyTorch on the
+model's device, at the shapes they have in the model, chained as in the model (measured in isolation, a width off the
+CPU's 16-channel block looked as fast as one on it; in the network it breaks ONNX Runtime's blocked layout between the
+layers and costs more than the wider width), and caches the table on disk keyed by backend, device, shapes and how
+it was timed. It times only widths the surgeon may cut to (`timed_widths`: on the channel block, at most 128 per
+layer), so a wide network's tables take minutes, not hours.
 `LatencyTable.step_widths` keeps the widths, on the CPU's channel block, that are measurably faster than every wider
 one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place (exact zeros)
 until enough have died to reach the next step down.
@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -41,9 +42,10 @@ from .checks import check_choice
 from .groups import ChannelGraph
 
 TIMING = "in its chain"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
-# ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); PyTorch eager on the model's device (a
-# GPU where it trains on one), float32 or under autocast to a half type
-BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "torch")
+# ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); TensorRT's int8 kernels (the export's
+# default int8 layout, on this CUDA GPU); PyTorch eager on the model's device (a GPU where it trains on one), float32 or
+# under autocast to a half type
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "tensorrt-int8", "torch")
 MAX_TIMED_WIDTHS = 128  # per layer: up to this many channels every width is timed, a wider layer on a coarser grid
 
 __all__ = ["BACKENDS", "LatencyTable", "channel_block", "default_cache_dir", "latency_tables", "latency_weights",
@@ -75,7 +77,11 @@ def channel_block(backend: str, device: str) -> int:
     blocked NCHWc layout, 16 channels wide with AVX-512 and 8 with AVX2 (MLAS's `NchwcBlockSize`). A width off
     the block drops the layers around it out of that layout, which costs more in the whole network than the
     layer timed in its chain shows (the main job cut to 17 of 32 channels ran slower than at 16, 2026-12-03).
-    Integer kernels and PyTorch: no such layout known, 1. `device`: as `_device` names it."""
+    TensorRT's int8 tensor-core kernels read channels in vectors of 8 or 32 (by format): its tables time multiples
+    of 8, and which of them are steps is read from the times. ONNX Runtime's integer kernels and PyTorch: no such
+    layout known, 1. `device`: as `_device` names it."""
+    if backend == "tensorrt-int8":
+        return 8
     if backend != "onnxruntime-cpu":
         return 1
     return 16 if "+avx512f" in device else 8 if "+avx2" in device else 1
@@ -119,6 +125,10 @@ VECTOR_EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16"
 def _device(backend: str, device: torch.device) -> str:
     """What the timings depend on: the runtime and its version, the processor (a CPU's model name and vector
     extensions, a GPU's name) and the threads a CPU runtime uses."""
+    if backend == "tensorrt-int8":
+        from .tensorrt import import_tensorrt
+
+        return f"tensorrt {import_tensorrt().__version__}, {torch.cuda.get_device_name()}"
     if backend != "torch":
         import onnxruntime
 
@@ -153,18 +163,19 @@ def _spec(module: nn.Module, input_shape: Sequence[int]) -> dict:
             "dilation": list(module.dilation), "bias": module.bias is not None}  # fmt: skip
 
 
-def _graph(specs: list[dict], batch: int, int8: bool = False):
+def _graph(specs: list[dict], batch: int, int8: str | None = None):
     """One ONNX model timing the layer `specs[0]` in its chain, as inside the network: its input comes out of a
     convolution (a 1x1 feeder of constant cost), and each reader of `specs[1:]` reads the layer's ReLU'd output
     (through a max-pooling or a flattening where its shape says so), so that the runtime's layout changes between
     them are timed too; a width off the CPU's channel block can cost more than a wider one that stays on it. A
     reader whose input holds other channels too (a concatenation) reads its own random input.
-    `int8`: in the layout `export_onnx(runtime="onnxruntime")` writes, which ONNX Runtime runs as integer kernels:
-    int8 weights behind DequantizeLinear, a uint8 Q/DQ pair on every layer's input and output (zero point 0 after a
-    ReLU, which it then drops); a layer reading fewer channels than the export quantizes (a first layer, on the
-    image) reads its float input directly, its float kernel and the transposition into its readers' integer layout
-    timed as in the file (ResNet-9's `prep` timed as an integer kernel stepped to 14 of 16 channels, which made the
-    file's transposition after it 8x as slow)."""
+    `int8`: in the layout `export_onnx(runtime=int8)` writes. "onnxruntime", which ONNX Runtime runs as integer
+    kernels: int8 weights behind DequantizeLinear, a uint8 Q/DQ pair on every layer's input and output (zero point 0
+    after a ReLU, which it then drops); a layer reading fewer channels than the export quantizes (a first layer, on
+    the image) reads its float input directly, its float kernel and the transposition into its readers' integer
+    layout timed as in the file (ResNet-9's `prep` timed as an integer kernel stepped to 14 of 16 channels, which
+    made the file's transposition after it 8x as slow). "tensorrt": TensorRT's rules, symmetric int8 pairs (zero
+    point 0) on every layer's input and output, the first layer's too."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -177,13 +188,16 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
 
     if int8:  # one step for every activation, so that a pair on either side of a pooling fuses into it
         constant("act.scale", np.array(0.05, np.float32))
+    if int8 == "onnxruntime":
         constant("act.zero0", np.array(0, np.uint8))  # a ReLU's output (and what pooling makes of it)
         constant("act.zero128", np.array(128, np.uint8))
+    elif int8 == "tensorrt":  # signed, zero point 0, whatever the sign
+        constant("act.zero0", np.array(0, np.int8))
 
     def qdq(tensor: str, zero_point: int) -> str:
         if not int8 or tensor in paired:
             return tensor
-        args = ["act.scale", f"act.zero{zero_point}"]
+        args = ["act.scale", f"act.zero{zero_point if int8 == 'onnxruntime' else 0}"]
         nodes.append(helper.make_node("QuantizeLinear", [tensor, *args], [f"{tensor}.q"]))
         nodes.append(helper.make_node("DequantizeLinear", [f"{tensor}.q", *args], [f"{tensor}.dq"]))
         paired.add(f"{tensor}.dq")
@@ -202,7 +216,7 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
     def layer(i: int, s: dict, x: str, relu: bool = False, relu_input: bool = False) -> str:
         """The layer on `x` (a ReLU's output, through pooling, where `relu_input`); returns its output (ReLU'd and
         paired where asked)."""
-        integer = int8 and not _float_input(s)
+        integer = int8 == "tensorrt" or (int8 == "onnxruntime" and not _float_input(s))
         x, y = (qdq(x, 0 if relu_input else 128) if integer else x), f"y{i}"
         if s["op"] == "Gemm":
             nodes.append(helper.make_node("Gemm", [x, weight(f"w{i}", (s["out"], s["in"]), integer)], [y], transB=1))
@@ -234,7 +248,7 @@ def _graph(specs: list[dict], batch: int, int8: bool = False):
 
     own = specs[0]
     x = own_input(0, own)
-    if own["op"] == "Conv" and not (int8 and _float_input(own)):  # a float first layer reads the image itself
+    if own["op"] == "Conv" and not (int8 and _float_input(own)):  # a first layer reads the image itself
         x = layer(-1, _feeder(own), x, relu=True)
     out = layer(0, own, x, relu=True)
     shape = _output_shape(own)
@@ -370,7 +384,25 @@ def _time_torch(specs: list[dict], batch: int, runs: int, device: torch.device, 
         return _median_ms(lambda: chain(*inputs), runs, sync)
 
 
-def _time(specs: list[dict], batch: int, runs: int, int8: bool = False) -> float:
+def _time_tensorrt(specs: list[dict], batch: int, runs: int) -> float:
+    """The chain in TensorRT's int8 layout, built into an engine for its shapes (strongly typed: int8 exactly where
+    its Q/DQ are), timed with CUDA events."""
+    import onnx
+
+    from .tensorrt import Engine, build_engine
+
+    model = _graph(specs, batch, "tensorrt")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "chain.onnx"
+        onnx.save(model, str(path))
+        engine = Engine(build_engine(path, path.with_suffix(".engine")))
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shapes[name], generator=generator).cuda() for name in engine.inputs]
+    return engine.median_ms(*inputs, runs=runs, warmup=3)
+
+
+def _time(specs: list[dict], batch: int, runs: int, int8: str | None = None) -> float:
     import onnxruntime
 
     model = _graph(specs, batch, int8).SerializeToString()
@@ -440,7 +472,8 @@ def latency_tables(
     table, from the cache where this device measured the same shapes before, else measured (the median of `runs`,
     the best of `rounds`) and cached. Measure on an otherwise idle machine: the steps are read from these numbers.
     `backend`: "onnxruntime-cpu" (float kernels, the weight-only file), "onnxruntime-cpu-int8" (integer kernels,
-    the file `export_onnx(runtime="onnxruntime")` writes with int8 activations) or "torch" (PyTorch eager, float32,
+    the file `export_onnx(runtime="onnxruntime")` writes with int8 activations), "tensorrt-int8" (TensorRT on this
+    CUDA GPU, in the layout `export_onnx`'s default int8 file has; needs `tensorrt`) or "torch" (PyTorch eager, float32,
     on the device the model is on: a GPU's own steps where it trains on one). `autocast`: with "torch", time the
     chain under `torch.autocast` to this dtype, as a mixed-precision run computes (a GPU's bfloat16 or float16
     kernels step at other widths than its float32 ones)."""
@@ -448,7 +481,8 @@ def latency_tables(
     if autocast is not None and backend != "torch":
         raise ValueError(f"autocast={autocast} is for backend='torch'; {backend!r} times the file's own types.")
     if backend != "torch":
-        require(f"Latency tables (ChannelSurgeon's widths={backend!r})", "onnx", "onnxruntime")
+        ort = ("onnxruntime",) if backend.startswith("onnxruntime") else ()
+        require(f"Latency tables (ChannelSurgeon's widths={backend!r})", "onnx", *ort)
     model = graph.model
     shapes = _input_shapes(model, example_input)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -471,7 +505,7 @@ def latency_tables(
         full = own["out"]
         key = {"device": device, "batch": batch, "layer": own, "readers": [[s, per] for s, per in readers],
                "timing": TIMING, "backend": backend}
-        if backend.endswith("int8") and _float_input(own):
+        if backend == "onnxruntime-cpu-int8" and _float_input(own):
             key["timing"] += ", on its float input"  # timed as an integer kernel before: measured again
         path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
         stored = _cached(path, full)
@@ -485,7 +519,8 @@ def latency_tables(
                 specs = [{**own, "out": width}]
                 specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
                 ms[i] = min(ms[i], _time_torch(specs, batch, runs, on, autocast) if backend == "torch" else
-                            _time(specs, batch, runs, int8=backend.endswith("int8")))  # fmt: skip
+                            _time_tensorrt(specs, batch, runs) if backend == "tensorrt-int8" else
+                            _time(specs, batch, runs, "onnxruntime" if backend.endswith("int8") else None))  # fmt: skip
         table = LatencyTable(producer, widths, ms, device, batch, backend)
         with atomic_path(path) as tmp:  # parent folders included
             tmp.write_text(json.dumps({**asdict(table), "key": key}))
