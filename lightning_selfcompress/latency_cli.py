@@ -1,5 +1,5 @@
-"""`lsc-latency`: the latency tables of a model's prunable layers on this machine (ONNX Runtime, CPU), and the widths
-the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads the same cache).
+"""`lsc-latency`: the latency tables of a model's prunable layers on this machine (ONNX Runtime on the CPU by default),
+and the widths the surgeon would cut each to (`ChannelSurgeon(widths="onnxruntime-cpu")` reads the same cache).
 
     lsc-latency                                   # the main job's network (conf/model/baseline_cnn.yaml), 1x28x28
     lsc-latency --model resnet9 --set width=16 --batch 1

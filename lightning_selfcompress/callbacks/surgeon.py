@@ -51,9 +51,8 @@ class ChannelSurgeon(Callback):
             "onnxruntime-cpu-int8": the same for ONNX Runtime's integer kernels (a file exported with int8
             activations, `runtime="onnxruntime"`), whose steps are not the float kernels' steps. "tensorrt-int8":
             TensorRT's int8 engines on this CUDA GPU (the export's default int8 file; needs `tensorrt`), each width
-            an engine, on multiples of 8. "torch": PyTorch's
-            own steps (eager, in the run's precision: its half type under bf16/16 precision) on the device the model
-            trains on, a GPU's where it trains on one.
+            an engine, on multiples of 8. "torch": PyTorch's own steps (eager, in the run's precision: its half type
+            under bf16/16 precision) on the device the model trains on, a GPU's where it trains on one.
         latency_batch: the batch size at which the latency tables are measured.
         width_tolerance: a width counts as a step only if it is at least this fraction faster than the next one up.
         width_pressure: with latency steps, added per optimizer step to the gradient of b of each layer's weakest
