@@ -117,10 +117,9 @@ def tensorrt(module: ImageClassifier, batch: int, scratch: Path) -> dict:
         expected = module.cuda()(x)
     got = engines["ours"](x)
     times = {name: engine.latency_ms((1, 28, 28), [1, 64]) for name, engine in engines.items()}
-    start, net = time.perf_counter(), BaselineCNN(1, 10, width=32).eval()
-    x = torch.randn(2, 1, 28, 28)
-    measured = latency_tables(ChannelGraph(net, x[:1]), x, backend="tensorrt-int8", batch=batch, rounds=1,
-                              cache_dir=scratch / "cache")  # fmt: skip
+    start, net, example = time.perf_counter(), BaselineCNN(1, 10, width=32).eval(), torch.randn(2, 1, 28, 28)
+    measured = latency_tables(ChannelGraph(net, example[:1]), example, backend="tensorrt-int8", batch=batch,
+                              rounds=1, cache_dir=scratch / "cache")  # fmt: skip
     return {"max |engine - PyTorch| / max |PyTorch|": float((got - expected).abs().max() / expected.abs().max()),
             "ms": times, "speed-up": {b: times["float"][b] / times["ours"][b] for b in (1, 64)},
             "latency tables (tensorrt-int8)": {"seconds": round(time.perf_counter() - start, 1),

@@ -131,10 +131,10 @@ class Engine:
         }
         self.output_dtypes = {}
         for name in self.outputs:
-            if self.engine.get_tensor_dtype(name) not in dtypes:
-                raise ValueError(f"Engine output '{name}' is {self.engine.get_tensor_dtype(name)}; float32, float16 "
-                                 "or bfloat16 is supported.")  # fmt: skip
-            self.output_dtypes[name] = dtypes[self.engine.get_tensor_dtype(name)]
+            dtype = self.engine.get_tensor_dtype(name)
+            if dtype not in dtypes:
+                raise ValueError(f"Engine output '{name}' is {dtype}; float32, float16 or bfloat16 is supported.")
+            self.output_dtypes[name] = dtypes[dtype]
 
     def __call__(self, *xs: Tensor) -> Tensor | list[Tensor]:
         """The output for inputs `xs` (in the engine's input order), computed on the current CUDA stream (the one
@@ -151,10 +151,10 @@ class Engine:
                     f"{high}. Build the engine with max_batch >= {x.shape[0]}."
                 )
             self.context.set_tensor_address(name, x.data_ptr())
-        outs = [torch.empty(tuple(self.context.get_tensor_shape(name)), device=xs[0].device, dtype=dtype)
-                for name, dtype in self.output_dtypes.items()]  # fmt: skip
-        for name, out in zip(self.outputs, outs):
-            self.context.set_tensor_address(name, out.data_ptr())
+        outs = []
+        for name, dtype in self.output_dtypes.items():
+            outs.append(torch.empty(tuple(self.context.get_tensor_shape(name)), device=xs[0].device, dtype=dtype))
+            self.context.set_tensor_address(name, outs[-1].data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream(xs[0].device).cuda_stream):
             raise RuntimeError("TensorRT's execute_async_v3 failed: " + "; ".join(self._logger.errors))
         return outs[0] if len(outs) == 1 else outs

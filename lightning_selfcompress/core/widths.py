@@ -488,6 +488,7 @@ def latency_tables(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     on = _model_device(model)
     device = _device(backend, on) + (f", autocast to {str(autocast).removeprefix('torch.')}" if autocast else "")
+    ort_layout = "onnxruntime" if backend == "onnxruntime-cpu-int8" else None  # the float kernels' graph otherwise
     tables = {}
     for producer, groups in graph.outputs.items():
         module = model.get_submodule(producer)
@@ -520,7 +521,7 @@ def latency_tables(
                 specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
                 ms[i] = min(ms[i], _time_torch(specs, batch, runs, on, autocast) if backend == "torch" else
                             _time_tensorrt(specs, batch, runs) if backend == "tensorrt-int8" else
-                            _time(specs, batch, runs, "onnxruntime" if backend.endswith("int8") else None))  # fmt: skip
+                            _time(specs, batch, runs, ort_layout))  # fmt: skip
         table = LatencyTable(producer, widths, ms, device, batch, backend)
         with atomic_path(path) as tmp:  # parent folders included
             tmp.write_text(json.dumps({**asdict(table), "key": key}))
