@@ -191,6 +191,11 @@ def test_bad_configurations_are_named():
         attach_quantizers(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
     with pytest.raises(ValueError, match=r"selects none of the layers \['0', '2'\]"):
         attach_quantizers(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)), QuantizationConfig(include=("fc*",)))
+    wrapped = nn.Module()
+    wrapped.net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"exclude pattern '0' matches no module of Module: did you mean \['net.0'\]"):
+        attach_quantizers(wrapped, QuantizationConfig(exclude=("0",)))
+    assert quantized_layers(wrapped) == {}  # checked before any layer changes
     with pytest.raises(ValueError, match="layer_types.*'Conv4d'"):
         QuantizationConfig(layer_types=("Conv4d",))
     with pytest.raises(ValueError, match="init_bits=nan"):

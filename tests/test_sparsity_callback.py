@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_selfcompress import ChannelSurgeon, SelfCompression, Sparsity24, load_compressed
-from lightning_selfcompress.core.sparsity import as_rows, is_24, mask_1d, masked_layers
+from lightning_selfcompress.core.sparsity import as_rows, eligible_layers, is_24, mask_1d, masked_layers
 from lightning_selfcompress.models import ImageClassifier, ResNet9
 
 from conftest import requires_fashion_mnist, trainer_kwargs
@@ -248,3 +248,5 @@ def test_include_and_exclude_choose_the_layers_that_get_masks(tiny_fmnist, tmp_p
     assert not any(name.startswith("net.layer1.") or name == "net.linear" for name in sparsity.sparsifier.layers)
     with pytest.raises(TypeError, match=r"exclude='net.linear' must be a list of glob patterns"):
         Sparsity24(0, exclude="net.linear")
+    with pytest.raises(ValueError, match=r"exclude pattern 'linear' matches no module .*did you mean \['net.linear'\]"):
+        eligible_layers(module(), exclude=["linear"])

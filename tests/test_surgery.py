@@ -302,3 +302,5 @@ def test_include_and_exclude_choose_the_layers_whose_dead_channels_are_cut(inclu
     torch.testing.assert_close(net(x), before)
     with pytest.raises(TypeError, match="exclude='features.0' must be a list of glob patterns"):
         Surgeon(ChannelGraph(net, x[:2]), exclude="features.0")
+    with pytest.raises(ValueError, match="exclude pattern 'net.features.0' matches no module of BaselineCNN"):
+        Surgeon(ChannelGraph(net, x[:2]), exclude=["net.features.0"])  # a typo would leave the layer cut

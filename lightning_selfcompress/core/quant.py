@@ -48,6 +48,7 @@ __all__ = [
     "attach_activation_quantizers",
     "attach_quantizers",
     "check_patterns",
+    "check_patterns_match",
     "clamp_bits",
     "freeze_bits",
     "integer_bits",
@@ -412,6 +413,21 @@ def check_patterns(name: str, patterns: Sequence[str]) -> tuple[str, ...]:
     return tuple(patterns)
 
 
+def check_patterns_match(model: nn.Module, include: Sequence[str], exclude: Sequence[str]) -> None:
+    """A pattern that matches no module of `model` changes nothing, silently: most often a name given without the
+    prefix of the module that holds it (`layer1.0` for `net.layer1.0`). Named, with the names it may have meant."""
+    names = [name for name, _ in model.named_modules()]
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                near = [name for name in names if fnmatch.fnmatchcase(name, f"*.{pattern}")]
+                hint = f"did you mean {near[:3]}? " if near else ""
+                raise ValueError(
+                    f"{option} pattern {pattern!r} matches no module of {type(model).__name__}: {hint}Patterns match "
+                    f"whole qualified names, as named_modules() gives them (e.g. {names[-1]!r})."
+                )
+
+
 def selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """Whether glob patterns on module names pick `name`: one of `include` and none of `exclude`."""
     return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
@@ -442,6 +458,7 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
             f"exclude={list(config.exclude)}) selects none of the layers {[n for n, _ in candidates]}. "
             "Only exact types are quantized (a subclass may read its weight outside forward)."
         )
+    check_patterns_match(model, config.include, config.exclude)
     for _, module in chosen:
         weight = module.weight
         exponent = config.init_exponent

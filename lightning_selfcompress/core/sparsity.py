@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .checks import check_choice, check_integer
-from .quant import check_patterns, selected
+from .quant import check_patterns, check_patterns_match, selected
 
 __all__ = [
     "MaskEnforcer",
@@ -167,6 +167,7 @@ def eligible_layers(
     """(the Conv/Linear layers that can hold a 2:4 pattern and that `include`/`exclude`, glob patterns on module
     names, select; {the others: why not}); an error if none can."""
     check_choice("calculator", calculator, sorted(CALCULATORS))
+    check_patterns_match(model, include, exclude)
     eligible, skipped = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, (_ConvNd, nn.Linear)):

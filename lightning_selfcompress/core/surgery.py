@@ -32,7 +32,14 @@ from .atomic import atomic_path
 from .checkpoint import read_checkpoint
 from .groups import ChannelGraph, Cuts, GraphError, channels_of, is_grouped
 from .ops import one_channel_per_group
-from .quant import QuantizationConfig, attach_activation_quantizers, attach_quantizers, check_patterns, selected
+from .quant import (
+    QuantizationConfig,
+    attach_activation_quantizers,
+    attach_quantizers,
+    check_patterns,
+    check_patterns_match,
+    selected,
+)
 from .reembed import GATHER, set_reembedding
 from .sparsity import DROPPED, MASK
 
@@ -136,6 +143,7 @@ class Surgeon:
         (a channel group with another producer too is cut only when every producer of it is picked)."""
         self.check_options(atol, round_to)
         self.include, self.exclude = check_patterns("include", include), check_patterns("exclude", exclude)
+        check_patterns_match(graph.model, self.include, self.exclude)
         self.graph = graph
         self.atol = atol
         self.round_to = round_to
