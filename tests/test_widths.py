@@ -52,8 +52,9 @@ def test_steps_off_the_block_are_left_out_on_request():
 
 def test_a_float_kernels_table_keeps_its_steps_on_the_cpus_channel_block():
     """ONNX Runtime's NCHWc block is 16 channels with AVX-512 and 8 with AVX2: a layer on it steps only on multiples
-    of it (17 of 32, which timed faster than 32 in its chain, cost the main job its speed). Integer kernels' tables,
-    a CPU without either extension and a layer whose width is off the block keep every measured step."""
+    of it (17 of 32, which timed faster than 32 in its chain, cost the main job its speed). Its integer kernels step
+    on MLAS's symmetric kernel's alignment, 4 and 8. A CPU without either extension and a layer whose width is off
+    the block keep every measured step."""
     widths = list(range(1, 33))
     ms = [math.ceil(w / 8) + 0.001 * w - (0.3 if w == 17 else 0.0) for w in widths]
     epyc = "onnxruntime 1.32.0 CPU, AMD EPYC+avx2"
@@ -61,8 +62,10 @@ def test_a_float_kernels_table_keeps_its_steps_on_the_cpus_channel_block():
     assert LatencyTable("a", widths, ms, epyc, 64).step_widths() == [8, 16, 24, 32]
     assert LatencyTable("a", widths, ms, epyc, 64).step_widths(multiple_of=16) == [16, 32], "with round_to: both"
     assert LatencyTable("a", widths, ms, "onnxruntime 1.32.0 CPU, aarch64", 64).step_widths() == [8, 16, 17, 24, 32]
-    int8 = LatencyTable("a", widths, ms, epyc + "+avx512f", 64, backend="onnxruntime-cpu-int8")
-    assert int8.step_widths() == [8, 16, 17, 24, 32]
+    dip = [m - (0.5 if w == 20 else 0.0) for w, m in zip(widths, ms)]  # 20: a multiple of 4, not of 8
+    int8 = {extensions: LatencyTable("a", widths, dip, epyc + extensions, 64, backend="onnxruntime-cpu-int8")
+            for extensions in ("", "+avx512f")}  # fmt: skip
+    assert int8[""].step_widths() == [8, 16, 24, 32] and int8["+avx512f"].step_widths() == [8, 16, 20, 24, 32]
     narrow = LatencyTable("a", widths[:24], ms[:24], epyc + "+avx512f", 64)  # 24 wide: not in 16-channel blocks
     assert narrow.step_widths() == [8, 16, 17, 24], "a layer off the block keeps its table's steps"
 

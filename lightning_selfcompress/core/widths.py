@@ -77,14 +77,20 @@ def channel_block(backend: str, device: str) -> int:
     blocked NCHWc layout, 16 channels wide with AVX-512 and 8 with AVX2 (MLAS's `NchwcBlockSize`). A width off
     the block drops the layers around it out of that layout, which costs more in the whole network than the
     layer timed in its chain shows (the main job cut to 17 of 32 channels ran slower than at 16, 2026-12-03).
-    TensorRT's int8 tensor-core kernels read channels in vectors of 8 or 32 (by format): its tables time multiples
-    of 8, and which of them are steps is read from the times. ONNX Runtime's integer kernels and PyTorch: no such
+    ONNX Runtime's integer convolutions run MLAS's symmetric kernel only on output channels in multiples of 8 with
+    AVX2 and of 4 with AVX-512 (its `KernelOutputChannelAlignment`; input channels in multiples of 4), a generic
+    one otherwise: on an AVX2 host a width one past a multiple of 8 timed up to 40% slower than the multiple below
+    it, and a table of every width, noisy between them, had steps at 65 and 115 of 128 (2026-12-04; the AVX-512
+    block is MLAS's, not measured). TensorRT's int8 tensor-core kernels read channels in vectors of 8 or 32 (by
+    format): its tables time multiples of 8, and which of them are steps is read from the times. PyTorch: no such
     layout known, 1. `device`: as `_device` names it."""
     if backend == "tensorrt-int8":
         return 8
-    if backend != "onnxruntime-cpu":
-        return 1
-    return 16 if "+avx512f" in device else 8 if "+avx2" in device else 1
+    if backend == "onnxruntime-cpu":  # NCHWc
+        return 16 if "+avx512f" in device else 8 if "+avx2" in device else 1
+    if backend == "onnxruntime-cpu-int8":  # the symmetric kernel's alignment
+        return 4 if "+avx512f" in device else 8 if "+avx2" in device else 1
+    return 1
 
 
 def timed_widths(full: int, block: int) -> list[int]:
