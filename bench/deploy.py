@@ -3,8 +3,8 @@
 `python bench/deploy.py --run RUN_DIR [RUN_DIR ...] [--float-run FLOAT_RUN_DIR] [--batches 1 64] [--quick]`
 `python bench/deploy.py --model resnet50 [--size 224] [--runs 10 --rounds 3]`
 
-Four files of the same network, timed side by side in one process on CPU (ONNX Runtime's default session options,
-random inputs, alternating rounds, the best of the rounds' medians):
+Four files of the same network, and the first again, timed side by side in one process on CPU (ONNX Runtime's
+default session options, random inputs, alternating rounds, the best of the rounds' medians):
 
 1. float: the float network as built, `torch.onnx.export` in eval mode (the legacy exporter, which folds a Conv's
    BatchNorm into its weight), what a user exports without us;
@@ -15,7 +15,10 @@ random inputs, alternating rounds, the best of the rounds' medians):
    in the layout TensorRT takes (symmetric) and in the one ONNX Runtime runs fastest (`runtime="onnxruntime"`: a
    uint8, a ReLU's output over the whole range, fused into the integer kernel; the first layer on the image float);
    for a run trained with int8 activations (`compression.int8_activations=true`) one file instead, with its trained
-   steps.
+   steps;
+5. the float export again, timed last in every round: its speed-up over itself is this invocation's noise (two
+   timings of one file moved up to 30% apart at batch 1 on a 2-core host, 2026-12-04): a difference between files
+   smaller than its distance from 1.00x is not one.
 
 The float network is the run's, rebuilt from its config (untrained: speed does not depend on the values), or the
 trained float run given with `--float-run`, in which case its test accuracy and that of its `quantize_static` file
@@ -168,6 +171,7 @@ def main() -> None:
         ort_quantize_static(files["float"], files["ORT int8"], calibration)
         for key, (net, runtime, steps_from) in mine.items():
             export_onnx(net, x, files[key], calibration=steps_from, tolerance=None, runtime=runtime)
+        files["float, timed again"] = files["float"]
         best = ort_latency_side_by_side(files, args.batches, tuple(x.shape[1:]), runs=runs, rounds=rounds)
         trained = set(mine) | ({"float", "ORT int8"} if args.float_run else set())
         test = None if args.quick or datamodule is None else list(datamodule.test_dataloader())
