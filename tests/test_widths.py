@@ -50,7 +50,7 @@ def test_steps_off_the_block_are_left_out_on_request():
     assert step_widths(widths[:30], ms[:30], multiple_of=8) == [8, 16, 24, 30]
 
 
-def test_a_float_kernels_table_keeps_its_steps_on_the_cpus_channel_block():
+def test_onnx_runtime_tables_keep_their_steps_on_the_cpus_channel_block():
     """ONNX Runtime's NCHWc block is 16 channels with AVX-512 and 8 with AVX2: a layer on it steps only on multiples
     of it (17 of 32, which timed faster than 32 in its chain, cost the main job its speed). Its integer kernels step
     on MLAS's symmetric kernel's alignment, 4 and 8. A CPU without either extension and a layer whose width is off
