@@ -46,6 +46,9 @@ TIMING = "in its chain"  # how a table was timed (part of the cache key: tables 
 # default int8 layout, on this CUDA GPU); PyTorch eager on the model's device (a GPU where it trains on one), float32 or
 # under autocast to a half type
 BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "tensorrt-int8", "torch")
+# ONNX Runtime's channel blocks on the CPU, (with AVX-512, with AVX2): its float kernels' NCHWc layout, and the
+# channel alignment of its integer kernels' symmetric convolution (`channel_block`)
+CPU_BLOCKS = {"onnxruntime-cpu": (16, 8), "onnxruntime-cpu-int8": (4, 8)}
 MAX_TIMED_WIDTHS = 128  # per layer: up to this many channels every width is timed, a wider layer on a coarser grid
 
 __all__ = ["BACKENDS", "LatencyTable", "channel_block", "default_cache_dir", "latency_tables", "latency_weights",
@@ -86,11 +89,10 @@ def channel_block(backend: str, device: str) -> int:
     layout known, 1. `device`: as `_device` names it."""
     if backend == "tensorrt-int8":
         return 8
-    if backend == "onnxruntime-cpu":  # NCHWc
-        return 16 if "+avx512f" in device else 8 if "+avx2" in device else 1
-    if backend == "onnxruntime-cpu-int8":  # the symmetric kernel's alignment
-        return 4 if "+avx512f" in device else 8 if "+avx2" in device else 1
-    return 1
+    if backend not in CPU_BLOCKS:
+        return 1
+    with_avx512, with_avx2 = CPU_BLOCKS[backend]
+    return with_avx512 if "+avx512f" in device else with_avx2 if "+avx2" in device else 1
 
 
 def timed_widths(full: int, block: int) -> list[int]:
