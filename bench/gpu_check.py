@@ -8,11 +8,13 @@ a folder that travels with the tree:
 1. PyTorch's latency tables on the GPU (`widths="torch"`) for the main job's network at batch 64, in float32 and
    under bf16 autocast: each layer's steps, and the seconds the tables took.
 2. A real Lightning run on the GPU in bf16-mixed: the main job's SelfCompression and ChannelSurgeon settings with
-   `widths="torch"`, on Fashion-MNIST, for `--steps` steps: the steps it cut to (timed in bf16), its widths,
+   the size term weighted by the GPU's latency (`latency_backend="torch"`) and `widths="torch"`, on Fashion-MNIST, for `--steps` steps: the steps it cut to (timed in bf16), its widths,
    accuracy and milliseconds per training step.
 3. TensorRT, where `tensorrt` is importable: that run's exported file built into an engine, its outputs against
    PyTorch, timed against the float network's engine at batch 1 and 64; and the main job's network's latency
    tables as TensorRT int8 engines (`widths="tensorrt-int8"`), each layer's steps; else the import error, said.
+4. That run's network against the float network as built, in PyTorch on the GPU: eager and torch.compile, float32
+   and bf16 autocast, at batch 1, 64 and 1024 (`bench/latency.py`'s CUDA rows).
 
 One JSON report, on stdout and in $OUT/gpu_check.json where OUT is set. `--device cpu --latency-batch 2 --steps 40`
 runs it all on this CPU in a few minutes (TensorRT said unavailable), which is how it is tested before a GPU is lent.
@@ -82,7 +84,10 @@ class StepTimer(pl.Callback):
 def train(device: str, data: str | None, steps: int, batch: int, scratch: Path) -> tuple[dict, ImageClassifier]:
     pl.seed_everything(0, verbose=False)
     module = ImageClassifier(BaselineCNN(1, 10, width=32), optimizer="adamw", lr=0.002, schedule="cosine")
-    compression = SelfCompression(**main_job_options("compression/selfcompress.yaml"))
+    # The size term weighted by this GPU's own latency (the main job's: ONNX Runtime CPU's). Not in the CPU pass: bf16
+    # tables at batch 64 take many minutes on a CPU (tests/test_widths.py runs that path small).
+    options = {**main_job_options("compression/selfcompress.yaml"), "latency_backend": "torch"}
+    compression = SelfCompression(**{**options, "latency_weight": options["latency_weight"] if device == "cuda" else 0})
     surgeon = ChannelSurgeon(**{**main_job_options("surgery/channel_surgeon.yaml"), "widths": "torch",
                                 "latency_batch": batch})
     timer = StepTimer()
@@ -127,6 +132,15 @@ def tensorrt(module: ImageClassifier, batch: int, scratch: Path) -> dict:
                                                "ms": {n: [round(v, 4) for v in t.ms] for n, t in measured.items()}}}
 
 
+def pytorch_inference(module: ImageClassifier) -> list[dict]:
+    """The run's network against the float one as built, eager and torch.compile, float32 and bf16 autocast."""
+    from latency import cuda_rows  # bench/ is on the path when this runs as a script
+
+    float_net = ImageClassifier(BaselineCNN(1, 10, width=32)).eval()
+    return cuda_rows(float_net, module.eval(), torch.randn(2, 1, 28, 28), [1, 64, 1024], runs=50,
+                     dtypes=(torch.float32, torch.bfloat16))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="the folder holding Fashion-MNIST's four .gz files")
@@ -144,6 +158,7 @@ def main() -> None:
         os.environ["XDG_CACHE_HOME"] = str(scratch / "run cache")  # the run times its own, in its own precision
         report["2. a bf16-mixed run"], module = train(args.device, args.data, args.steps, args.latency_batch, scratch)
         report["3. TensorRT"] = tensorrt(module, args.latency_batch, scratch)
+        report["4. PyTorch inference"] = pytorch_inference(module) if args.device == "cuda" else "needs CUDA"
     text = json.dumps(report, indent=1, default=str)
     print(text)
     if os.environ.get("OUT"):

@@ -1,17 +1,19 @@
 """Inference latency of the float network vs its exported compressed version, side by side with the MACs ratio.
 
-`python bench/latency.py [--run RUN_DIR_OR_CKPT] [--batches 1 64] [--quick]`
+`python bench/latency.py [--run RUN_DIR_OR_CKPT] [--batches 1 64] [--torchvision NAME ...] [--runtime cuda] [--quick]`
 
 For each model, three ONNX files are timed in ONNX Runtime on CPU, alternating rounds (best of the rounds' medians),
 in the same process: the network as built (float32, every channel), the thinned network with float32 weights, and
 the exported file (int8 weights behind DequantizeLinear). Models: with `--run`, an lsc-train run (the float network
 rebuilt from its config, the compressed one with `load_compressed`); always, two synthetic cases where half of the
 removable channel groups are dead (bit depth 0, constant 0) and cut, as a trained network leaves them, at widths as
-found (round_to=1) and kept multiples of 16 (round_to=16). "latency fall / MACs fall" is (1 - t_c / t_f) /
+found (round_to=1) and kept multiples of 16 (round_to=16), and any torchvision classifier named (`--torchvision
+resnet50`, round_to=16). "latency fall / MACs fall" is (1 - t_c / t_f) /
 (1 - MACs_c / MACs_f): 1.0 means latency falls exactly as much as the multiply-accumulates do.
 
-On a CUDA machine it also times PyTorch eager and torch.compile (float vs thinned, dequantized weights) with CUDA
-events and, where TensorRT is installed, the engine built from each file.
+On a CUDA machine it also times PyTorch eager and torch.compile, in float32 and under bf16 autocast (float vs
+thinned, dequantized weights) with CUDA events and, where TensorRT is installed, the engine built from each file;
+`--runtime cuda` times only those (a GPU machine's CPU is not the deployment target).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import os
 import statistics
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
+import torchvision
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -67,9 +71,13 @@ def macs(model: nn.Module, x: Tensor) -> int:
     return ChannelGraph(model, x[:1]).macs()
 
 
-def onnx_files(scratch: Path, name: str) -> dict[str, Path]:
-    """The three files of a model: written by `ort_table`, read again by `gpu_table`."""
-    return {key: scratch / f"{name}.{key}.onnx" for key in ("float", "thinned", "exported")}
+def onnx_files(scratch: Path, name: str, float_net: nn.Module, compressed: nn.Module, x: Tensor) -> dict[str, Path]:
+    """The three files of a model, written once: timed by `ort_table`, built into engines by `tensorrt_rows`."""
+    files = {key: scratch / f"{name}.{key}.onnx" for key in ("float", "thinned", "exported")}
+    if not files["exported"].exists():
+        export_onnx(float_net, x, files["float"])
+        export_onnx(compressed, x, files["exported"], float_path=files["thinned"])
+    return files
 
 
 def ort_table(cases: dict, batches: list[int], runs: int, rounds: int, threads: int | None, scratch: Path) -> Table:
@@ -78,9 +86,7 @@ def ort_table(cases: dict, batches: list[int], runs: int, rounds: int, threads: 
                    "MACs ratio", "latency fall / MACs fall"):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, (float_net, compressed, x) in cases.items():
-        files = onnx_files(scratch, name)
-        export_onnx(float_net, x, files["float"])
-        export_onnx(compressed, x, files["exported"], float_path=files["thinned"])
+        files = onnx_files(scratch, name, float_net, compressed, x)
         best = ort_latency_side_by_side(files, batches, tuple(x.shape[1:]), runs, rounds, warmup=3, threads=threads)
         m_float, m_comp = macs(float_net, x), macs(compressed, x)
         for b in batches:
@@ -106,40 +112,61 @@ def cuda_ms(fn, x: Tensor, runs: int, warmup: int = 10) -> float:
 
 
 @torch.no_grad()
-def gpu_table(cases: dict, batches: list[int], runs: int, scratch: Path) -> Table:
-    have_tensorrt = True
-    table = Table(title=f"CUDA, median ms per batch ({runs} runs, CUDA events)")
-    for column in ("model", "batch", "runner", "float", "compressed", "speed-up", "MACs ratio"):
-        table.add_column(column, justify="left" if column in ("model", "runner") else "right")
-    for name, (float_net, compressed, x) in cases.items():
-        ratio = macs(float_net, x) / macs(compressed, x)
-        with inference_form(compressed):
-            sides = {"float": float_net.cuda(), "compressed": compressed.cuda()}
-            runners = {"eager": dict(sides), "compiled": {k: torch.compile(m) for k, m in sides.items()}}
-            for runner, models in runners.items():
+def cuda_rows(float_net: nn.Module, compressed: nn.Module, x: Tensor, batches: list[int], runs: int,
+              dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> list[dict]:
+    """PyTorch on CUDA, float network against the compressed one (its dequantized weights), eager and torch.compile,
+    per autocast dtype and batch: median ms of `runs`, CUDA events. float32 convolutions run in TF32 where PyTorch's
+    defaults allow (cuDNN's), as a user's do. Both networks share their forward's code, whose compilations (per
+    network, dtype, batch) pass Dynamo's default limit of 8, past which it runs the rest eager: the limit is raised."""
+    rows = []
+    torch._dynamo.reset()
+    with inference_form(compressed), torch._dynamo.config.patch(recompile_limit=64):
+        sides = {"float": float_net.cuda().eval(), "compressed": compressed.cuda().eval()}
+        for runner in ("eager", "compiled"):
+            models = sides if runner == "eager" else {k: torch.compile(m) for k, m in sides.items()}
+            for dtype in dtypes:
                 for b in batches:
                     xb = torch.randn(b, *x.shape[1:], device="cuda")
-                    f, c = (cuda_ms(models[k], xb, runs) for k in ("float", "compressed"))
-                    table.add_row(name, str(b), runner, f"{f:.3f}", f"{c:.3f}", f"{f / c:.2f}x", f"{ratio:.2f}x")
-        float_net.cpu(), compressed.cpu()
-        if not have_tensorrt:
-            continue
-        files = onnx_files(scratch, name)
-        try:
-            engines = {k: Engine(build_engine(files[f], scratch / f"{name}.{k}.engine", max_batch=max(batches)))
-                       for k, f in (("float", "float"), ("compressed", "exported"))}  # fmt: skip
-        except TensorRTUnavailable as error:
-            print(f"TensorRT skipped: {error}", file=sys.stderr)
-            have_tensorrt = False
-            continue
-        except EngineBuildError as error:
-            print(f"TensorRT engine for {name} not built: {error}", file=sys.stderr)
-            continue
-        latency = {k: e.latency_ms(tuple(x.shape[1:]), batches, runs=runs) for k, e in engines.items()}
-        for b in batches:
-            f, c = latency["float"][b], latency["compressed"][b]
-            table.add_row(name, str(b), "TensorRT", f"{f:.3f}", f"{c:.3f}", f"{f / c:.2f}x", f"{ratio:.2f}x")
-    return table
+                    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                        f, c = (cuda_ms(models[k], xb, runs) for k in ("float", "compressed"))
+                    rows.append({"runner": runner, "dtype": str(dtype).removeprefix("torch."), "batch": b,
+                                 "float ms": round(f, 4), "compressed ms": round(c, 4), "speed-up": round(f / c, 2)})
+    float_net.cpu(), compressed.cpu()
+    return rows
+
+
+def tensorrt_rows(name: str, case: tuple, batches: list[int], runs: int, scratch: Path) -> list[dict]:
+    """The engines built from the float file and the exported one, timed; raises TensorRTUnavailable without it."""
+    files, shape = onnx_files(scratch, name, *case), tuple(case[2].shape[1:])
+    engines = {k: Engine(build_engine(files[f], scratch / f"{name}.{k}.engine", max_batch=max(batches)))
+               for k, f in (("float", "float"), ("compressed", "exported"))}  # fmt: skip
+    latency = {k: e.latency_ms(shape, batches, runs=runs) for k, e in engines.items()}
+    return [{"runner": "TensorRT", "dtype": "file's", "batch": b, "float ms": latency["float"][b],
+             "compressed ms": latency["compressed"][b], "speed-up": latency["float"][b] / latency["compressed"][b]}
+            for b in batches]  # fmt: skip
+
+
+def gpu_tables(cases: dict, batches: list[int], runs: int, scratch: Path, console: Console) -> None:
+    """One table per model, printed as soon as it is measured (a GPU's time is short: a cut-off run keeps its rows)."""
+    have_tensorrt = True
+    for name, case in cases.items():
+        float_net, compressed, x = case
+        ratio = macs(float_net, x) / macs(compressed, x)
+        rows = cuda_rows(float_net, compressed, x, batches, runs, (torch.float32, torch.bfloat16))
+        if have_tensorrt:
+            try:
+                rows += tensorrt_rows(name, case, batches, runs, scratch)
+            except TensorRTUnavailable as error:
+                print(f"TensorRT skipped: {error}", file=sys.stderr)
+                have_tensorrt = False
+            except EngineBuildError as error:
+                print(f"TensorRT engine for {name} not built: {error}", file=sys.stderr)
+        table = Table(title=f"{name} on CUDA, median ms per batch ({runs} runs, CUDA events); MACs ratio {ratio:.2f}x")
+        for column in rows[0]:
+            table.add_column(column, justify="left" if column in ("runner", "dtype") else "right")
+        for row in rows:
+            table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+        console.print(table)
 
 
 def main() -> None:
@@ -148,7 +175,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     parser.add_argument("--quick", action="store_true", help="few runs and rounds (a smoke run)")
+    parser.add_argument("--synthetic", nargs="*", choices=["baseline", "resnet9"], default=["baseline", "resnet9"],
+                        help="which synthetic cases to time (none: leave the list empty)")
+    parser.add_argument("--torchvision", nargs="*", default=[], metavar="NAME",
+                        help="torchvision classifiers to add, half their removable channel groups cut (round_to=16)")
+    parser.add_argument("--size", type=int, default=224, help="the torchvision models' input height and width")
+    parser.add_argument("--runtime", choices=["all", "onnxruntime", "cuda"], default="all",
+                        help="time only ONNX Runtime CPU, or only CUDA (on a GPU machine, whose CPU is not the target)")
     args = parser.parse_args()
+    if args.runtime == "cuda" and not torch.cuda.is_available():
+        parser.error("--runtime cuda: torch sees no CUDA GPU")
     runs, rounds = (5, 1) if args.quick else (50, 3)
     console = Console(width=200)
     console.print(f"load average before: {os.getloadavg()}, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -156,12 +192,19 @@ def main() -> None:
     if args.run:
         cases["lsc-train run"] = from_run(args.run)
     for round_to in (1, 16):
-        cases[f"baseline CNN, round_to={round_to}"] = synthetic(lambda: BaselineCNN(1, 10), (1, 28, 28), round_to)
-        cases[f"ResNet-9 w16, round_to={round_to}"] = synthetic(lambda: ResNet9(1, 10, width=16), (1, 28, 28), round_to)
+        if "baseline" in args.synthetic:
+            cases[f"baseline CNN, round_to={round_to}"] = synthetic(lambda: BaselineCNN(1, 10), (1, 28, 28), round_to)
+        if "resnet9" in args.synthetic:
+            make = partial(ResNet9, 1, 10, width=16)
+            cases[f"ResNet-9 w16, round_to={round_to}"] = synthetic(make, (1, 28, 28), round_to)
+    for name in args.torchvision:
+        make = partial(torchvision.models.get_model, name)
+        cases[f"{name} {args.size}x{args.size}, round_to=16"] = synthetic(make, (3, args.size, args.size), 16)
     with tempfile.TemporaryDirectory() as scratch:
-        console.print(ort_table(cases, args.batches, runs, rounds, args.threads, Path(scratch)))
-        if torch.cuda.is_available():
-            console.print(gpu_table(cases, args.batches, runs, Path(scratch)))
+        if args.runtime != "cuda":
+            console.print(ort_table(cases, args.batches, runs, rounds, args.threads, Path(scratch)))
+        if args.runtime != "onnxruntime" and torch.cuda.is_available():
+            gpu_tables(cases, args.batches, runs, Path(scratch), console)
     console.print(f"load average after: {os.getloadavg()}; goal: latency falls at least {GOAL:.0%} as much as MACs")
 
 

@@ -49,6 +49,10 @@ BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "tensorrt-int8", "torch")
 # ONNX Runtime's channel blocks on the CPU, (with AVX-512, with AVX2): its float kernels' NCHWc layout, and the
 # channel alignment of its integer kernels' symmetric convolution (`channel_block`)
 CPU_BLOCKS = {"onnxruntime-cpu": (16, 8), "onnxruntime-cpu-int8": (4, 8)}
+# A table whose fastest width is less than this much faster than its full width is flat: its latency is bound by
+# something other than its channels (kernel launches: the main job's layers on an H200, PyTorch eager, batch 64,
+# 0.12-0.24 ms at any width, 2026-12-04), and the few percent between widths are noise, not steps
+FLAT = 0.1
 MAX_TIMED_WIDTHS = 128  # per layer: up to this many channels every width is timed, a wider layer on a coarser grid
 
 __all__ = ["BACKENDS", "LatencyTable", "channel_block", "default_cache_dir", "latency_tables", "latency_weights",
@@ -110,15 +114,22 @@ def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0
     a step, no faster than its edge above, are left out; on a smooth slope every few widths stay.
     `multiple_of`: only multiples of it are candidates (the full width always is): a layer timed in its chain can
     look fast at a width off the CPU's channel block (17 of 32, say) that in the whole network breaks the blocked
-    layout around it (`LatencyTable.step_widths` keeps its table's cuts on that block)."""
+    layout around it (`LatencyTable.step_widths` keeps its table's cuts on that block). A flat table (`FLAT`) keeps
+    every candidate: no width is slower than another, so a cut may land anywhere, as without tables."""
     full = max(widths)
     order = sorted((i for i in range(len(widths)) if widths[i] % multiple_of == 0 or widths[i] == full),
                    key=lambda i: -widths[i])  # fmt: skip
+    if _flat(ms, ms[order[0]]):
+        return sorted(widths[i] for i in order)
     kept = [order[0]]
     for i in order[1:]:
         if ms[i] < ms[kept[-1]] * (1 - tolerance):
             kept.append(i)
     return sorted(widths[i] for i in kept)
+
+
+def _flat(ms: Sequence[float], full_ms: float) -> bool:
+    return min(ms) > full_ms * (1 - FLAT)
 
 
 def default_cache_dir() -> Path:
@@ -541,11 +552,13 @@ def latency_weights(tables: dict[str, LatencyTable], original: dict[str, tuple[i
     """Per layer with a table, a factor for its bits in the size term, so that a channel is pulled towards 0 bits
     in proportion to the time it costs (its own and its readers' share: the table's mean slope, ms per channel)
     rather than to its weight count. `original`: per layer, (channels, weights). Scaled so that, at equal bit depths,
-    the weighted size of those layers is their plain size: gamma keeps its meaning. Layers without a table keep 1."""
+    the weighted size of those layers is their plain size: gamma keeps its meaning. Layers without a table keep 1,
+    as do those whose table is flat: their slope is noise, and a weight of 0 would leave their bits free to grow
+    (on an H200 three of the main job's four tables were flat, and that weight drove its size over the budget)."""
     slopes = {
         name: max(t.ms[-1] - t.ms[0], 0.0) / max(t.widths[-1] - t.widths[0], 1)
         for name, t in tables.items()
-        if name in original
+        if name in original and not _flat(t.ms, t.ms[-1])
     }
     time = sum(original[name][0] * slope for name, slope in slopes.items())
     if not time > 0:
