@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompression, Sparsity24
@@ -147,6 +148,19 @@ def _method(compression: SelfCompression | None, distillation: Distillation | No
     return f"{method} + distillation" if distillation else method
 
 
+def _callback(cfg: DictConfig, group: str) -> pl.Callback | None:
+    """The group's callback, or None where the group chose none (compression=float, surgery=none). An experiment's
+    options for the group (ResNet-9's compression.latency_weight) then have nothing to set: said, and left behind, so
+    that an experiment's float baseline is its command with the group turned off."""
+    options = cfg.get(group)
+    if not options:
+        return None
+    if "_target_" not in options:
+        rank_zero_warn(f"{group}: none chosen, so its options {sorted(options)} (an experiment's, or given) do not apply")
+        return None
+    return instantiate(options)
+
+
 def run(cfg: DictConfig) -> dict:
     """Fit, test, and report; returns the report that is also written to `cfg.report_path`."""
     OmegaConf.resolve(cfg)  # a value left ${required:...}: fail before anything is built
@@ -157,10 +171,10 @@ def run(cfg: DictConfig) -> dict:
     module = ImageClassifier(instantiate(cfg.model), num_classes=cfg.model.num_classes, **cfg.optim)
     if cfg.get("init_from"):
         _load_weights(module, cfg.init_from)
-    compression: SelfCompression | None = instantiate(cfg.compression) if cfg.compression else None
-    surgeon: ChannelSurgeon | None = instantiate(cfg.surgery) if cfg.get("surgery") else None
-    sparsity: Sparsity24 | None = instantiate(cfg.sparsity) if cfg.get("sparsity") else None
-    export: CompressedExport | None = instantiate(cfg.export) if cfg.get("export") else None
+    compression: SelfCompression | None = _callback(cfg, "compression")
+    surgeon: ChannelSurgeon | None = _callback(cfg, "surgery")
+    sparsity: Sparsity24 | None = _callback(cfg, "sparsity")
+    export: CompressedExport | None = _callback(cfg, "export")
     # Names without '=' (a Hydra override takes them unquoted), and last.ckpt at the end of every run, short or not
     checkpoints = (
         ModelCheckpoint(filename="epoch{epoch}-step{step}", auto_insert_metric_name=False, save_last=True)
