@@ -8,8 +8,8 @@ a folder that travels with the tree:
 1. PyTorch's latency tables on the GPU (`widths="torch"`) for the main job's network at batch 64, in float32 and
    under bf16 autocast: each layer's steps, and the seconds the tables took.
 2. A real Lightning run on the GPU in bf16-mixed: the main job's SelfCompression and ChannelSurgeon settings with
-   the size term weighted by the GPU's latency (`latency_backend="torch"`) and `widths="torch"`, on Fashion-MNIST, for `--steps` steps: the steps it cut to (timed in bf16), its widths,
-   accuracy and milliseconds per training step.
+   the size term weighted by the GPU's latency (`latency_backend="torch"`) and `widths="torch"`, on Fashion-MNIST,
+   for `--steps` steps: the steps it cut to (timed in bf16), its widths, accuracy and milliseconds per training step.
 3. TensorRT, where `tensorrt` is importable: that run's exported file built into an engine, its outputs against
    PyTorch, timed against the float network's engine at batch 1 and 64; and the main job's network's latency
    tables as TensorRT int8 engines (`widths="tensorrt-int8"`), each layer's steps; else the import error, said.
@@ -17,7 +17,8 @@ a folder that travels with the tree:
    and bf16 autocast, at batch 1, 64 and 1024 (`bench/latency.py`'s CUDA rows).
 
 One JSON report, on stdout and in $OUT/gpu_check.json where OUT is set. `--device cpu --latency-batch 2 --steps 40`
-runs it all on this CPU in a few minutes (TensorRT said unavailable), which is how it is tested before a GPU is lent.
+runs it on this CPU in a few minutes (TensorRT said unavailable, no latency weight, no part 4), which is how it is
+tested before a GPU is lent. Run on an H200 on 2026-12-04 (docs/pages/benchmarks.md).
 """
 
 from __future__ import annotations

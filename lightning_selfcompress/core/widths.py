@@ -51,7 +51,7 @@ BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "tensorrt-int8", "torch")
 CPU_BLOCKS = {"onnxruntime-cpu": (16, 8), "onnxruntime-cpu-int8": (4, 8)}
 # A table whose fastest width is less than this much faster than its full width is flat: its latency is bound by
 # something other than its channels (kernel launches: the main job's layers on an H200, PyTorch eager, batch 64,
-# 0.12-0.24 ms at any width, 2026-12-04), and the few percent between widths are noise, not steps
+# 0.13-0.25 ms at any width, 2026-12-04), and the few percent between widths are noise, not steps
 FLAT = 0.1
 MAX_TIMED_WIDTHS = 128  # per layer: up to this many channels every width is timed, a wider layer on a coarser grid
 
