@@ -488,7 +488,7 @@ def test_pressure_without_latency_steps_is_refused():
 
 
 def test_latency_weights_pull_each_layer_by_the_time_its_channels_cost():
-    tables = {  # a: 10 ms over 4 channels of 8 weights each; b: flat (its slope is noise, it keeps 1); c: 1 ms per channel
+    tables = {  # a: 10 ms over 4 channels of 8 weights each; b: flat (its slope is noise: keeps 1); c: 1 ms/channel
         "a": LatencyTable("a", [1, 2, 3, 4], [1.0, 4.0, 7.0, 10.0], "cpu", 1),
         "b": LatencyTable("b", [1, 2], [5.0, 5.0], "cpu", 1),
         "c": LatencyTable("c", [1, 2], [1.0, 2.0], "cpu", 1),
