@@ -156,7 +156,8 @@ def _callback(cfg: DictConfig, group: str) -> pl.Callback | None:
     if not options:
         return None
     if "_target_" not in options:
-        rank_zero_warn(f"{group}: none chosen, so its options {sorted(options)} (an experiment's or given) do not apply")
+        rank_zero_warn(f"{group}: none chosen, so its options {sorted(options)} (an experiment's, or given) "
+                       "do not apply")
         return None
     return instantiate(options)
 
