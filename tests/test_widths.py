@@ -517,15 +517,17 @@ def test_weighted_bits_scale_each_layers_size_gradient():
 def test_a_latency_weighted_size_term_in_a_real_run(tiny_fmnist, tmp_path, monkeypatch, backend):
     """In a mixed-precision run PyTorch's tables are timed in its half type; ONNX Runtime's time the file's."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    module = ImageClassifier(BaselineCNN(1, 10, width=8), optimizer="adam", lr=0.003)
+    # ONNX Runtime's tables time multiples of its channel block (8 or 16): at width 32 every layer has several widths;
+    # PyTorch's time every width, in bf16 on this CPU (slow): width 8
+    width = 8 if backend == "torch" else 32
+    module = ImageClassifier(BaselineCNN(1, 10, width=width), optimizer="adam", lr=0.003)
     compression = SelfCompression(gamma=0.5, init_bits=4.0, latency_weight=1.0, latency_backend=backend)
     trainer = pl.Trainer(callbacks=[compression], **trainer_kwargs(tmp_path, max_steps=3, precision="bf16-mixed"))
     trainer.fit(module, tiny_fmnist)
     weights = compression.compressor.layer_weights
     tables = [json.loads(t.read_text()) for t in (tmp_path / "cache").rglob("*.json")]
     assert tables, "measured through the surgeon's cached tables"
-    # a table of one width (8 channels on AVX2's block of 8) or within FLAT of its full width tells no time per channel
-    flat = {t["layer"] for t in tables if min(t["ms"]) > t["ms"][-1] * (1 - FLAT)}
+    flat = {t["layer"] for t in tables if min(t["ms"]) > t["ms"][-1] * (1 - FLAT)}  # its time per channel is noise
     assert set(weights) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"} - flat
     assert len(weights) >= 2 and all(w >= 0 for w in weights.values()) and len(set(weights.values())) > 1, weights
     assert {t["backend"] for t in tables} == {backend}
