@@ -28,7 +28,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torchvision
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -204,6 +203,8 @@ def main() -> None:
             make = partial(ResNet9, 1, 10, width=16)
             cases[f"ResNet-9 w16, round_to={round_to}"] = synthetic(make, (1, 28, 28), round_to)
     for name in args.torchvision:
+        import torchvision  # only for these cases, as bench/deploy.py does: the other cases and gpu_check need none
+
         make = partial(torchvision.models.get_model, name)
         cases[f"{name} {args.size}x{args.size}, round_to=16"] = synthetic(make, (3, args.size, args.size), 16)
     with tempfile.TemporaryDirectory() as scratch:
