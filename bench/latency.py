@@ -11,9 +11,9 @@ found (round_to=1) and kept multiples of 16 (round_to=16), and any torchvision c
 resnet50`, round_to=16). "latency fall / MACs fall" is (1 - t_c / t_f) /
 (1 - MACs_c / MACs_f): 1.0 means latency falls exactly as much as the multiply-accumulates do.
 
-On a CUDA machine it also times PyTorch eager and torch.compile, in float32 and under bf16 autocast (float vs
-thinned, dequantized weights) with CUDA events and, where TensorRT is installed, the engine built from each file;
-`--runtime cuda` times only those (a GPU machine's CPU is not the deployment target).
+On a CUDA machine it also times PyTorch eager, torch.compile and torch.compile with CUDA graphs, in float32 and
+under bf16 autocast (float vs thinned, dequantized weights) with CUDA events and, where TensorRT is installed, the
+engine built from each file; `--runtime cuda` times only those (a GPU machine's CPU is not the deployment target).
 """
 
 from __future__ import annotations
@@ -111,11 +111,17 @@ def cuda_ms(fn, x: Tensor, runs: int, warmup: int = 10) -> float:
     return statistics.median(times)
 
 
+# How a user runs a network in PyTorch on a GPU. "CUDA graphs" replays each batch's kernels as one graph: on an H200
+# the Fashion-MNIST networks are bound by kernel launches at any width (docs/pages/benchmarks.md), which it removes.
+RUNNERS = {"eager": lambda model: model, "compiled": torch.compile,
+           "CUDA graphs": partial(torch.compile, mode="reduce-overhead")}  # fmt: skip
+
+
 @torch.no_grad()
 def cuda_rows(float_net: nn.Module, compressed: nn.Module, x: Tensor, batches: list[int], runs: int,
               dtypes: tuple[torch.dtype, ...] = (torch.float32,), rounds: int = 3) -> list[dict]:
-    """PyTorch on CUDA, float network against the compressed one (its dequantized weights), eager and torch.compile,
-    per autocast dtype and batch: the best of `rounds` medians of `runs`, CUDA events, the two networks taking
+    """PyTorch on CUDA, float network against the compressed one (its dequantized weights), per runner (`RUNNERS`),
+    autocast dtype and batch: the best of `rounds` medians of `runs`, CUDA events, the two networks taking
     turns (a single round moved by up to 40% between invocations on an H200). float32 convolutions run in TF32 where
     PyTorch's defaults allow (cuDNN's), as a user's do. Both networks share their forward's code, whose compilations
     (per network, dtype, batch) pass Dynamo's default limit of 8, past which it runs the rest eager: it is raised."""
@@ -123,8 +129,8 @@ def cuda_rows(float_net: nn.Module, compressed: nn.Module, x: Tensor, batches: l
     torch._dynamo.reset()
     with inference_form(compressed), torch._dynamo.config.patch(recompile_limit=64):
         sides = {"float": float_net.cuda().eval(), "compressed": compressed.cuda().eval()}
-        for runner in ("eager", "compiled"):
-            models = sides if runner == "eager" else {k: torch.compile(m) for k, m in sides.items()}
+        for runner, wrap in RUNNERS.items():
+            models = {k: wrap(m) for k, m in sides.items()}
             for dtype in dtypes:
                 for b in batches:
                     xb = torch.randn(b, *x.shape[1:], device="cuda")
