@@ -13,8 +13,8 @@ a folder that travels with the tree:
 3. TensorRT, where `tensorrt` is importable: that run's exported file built into an engine, its outputs against
    PyTorch, timed against the float network's engine at batch 1 and 64; and the main job's network's latency
    tables as TensorRT int8 engines (`widths="tensorrt-int8"`), each layer's steps; else the import error, said.
-4. That run's network against the float network as built, in PyTorch on the GPU: eager and torch.compile, float32
-   and bf16 autocast, at batch 1, 64 and 1024 (`bench/latency.py`'s CUDA rows).
+4. That run's network against the float network as built, in PyTorch on the GPU: eager, torch.compile and CUDA
+   graphs, float32 and bf16 autocast, at batch 1, 64 and 1024 (`bench/latency.py`'s CUDA rows).
 
 One JSON report, on stdout and in $OUT/gpu_check.json where OUT is set. `--device cpu --latency-batch 2 --steps 40`
 runs it on this CPU in a few minutes (TensorRT said unavailable, no latency weight, no part 4), which is how it is
