@@ -161,7 +161,8 @@ def test_latency_tables_are_measured_in_onnx_runtime_and_cached(tmp_path, monkey
     files[1].write_text(json.dumps({**stored, "widths": stored["widths"][:-1], "ms": stored["ms"][:-1]}))
     with pytest.warns(UserWarning, match="is stale .*: timing it again") as stale:
         again = latency_tables(graph, x, batch=2, runs=1, rounds=1, cache_dir=tmp_path)
-    assert sorted(str(w.message).split()[5] for w in stale) == [str(files[0]), str(files[1])]
+    stale = [str(w.message) for w in stale if "is stale" in str(w.message)]  # not a busy machine's warning
+    assert sorted(message.split()[5] for message in stale) == [str(files[0]), str(files[1])]
     assert sum(t.ms != [7.0] * len(t.ms) for t in again.values()) == 2, "the two stale tables timed again"
     assert latency_tables(graph, x, batch=2, cache_dir=tmp_path) == again, "and cached again"
     assert len(latency_tables(graph, x, batch=3, runs=1, cache_dir=tmp_path / "b3")) == 4, "another batch, new tables"
@@ -393,7 +394,8 @@ def test_lsc_latency_prints_each_layers_steps(tmp_path, capsys):
     assert "--autocast bfloat16: ONNX Runtime's tables time the file's own types" in capsys.readouterr().err
     main(["--set", "width=2", "--batch", "1", "--runs", "1", "--cache", str(tmp_path), "--torch", "--autocast",
           "bfloat16"])  # fmt: skip
-    assert "autocast to bfloat16" in capsys.readouterr().out and len(list(tmp_path.glob("*.json"))) == 12
+    title = " ".join(capsys.readouterr().out.split())  # the title wraps where a CPU's name is long
+    assert "autocast to bfloat16" in title and len(list(tmp_path.glob("*.json"))) == 12
     if importlib.util.find_spec("tensorrt") is None:
         with pytest.raises(SystemExit):
             main(["--tensorrt", "--cache", str(tmp_path)])

@@ -26,12 +26,15 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
@@ -40,6 +43,7 @@ from ..extras import require
 from .atomic import atomic_path
 from .checks import check_choice
 from .groups import ChannelGraph
+from .machine_load import OtherLoad, busy_share
 
 TIMING = "in its chain"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
 # ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); TensorRT's int8 kernels (the export's
@@ -449,6 +453,49 @@ def _cached(path: Path, full: int) -> dict | None:
     return None
 
 
+@contextmanager
+def _timing_lock(cache: Path) -> Iterator[None]:
+    """Runs started together (a sweep's parallel jobs) time their tables one at a time, each while the others wait
+    rather than disturb it, and the later ones find the tables cached. A cache folder that cannot hold the lock
+    (read-only) is read without it."""
+    lock = FileLock(cache / ".timing.lock")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            warnings.warn(f"Waiting for another process to finish timing latency tables in {cache} (one timing at a "
+                          "time, so that neither disturbs the other).", stacklevel=4)  # fmt: skip
+            lock.acquire()
+    except OSError:
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _idle_now(seconds: float = 0.5) -> bool:
+    """Whether other processes leave this machine alone now (a short look; False where the platform does not say)."""
+    with OtherLoad() as load:
+        time.sleep(seconds)
+    return load.share is not None and not busy_share(load.share)
+
+
+def _time_widths(widths: list[int], own: dict, readers: list, rounds: int, time_chain) -> tuple[list, float | None]:
+    """Each width's latency, the layer and its readers chained: the best of `rounds` rounds over all widths (a busy
+    moment hits one round, not all), and the share of the machine's CPU other processes used meanwhile."""
+    full, ms = own["out"], [math.inf] * len(widths)
+    with OtherLoad() as load:
+        for _ in range(rounds):
+            for i, width in enumerate(widths):
+                specs = [{**own, "out": width}]
+                specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
+                ms[i] = min(ms[i], time_chain(specs))
+    return ms, load.share
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
@@ -489,7 +536,9 @@ def latency_tables(
 ) -> dict[str, LatencyTable]:
     """Per Conv/Linear producer of removable channels (as the model is now, every channel present), its latency
     table, from the cache where this device measured the same shapes before, else measured (the median of `runs`,
-    the best of `rounds`) and cached. Measure on an otherwise idle machine: the steps are read from these numbers.
+    the best of `rounds`) and cached. The steps are read from these numbers, so processes time them one at a time
+    (a lock in the cache folder), and a table timed while other processes kept the machine busy is said, used, and
+    timed again by the first later call that finds the machine idle.
     `backend`: "onnxruntime-cpu" (float kernels, the weight-only file), "onnxruntime-cpu-int8" (integer kernels,
     the file `export_onnx(runtime="onnxruntime")` writes with int8 activations), "tensorrt-int8" (TensorRT on this
     CUDA GPU, in the layout `export_onnx`'s default int8 file has; needs `tensorrt`) or "torch" (PyTorch eager, float32,
@@ -508,43 +557,54 @@ def latency_tables(
     on = _model_device(model)
     device = _device(backend, on) + (f", autocast to {str(autocast).removeprefix('torch.')}" if autocast else "")
     ort_layout = "onnxruntime" if backend == "onnxruntime-cpu-int8" else None  # the float kernels' graph otherwise
-    tables = {}
-    for producer, groups in graph.outputs.items():
-        module = model.get_submodule(producer)
-        if producer not in shapes or bool(graph.pinned_mask[groups].all()) or producer in graph.branches:
-            continue  # a residual branch's last layer runs at its stream's width in the file (zero rows): not timed
-        try:
-            own = _spec(module, shapes[producer])
-            readers = []  # (spec, input positions per producer channel)
-            for name, inputs in graph.inputs.items():
-                share = int(torch.isin(inputs, groups).sum())
-                if share and name != producer and name in shapes:
-                    readers.append((_spec(model.get_submodule(name), shapes[name]), share // len(groups)))
-        except TypeError:
-            continue  # grouped convolutions and the like: no table, the surgeon cuts them as before
-        full = own["out"]
-        key = {"device": device, "batch": batch, "layer": own, "readers": [[s, per] for s, per in readers],
-               "timing": TIMING, "backend": backend}
-        if backend == "onnxruntime-cpu-int8" and _float_input(own):
-            key["timing"] += ", on its float input"  # timed as an integer kernel before: measured again
-        path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
-        stored = _cached(path, full)
-        if stored is not None:
-            tables[producer] = LatencyTable(producer, stored["widths"], stored["ms"], device, batch, backend)
-            continue
-        widths = timed_widths(full, channel_block(backend, device))
-        ms = [math.inf] * len(widths)
-        for _ in range(rounds):  # the best of a few rounds over all widths: a busy moment hits one round, not all
-            for i, width in enumerate(widths):
-                specs = [{**own, "out": width}]
-                specs += [{**s, "in": s["in"] - (full - width) * per} for s, per in readers]
-                ms[i] = min(ms[i], _time_torch(specs, batch, runs, on, autocast) if backend == "torch" else
-                            _time_tensorrt(specs, batch, runs) if backend == "tensorrt-int8" else
-                            _time(specs, batch, runs, ort_layout))  # fmt: skip
-        table = LatencyTable(producer, widths, ms, device, batch, backend)
-        with atomic_path(path) as tmp:  # parent folders included
-            tmp.write_text(json.dumps({**asdict(table), "key": key}))
-        tables[producer] = table
+    time_chain = (partial(_time_torch, batch=batch, runs=runs, device=on, autocast=autocast) if backend == "torch" else
+                  partial(_time_tensorrt, batch=batch, runs=runs) if backend == "tensorrt-int8" else
+                  partial(_time, batch=batch, runs=runs, int8=ort_layout))  # fmt: skip
+    tables, busy = {}, {}
+    with _timing_lock(cache):
+        idle_now = None  # measured once, where a table cached as provisional asks whether to time it again
+        for producer, groups in graph.outputs.items():
+            module = model.get_submodule(producer)
+            if producer not in shapes or bool(graph.pinned_mask[groups].all()) or producer in graph.branches:
+                continue  # a residual branch's last layer runs at its stream's width in the file (zero rows): not timed
+            try:
+                own = _spec(module, shapes[producer])
+                readers = []  # (spec, input positions per producer channel)
+                for name, inputs in graph.inputs.items():
+                    share = int(torch.isin(inputs, groups).sum())
+                    if share and name != producer and name in shapes:
+                        readers.append((_spec(model.get_submodule(name), shapes[name]), share // len(groups)))
+            except TypeError:
+                continue  # grouped convolutions and the like: no table, the surgeon cuts them as before
+            full = own["out"]
+            key = {"device": device, "batch": batch, "layer": own, "readers": [[s, per] for s, per in readers],
+                   "timing": TIMING, "backend": backend}
+            if backend == "onnxruntime-cpu-int8" and _float_input(own):
+                key["timing"] += ", on its float input"  # timed as an integer kernel before: measured again
+            path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
+            stored = _cached(path, full)
+            provisional = stored is not None and busy_share(stored.get("others_load"))  # timed on a busy machine
+            if provisional and idle_now is None:
+                idle_now = _idle_now()
+            if stored is None or (provisional and idle_now):
+                widths = timed_widths(full, channel_block(backend, device))
+                ms, load = _time_widths(widths, own, readers, rounds, time_chain)
+                with atomic_path(path) as tmp:  # parent folders included
+                    tmp.write_text(json.dumps({"layer": producer, "widths": widths, "ms": ms, "device": device,
+                                               "batch": batch, "backend": backend, "others_load": load, "key": key}))
+            else:
+                widths, ms, load = stored["widths"], stored["ms"], stored.get("others_load")
+            if busy_share(load):
+                busy[producer] = load
+            tables[producer] = LatencyTable(producer, widths, ms, device, batch, backend)
+    if busy:
+        warnings.warn(
+            f"The latency tables of {', '.join(busy)} were timed while other processes used up to "
+            f"{max(busy.values()):.0%} of this machine's CPU: their steps and weights may be noise. They are used, "
+            f"and timed again by the next run that finds the machine idle; for runs that agree, time them first on "
+            f"an idle machine (`lsc-latency` with the run's model, or one run alone).",
+            stacklevel=2,
+        )
     return tables
 
 
