@@ -77,9 +77,13 @@ def test_snapping_keeps_every_integer_inside_its_new_range():
         assert held.float().mean() > 0.2 and torch.equal(after[held], before[name][held])
 
 
-def test_fixed_bits_train_only_the_scales(tiny_fmnist, tmp_path):
+def test_fixed_bits_train_only_the_scales(tiny_fmnist, tmp_path, monkeypatch):
+    """An experiment's latency weight left on (ResNet-9's, with `compression=fixed_bits`) times nothing: fixed bits
+    have no size term to weight."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     module = ImageClassifier(BaselineCNN(width=4), lr=1e-3)
-    compression = SelfCompression(gamma=0.0, init_bits=2, init_scale="lsq", learn_bits=False, quantizer_lr=0.01)
+    compression = SelfCompression(gamma=0.0, init_bits=2, init_scale="lsq", learn_bits=False, quantizer_lr=0.01,
+                                  latency_weight=0.5)  # fmt: skip
     layers_before = {}
 
     class Spy(pl.Callback):
@@ -94,6 +98,7 @@ def test_fixed_bits_train_only_the_scales(tiny_fmnist, tmp_path):
         assert not torch.equal(m.weight_quantizer.exponent, layers_before[name]), f"{name}: the scale is learned"
         assert m.weight_quantizer.bits.requires_grad, "b is trainable again after fit"
     assert compression.last_report.deployable_bits_per_weight <= 2.0
+    assert not list((tmp_path / "cache").rglob("*.json")), "no latency table timed"
 
 
 def test_fixed_bits_refuse_settings_that_would_move_them():

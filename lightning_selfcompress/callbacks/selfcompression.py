@@ -62,7 +62,8 @@ class SelfCompression(Callback):
             except ValueError:
                 example = None  # counted as an upper bound, with a warning that says so
             compressor.trace(example)
-        if compressor.latency_weight and compressor.layer_weights is None:  # on rank 0: every replica pulls alike
+        # on rank 0, then broadcast: every replica pulls alike; fixed-bit training has no size term to weight
+        if compressor.latency_weight and compressor.learn_bits and compressor.layer_weights is None:
             measured = None
             if trainer.is_global_zero:
                 example = model_input(pl_module, batch, "SelfCompression(latency_weight)")
