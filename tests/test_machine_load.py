@@ -21,7 +21,7 @@ from lightning_selfcompress.core.machine_load import BUSY, OtherLoad
 from lightning_selfcompress.core.widths import latency_tables
 from lightning_selfcompress.models import BaselineCNN
 
-pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the machine's load is read from Linux's /proc/stat")
+pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the load is read from Linux's /proc/stat")
 
 
 @contextmanager
