@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 BUSY = 0.25  # other processes used more than this share of the machine's CPU time: a timing is not to be trusted
+SHORTEST = 0.5  # seconds: /proc/stat counts in hundredths, so a shorter block's share is mostly rounding
 
 __all__ = ["BUSY", "OtherLoad", "busy_share"]
 
@@ -41,7 +42,7 @@ def _own_busy() -> float:
 class OtherLoad:
     """`with OtherLoad() as load: ...` measures, over the block, the share of the machine's CPU time that other
     processes used: `load.share`, from 0 (idle but for us) to 1 (every core busy), or None where the platform does
-    not say (only Linux does)."""
+    not say (only Linux does) or the block was too short to tell (`SHORTEST`)."""
 
     share: float | None = None
 
@@ -52,7 +53,7 @@ class OtherLoad:
     def __exit__(self, *exc: object) -> None:
         (before, own, start), after = self._start, _machine_busy()
         wall = time.perf_counter() - start
-        if before is None or after is None or wall <= 0:
+        if before is None or after is None or wall < SHORTEST:
             return
         others = (after[0] - before[0]) - (_own_busy() - own)
         self.share = min(max(others / (wall * after[1]), 0.0), 1.0)
