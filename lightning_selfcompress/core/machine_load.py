@@ -14,7 +14,7 @@ from pathlib import Path
 BUSY = 0.25  # other processes used more than this share of the machine's CPU time: a timing is not to be trusted
 SHORTEST = 0.5  # seconds: /proc/stat counts in hundredths, so a shorter block's share is mostly rounding
 
-__all__ = ["BUSY", "OtherLoad", "busy_share"]
+__all__ = ["BUSY", "SHORTEST", "OtherLoad", "busy_share"]
 
 
 def busy_share(share: float | None) -> bool:

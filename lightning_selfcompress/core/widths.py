@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from ..extras import require
 from .atomic import atomic_path
 from .checks import check_choice
 from .groups import ChannelGraph
-from .machine_load import OtherLoad, busy_share
+from .machine_load import SHORTEST, OtherLoad, busy_share
 
 TIMING = "in its chain"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
 # ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); TensorRT's int8 kernels (the export's
@@ -476,7 +476,7 @@ def _timing_lock(cache: Path) -> Iterator[None]:
             lock.release()
 
 
-def _idle_now(seconds: float = 0.5) -> bool:
+def _idle_now(seconds: float = SHORTEST) -> bool:
     """Whether other processes leave this machine alone now (a short look; False where the platform does not say)."""
     with OtherLoad() as load:
         time.sleep(seconds)
@@ -589,14 +589,15 @@ def latency_tables(
             if stored is None or (provisional and idle_now):
                 widths = timed_widths(full, channel_block(backend, device))
                 ms, load = _time_widths(widths, own, readers, rounds, time_chain)
+                table = LatencyTable(producer, widths, ms, device, batch, backend)
                 with atomic_path(path) as tmp:  # parent folders included
-                    tmp.write_text(json.dumps({"layer": producer, "widths": widths, "ms": ms, "device": device,
-                                               "batch": batch, "backend": backend, "others_load": load, "key": key}))
+                    tmp.write_text(json.dumps({**asdict(table), "others_load": load, "key": key}))
             else:
-                widths, ms, load = stored["widths"], stored["ms"], stored.get("others_load")
+                table = LatencyTable(producer, stored["widths"], stored["ms"], device, batch, backend)
+                load = stored.get("others_load")
             if busy_share(load):
                 busy[producer] = load
-            tables[producer] = LatencyTable(producer, widths, ms, device, batch, backend)
+            tables[producer] = table
     if busy:
         warnings.warn(
             f"The latency tables of {', '.join(busy)} were timed while other processes used up to "
