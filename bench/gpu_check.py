@@ -16,9 +16,9 @@ a folder that travels with the tree:
 4. That run's network against the float network as built, in PyTorch on the GPU: eager, torch.compile and CUDA
    graphs, float32 and bf16 autocast, at batch 1, 64 and 1024 (`bench/latency.py`'s CUDA rows).
 
-One JSON report, on stdout and in $OUT/gpu_check.json where OUT is set. `--device cpu --latency-batch 2 --steps 40`
-runs it on this CPU in a few minutes (TensorRT said unavailable, no latency weight, no part 4), which is how it is
-tested before a GPU is lent. Run on an H200 on 2026-12-04 (docs/pages/benchmarks.md).
+One JSON report: each part printed as it is done, the whole in $OUT/gpu_check.json where OUT is set (a run cut off
+keeps its finished parts). `--device cpu --latency-batch 2 --steps 40` runs it on this CPU in a few minutes (TensorRT
+said unavailable, no latency weight, no part 4), which is how it is tested before a GPU is lent. Run on an H200 on 2026-12-04 (docs/pages/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def tables(device: str, batch: int, cache: Path) -> dict:
         found[name] = {"seconds": round(time.perf_counter() - start, 1),
                        "device": next(iter(measured.values())).device,
                        "steps": {layer: t.step_widths() for layer, t in measured.items()},
-                       "ms at full width": {layer: round(t.ms[-1], 4) for layer, t in measured.items()}}  # fmt: skip
+                       "ms per width": {layer: [round(v, 4) for v in t.ms] for layer, t in measured.items()}}  # fmt: skip
     return found
 
 
@@ -155,16 +155,21 @@ def main() -> None:
                     "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        report["1. latency tables"] = tables(args.device, args.latency_batch, scratch / "cache")
+        keep(report, "1. latency tables", tables(args.device, args.latency_batch, scratch / "cache"))
         os.environ["XDG_CACHE_HOME"] = str(scratch / "run cache")  # the run times its own, in its own precision
-        report["2. a bf16-mixed run"], module = train(args.device, args.data, args.steps, args.latency_batch, scratch)
-        report["3. TensorRT"] = tensorrt(module, args.latency_batch, scratch)
-        report["4. PyTorch inference"] = pytorch_inference(module) if args.device == "cuda" else "needs CUDA"
-    text = json.dumps(report, indent=1, default=str)
-    print(text)
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "gpu_check.json").write_text(text)
+        run, module = train(args.device, args.data, args.steps, args.latency_batch, scratch)
+        keep(report, "2. a bf16-mixed run", run)
+        keep(report, "3. TensorRT", tensorrt(module, args.latency_batch, scratch))
+        keep(report, "4. PyTorch inference", pytorch_inference(module) if args.device == "cuda" else "needs CUDA")
 
+
+def keep(report: dict, part: str, result) -> None:
+    """Print a part as soon as it is measured and write the report so far: a run cut off by the device's time limit
+    keeps the parts it finished."""
+    report[part] = result
+    print(json.dumps({part: result}, indent=1, default=str), flush=True)
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,9 @@ from lightning_selfcompress.core.size import SizeModel
 from lightning_selfcompress.core.surgery import SURGERY_KEY, Surgeon
 from lightning_selfcompress.core.tensorrt import TensorRTUnavailable
 from lightning_selfcompress.core.widths import (
-    FLAT,
     LatencyTable,
+    fitted_slope,
+    is_flat,
     latency_tables,
     latency_weights,
     step_widths,
@@ -53,6 +54,21 @@ def test_a_flat_table_has_no_steps_to_keep_to():
     assert latency_weights({"flat": flat}, {"flat": (32, 288)}) == {}
     alone = latency_weights({"flat": flat, "sloped": sloped}, {"flat": (32, 288), "sloped": (2, 4)})
     assert alone == {"sloped": pytest.approx(1.0)}, "a flat table's layer keeps 1, the one timed layer its own size"
+
+
+def test_a_tables_slope_is_its_fitted_line_not_its_two_ends():
+    """On an H200 a launch-bound layer's narrowest width timed slower than its full one and a middle width faster
+    (a kernel choice): read from its two ends it was sloped with slope 0, its bits weighted 0. Its line is flat:
+    it keeps 1. A real slope with noisy ends is read as the slope it is."""
+    widths = list(range(1, 33))
+    launch_bound = [0.30 if w == 1 else 0.22 if 12 <= w <= 16 else 0.28 for w in widths]
+    assert is_flat(widths, launch_bound) and step_widths(widths, launch_bound) == widths
+    sloped = [0.1 + 0.01 * w + (0.05 if w in (1, 32) else 0.0) for w in widths]
+    assert not is_flat(widths, sloped) and fitted_slope(widths, sloped) == pytest.approx(0.01, rel=0.05)
+    weights = latency_weights({"launch": LatencyTable("launch", widths, launch_bound, "cuda", 64),
+                               "sloped": LatencyTable("sloped", widths, sloped, "cuda", 64)},
+                              {"launch": (32, 288), "sloped": (32, 9216)})  # fmt: skip
+    assert weights == {"sloped": pytest.approx(1.0)}
 
 
 def test_steps_off_the_block_are_left_out_on_request():
@@ -529,7 +545,7 @@ def test_a_latency_weighted_size_term_in_a_real_run(tiny_fmnist, tmp_path, monke
     weights = compression.compressor.layer_weights
     tables = [json.loads(t.read_text()) for t in (tmp_path / "cache").rglob("*.json")]
     assert tables, "measured through the surgeon's cached tables"
-    flat = {t["layer"] for t in tables if min(t["ms"]) > t["ms"][-1] * (1 - FLAT)}  # its time per channel is noise
+    flat = {t["layer"] for t in tables if is_flat(t["widths"], t["ms"])}  # its time per channel is noise
     assert set(weights) == {"net.features.0", "net.features.2", "net.features.6", "net.features.8"} - flat
     assert len(weights) >= 2 and all(w >= 0 for w in weights.values()) and len(set(weights.values())) > 1, weights
     assert {t["backend"] for t in tables} == {backend}

@@ -53,9 +53,10 @@ BACKENDS = ("onnxruntime-cpu", "onnxruntime-cpu-int8", "tensorrt-int8", "torch")
 # ONNX Runtime's channel blocks on the CPU, (with AVX-512, with AVX2): its float kernels' NCHWc layout, and the
 # channel alignment of its integer kernels' symmetric convolution (`channel_block`)
 CPU_BLOCKS = {"onnxruntime-cpu": (16, 8), "onnxruntime-cpu-int8": (4, 8)}
-# A table whose fastest width is less than this much faster than its full width is flat: its latency is bound by
-# something other than its channels (kernel launches: the main job's layers on an H200, PyTorch eager, batch 64,
-# 0.13-0.25 ms at any width, 2026-12-04), and the few percent between widths are noise, not steps
+# A table whose fitted line (`fitted_slope`) falls less than this share of its full width's time from the full width
+# to the narrowest is flat: its latency is bound by something other than its channels (kernel launches: the main
+# job's layers on an H200, PyTorch eager, batch 64, 0.13-0.28 ms at any width, 2026-12-04), and the differences
+# between widths are noise or kernel choices, not steps
 FLAT = 0.1
 MAX_TIMED_WIDTHS = 128  # per layer: up to this many channels every width is timed, a wider layer on a coarser grid
 
@@ -123,7 +124,7 @@ def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0
     full = max(widths)
     order = sorted((i for i in range(len(widths)) if widths[i] % multiple_of == 0 or widths[i] == full),
                    key=lambda i: -widths[i])  # fmt: skip
-    if _flat(ms, ms[order[0]]):
+    if is_flat(widths, ms):
         return sorted(widths[i] for i in order)
     kept = [order[0]]
     for i in order[1:]:
@@ -132,8 +133,22 @@ def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0
     return sorted(widths[i] for i in kept)
 
 
-def _flat(ms: Sequence[float], full_ms: float) -> bool:
-    return min(ms) > full_ms * (1 - FLAT)
+def fitted_slope(widths: Sequence[int], ms: Sequence[float]) -> float:
+    """Milliseconds per channel: the least-squares line through a table. Its two ends alone are two samples of
+    noise where the time hardly depends on the width: on an H200 a layer whose narrowest width timed slower than
+    its full one was weighted 0 (and a faster middle width made its table look sloped), another 69 (2026-12-04)."""
+    n = len(widths)
+    if n < 2:
+        return 0.0
+    mean_w, mean_ms = sum(widths) / n, sum(ms) / n
+    covariance = sum((w - mean_w) * (t - mean_ms) for w, t in zip(widths, ms))
+    return covariance / sum((w - mean_w) ** 2 for w in widths)
+
+
+def is_flat(widths: Sequence[int], ms: Sequence[float]) -> bool:
+    """Whether a table's time hardly depends on its width (`FLAT`)."""
+    full = max(widths)
+    return fitted_slope(widths, ms) * (full - min(widths)) < FLAT * ms[list(widths).index(full)]
 
 
 def default_cache_dir() -> Path:
@@ -611,15 +626,15 @@ def latency_tables(
 
 def latency_weights(tables: dict[str, LatencyTable], original: dict[str, tuple[int, int]]) -> dict[str, float]:
     """Per layer with a table, a factor for its bits in the size term, so that a channel is pulled towards 0 bits
-    in proportion to the time it costs (its own and its readers' share: the table's mean slope, ms per channel)
+    in proportion to the time it costs (its own and its readers' share: its table's fitted slope, ms per channel)
     rather than to its weight count. `original`: per layer, (channels, weights). Scaled so that, at equal bit depths,
     the weighted size of those layers is their plain size: gamma keeps its meaning. Layers without a table keep 1,
     as do those whose table is flat: their slope is noise, and a weight of 0 would leave their bits free to grow
     (on an H200 three of the main job's four tables were flat, and that weight drove its size over the budget)."""
     slopes = {
-        name: max(t.ms[-1] - t.ms[0], 0.0) / max(t.widths[-1] - t.widths[0], 1)
+        name: fitted_slope(t.widths, t.ms)
         for name, t in tables.items()
-        if name in original and not _flat(t.ms, t.ms[-1])
+        if name in original and not is_flat(t.widths, t.ms)
     }
     time = sum(original[name][0] * slope for name, slope in slopes.items())
     if not time > 0:
