@@ -1,6 +1,6 @@
 """Deployed speed: our exported files against what a user would ship instead, in a default ONNX Runtime session.
 
-`python bench/deploy.py --run RUN_DIR [RUN_DIR ...] [--float-run FLOAT_RUN_DIR] [--batches 1 64] [--quick]`
+`python bench/deploy.py --run RUN_DIR [RUN_DIR ...] [--float-run FLOAT_RUN_DIR] [--batches 1 64] [--quick] [--profile]`
 `python bench/deploy.py --model resnet50 [--size 224] [--runs 10 --rounds 3]`
 
 Four files of the same network, and the first again, timed side by side in one process on CPU (ONNX Runtime's
@@ -26,7 +26,8 @@ are measured too. With `--model`, a torchvision classifier (untrained) stands in
 would leave it: half of its removable channel groups dead (0 bits, constant 0) and cut to multiples of 16; both
 sides calibrate on the same random images (no data here, so no accuracy). Each row says how many of the file's
 convolutions ONNX Runtime runs as integer kernels (read from its optimized graph). Last, how much of the fall in
-multiply-accumulates the weight-only file's latency shows (both files float32 at inference: the thinning alone).
+multiply-accumulates the weight-only file's latency shows (both files float32 at inference: the thinning alone),
+and with `--profile` where: each node's time in the float file and the weight-only one (ONNX Runtime's profiler).
 
 Several runs of the same network (`--run A B C`, say two versions of the code) are timed in the same rounds, each
 file of each run beside the others and the float export: timings from separate invocations wander by more than the
@@ -46,7 +47,7 @@ from rich.table import Table
 from torch import nn
 
 from lightning_selfcompress.core.export import export_onnx
-from lightning_selfcompress.core.latency import INTEGER_KERNELS, ort_kernels, ort_latency_side_by_side
+from lightning_selfcompress.core.latency import INTEGER_KERNELS, ort_kernels, ort_latency_side_by_side, ort_node_ms
 from lightning_selfcompress.core.parity import onnx_session
 from lightning_selfcompress.core.quant import quantized_layers
 
@@ -124,6 +125,24 @@ def integer_share(path: Path) -> str:
     return f"{sum(k in INTEGER_KERNELS for k in kernels.values())}/{len(kernels)}"
 
 
+def node_table(label: str, float_file: Path, weights_file: Path, x: torch.Tensor, batch: int, runs: int) -> Table:
+    """The float file's nodes and the weight-only file's side by side (matched by name: both exported from the same
+    modules), median ms per call: which layers' time fell less than their multiply-accumulates."""
+    shape = tuple(x.shape[1:])
+    before, after = ort_node_ms(float_file, shape, batch, runs), ort_node_ms(weights_file, shape, batch, runs)
+    table = Table(title=f"{label}: where the time goes, batch {batch} (ONNX Runtime's profiler, median ms per call)")
+    for column in ("node", "op", "float ms", "weight-only ms", "fall"):
+        table.add_column(column, justify="left" if column in ("node", "op") else "right")
+    for name in [*before, *(n for n in after if n not in before)]:
+        f, c = (nodes[name][1] if name in nodes else None for nodes in (before, after))
+        fall = f"{1 - c / f:.0%}" if f and c is not None else ""
+        table.add_row(name, (before.get(name) or after[name])[0], *("" if v is None else f"{v:.3f}" for v in (f, c)),
+                      fall)
+    total_before, total_after = (sum(ms for _, ms in nodes.values()) for nodes in (before, after))
+    table.add_row("all nodes", "", f"{total_before:.3f}", f"{total_after:.3f}", f"{1 - total_after / total_before:.0%}")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -137,6 +156,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100, help="timed calls per file, batch size and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="few runs and rounds, no accuracy (a smoke run)")
+    parser.add_argument("--profile", action="store_true", help="where the time goes: each node of the float file and "
+                        "of each weight-only file, at the largest batch (ONNX Runtime's profiler)")
     args = parser.parse_args()
     if args.float_run and not args.run:
         parser.error("--float-run goes with --run: a torchvision model has no trained float run here")
@@ -193,6 +214,9 @@ def main() -> None:
                     faster = 1 - best[f"{label}, weights"][b] / best["float"][b]
                     console.print(f"{label}, batch {b}: the thinning removed {fewer:.1%} of the multiply-accumulates; "
                                   f"the weight-only file's latency fell {faster:.1%}, {faster / fewer:.0%} as much")
+                if args.profile:
+                    console.print(node_table(label, files["float"], files[f"{label}, weights"], x, max(args.batches),
+                                             runs))  # fmt: skip
         for key in mine:
             console.print(f"{key}, kernel per layer: {ort_kernels(files[key])}")
     console.print(f"load average after: {os.getloadavg()}")

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import trainer_kwargs
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression
-from lightning_selfcompress.core.latency import ort_kernels
+from lightning_selfcompress.core.latency import ort_kernels, ort_node_ms
 from lightning_selfcompress.core.quant import ActivationQuantizer, quantized_layers
 from lightning_selfcompress.core.surgery import load_compressed
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier
@@ -88,6 +88,9 @@ def test_a_run_with_int8_activations_exports_integer_kernels_and_keeps_its_steps
     assert report["activation_quantized"] and report["parity"]["max_rel"] <= 1e-2
     kernels = ort_kernels(tmp_path / "model.onnx")
     assert list(kernels.values()).count("QLinearConv") >= 2, kernels  # BatchNorm after a ReLU keeps the others float
+    profiled = ort_node_ms(tmp_path / "model.onnx", (1, 28, 28), batch=4, runs=3)  # where its time goes, per node
+    assert [op for op, _ in profiled.values()].count("QLinearConv") == list(kernels.values()).count("QLinearConv")
+    assert all(ms >= 0 for _, ms in profiled.values()), profiled
 
     restored = load_compressed(ImageClassifier(BaselineCNN(1, 10, width=8)), saver.last_model_path)
     for name, m in quantized_layers(restored).items():

@@ -14,7 +14,7 @@ import numpy as np
 
 from .parity import onnx_session
 
-__all__ = ["INTEGER_KERNELS", "ort_kernels", "ort_latency_ms", "ort_latency_side_by_side"]
+__all__ = ["INTEGER_KERNELS", "ort_kernels", "ort_latency_ms", "ort_latency_side_by_side", "ort_node_ms"]
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat")
 
@@ -96,3 +96,33 @@ def ort_kernels(path: str | os.PathLike) -> dict[str, str]:
             same = [op for name, op in optimized if name == node.name or name.startswith(f"{node.name}_token")]
             kernels[node.name] = same[0] if same else "float (fused)"
     return kernels
+
+
+def ort_node_ms(
+    path: str | os.PathLike, sample_shape: Sequence[int], batch: int, runs: int = 50, warmup: int = 5
+) -> dict[str, tuple[str, float]]:
+    """Where a file's time goes: each node of the graph ONNX Runtime runs (its optimized one, fused nodes named as it
+    names them) -> (its op, its median milliseconds per call), from ONNX Runtime's own profiler, default session
+    options otherwise. A whole network's latency falls less than its multiply-accumulates where some layers run
+    slower per multiply-accumulate once thinned; this says which."""
+    import json
+
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as scratch:
+        options = onnxruntime.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(scratch) / "profile")
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        x = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *sample_shape), np.float32)}
+        for _ in range(warmup + runs):
+            session.run(None, x)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    times: dict[str, list[float]] = {}
+    ops = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            name = event["name"].removesuffix("_kernel_time")
+            times.setdefault(name, []).append(event["dur"] / 1e3)
+            ops[name] = event["args"]["op_name"]
+    return {name: (ops[name], statistics.median(ms[warmup:])) for name, ms in times.items()}
