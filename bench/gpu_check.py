@@ -18,7 +18,8 @@ a folder that travels with the tree:
 
 One JSON report: each part printed as it is done, the whole in $OUT/gpu_check.json where OUT is set (a run cut off
 keeps its finished parts). `--device cpu --latency-batch 2 --steps 40` runs it on this CPU in a few minutes (TensorRT
-said unavailable, no latency weight, no part 4), which is how it is tested before a GPU is lent. Run on an H200 on 2026-12-04 (docs/pages/benchmarks.md).
+said unavailable, no latency weight, no part 4), which is how it is tested before a GPU is lent. Run on an H200 twice
+on 2026-12-04 (docs/pages/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ def keep(report: dict, part: str, result) -> None:
     print(json.dumps({part: result}, indent=1, default=str), flush=True)
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+
 
 if __name__ == "__main__":
     main()
