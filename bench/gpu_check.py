@@ -65,7 +65,8 @@ def tables(device: str, batch: int, cache: Path) -> dict:
         found[name] = {"seconds": round(time.perf_counter() - start, 1),
                        "device": next(iter(measured.values())).device,
                        "steps": {layer: t.step_widths() for layer, t in measured.items()},
-                       "ms per width": {layer: [round(v, 4) for v in t.ms] for layer, t in measured.items()}}  # fmt: skip
+                       "ms per width": {layer: [round(v, 4) for v in t.ms]
+                                        for layer, t in measured.items()}}  # fmt: skip
     return found
 
 
