@@ -1,8 +1,9 @@
-"""Median latency of an ONNX file in ONNX Runtime on CPU, the reference runner of this machine, and the kernels it
-runs for each layer."""
+"""Median latency of an ONNX file in ONNX Runtime on CPU, the reference runner of this machine, the kernels it runs
+for each layer, and where its time goes, node by node."""
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
@@ -105,8 +106,6 @@ def ort_node_ms(
     names them) -> (its op, its median milliseconds per call), from ONNX Runtime's own profiler, default session
     options otherwise. A whole network's latency falls less than its multiply-accumulates where some layers run
     slower per multiply-accumulate once thinned; this says which."""
-    import json
-
     import onnxruntime
 
     with tempfile.TemporaryDirectory() as scratch:
