@@ -20,6 +20,10 @@ default session options, random inputs, alternating rounds, the best of the roun
    timings of one file moved up to 30% apart at batch 1 on a 2-core host, 2026-12-04): a difference between files
    smaller than its distance from 1.00x is not one.
 
+With `--narrow-run`, trained float runs of a narrower network of the same family (`model.width=8`, say), the other
+thing a user wanting speed would do instead: each one's plain export and its `quantize_static` file, timed in the same
+rounds, with their test accuracies.
+
 The float network is the run's, rebuilt from its config (untrained: speed does not depend on the values), or the
 trained float run given with `--float-run`, in which case its test accuracy and that of its `quantize_static` file
 are measured too. With `--model`, a torchvision classifier (untrained) stands in for a run, as a trained network
@@ -150,6 +154,8 @@ def main() -> None:
                         "one network), timed side by side")
     source.add_argument("--model", help="a torchvision classifier, half its channel groups dead and cut (synthetic)")
     parser.add_argument("--float-run", help="a trained float lsc-train run of the same network (for accuracies)")
+    parser.add_argument("--narrow-run", nargs="+", default=[], help="trained float lsc-train runs of narrower "
+                        "networks, timed beside (their plain export and quantize_static)")
     parser.add_argument("--size", type=int, default=224, help="with --model: the input images' height and width")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--calibration-batches", type=int, default=4)
@@ -159,8 +165,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="where the time goes: each node of the float file and "
                         "of each weight-only file, at the largest batch (ONNX Runtime's profiler)")
     args = parser.parse_args()
-    if args.float_run and not args.run:
-        parser.error("--float-run goes with --run: a torchvision model has no trained float run here")
+    if (args.float_run or args.narrow_run) and not args.run:
+        parser.error("--float-run and --narrow-run go with --run: a torchvision model has no trained runs here")
     runs, rounds = (5, 1) if args.quick else (args.runs, args.rounds)
     console = Console(width=200)
     console.print(f"load average before: {os.getloadavg()}, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -187,14 +193,18 @@ def main() -> None:
             mine[f"{label}, weights"] = net, "tensorrt", None
             mine.update({f"{label}, {key}": (net, runtime, calibration) for key, runtime in layouts.items()})
     with tempfile.TemporaryDirectory() as scratch:
-        files = {key: Path(scratch) / f"{key}.onnx" for key in ("float", "ORT int8", *mine)}
+        narrow = [f"{kind}, {run}" for run in args.narrow_run for kind in ("narrow float", "narrow ORT int8")]
+        files = {key: Path(scratch) / f"{i}.onnx" for i, key in enumerate(("float", "ORT int8", *narrow, *mine))}
         plain_export(float_net, x, files["float"])
         ort_quantize_static(files["float"], files["ORT int8"], calibration)
+        for run in args.narrow_run:
+            plain_export(load_run(run)[1], x, files[f"narrow float, {run}"])
+            ort_quantize_static(files[f"narrow float, {run}"], files[f"narrow ORT int8, {run}"], calibration)
         for key, (net, runtime, steps_from) in mine.items():
             export_onnx(net, x, files[key], calibration=steps_from, tolerance=None, runtime=runtime)
         files["float, timed again"] = files["float"]
         best = ort_latency_side_by_side(files, args.batches, tuple(x.shape[1:]), runs=runs, rounds=rounds)
-        trained = set(mine) | ({"float", "ORT int8"} if args.float_run else set())
+        trained = set(mine) | set(narrow) | ({"float", "ORT int8"} if args.float_run else set())
         test = None if args.quick or datamodule is None else list(datamodule.test_dataloader())
         title = f"ONNX Runtime CPU, default session, median ms per batch (best of {rounds} rounds of {runs})"
         table = Table(title=title)
