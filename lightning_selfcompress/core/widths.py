@@ -45,7 +45,7 @@ from .checks import check_choice
 from .groups import ChannelGraph
 from .machine_load import SHORTEST, OtherLoad, busy_share
 
-TIMING = "in its chain"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
+TIMING = "in its chain, half a block too"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
 # ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); TensorRT's int8 kernels (the export's
 # default int8 layout, on this CUDA GPU); PyTorch eager on the model's device (a GPU where it trains on one), float32 or
 # under autocast to a half type
@@ -79,9 +79,10 @@ class LatencyTable:
 
     def step_widths(self, tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
         """`step_widths` on this table; a layer whose width is a multiple of its `block` (so in that layout) stays
-        on it, as `round_to` keeps a layer on its multiple."""
+        on it, or goes to half a block where its table says that pays, as `round_to` keeps a layer on its multiple."""
         block = self.block if max(self.widths) % self.block == 0 else 1
-        return step_widths(self.widths, self.ms, tolerance, math.lcm(multiple_of, block))
+        half = [w for w in self.widths if 2 * w == block and w % multiple_of == 0]
+        return step_widths(self.widths, self.ms, tolerance, math.lcm(multiple_of, block), also=half)
 
 
 def channel_block(backend: str, device: str) -> int:
@@ -107,22 +108,28 @@ def channel_block(backend: str, device: str) -> int:
 def timed_widths(full: int, block: int) -> list[int]:
     """The widths a layer's table times, ascending, ending at `full`: on its channel block where the layer is (no
     other width is a step there), and at most about `MAX_TIMED_WIDTHS` of them, evenly spaced, so that a wide layer
-    (ResNet-50's 2,048 channels) costs as much to time as a narrow one."""
+    (ResNet-50's 2,048 channels) costs as much to time as a narrow one. Half a block (8 of 16) too: a layer of
+    fewer channels than one block leaves its neighbours in the blocked layout (ResNet-9's first layer at 8 of 16
+    channels ran its int8 file 2.14x / 3.84x the float export, 2.02x / 3.37x at 16, 2026-12-04), where 17 of 32 did not."""
     grid = block if full % block == 0 else 1
     grid *= math.ceil(full / grid / MAX_TIMED_WIDTHS)
-    return list(range(grid, full, grid)) + [full]
+    half = [block // 2] if grid == block >= 8 else []
+    return half + list(range(grid, full, grid)) + [full]
 
 
-def step_widths(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.02, multiple_of: int = 1) -> list[int]:
+def step_widths(
+    widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.02, multiple_of: int = 1, also: Sequence[int] = ()
+) -> list[int]:
     """The widths worth cutting to, ascending: from the full width down, each width kept is at least `tolerance`
     (a fraction) faster than the narrowest one kept above it. On a staircase these are the step edges; widths inside
     a step, no faster than its edge above, are left out; on a smooth slope every few widths stay.
     `multiple_of`: only multiples of it are candidates (the full width always is): a layer timed in its chain can
     look fast at a width off the CPU's channel block (17 of 32, say) that in the whole network breaks the blocked
     layout around it (`LatencyTable.step_widths` keeps its table's cuts on that block). A flat table (`FLAT`) keeps
-    every candidate: no width is slower than another, so a cut may land anywhere, as without tables."""
+    every candidate: no width is slower than another, so a cut may land anywhere, as without tables. `also`: widths
+    that are candidates though not multiples (half a block)."""
     full = max(widths)
-    order = sorted((i for i in range(len(widths)) if widths[i] % multiple_of == 0 or widths[i] == full),
+    order = sorted((i for i in range(len(widths)) if widths[i] % multiple_of == 0 or widths[i] in (full, *also)),
                    key=lambda i: -widths[i])  # fmt: skip
     if is_flat(widths, ms):
         return sorted(widths[i] for i in order)
