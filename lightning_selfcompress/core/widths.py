@@ -8,10 +8,10 @@ as one ONNX graph per width in ONNX Runtime (CPU) or as a TensorRT engine (GPU),
 model's device, at the shapes they have in the model, chained as in the model (measured in isolation, a width off the
 CPU's 16-channel block looked as fast as one on it; in the network it breaks ONNX Runtime's blocked layout between the
 layers and costs more than the wider width), and caches the table on disk keyed by backend, device, shapes and how
-it was timed. It times only widths the surgeon may cut to (`timed_widths`: on the channel block, at most 128 per
-layer), so a wide network's tables take minutes, not hours.
-`LatencyTable.step_widths` keeps the widths, on the CPU's channel block, that are measurably faster than every wider
-one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place (exact zeros)
+it was timed. It times only widths the surgeon may cut to (`timed_widths`: on the channel block and half of it, at
+most 128 per layer), so a wide network's tables take minutes, not hours.
+`LatencyTable.step_widths` keeps the widths, on the CPU's channel block (or half of it), that are measurably faster
+than every wider one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place (exact zeros)
 until enough have died to reach the next step down.
 """
 
