@@ -46,8 +46,8 @@ class ChannelSurgeon(Callback):
             multiples of it count.
         widths: "any", or "onnxruntime-cpu": cut each layer only to the widths on its latency staircase, measured
             once in ONNX Runtime on this machine's CPU (`core.widths`, cached on disk), and on its channel block
-            (16 with AVX-512, 8 with AVX2) or half of it where the table says that pays, so that every cut makes the deployed layer faster; dead channels wait as
-            exact zeros until the next step down is reached.
+            (16 with AVX-512, 8 with AVX2) or half of it where the table says that pays, so that every cut makes
+            the deployed layer faster; dead channels wait as exact zeros until the next step down is reached.
             "onnxruntime-cpu-int8": the same for ONNX Runtime's integer kernels (a file exported with int8
             activations, `runtime="onnxruntime"`), whose steps are not the float kernels' steps. "tensorrt-int8":
             TensorRT's int8 engines on this CUDA GPU (the export's default int8 file; needs `tensorrt`), each width

@@ -11,8 +11,8 @@ layers and costs more than the wider width), and caches the table on disk keyed 
 it was timed. It times only widths the surgeon may cut to (`timed_widths`: on the channel block and half of it, at
 most 128 per layer), so a wide network's tables take minutes, not hours.
 `LatencyTable.step_widths` keeps the widths, on the CPU's channel block (or half of it), that are measurably faster
-than every wider one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place (exact zeros)
-until enough have died to reach the next step down.
+than every wider one; the surgeon cuts a layer only to those (`Surgeon(widths=...)`), leaving dead channels in place
+(exact zeros) until enough have died to reach the next step down.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from .checks import check_choice
 from .groups import ChannelGraph
 from .machine_load import SHORTEST, OtherLoad, busy_share
 
-TIMING = "in its chain, half a block too"  # how a table was timed (part of the cache key: tables timed otherwise are measured again)
+# how a table was timed (part of the cache key: tables timed otherwise are measured again)
+TIMING = "in its chain, half a block too"
 # ONNX Runtime's float kernels (CPU); its integer kernels (int8 activations); TensorRT's int8 kernels (the export's
 # default int8 layout, on this CUDA GPU); PyTorch eager on the model's device (a GPU where it trains on one), float32 or
 # under autocast to a half type
@@ -110,7 +111,8 @@ def timed_widths(full: int, block: int) -> list[int]:
     other width is a step there), and at most about `MAX_TIMED_WIDTHS` of them, evenly spaced, so that a wide layer
     (ResNet-50's 2,048 channels) costs as much to time as a narrow one. Half a block (8 of 16) too: a layer of
     fewer channels than one block leaves its neighbours in the blocked layout (ResNet-9's first layer at 8 of 16
-    channels ran its int8 file 2.14x / 3.84x the float export, 2.02x / 3.37x at 16, 2026-12-04), where 17 of 32 did not."""
+    channels ran its int8 file 2.14x / 3.84x the float export, 2.02x / 3.37x at 16, 2026-12-04), where 17 of 32
+    did not."""
     grid = block if full % block == 0 else 1
     grid *= math.ceil(full / grid / MAX_TIMED_WIDTHS)
     half = [block // 2] if grid == block >= 8 else []
