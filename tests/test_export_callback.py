@@ -54,6 +54,18 @@ def test_fit_ends_with_an_exact_export_of_the_thinned_sparse_network(tiny_fmnist
         )
 
 
+def test_a_run_that_stops_on_an_epochs_last_batch_exports_on_real_batches(tiny_fmnist, tmp_path):
+    """Lightning's counter still says every batch of the epoch is done when fit ends: the loader starts over for the
+    export rather than yielding nothing (a run with max_epochs had no batch to export with)."""
+    module = ImageClassifier(BaselineCNN(1, 10, width=8))
+    export = CompressedExport(tmp_path / "model.onnx", latency_batches=(1,), latency_runs=1, engine="never")
+    kwargs = trainer_kwargs(tmp_path, max_steps=-1, max_epochs=1)
+    trainer = pl.Trainer(callbacks=[SelfCompression(), export], **kwargs)
+    trainer.fit(module, tiny_fmnist)
+    assert trainer.global_step == len(tiny_fmnist.train_dataloader()), "stopped on the epoch's last batch"
+    assert (tmp_path / "model.onnx").is_file() and export.report["parity"]["max_rel"] <= 1e-4
+
+
 def test_its_own_arguments_are_checked_when_it_is_built(tmp_path):
     for name in ("model.pt", "model.engine", "model.json"):
         with pytest.raises(ValueError, match="should end in .onnx: the engine and the report are written beside it"):

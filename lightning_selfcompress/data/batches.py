@@ -62,7 +62,10 @@ class ShuffledBatches(DistributedSampler):
         steps, ranks = len(self), self.num_replicas
         order = epoch_permutation(self.size, self.seed, self.epoch)[: steps * ranks * self.batch_size]
         batches = order.view(steps, ranks, self.batch_size)[:, self.rank].tolist()
-        for position in range(self.skip() if self.skip else 0, steps):
+        done = self.skip() if self.skip else 0
+        # a whole epoch done is nothing to skip: what reads batches after it (an export at the end of a run that
+        # stopped on an epoch's last batch, where Lightning's counter still says every batch is done) starts over
+        for position in range(done if done < steps else 0, steps):
             yield self._item(position, batches[position])
 
     def _item(self, position: int, batch: list[int]) -> Any:
