@@ -287,7 +287,12 @@ def print_export_table(report: dict[str, Any], console: Console | None = None) -
         )
         + (f"; MACs per sample {report['macs_after']:,}/{report['macs_before']:,}" if report["macs_after"] else ""),
         f"Parity with PyTorch (ONNX Runtime, CPU): max abs {parity['max_abs']:.3g}, relative {parity['max_rel']:.3g}"
-        + (" (int8 activations)" if report["activation_quantized"] else ""),
+        + (
+            f" (int8 activations: the graph as ONNX defines its ops; in a default session, with integer kernels,"
+            f" {parity['kernels_max_rel']:.3g})"
+            if parity.get("kernels_max_rel") is not None
+            else " (int8 activations)" if report["activation_quantized"] else ""
+        ),
         "ONNX Runtime CPU latency, median: "
         + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in report["ort_cpu_latency_ms"].items()),
     ]

@@ -178,7 +178,10 @@ class _QuantizeInt8(torch.autograd.Function):
 class ActivationQuantizer(nn.Module):
     """A layer's input as int8, per tensor, with a learned step: what TensorRT and ONNX Runtime need to run the layer
     as an integer kernel, trained rather than calibrated afterwards. The step starts at max|x| / 127 of the first
-    batch it sees (`initialized` travels in the state_dict, so a resumed run does not start it again)."""
+    batch it sees in training mode (`initialized` travels in the state_dict, so a resumed run does not start it
+    again); until then the input passes unchanged. Not from an eval-mode pass: a trace or a validation sanity check
+    before training sees BatchNorm's initial running statistics, activations up to 100x smaller than training's,
+    and a step started there saturates every later batch, where the clamp passes no gradient."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -197,6 +200,8 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self._checked:
             if not self.initialized:
+                if not self.training:
+                    return x
                 with torch.no_grad():
                     absmax = x.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
                     self.log2_scale.copy_(torch.log2(absmax / 127.0))
