@@ -197,24 +197,25 @@ def test_a_checkpoint_from_before_later_cuts_cannot_be_loaded_into_the_cut_modul
     fresh.test(module(), tiny_fmnist, ckpt_path=tmp_path / "early.ckpt", verbose=False)  # a fresh module works
 
 
+def run_ddp_script(out: Path, devices: int, batch: int, *resume: Path, **env: str) -> list[dict]:
+    """tests/scripts/ddp_surgery.py in a process of its own; what each rank ended with."""
+    out.mkdir()
+    command = [sys.executable, str(Path(__file__).parent / "scripts" / "ddp_surgery.py"), str(out), str(devices),
+               str(batch), *map(str, resume)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
+
+
 @pytest.mark.slow
 def test_under_ddp_two_processes_train_as_one_process_with_their_global_batch(tmp_path):
     """Two CPU processes (gloo) at 32 images each end with the cuts and the weights of one process at 64, and so does
     one process resumed from the two's checkpoint: rank 0's decision is broadcast, DDP is wrapped anew after each
     cut, and the samplers deal each rank its slice of the single process's batches."""
-    script = Path(__file__).parent / "scripts" / "ddp_surgery.py"
 
-    def run(name: str, devices: int, batch: int, *resume: Path) -> list[dict]:
-        out = tmp_path / name
-        out.mkdir()
-        command = [sys.executable, str(script), str(out), str(devices), str(batch), *map(str, resume)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
-
-    two = run("two", 2, 32)
-    one = run("one", 1, 64)
-    resumed = run("resumed", 1, 64, tmp_path / "two" / "step8.ckpt")
+    two = run_ddp_script(tmp_path / "two", 2, 32)
+    one = run_ddp_script(tmp_path / "one", 1, 64)
+    resumed = run_ddp_script(tmp_path / "resumed", 1, 64, tmp_path / "two" / "step8.ckpt")
     assert two[0]["cuts"], "channels were cut"
     for other in (two[1], one[0], resumed[0]):
         assert other["steps"] == 16 and other["cuts"] == two[0]["cuts"]
@@ -226,14 +227,23 @@ def test_under_ddp_two_processes_train_as_one_process_with_their_global_batch(tm
 def test_under_ddp_the_latency_steps_are_rank_zeros(tmp_path):
     """With latency steps and their pressure, rank 0 alone times the tables (rank 1's cache stays empty) and both
     ranks push and cut to its steps, so that their weights stay equal."""
-    script = Path(__file__).parent / "scripts" / "ddp_surgery.py"
-    command = [sys.executable, str(script), str(tmp_path), "2", "32"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "LSC_WIDTHS": "onnxruntime-cpu"})  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_ddp_script(tmp_path / "two", 2, 32, LSC_WIDTHS="onnxruntime-cpu")
     assert ranks[0]["widths"] and ranks[1]["widths"] == ranks[0]["widths"]
-    assert list((tmp_path / "cache0").rglob("*.json")) and not list((tmp_path / "cache1").rglob("*.json"))
+    assert list((tmp_path / "two" / "cache0").rglob("*.json")) and not list((tmp_path / "two" / "cache1").rglob("*.json"))
     assert ranks[1]["cuts"] == ranks[0]["cuts"]
     for name, weights in ranks[0]["weights"].items():
         assert ranks[1]["weights"][name] == pytest.approx(weights, abs=1e-5), name
+
+
+@pytest.mark.slow
+def test_under_ddp_int8_activation_steps_start_as_one_process_would_start_them(tmp_path):
+    """Each step starts at max|x| / 127 of the global batch (the ranks' maxima reduced), so two processes at 32 images
+    train their steps and weights as one process at 64 does."""
+    two = run_ddp_script(tmp_path / "two", 2, 32, LSC_INT8_ACTIVATIONS="1")
+    one = run_ddp_script(tmp_path / "one", 1, 64, LSC_INT8_ACTIVATIONS="1")
+    steps = [name for name in one[0]["weights"] if name.endswith("input_quantizer.log2_scale")]
+    assert len(steps) == 3, one[0]["weights"].keys()
+    for other in (two[0], two[1]):
+        assert other["cuts"] == one[0]["cuts"]
+        for name, weights in one[0]["weights"].items():  # float sums in another order move a rounding now and then
+            assert other["weights"][name] == pytest.approx(weights, abs=1e-4), name

@@ -203,7 +203,10 @@ class ActivationQuantizer(nn.Module):
                 if not self.training:
                     return x
                 with torch.no_grad():
-                    absmax = x.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+                    absmax = x.detach().abs().max().float()
+                    if torch.distributed.is_available() and torch.distributed.is_initialized():
+                        torch.distributed.all_reduce(absmax, op=torch.distributed.ReduceOp.MAX)  # one step on all ranks
+                    absmax = absmax.clamp_min(torch.finfo(torch.float32).tiny)
                     self.log2_scale.copy_(torch.log2(absmax / 127.0))
                     self.initialized.fill_(True)
             self._checked = True

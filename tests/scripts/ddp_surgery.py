@@ -6,7 +6,8 @@ with, and the checkpoint of step 8, so the test can compare runs weight by weigh
     python ddp_surgery.py OUT DEVICES BATCH [CHECKPOINT]
 
 With LSC_WIDTHS set (a ChannelSurgeon `widths` backend), the surgeon cuts to latency steps under a width pressure,
-each rank with a latency cache of its own (OUT/cache<rank>).
+each rank with a latency cache of its own (OUT/cache<rank>). With LSC_INT8_ACTIVATIONS=1, each layer's input is int8
+with a learned step too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lightning_selfcompress.models import ImageClassifier
 out, devices, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 resume = sys.argv[4] if len(sys.argv) > 4 else None
 widths = os.environ.get("LSC_WIDTHS", "any")
+activations = os.environ.get("LSC_INT8_ACTIVATIONS") == "1"
 os.environ["XDG_CACHE_HOME"] = f"{out}/cache{os.environ.get('LOCAL_RANK', '0')}"  # DDP's launcher sets it on rank 1
 pl.seed_everything(0, verbose=False)
 net = nn.Sequential(
@@ -39,7 +41,8 @@ parallel = {"strategy": "ddp"} if devices > 1 else {}
 trainer = pl.Trainer(
     accelerator="cpu", devices=devices, max_steps=16, logger=False, enable_progress_bar=False,
     enable_model_summary=False, limit_val_batches=0, default_root_dir=out, **parallel,
-    callbacks=[SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3), surgeon, at_step_8],
+    callbacks=[SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3, int8_activations=activations), surgeon,
+               at_step_8],
 )  # fmt: skip
 trainer.fit(module, FashionMNISTDataModule(batch_size=batch, val_size=256, limit_train=512), ckpt_path=resume)
 weights = {name: p.detach().flatten().tolist() for name, p in module.named_parameters()}
