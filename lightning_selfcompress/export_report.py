@@ -264,6 +264,13 @@ def export_and_report(
     return report
 
 
+def _activations_note(report: dict[str, Any]) -> str:
+    kernels = report["parity"].get("kernels_max_rel")
+    if kernels is not None:  # trained steps: the parity above is the graph's, the runtime's arithmetic beside it
+        return f" (int8 activations: the graph as ONNX defines its ops; a default session's integer kernels {kernels:.3g})"
+    return " (int8 activations)" if report["activation_quantized"] else ""
+
+
 def print_export_table(report: dict[str, Any], console: Console | None = None) -> None:
     table = Table(title=f"Export: {report['path']}")
     for column in ("layer", "channels", "weights", "stored as", "mean bits", "2:4", "ONNX Runtime kernel"):
@@ -287,12 +294,7 @@ def print_export_table(report: dict[str, Any], console: Console | None = None) -
         )
         + (f"; MACs per sample {report['macs_after']:,}/{report['macs_before']:,}" if report["macs_after"] else ""),
         f"Parity with PyTorch (ONNX Runtime, CPU): max abs {parity['max_abs']:.3g}, relative {parity['max_rel']:.3g}"
-        + (
-            f" (int8 activations: the graph as ONNX defines its ops; in a default session, with integer kernels,"
-            f" {parity['kernels_max_rel']:.3g})"
-            if parity.get("kernels_max_rel") is not None
-            else " (int8 activations)" if report["activation_quantized"] else ""
-        ),
+        + _activations_note(report),
         "ONNX Runtime CPU latency, median: "
         + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in report["ort_cpu_latency_ms"].items()),
     ]

@@ -229,7 +229,8 @@ def test_under_ddp_the_latency_steps_are_rank_zeros(tmp_path):
     ranks push and cut to its steps, so that their weights stay equal."""
     ranks = run_ddp_script(tmp_path / "two", 2, 32, LSC_WIDTHS="onnxruntime-cpu")
     assert ranks[0]["widths"] and ranks[1]["widths"] == ranks[0]["widths"]
-    assert list((tmp_path / "two" / "cache0").rglob("*.json")) and not list((tmp_path / "two" / "cache1").rglob("*.json"))
+    caches = tmp_path / "two"
+    assert list((caches / "cache0").rglob("*.json")) and not list((caches / "cache1").rglob("*.json"))
     assert ranks[1]["cuts"] == ranks[0]["cuts"]
     for name, weights in ranks[0]["weights"].items():
         assert ranks[1]["weights"][name] == pytest.approx(weights, abs=1e-5), name
