@@ -89,9 +89,13 @@ KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten
 RUNTIMES = ("tensorrt", "onnxruntime")  # the int8 activation layouts export_onnx writes
 FEW_INPUT_CHANNELS = 4  # onnxruntime: a layer reading fewer channels per group keeps float activations
 # A model trained with int8 activations: its file's graph, run as the standard defines each op, is held to at least
-# this (a convolution summing in another order now and then moves a value across a rounding boundary of the next Q/DQ
-# pair: one level); ONNX Runtime's integer kernels are measured beside it (`Parity.kernels_max_rel`)
-TRAINED_ACTIVATION_TOLERANCE = 1e-2
+# this. A convolution summing in another order now and then moves a value across a rounding boundary of the next Q/DQ
+# pair, one level, and the moves compound with depth: ResNet-9 at 0.39 bits per weight, 14 of 1.6 M activations moved
+# after its first layer and 0.5% before its last convolution, none by more than 2 levels, the logits 0.4-1.7% (the
+# main job's 0.1-0.2%), top-1 within 0.01 points. So the logits catch a gross error, not every one: one layer's step
+# 19% off moved them 1.5-6.4% there (comparing the int8 codes layer by layer would tell both apart: open work).
+# ONNX Runtime's integer kernels are measured beside it (`Parity.kernels_max_rel`)
+TRAINED_ACTIVATION_TOLERANCE = 5e-2
 OPSET = 20  # the legacy exporter's highest; int4 storage converts the file to 21
 
 
@@ -572,7 +576,7 @@ def export_onnx(
         parity_inputs: batches on which ONNX Runtime and PyTorch are compared (default: `example_input`).
         tolerance: the largest relative error (max |ort - torch| / max |torch|) accepted; None: measure, never fail.
             A model trained with int8 activations computes what the file's Q/DQ pairs define: the tolerance (at
-            least 1e-2: one level moved where float summation order crosses a rounding boundary) holds the file's
+            least 5e-2: levels moved where float summation order crosses a rounding boundary) holds the file's
             graph as the ONNX standard defines each op; ONNX Runtime's integer kernels, which round each bias to the
             int32 grid of input scale x weight scale and requantize in fixed point (arithmetic its training did not
             simulate), are measured beside it (`Parity.kernels_max_rel`; 1.1-1.4% on the main job, top-1 0.06
