@@ -14,8 +14,8 @@ default session options, random inputs, alternating rounds, the best of the roun
 4. ours, int8: the same with int8 activations calibrated on those images (Q/DQ where ONNX Runtime fuses them),
    in the layout TensorRT takes (symmetric) and in the one ONNX Runtime runs fastest (`runtime="onnxruntime"`: a
    uint8, a ReLU's output over the whole range, fused into the integer kernel; the first layer on the image float);
-   for a run trained with int8 activations (`compression.int8_activations=true`) one file instead, with its trained
-   steps;
+   for a run trained with int8 activations (`compression.int8_activations=true`) its trained steps instead, in both
+   layouts;
 5. the float export again, timed last in every round: its speed-up over itself is this invocation's noise (two
    timings of one file moved up to 30% apart at batch 1 on a 2-core host, 2026-12-04): a difference between files
    smaller than its distance from 1.00x is not one.
@@ -187,11 +187,11 @@ def main() -> None:
     layouts = {"int8 (TensorRT layout)": "tensorrt", "int8 (ONNX Runtime layout)": "onnxruntime"}
     mine: dict[str, tuple[nn.Module, str, list | None]] = {}  # file -> (network, layout, calibration)
     for label, net in ours.items():
-        if any("input_quantizer" in m._modules for m in quantized_layers(net).values()):
-            mine[f"{label}, int8 (trained steps)"] = net, "tensorrt", None  # its trained steps: no calibration
-        else:
+        has_steps = any("input_quantizer" in m._modules for m in quantized_layers(net).values())
+        if not has_steps:
             mine[f"{label}, weights"] = net, "tensorrt", None
-            mine.update({f"{label}, {key}": (net, runtime, calibration) for key, runtime in layouts.items()})
+        steps, named = (None, ", trained steps") if has_steps else (calibration, "")  # trained steps: no calibration
+        mine.update({f"{label}, {key}{named}": (net, runtime, steps) for key, runtime in layouts.items()})
     with tempfile.TemporaryDirectory() as scratch:
         narrow = [f"{kind}, {run}" for run in args.narrow_run for kind in ("narrow float", "narrow ORT int8")]
         files = {key: Path(scratch) / f"{i}.onnx" for i, key in enumerate(("float", "ORT int8", *narrow, *mine))}
