@@ -212,7 +212,6 @@ def test_under_ddp_two_processes_train_as_one_process_with_their_global_batch(tm
     """Two CPU processes (gloo) at 32 images each end with the cuts and the weights of one process at 64, and so does
     one process resumed from the two's checkpoint: rank 0's decision is broadcast, DDP is wrapped anew after each
     cut, and the samplers deal each rank its slice of the single process's batches."""
-
     two = run_ddp_script(tmp_path / "two", 2, 32)
     one = run_ddp_script(tmp_path / "one", 1, 64)
     resumed = run_ddp_script(tmp_path / "resumed", 1, 64, tmp_path / "two" / "step8.ckpt")
