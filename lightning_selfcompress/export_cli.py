@@ -6,6 +6,7 @@ restored). Channels, parameters and multiply-accumulates "before" are those of t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import tempfile
 from pathlib import Path
@@ -56,10 +57,14 @@ def find_checkpoint(given: str) -> Path:
 
 def run(cfg: DictConfig) -> dict:
     check_output_path(cfg.output)  # before any work
-    options = ExportOptions(**{k: (tuple(v) if k == "latency_batches" else v) for k, v in cfg.options.items()})
+    given = {k: (tuple(v) if k == "latency_batches" else v) for k, v in cfg.options.items()}
+    options = ExportOptions(**{**given, "runtime": given.get("runtime") or "tensorrt"})
     checkpoint = find_checkpoint(cfg.checkpoint)
     state = read_checkpoint(checkpoint)  # before any work: a damaged or unsafe file is named first
     run_cfg = OmegaConf.load(find_run_config(checkpoint, cfg.run_config))
+    if given.get("runtime") is None:  # the layout the run trained its int8 activations for
+        trained_for = OmegaConf.select(run_cfg, "compression.activation_runtime", default=None)
+        options = dataclasses.replace(options, runtime=trained_for or "tensorrt")
     module = ImageClassifier(instantiate(run_cfg.model), **run_cfg.optim)
     datamodule = instantiate(run_cfg.data)
     datamodule.setup("fit")

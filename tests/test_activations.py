@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import onnx
 import onnxruntime
+import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -20,9 +21,9 @@ from lightning_selfcompress.core.surgery import load_compressed
 from lightning_selfcompress.models import BaselineCNN, ImageClassifier, ResNet9
 
 
-def onnx_qdq(x: np.ndarray, scale: float) -> np.ndarray:
-    """What a QuantizeLinear -> DequantizeLinear pair (int8, zero point 0) computes in ONNX Runtime."""
-    args = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+def onnx_qdq(x: np.ndarray, scale: float, zero_type: type = np.int8) -> np.ndarray:
+    """What a QuantizeLinear -> DequantizeLinear pair (int8 or uint8, zero point 0) computes in ONNX Runtime."""
+    args = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(0, zero_type), "z")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
     graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))], args)  # fmt: skip
@@ -76,30 +77,35 @@ def test_a_run_with_int8_activations_exports_integer_kernels_and_keeps_its_steps
 
         def on_train_batch_end(self, trainer, pl_module, *args):
             if not initial:  # after the first step: each step started at max|x| / 127 of its first batch
-                initial.update({n: m.input_quantizer.scale for n, m in quantized_layers(pl_module).items()})
+                layers = quantized_layers(pl_module).items()
+                initial.update({n: m.input_quantizer.scale for n, m in layers if "input_quantizer" in m._modules})
 
     kwargs = trainer_kwargs(tmp_path, max_steps=12, enable_checkpointing=True)
     pl.Trainer(callbacks=[compression, surgeon, Spy(), saver, export], **kwargs).fit(module, tiny_fmnist)
     layers = quantized_layers(module)
     assert surgeon.surgeon.history, "channels were cut while the input steps trained"
-    assert set(initial) == set(layers)
-    assert all(m.input_quantizer.scale != initial[n] for n, m in layers.items()), "every step is learned"
+    assert "input_quantizer" not in layers["net.features.0"]._modules, "the first layer reads the image in float"
+    stepped = {n: m for n, m in layers.items() if "input_quantizer" in m._modules}
+    assert set(initial) == set(stepped) == set(layers) - {"net.features.0"}
+    assert all(m.input_quantizer.scale != initial[n] for n, m in stepped.items()), "every step is learned"
     report = export.report
     assert report["activation_quantized"] and report["parity"]["max_rel"] <= 1e-2, "the graph as ONNX defines it"
     assert report["parity"]["kernels_max_rel"] >= 0, "ONNX Runtime's integer kernels measured beside it"
     kernels = ort_kernels(tmp_path / "model.onnx")
-    assert list(kernels.values()).count("QLinearConv") >= 2, kernels  # BatchNorm after a ReLU keeps the others float
+    assert list(kernels.values()).count("QLinearConv") >= 1, kernels  # the image float; BatchNorm after a ReLU: others
     profiled = ort_node_ms(tmp_path / "model.onnx", (1, 28, 28), batch=4, runs=3)  # where its time goes, per node
     assert [op for op, _ in profiled.values()].count("QLinearConv") == list(kernels.values()).count("QLinearConv")
     assert all(ms >= 0 for _, ms in profiled.values()), profiled
 
     restored = load_compressed(ImageClassifier(BaselineCNN(1, 10, width=8)), saver.last_model_path)
     for name, m in quantized_layers(restored).items():
-        assert m.input_quantizer.initialized and m.input_quantizer.scale == layers[name].input_quantizer.scale, name
+        if name in stepped:
+            assert m.input_quantizer.initialized and m.input_quantizer.scale == stepped[name].input_quantizer.scale
     x = next(iter(tiny_fmnist.train_dataloader()))[0]
     assert torch.equal(restored(x), module.eval()(x)), "the checkpoint holds the trained steps"
-    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
-    assert written["act0.scale"] == np.float32(layers["net.features.0"].input_quantizer.scale), "the trained step"
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    written = {float(numpy_helper.to_array(i)) for i in graph.initializer if i.name.endswith(".scale")}
+    assert written == {float(np.float32(m.input_quantizer.scale)) for m in stepped.values()}, "the trained steps"
 
 
 def test_resnet9_with_int8_activations_learns_after_a_sanity_check(tiny_fmnist, tmp_path):
@@ -131,3 +137,63 @@ def test_the_step_starts_from_the_first_batch_and_a_loaded_state_decides_again()
     quantizer.load_state_dict(ActivationQuantizer().state_dict())  # a state from before any batch
     quantizer(torch.full((2, 3), 254.0))
     assert quantizer.scale == 2.0, "started again from the batch after the load"
+
+
+def test_a_non_negative_input_learns_the_uint8_grid_where_asked():
+    """ONNX Runtime's layout: a ReLU's output on [0, 255] steps, the uint8 pair bit for bit; the grid travels in the
+    state_dict, and a state written before it existed is int8."""
+    quantizer = ActivationQuantizer(unsigned=True).train()
+    quantizer(torch.rand(4, 8) * 51.0)
+    assert quantizer.unsigned and quantizer.scale == pytest.approx(float(quantizer(torch.tensor(51.0)) / 255), rel=0.01)
+    x = torch.cat([torch.arange(-3, 260, dtype=torch.float32) + 0.5, torch.rand(500) * 60]).view(1, -1) * quantizer.scale
+    assert torch.equal(quantizer(x), torch.from_numpy(onnx_qdq(x.numpy(), quantizer.scale, np.uint8))), "negatives to 0"
+    signed = ActivationQuantizer(unsigned=True).train()
+    signed(torch.randn(4, 8))
+    assert not signed.unsigned, "an input with negative values keeps the int8 grid"
+    assert not ActivationQuantizer().train()(torch.rand(4, 8)).lt(0).any() and not ActivationQuantizer().unsigned
+
+    loaded = ActivationQuantizer()
+    loaded.load_state_dict(quantizer.state_dict())
+    assert loaded.unsigned and torch.equal(loaded(x), quantizer(x)), "the grid comes back with the step"
+    old = {k: v for k, v in quantizer.state_dict().items() if k != "unsigned"}
+    loaded.load_state_dict(old)
+    assert not loaded.unsigned and loaded(x).min() < 0, "a state from before the uint8 grid: int8"
+
+
+def test_steps_trained_for_onnx_runtime_fuse_the_relus_and_refuse_tensorrt(tiny_fmnist, tmp_path):
+    """ResNet-9 trained with `activation_runtime="onnxruntime"`: its file drops the ReLUs before uint8 steps (the
+    integer kernel before does them), matches PyTorch, and ONNX Runtime runs fewer float ReLUs than in the same run
+    trained for TensorRT, as many integer kernels (the ReLUs whose outputs also reach a residual Add, read float,
+    stay). Asked for a TensorRT layout, fit stops before training, not after it."""
+    from lightning_selfcompress.core.export import ExportError
+
+    kernels, relus = {}, {}
+    for runtime in ("onnxruntime", "tensorrt"):
+        pl.seed_everything(0, verbose=False)
+        module = ImageClassifier(ResNet9(1, 10, width=8), optimizer="adam", lr=0.003)
+        compression = SelfCompression(gamma=0.0, init_bits=4.0, int8_activations=True, activation_runtime=runtime)
+        export = CompressedExport(tmp_path / f"{runtime}.onnx", latency_batches=(1,), latency_runs=1, engine="never",
+                                  runtime="onnxruntime")  # fmt: skip
+        pl.Trainer(callbacks=[compression, export], **trainer_kwargs(tmp_path, max_steps=8)).fit(module, tiny_fmnist)
+        assert export.report["parity"]["max_rel"] <= 5e-2, export.report["parity"]
+        layers = quantized_layers(module)
+        unsigned = [n for n, m in layers.items() if "input_quantizer" in m._modules and m.input_quantizer.unsigned]
+        assert len(unsigned) == (len(layers) - 1 if runtime == "onnxruntime" else 0), unsigned  # all after a ReLU
+        kernels[runtime] = list(ort_kernels(tmp_path / f"{runtime}.onnx").values()).count("QLinearConv")
+        ran = ort_node_ms(tmp_path / f"{runtime}.onnx", (1, 28, 28), batch=2, runs=1).values()
+        relus[runtime] = [op for op, _ in ran].count("Relu")
+    assert relus["onnxruntime"] < relus["tensorrt"], relus
+    assert kernels["onnxruntime"] == kernels["tensorrt"] >= 3, kernels
+
+    module = ImageClassifier(ResNet9(1, 10, width=8), optimizer="adam", lr=0.003)
+    compression = SelfCompression(gamma=0.0, int8_activations=True, activation_runtime="onnxruntime")
+    export = CompressedExport(tmp_path / "engine.onnx", engine="never", runtime="tensorrt")
+    trainer = pl.Trainer(callbacks=[compression, export], **trainer_kwargs(tmp_path))
+    with pytest.raises(ExportError, match="TensorRT takes symmetric int8 only"):
+        trainer.fit(module, tiny_fmnist)
+    assert trainer.global_step == 0 and not (tmp_path / "engine.onnx").exists()
+
+
+def test_a_wrong_activation_runtime_is_named():
+    with pytest.raises(ValueError, match="activation_runtime"):
+        SelfCompression(int8_activations=True, activation_runtime="tflite")

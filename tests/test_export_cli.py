@@ -45,6 +45,29 @@ def test_lsc_export_rebuilds_a_trained_run_and_exports_it_exactly(tmp_path):
     assert "TensorRT engine not built" in done.stdout or report["engine"]["built"]
 
 
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_steps_trained_for_onnx_runtime_are_exported_for_it_by_both_commands(tmp_path):
+    """`compression.activation_runtime=onnxruntime` is the export's runtime too, in lsc-train and lsc-export (a uint8
+    step has no TensorRT layout); asked for TensorRT explicitly, lsc-export names the conflict."""
+    run_dir = tmp_path / "run"
+    train = _cli("lightning_selfcompress.train", f"hydra.run.dir={run_dir}", "trainer.max_steps=12", "model.width=8",
+                 "trainer.val_check_interval=12", "data.batch_size=64", "+data.limit_train=1024", "surgery=none",
+                 "compression.int8_activations=true", "compression.activation_runtime=onnxruntime",
+                 "export.latency_runs=1", "export.latency_batches=[1]", cwd=tmp_path)  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert json.loads((run_dir / "report.json").read_text())["export"]["options"]["runtime"] == "onnxruntime"
+    out = tmp_path / "exported" / "model.onnx"
+    common = (f"checkpoint={run_dir}", "options.latency_runs=1", "options.latency_batches=[1]", "accuracy=false")
+    done = _cli("lightning_selfcompress.export_cli", *common, f"output={out}", f"hydra.run.dir={tmp_path}/e1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(out.with_suffix(".json").read_text())["options"]["runtime"] == "onnxruntime"
+    refused = _cli("lightning_selfcompress.export_cli", *common, f"output={tmp_path}/trt.onnx",
+                   "options.runtime=tensorrt", f"hydra.run.dir={tmp_path}/e2", cwd=tmp_path)  # fmt: skip
+    assert refused.returncode != 0 and "TensorRT takes symmetric int8 only" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "trt.onnx").exists()
+
+
 def test_a_missing_checkpoint_or_run_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint='nope.ckpt' does not exist"):
         find_checkpoint("nope.ckpt")

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from ..core.export import check_runtime_fits
 from ..core.inputs import image_batch, model_input
 from ..export_report import ExportOptions, check_output_path, export_and_report, layer_shapes, parameter_count
 from .surgeon import ChannelSurgeon
@@ -37,7 +38,8 @@ class CompressedExport(Callback):
         latency_runs: timed runs per batch size (the median is reported).
         runtime: the runtime the int8 activations are laid out for: "tensorrt" (symmetric, the only form TensorRT
             takes) or "onnxruntime" (uint8, a ReLU's output over the whole range, which ONNX Runtime fuses into its
-            integer kernels; no engine). Matters only with int8 activations.
+            integer kernels; no engine). Matters only with int8 activations; trained for ONNX Runtime
+            (`activation_runtime="onnxruntime"`), they export for it alone (an error at the start of fit otherwise).
     """
 
     def __init__(
@@ -71,6 +73,10 @@ class CompressedExport(Callback):
         if not self.before:
             self.before = layer_shapes(pl_module)
             self.parameters_before = parameter_count(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_runtime_fits(pl_module, self.options.runtime)  # not only after training
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -79,7 +79,11 @@ class SelfCompressor:
             half of the phase. None: bits train to the end.
         int8_activations: also quantize each layer's input to int8 with a learned per-tensor step (LSQ), so that the
             exported file runs integer kernels (TensorRT, ONNX Runtime's QLinearConv) at the accuracy it trained with,
-            without calibration.
+            without calibration. A layer reading fewer than 4 channels (the image) keeps float inputs.
+        activation_runtime: whom those steps are for: "tensorrt" (symmetric int8, the only form TensorRT takes) or
+            "onnxruntime" (a non-negative input on the uint8 grid: twice the resolution, and ONNX Runtime fuses the
+            ReLU before it into its integer kernel; such a file does not build a TensorRT engine). Export with the
+            same `runtime`.
         latency_weight: 0 (the paper's size term: every weight's bits count alike) to 1: each layer's bits weighted
             by the time its channels cost, measured on `latency_backend` (`core.widths.latency_weights`, the
             tables ChannelSurgeon's latency steps use, cached), so that gamma trades accuracy for measured time;
@@ -110,6 +114,7 @@ class SelfCompressor:
         learn_bits: bool = True,
         freeze_bits_at: float | None = None,
         int8_activations: bool = False,
+        activation_runtime: str = "tensorrt",
         latency_weight: float = 0.0,
         latency_backend: str = "onnxruntime-cpu",
     ) -> None:
@@ -126,6 +131,7 @@ class SelfCompressor:
             init_scale=init_scale,
             grid=grid,
             int8_activations=int8_activations,
+            activation_runtime=activation_runtime,
         )
         check_flag("learn_bits", learn_bits)
         check_flag("int8_activations", int8_activations)

@@ -72,7 +72,7 @@ from .onnx_fold import (
 )
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
-from .quant import QUANTIZED_CLASS, integer_bits, integer_weights, quantized_layers
+from .quant import FEW_INPUT_CHANNELS, QUANTIZED_CLASS, RUNTIMES, integer_bits, integer_weights, quantized_layers
 
 __all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights",
            "stored_weight_bits", "stored_weights"]
@@ -86,8 +86,6 @@ WEIGHT_OPS = ("Conv", "Gemm")
 COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten", "Concat", "Gather")
 # a ReLU's output stays non-negative through these
 KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten", "Gather")
-RUNTIMES = ("tensorrt", "onnxruntime")  # the int8 activation layouts export_onnx writes
-FEW_INPUT_CHANNELS = 4  # onnxruntime: a layer reading fewer channels per group keeps float activations
 # A model trained with int8 activations: its file's graph, run as the standard defines each op, is held to at least
 # this. A convolution summing in another order now and then moves a value across a rounding boundary of the next Q/DQ
 # pair, one level, and the moves compound with depth: ResNet-9 at 0.39 bits per weight, 14 of 1.6 M activations moved
@@ -198,6 +196,24 @@ def _trained_input(layer: nn.Module) -> bool:
     """Whether `layer` trained with int8 inputs: an `input_quantizer` whose step a training batch has started."""
     quantizer = layer._modules.get("input_quantizer")
     return quantizer is not None and bool(quantizer.initialized)
+
+
+def uint8_steps(model: nn.Module) -> list[str]:
+    """The layers whose int8 inputs train (or trained) on the uint8 grid (`activation_runtime="onnxruntime"`)."""
+    steps = {n: m.input_quantizer for n, m in quantized_layers(model).items() if "input_quantizer" in m._modules}
+    return sorted(n for n, q in steps.items() if q.unsigned or (q.may_be_unsigned and not q.initialized))
+
+
+def check_runtime_fits(model: nn.Module, runtime: str) -> None:
+    """Such steps cannot be laid out for TensorRT, which takes symmetric int8 only: said before training as well as
+    at export."""
+    check_choice("runtime", runtime, RUNTIMES)
+    if runtime == "tensorrt" and (uint8 := uint8_steps(model)):
+        raise ExportError(
+            f"{len(uint8)} layer(s) train their int8 inputs for ONNX Runtime, on the uint8 grid "
+            f"(activation_runtime='onnxruntime'): {uint8[:3]}. TensorRT takes symmetric int8 only: export with "
+            "runtime='onnxruntime', or train with activation_runtime='tensorrt' for an engine."
+        )
 
 
 def _check_model(model: nn.Module) -> None:
@@ -451,12 +467,13 @@ def _residual_adds(producer: dict[str, onnx.NodeProto], tensors: Iterable[str], 
 def _quantize_activations(
     model: onnx.ModelProto,
     layers: list[onnx.NodeProto],
-    trained: dict[str, float],
+    trained: dict[str, tuple[float, bool]],
     batches: Iterable[Tensor] | None,
     runtime: str,
 ) -> dict[str, float]:
-    """Per-tensor int8 Q/DQ on the input of each of `layers`: with its trained scale where `trained` (node name ->
-    scale) has one, else calibrated on `batches`; and on its output where that is exact (`_quantize_outputs`).
+    """Per-tensor int8 Q/DQ on the input of each of `layers`: with its trained step where `trained` (node name ->
+    (scale, on the unsigned grid)) has one, else calibrated on `batches`; and on its output where that is exact
+    (`_quantize_outputs`).
     Symmetric int8 (max |x| / 127, zero point 0) for TensorRT. For ONNX Runtime uint8, the type its x86 integer
     kernels take (else it converts each pair, and a tensor read by two layers then stays float): zero point 128,
     except a non-negative input, calibrated over the whole range (max x / 255, zero point 0): twice the resolution,
@@ -481,7 +498,8 @@ def _quantize_activations(
         """(scale, zero point): int8 for TensorRT; uint8 for ONNX Runtime (the type its x86 kernels take)."""
         shift = 128 if runtime == "onnxruntime" else 0
         if node.name in trained:
-            return trained[node.name], shift
+            scale, unsigned_grid = trained[node.name]
+            return scale, 0 if unsigned_grid else shift
         if tensor in unsigned:
             return max(absmax[tensor], 1e-12) / 255.0, 0
         return max(absmax[tensor], 1e-12) / 127.0, shift
@@ -593,7 +611,7 @@ def export_onnx(
     _check_model(model)
     if tolerance is not None and not tolerance > 0:
         raise ValueError(f"tolerance={tolerance} must be > 0 (or None to measure without a limit).")
-    check_choice("runtime", runtime, RUNTIMES)
+    check_runtime_fits(model, runtime)
     layers = quantized_layers(model)
     example = example_input.detach().to(next(model.parameters(), example_input).device)
     with contextlib.ExitStack() as stack:
@@ -608,7 +626,7 @@ def export_onnx(
             _export_float(model, example, float_path)
         float_bytes = float_path.stat().st_size
         onnx_model = onnx.load(str(float_path))
-        trained = {name: m.input_quantizer.scale for name, m in layers.items() if _trained_input(m)}
+        trained = {name: m.input_quantizer for name, m in layers.items() if _trained_input(m)}
         qdq = set(layers) if calibration is not None else set(trained)
         if runtime == "onnxruntime":
             qdq = {name for name in qdq if name in trained or layers[name].weight.shape[1] >= FEW_INPUT_CHANNELS}
@@ -630,14 +648,18 @@ def export_onnx(
                 "the input of each layer stored as int8/int4). Attach quantizers (SelfCompression) first, or export "
                 "without calibration (calibrate_batches=0)."
             )
-        node_scales = {node.name: trained[name] for name in trained.keys() & stored for node in matches[name]}
-        folded = fold_batchnorm(onnx_model, fixed=set(node_scales))
+        node_steps = {
+            node.name: (trained[name].scale, bool(trained[name].unsigned))
+            for name in trained.keys() & stored
+            for node in matches[name]
+        }
+        folded = fold_batchnorm(onnx_model, fixed=set(node_steps))
         fold_reembeddings(onnx_model)
         fold_output_scales(onnx_model)
         scales = {}
         if quantized:
             layer_nodes = _by_name(onnx_model, quantized)
-            scales = _quantize_activations(onnx_model, layer_nodes, node_scales, calibration, runtime)
+            scales = _quantize_activations(onnx_model, layer_nodes, node_steps, calibration, runtime)
         onnx.checker.check_model(onnx_model, full_check=True)
         if runtime == "tensorrt":
             check_explicit_quantization(onnx_model)

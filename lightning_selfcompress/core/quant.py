@@ -61,6 +61,8 @@ __all__ = [
 
 
 _LN2 = math.log(2.0)
+RUNTIMES = ("tensorrt", "onnxruntime")  # whom int8 activations are laid out for (trained here, written by the export)
+FEW_INPUT_CHANNELS = 4  # a layer reading fewer input channels (an image's first) keeps float inputs; ONNX Runtime's layout counts per group
 GRIDS = ("integer", "midrise")
 
 
@@ -143,74 +145,97 @@ def lsq_exponent(weight: Tensor, bits: float) -> Tensor:
 
 
 class _QuantizeInt8(torch.autograd.Function):
-    """Symmetric int8 fake quantization of a tensor with one learned step s = 2^a, LSQ's gradients (Esser et al., 2020).
+    """8-bit fake quantization of a tensor with one learned step s = 2^a, LSQ's gradients (Esser et al., 2020), on the
+    grid [low, high]: [-128, 127] (int8, zero point 0) or [0, 255] (uint8, zero point 0).
 
-    Forward: q = s * round(clamp(x / s, -128, 127)), the float32 operations ONNX's QuantizeLinear/DequantizeLinear
+    Forward: q = s * round(clamp(x / s, low, high)), the float32 operations ONNX's QuantizeLinear/DequantizeLinear
     pair performs (x / s, round half to even, saturate, times s), so an exported file reproduces it exactly.
     Backward: straight through inside the range; ds gets, per element, round(x/s) - x/s inside and the clamp bound
-    outside, scaled by LSQ's 1 / sqrt(features * 127); da = ds * s ln2.
+    outside, scaled by LSQ's 1 / sqrt(features * high); da = ds * s ln2.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, log2_scale: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, log2_scale: Tensor, low: float = -128.0, high: float = 127.0) -> Tensor:
         scale = torch.exp2(log2_scale.float())
         scaled = x.float() / scale
-        clamped = scaled.clamp(-128.0, 127.0)
+        clamped = scaled.clamp(low, high)
         rounded = clamped.round()
         ctx.save_for_backward(scaled, rounded, scale)
+        ctx.bounds = low, high
         return (rounded * scale).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         scaled, rounded, scale = ctx.saved_tensors
-        inside = (scaled >= -128.0) & (scaled <= 127.0)
+        low, high = ctx.bounds
+        inside = (scaled >= low) & (scaled <= high)
         grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
         grad_log2 = None
         if ctx.needs_input_grad[1]:
             features = max(scaled[0].numel() if scaled.dim() > 1 else scaled.numel(), 1)
             step = torch.where(inside, rounded - scaled, rounded)  # outside, rounded is the bound
-            grad_scale = (grad.float() * step).sum() / math.sqrt(features * 127.0)
+            grad_scale = (grad.float() * step).sum() / math.sqrt(features * high)
             grad_log2 = (grad_scale * scale * _LN2).reshape(())
-        return grad_x, grad_log2
+        return grad_x, grad_log2, None, None
 
 
 class ActivationQuantizer(nn.Module):
-    """A layer's input as int8, per tensor, with a learned step: what TensorRT and ONNX Runtime need to run the layer
-    as an integer kernel, trained rather than calibrated afterwards. The step starts at max|x| / 127 of the first
-    batch it sees in training mode (`initialized` travels in the state_dict, so a resumed run does not start it
+    """A layer's input as 8-bit integers, per tensor, with a learned step: what TensorRT and ONNX Runtime need to run
+    the layer as an integer kernel, trained rather than calibrated afterwards. The step starts at max|x| / 127 of the
+    first batch it sees in training mode (`initialized` travels in the state_dict, so a resumed run does not start it
     again); until then the input passes unchanged. Not from an eval-mode pass: a trace or a validation sanity check
     before training sees BatchNorm's initial running statistics, activations up to 100x smaller than training's,
-    and a step started there saturates every later batch, where the clamp passes no gradient."""
+    and a step started there saturates every later batch, where the clamp passes no gradient.
 
-    def __init__(self) -> None:
+    `unsigned=True`: an input that first batch shows non-negative (a ReLU's output, pooled) learns the uint8 grid
+    [0, 255] instead of [-128, 127] (step max x / 255): twice the resolution, and ONNX Runtime then drops the ReLU
+    into its integer kernel and keeps the tensor uint8 through pooling and residual adds. TensorRT takes symmetric
+    int8 only, so a model with such steps exports for ONNX Runtime alone. Later negative values clamp to 0, in the file
+    as in training. The grid chosen travels in the state_dict (`unsigned`; a state written before it: int8).
+    """
+
+    def __init__(self, unsigned: bool = False) -> None:
         super().__init__()
         self.log2_scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self._checked = False  # the buffer read once, not on every forward (on a GPU each read waits for the device)
+        self.register_buffer("unsigned", torch.zeros((), dtype=torch.bool))
+        self.may_be_unsigned = unsigned
+        self._bounds: tuple[float, float] | None = None  # the buffers read once, not on every forward (a GPU read waits)
 
     @property
     def scale(self) -> float:
         return float(torch.exp2(self.log2_scale.detach().float()))
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._checked = False  # the loaded buffer decides again
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        if prefix + "unsigned" not in state_dict:  # written before the unsigned grid existed: int8
+            self.unsigned.fill_(False)
+            if prefix + "unsigned" in missing_keys:
+                missing_keys.remove(prefix + "unsigned")
+        self._bounds = None  # the loaded buffers decide again
+
+    @torch.no_grad()
+    def _start(self, x: Tensor) -> None:
+        """The step from the first training batch: max |x| / 127, or max x / 255 on the unsigned grid. Under DDP the
+        extremes are all ranks' (all-reduced), so every rank starts the same step on the same grid."""
+        x = x.detach().float()
+        extremes = torch.stack([x.abs().max(), -x.min()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+        absmax, lowest = extremes[0].clamp_min(torch.finfo(torch.float32).tiny), -extremes[1]
+        self.unsigned.fill_(self.may_be_unsigned and bool(lowest >= 0))
+        self.log2_scale.copy_(torch.log2(absmax / (255.0 if self.unsigned else 127.0)))
+        self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._checked:
+        if self._bounds is None:
             if not self.initialized:
                 if not self.training:
                     return x
-                with torch.no_grad():
-                    absmax = x.detach().abs().max().float()
-                    if torch.distributed.is_available() and torch.distributed.is_initialized():
-                        torch.distributed.all_reduce(absmax, op=torch.distributed.ReduceOp.MAX)  # one step on all ranks
-                    absmax = absmax.clamp_min(torch.finfo(torch.float32).tiny)
-                    self.log2_scale.copy_(torch.log2(absmax / 127.0))
-                    self.initialized.fill_(True)
-            self._checked = True
-        return _QuantizeInt8.apply(x, self.log2_scale)
+                self._start(x)
+            self._bounds = (0.0, 255.0) if self.unsigned else (-128.0, 127.0)
+        return _QuantizeInt8.apply(x, self.log2_scale, *self._bounds)
 
 
 class ChannelQuantizer(nn.Module):
@@ -381,7 +406,11 @@ class QuantizationConfig:
     the quantized network starts within about 1% of the float one), or `"lsq"`, LSQ's step from the mean magnitude
     (better at a fixed 2 to 4 bits, where spanning the largest weight rounds most others to 0).
     `grid` is the quantizer's grid ("integer", the paper's, or "midrise"; see the module docstring).
-    `int8_activations` also quantizes each selected layer's input to int8 with a learned step (`ActivationQuantizer`).
+    `int8_activations` also quantizes each selected layer's input to 8 bits with a learned step (`ActivationQuantizer`),
+    except a layer reading fewer than 4 channels (a first convolution on an image: an integer kernel gains nothing
+    there, ONNX Runtime's is slower than its float one, and the image's levels cost accuracy). `activation_runtime`
+    is the runtime those steps are for: "tensorrt", symmetric int8, the only form TensorRT takes; "onnxruntime", a
+    non-negative input on the uint8 grid [0, 255], which ONNX Runtime's x86 integer kernels fuse with the ReLU before.
     """
 
     layer_types: Sequence[str] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
@@ -392,8 +421,10 @@ class QuantizationConfig:
     init_scale: str = "absmax"
     grid: str = "integer"
     int8_activations: bool = False
+    activation_runtime: str = "tensorrt"
 
     def __post_init__(self) -> None:
+        check_choice("activation_runtime", self.activation_runtime, RUNTIMES)
         check_patterns("include", self.include)
         check_patterns("exclude", self.exclude)
         unknown = [t for t in self.layer_types if t not in _BY_NAME]
@@ -476,12 +507,18 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
         module.__class__ = QUANTIZED_CLASS[type(module)]
         module.add_module("weight_quantizer", quantizer)
     if config.int8_activations:
-        attach_activation_quantizers(quantized_layers(model))
+        reading_enough = {n: m for n, m in quantized_layers(model).items() if _input_channels(m) >= FEW_INPUT_CHANNELS}
+        attach_activation_quantizers(reading_enough, unsigned=config.activation_runtime == "onnxruntime")
     return quantized_layers(model)
 
 
-def attach_activation_quantizers(layers: dict[str, nn.Module]) -> None:
-    """Give each quantized layer without one an `input_quantizer` (int8, learned step), on its weight's device."""
+def _input_channels(module: nn.Module) -> int:
+    return module.weight.shape[1] * getattr(module, "groups", 1)
+
+
+def attach_activation_quantizers(layers: dict[str, nn.Module], unsigned: bool = False) -> None:
+    """Give each quantized layer without one an `input_quantizer` (8 bits, learned step), on its weight's device;
+    `unsigned`: a non-negative input may take the uint8 grid (`ActivationQuantizer`)."""
     for module in layers.values():
         if "input_quantizer" not in module._modules:
-            module.add_module("input_quantizer", ActivationQuantizer().to(module.weight.device))
+            module.add_module("input_quantizer", ActivationQuantizer(unsigned).to(module.weight.device))

@@ -310,7 +310,7 @@ def _graph(specs: list[dict], batch: int, int8: str | None = None):
 
 def _float_input(s: dict) -> bool:
     """Whether the int8 file for ONNX Runtime leaves the layer's input float (a first layer, on an image)."""
-    from .export import FEW_INPUT_CHANNELS
+    from .quant import FEW_INPUT_CHANNELS
 
     return s["in"] < FEW_INPUT_CHANNELS
 
