@@ -264,11 +264,17 @@ def export_and_report(
     return report
 
 
-def _activations_note(report: dict[str, Any]) -> str:
-    kernels = report["parity"].get("kernels_max_rel")
-    if kernels is not None:  # trained steps: the parity above is the graph's, the runtime's arithmetic beside it
-        return f" (int8 activations: the graph as ONNX defines its ops; a default session's integer kernels {kernels:.3g})"
-    return " (int8 activations)" if report["activation_quantized"] else ""
+def activations_note(report: dict[str, Any]) -> str:
+    """What the parity of a file with int8 activations measured: for trained steps, the graph as ONNX defines its
+    ops, the codes layer by layer, and the runtime's own arithmetic beside them."""
+    parity = report["parity"]
+    if parity.get("kernels_max_rel") is None:
+        return " (int8 activations)" if report["activation_quantized"] else ""
+    codes = ""
+    if parity.get("codes_changed") is not None:
+        codes = f"; {parity['codes_changed']:.2%} of a layer's codes moved at most, by up to {parity['codes_max_levels']}"
+    kernels = f"a default session's integer kernels {parity['kernels_max_rel']:.3g}"
+    return f" (int8 activations: the graph as ONNX defines its ops{codes}; {kernels})"
 
 
 def print_export_table(report: dict[str, Any], console: Console | None = None) -> None:
@@ -294,7 +300,7 @@ def print_export_table(report: dict[str, Any], console: Console | None = None) -
         )
         + (f"; MACs per sample {report['macs_after']:,}/{report['macs_before']:,}" if report["macs_after"] else ""),
         f"Parity with PyTorch (ONNX Runtime, CPU): max abs {parity['max_abs']:.3g}, relative {parity['max_rel']:.3g}"
-        + _activations_note(report),
+        + activations_note(report),
         "ONNX Runtime CPU latency, median: "
         + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in report["ort_cpu_latency_ms"].items()),
     ]

@@ -19,6 +19,7 @@ from .callbacks import ChannelSurgeon, CompressedExport, Distillation, SelfCompr
 from .core.checkpoint import read_checkpoint
 from .core.surgery import SURGERY_KEY
 from .core.size import LayerShape, float_size_report
+from .export_report import activations_note
 from .models import ImageClassifier
 from .plots import write_size_plot
 from .report import make_console, print_size_table, write_json
@@ -66,15 +67,10 @@ def _export_line(e: dict) -> str:
         return f"Export of {e['path']} failed (no file written): {e['error']}\n"
     return (
         f"Export: {e['path']}, {e['file_bytes']:,} bytes ({e['float_file_bytes']:,} with float32 weights), parity "
-        f"{e['parity']['max_rel']:.2g} relative{_kernels(e['parity'])}, ONNX Runtime CPU "
+        f"{e['parity']['max_rel']:.2g} relative{activations_note(e)}, ONNX Runtime CPU "
         + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in e["ort_cpu_latency_ms"].items())
         + ".\n"
     )
-
-
-def _kernels(parity: dict) -> str:
-    rel = parity.get("kernels_max_rel")
-    return "" if rel is None else f" (its integer kernels {rel:.2g})"
 
 
 def _load_weights(module: ImageClassifier, path: str, option: str = "init_from", hint: str = "") -> None:

@@ -160,12 +160,13 @@ def test_a_non_negative_input_learns_the_uint8_grid_where_asked():
     assert not loaded.unsigned and loaded(x).min() < 0, "a state from before the uint8 grid: int8"
 
 
-def test_steps_trained_for_onnx_runtime_fuse_the_relus_and_refuse_tensorrt(tiny_fmnist, tmp_path):
+def test_steps_trained_for_onnx_runtime_fuse_the_relus_and_refuse_tensorrt(tiny_fmnist, tmp_path, monkeypatch):
     """ResNet-9 trained with `activation_runtime="onnxruntime"`: its file drops the ReLUs before uint8 steps (the
     integer kernel before does them), matches PyTorch, and ONNX Runtime runs fewer float ReLUs than in the same run
     trained for TensorRT, as many integer kernels (the ReLUs whose outputs also reach a residual Add, read float,
     stay). Asked for a TensorRT layout, fit stops before training, not after it."""
     from lightning_selfcompress.core.export import ExportError
+    from lightning_selfcompress.core.parity import ParityError
 
     kernels, relus = {}, {}
     for runtime in ("onnxruntime", "tensorrt"):
@@ -184,6 +185,24 @@ def test_steps_trained_for_onnx_runtime_fuse_the_relus_and_refuse_tensorrt(tiny_
         relus[runtime] = [op for op, _ in ran].count("Relu")
     assert relus["onnxruntime"] < relus["tensorrt"], relus
     assert kernels["onnxruntime"] == kernels["tensorrt"] >= 3, kernels
+    parity = export.report["parity"]
+    assert parity["codes_changed"] <= 0.02 and parity["codes_max_levels"] <= 2, parity
+
+    # one layer's step 19% off in the file: the logits may stay within any tolerance, its codes do not
+    import lightning_selfcompress.core.export as export_module
+
+    real = export_module._quantize_activations
+
+    def off(onnx_model, layers, trained, *args):
+        node = next(name for name in trained if "layer2" in name)
+        return real(onnx_model, layers, {**trained, node: (trained[node][0] * 1.19, trained[node][1])}, *args)
+
+    monkeypatch.setattr(export_module, "_quantize_activations", off)
+    x = next(iter(tiny_fmnist.train_dataloader()))[0]
+    with pytest.raises(ParityError, match=r"int8 input codes of net\.layer2\.0\.0 differ"):
+        export_module.export_onnx(module, x, tmp_path / "off.onnx", tolerance=1.0, runtime="onnxruntime")
+    monkeypatch.setattr(export_module, "_quantize_activations", real)
+    export_module.export_onnx(module, x, tmp_path / "right.onnx", tolerance=1.0, runtime="onnxruntime")
 
     module = ImageClassifier(ResNet9(1, 10, width=8), optimizer="adam", lr=0.003)
     compression = SelfCompression(gamma=0.0, int8_activations=True, activation_runtime="onnxruntime")

@@ -47,7 +47,7 @@ import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ml_dtypes
@@ -71,7 +71,7 @@ from .onnx_fold import (
     shape_only,
 )
 from .onnx_rules import check_explicit_quantization
-from .parity import Parity, check_parity
+from .parity import Parity, check_codes, check_parity
 from .quant import FEW_INPUT_CHANNELS, QUANTIZED_CLASS, RUNTIMES, integer_bits, integer_weights, quantized_layers
 
 __all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights",
@@ -91,9 +91,12 @@ KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten
 # pair, one level, and the moves compound with depth: ResNet-9 at 0.39 bits per weight, 14 of 1.6 M activations moved
 # after its first layer and 0.5% before its last convolution, none by more than 2 levels, the logits 0.4-1.7% (the
 # main job's 0.1-0.2%), top-1 within 0.01 points. So the logits catch a gross error, not every one: one layer's step
-# 19% off moved them 1.5-6.4% there (comparing the int8 codes layer by layer would tell both apart: open work).
-# ONNX Runtime's integer kernels are measured beside it (`Parity.kernels_max_rel`)
+# 19% off moved them 1.5-6.4% there. ONNX Runtime's integer kernels are measured beside it (`Parity.kernels_max_rel`)
 TRAINED_ACTIVATION_TOLERANCE = 5e-2
+# ... and layer by layer (`check_codes`), the share of one layer's int8 input codes that may differ from PyTorch's:
+# such moves were at most 0.74% of a layer's codes, by 2 levels at most (ResNet-9's 3 seeds and the main job's, 2
+# test batches), while a step 19% off moves most of them
+CODES_TOLERANCE = 2e-2
 OPSET = 20  # the legacy exporter's highest; int4 storage converts the file to 21
 
 
@@ -566,6 +569,19 @@ def _fold_unfused_weights(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) 
     _drop_unused_initializers(graph)
 
 
+def _code_tensors(model: onnx.ModelProto, trained: dict[str, nn.Module], matches: dict) -> dict[str, tuple]:
+    """Each trained step's quantizer and the file's tensor of its codes: the QuantizeLinear output its layer reads."""
+    producer = producers_of(model.graph)
+    nodes = {n.name: n for n in model.graph.node}
+    found = {}
+    for name, quantizer in trained.items():
+        readers = [nodes[m.name] for m in matches.get(name, []) if m.name in nodes]
+        pairs = [producer.get(n.input[0]) for n in readers]
+        if dq := next((d for d in pairs if d is not None and d.op_type == "DequantizeLinear"), None):
+            found[name] = quantizer, dq.input[0]
+    return found
+
+
 def _by_name(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """The graph's own node objects for `nodes` (a version conversion copies the graph), in graph order."""
     names = {n.name for n in nodes}
@@ -595,7 +611,8 @@ def export_onnx(
         tolerance: the largest relative error (max |ort - torch| / max |torch|) accepted; None: measure, never fail.
             A model trained with int8 activations computes what the file's Q/DQ pairs define: the tolerance (at
             least 5e-2: levels moved where float summation order crosses a rounding boundary) holds the file's
-            graph as the ONNX standard defines each op; ONNX Runtime's integer kernels, which round each bias to the
+            graph as the ONNX standard defines each op, and so does a comparison of each layer's int8 input codes
+            (at most 2% of them may move: `check_codes`); ONNX Runtime's integer kernels, which round each bias to the
             int32 grid of input scale x weight scale and requantize in fixed point (arithmetic its training did not
             simulate), are measured beside it (`Parity.kernels_max_rel`; 1.1-1.4% on the main job, top-1 0.06
             points).
@@ -605,7 +622,9 @@ def export_onnx(
             kernels take; a calibrated input that a ReLU made non-negative spans the whole range (zero point 0), so
             ONNX Runtime drops the ReLU into the integer kernel; and
             a layer reading fewer than 4 channels per group (a first convolution on an image) keeps float inputs,
-            where ONNX Runtime's float kernel is faster than its integer one. Trained steps stay symmetric.
+            where ONNX Runtime's float kernel is faster than its integer one. Trained steps keep the grid they trained
+            on: int8 (as uint8 with zero point 128), or uint8 where they trained for ONNX Runtime (`activation_runtime`;
+            refused in the TensorRT layout).
     """
     path, keep_float = Path(path), float_path
     _check_model(model)
@@ -668,6 +687,9 @@ def export_onnx(
         if trained and tolerance is not None:
             tolerance = max(tolerance, TRAINED_ACTIVATION_TOLERANCE)
         parity = check_parity(tmp, model, inputs, tolerance, integer_kernels=bool(trained))
+        if steps := _code_tensors(onnx_model, trained, matches):  # and layer by layer, the codes themselves
+            changed, levels = check_codes(tmp, model, inputs, steps, None if tolerance is None else CODES_TOLERANCE)
+            parity = replace(parity, codes_changed=changed, codes_max_levels=levels)
         file_bytes = tmp.stat().st_size
         if keep_float is not None:  # only now: a failed export leaves no float copy either
             with atomic_path(keep_float) as float_tmp:

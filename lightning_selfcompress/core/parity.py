@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..errors import SelfCompressError
 from ..extras import require
 
-__all__ = ["Parity", "ParityError", "check_parity", "onnx_session", "reference_output"]
+__all__ = ["Parity", "ParityError", "check_codes", "check_parity", "onnx_session", "reference_output"]
 
 
 class ParityError(SelfCompressError, ValueError):
@@ -28,11 +28,16 @@ class Parity:
     # a model trained with int8 activations: max_rel is the file's graph as the ONNX standard defines each op, this
     # the default session's, whose integer kernels round and requantize in their own arithmetic
     kernels_max_rel: float | None = None
+    # and layer by layer: the largest share of one layer's int8 input codes that differ between the graph and PyTorch,
+    # and by how many levels at most (`check_codes`)
+    codes_changed: float | None = None
+    codes_max_levels: int | None = None
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None, optimized: bool = True):
+def onnx_session(path: str | os.PathLike | bytes, threads: int | None = None, optimized: bool = True):
     """An ONNX Runtime CPU session with the options a user gets by default (and `threads` intra-op threads if given).
-    `optimized=False` turns graph optimizations off: each op runs as the ONNX standard defines it, no fused kernels."""
+    `optimized=False` turns graph optimizations off: each op runs as the ONNX standard defines it, no fused kernels.
+    `path` may be a serialized model."""
     require("An ONNX Runtime session", "onnxruntime")
     import onnxruntime
 
@@ -41,7 +46,8 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, optimized:
         options.intra_op_num_threads = threads
     if not optimized:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 @torch.no_grad()
@@ -108,3 +114,63 @@ def _deviation(session, inputs: Sequence[np.ndarray], expected: Sequence[np.ndar
         max_abs = max(max_abs, float(np.abs(got - want).max(initial=0.0)))
         scale = max(scale, float(np.abs(want).max(initial=0.0)))
     return max_abs, max_abs / scale if scale else max_abs
+
+
+@torch.no_grad()
+def check_codes(
+    path: str | os.PathLike,
+    model: nn.Module,
+    inputs: Sequence[Tensor],
+    steps: Mapping[str, tuple[nn.Module, str]],
+    tolerance: float | None,
+) -> tuple[float, int]:
+    """Compare, layer by layer, the int8 codes of each trained input step (`steps`: layer name -> (its
+    `ActivationQuantizer`, the file's QuantizeLinear output it becomes)): PyTorch's round(clamp(x / s)) against the
+    file's, less its zero point (the graph as the ONNX standard defines each op). A float summation order other than
+    PyTorch's moves a code by a level now and then where a value sits on a rounding boundary; a wrong step, zero point
+    or missing ReLU moves most codes. Raises past `tolerance` (the share of one layer's codes that may differ, the
+    layer named; None: measure only); returns the largest share and the largest move in levels."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    onnx_model = onnx.load(str(path))
+    initializers = {i.name: i for i in onnx_model.graph.initializer}
+    quantizing = {n.output[0]: initializers[n.input[2]] for n in onnx_model.graph.node if n.op_type == "QuantizeLinear"}
+    zero_points = {name: int(numpy_helper.to_array(quantizing[tensor])) for name, (_, tensor) in steps.items()}
+    onnx_model.graph.output.extend(
+        helper.make_tensor_value_info(tensor, quantizing[tensor].data_type, None) for _, tensor in steps.values()
+    )
+    session = onnx_session(onnx_model.SerializeToString(), optimized=False)
+    captured: dict[str, list[np.ndarray]] = {name: [] for name in steps}
+
+    def capture(name: str):
+        def hook(quantizer: nn.Module, args, output: Tensor) -> None:
+            captured[name].append(torch.round(output.float() / quantizer.scale).cpu().numpy())
+
+        return hook
+
+    handles = [quantizer.register_forward_hook(capture(name)) for name, (quantizer, _) in steps.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for x in inputs:
+            reference_output(model, x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    changed, levels = {}, {}
+    for i, x in enumerate(inputs):
+        feed = {session.get_inputs()[0].name: x.detach().float().cpu().numpy()}
+        for name, codes in zip(steps, session.run([tensor for _, tensor in steps.values()], feed)):
+            moved = np.abs(codes.astype(np.int32) - zero_points[name] - captured[name][i].astype(np.int32))
+            changed[name] = max(changed.get(name, 0.0), float((moved > 0).mean()))
+            levels[name] = max(levels.get(name, 0), int(moved.max(initial=0)))
+    worst = max(changed, key=changed.get)
+    if tolerance is not None and changed[worst] > tolerance:
+        raise ParityError(
+            f"{changed[worst]:.2%} of the int8 input codes of {worst} differ between the ONNX file and PyTorch (by up "
+            f"to {levels[worst]} levels), past {tolerance:.0%}: the file's step or zero point for that layer is not "
+            "the trained one. No file was written; report the model."
+        )
+    return changed[worst], max(levels.values())
