@@ -6,8 +6,8 @@ with, and the checkpoint of step 8, so the test can compare runs weight by weigh
     python ddp_surgery.py OUT DEVICES BATCH [CHECKPOINT]
 
 With LSC_WIDTHS set (a ChannelSurgeon `widths` backend), the surgeon cuts to latency steps under a width pressure,
-each rank with a latency cache of its own (OUT/cache<rank>). With LSC_INT8_ACTIVATIONS=1, each layer's input is int8
-with a learned step too.
+each rank with a latency cache of its own (OUT/cache<rank>). With LSC_INT8_ACTIVATIONS=tensorrt (or onnxruntime), each layer's
+input after the first is int8 with a learned step too, trained for that runtime.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lightning_selfcompress.models import ImageClassifier
 out, devices, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 resume = sys.argv[4] if len(sys.argv) > 4 else None
 widths = os.environ.get("LSC_WIDTHS", "any")
-activations = os.environ.get("LSC_INT8_ACTIVATIONS") == "1"
+runtime = os.environ.get("LSC_INT8_ACTIVATIONS")  # the runtime int8 activation steps train for, if any
 os.environ["XDG_CACHE_HOME"] = f"{out}/cache{os.environ.get('LOCAL_RANK', '0')}"  # DDP's launcher sets it on rank 1
 pl.seed_everything(0, verbose=False)
 net = nn.Sequential(
@@ -41,11 +41,14 @@ parallel = {"strategy": "ddp"} if devices > 1 else {}
 trainer = pl.Trainer(
     accelerator="cpu", devices=devices, max_steps=16, logger=False, enable_progress_bar=False,
     enable_model_summary=False, limit_val_batches=0, default_root_dir=out, **parallel,
-    callbacks=[SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3, int8_activations=activations), surgeon,
+    callbacks=[SelfCompression(gamma=2.0, init_bits=2.0, quantizer_lr=0.3, int8_activations=bool(runtime),
+                               activation_runtime=runtime or "tensorrt"), surgeon,
                at_step_8],
 )  # fmt: skip
 trainer.fit(module, FashionMNISTDataModule(batch_size=batch, val_size=256, limit_train=512), ckpt_path=resume)
 weights = {name: p.detach().flatten().tolist() for name, p in module.named_parameters()}
 cuts = [(r.step, [list(g) for g in r.groups]) for r in surgeon.history]
+grids = {name: bool(b) for name, b in module.named_buffers() if name.endswith("input_quantizer.unsigned")}
 with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-    json.dump({"cuts": cuts, "weights": weights, "steps": trainer.global_step, "widths": surgeon.step_widths}, f)
+    json.dump({"cuts": cuts, "weights": weights, "grids": grids, "steps": trainer.global_step,
+               "widths": surgeon.step_widths}, f)  # fmt: skip
