@@ -123,13 +123,14 @@ def check_codes(
     inputs: Sequence[Tensor],
     steps: Mapping[str, tuple[nn.Module, str]],
     tolerance: float | None,
-) -> tuple[float, int]:
+) -> tuple[float | None, int | None]:
     """Compare, layer by layer, the int8 codes of each trained input step (`steps`: layer name -> (its
     `ActivationQuantizer`, the file's QuantizeLinear output it becomes)): PyTorch's round(clamp(x / s)) against the
     file's, less its zero point (the graph as the ONNX standard defines each op). A float summation order other than
     PyTorch's moves a code by a level now and then where a value sits on a rounding boundary; a wrong step, zero point
     or missing ReLU moves most codes. Raises past `tolerance` (the share of one layer's codes that may differ, the
-    layer named; None: measure only); returns the largest share and the largest move in levels."""
+    layer named; None: measure only); returns the largest share and the largest move in levels (None, None where no
+    layer could be compared)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -159,10 +160,14 @@ def check_codes(
         model.train(was_training)
         for handle in handles:
             handle.remove()
+    # a layer run twice per forward: its captures would not line up with the file's one tensor; not compared
+    once = {name: step for name, step in steps.items() if len(captured[name]) == len(inputs)}
+    if not once:
+        return None, None
     changed, levels = {}, {}
     for i, x in enumerate(inputs):
         feed = {session.get_inputs()[0].name: x.detach().float().cpu().numpy()}
-        for name, codes in zip(steps, session.run([tensor for _, tensor in steps.values()], feed)):
+        for name, codes in zip(once, session.run([tensor for _, tensor in once.values()], feed)):
             moved = np.abs(codes.astype(np.int32) - zero_points[name] - captured[name][i].astype(np.int32))
             changed[name] = max(changed.get(name, 0.0), float((moved > 0).mean()))
             levels[name] = max(levels.get(name, 0), int(moved.max(initial=0)))
