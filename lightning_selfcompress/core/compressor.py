@@ -37,6 +37,7 @@ from .quant import (
     quantizer_parameters,
     snap_bits,
 )
+from .residual_steps import attach_residual_steps
 from .size import GammaSchedule, SizeModel, SizeReport, layer_shapes, weighted_sum
 from .widths import BACKENDS, latency_tables, latency_weights
 
@@ -178,6 +179,8 @@ class SelfCompressor:
         them); before the optimizer is built and a checkpoint's weights load. `example_input` (a sample or two of what
         forward takes; or later, `trace`) lets size accounting follow the channels: without it every input counts."""
         attach_quantizers(model, self.config)
+        if self.config.int8_activations:
+            attach_residual_steps(model, unsigned=self.config.activation_runtime == "onnxruntime")
         self.model = model
         self._original = self._original or layer_shapes(model)  # before a checkpoint's surgery history replays
         if self._size is not None and set(self._size.layers) != set(quantized_layers(model)):

@@ -73,6 +73,7 @@ from .onnx_fold import (
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import FEW_INPUT_CHANNELS, QUANTIZED_CLASS, RUNTIMES, integer_bits, integer_weights, quantized_layers
+from .residual_steps import MARK_DOMAIN, MARK_OP
 
 __all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights",
            "stored_weight_bits", "stored_weights"]
@@ -235,6 +236,7 @@ def _export_float(model: nn.Module, example: Tensor, path: Path) -> None:
                 str(path),
                 dynamo=False,
                 opset_version=OPSET,
+                custom_opsets={MARK_DOMAIN: 1},  # residual Adds' trained steps, marked (`residual_steps`)
                 input_names=["input"],
                 output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
@@ -452,6 +454,24 @@ def _non_negative(producer: dict[str, onnx.NodeProto], tensor: str) -> bool:
     return node is not None and node.op_type == "Relu"
 
 
+def _take_marks(model: onnx.ModelProto) -> list[tuple[str, list[onnx.NodeProto], tuple[float, bool]]]:
+    """Remove the export's `lsc::Step` markers (a residual Add's input trained with a step: `residual_steps`), their
+    readers reading the marked tensor again. Returns, per marker, (the tensor, its readers, (scale, unsigned grid))."""
+    graph, reading = model.graph, readers_of(model.graph)
+    marks = []
+    for marker in [n for n in graph.node if n.domain == MARK_DOMAIN and n.op_type == MARK_OP]:
+        readers = reading[marker.output[0]]
+        for reader in readers:
+            reader.input[:] = [marker.input[0] if i == marker.output[0] else i for i in reader.input]
+        attributes = {a.name: helper.get_attribute_value(a) for a in marker.attribute}
+        marks.append((marker.input[0], readers, (attributes["scale"], bool(attributes["unsigned"]))))
+        graph.node.remove(marker)
+    kept = [o for o in model.opset_import if o.domain != MARK_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return marks
+
+
 def _residual_adds(producer: dict[str, onnx.NodeProto], tensors: Iterable[str], constants: set[str]) -> list:
     """The Adds of two computed tensors whose sum (through a ReLU, pooling or reshapes) is one of `tensors`."""
     found = []
@@ -468,12 +488,14 @@ def _quantize_activations(
     model: onnx.ModelProto,
     layers: list[onnx.NodeProto],
     trained: dict[str, tuple[float, bool]],
+    marks: list[tuple[str, list[onnx.NodeProto], tuple[float, bool]]],
     batches: Iterable[Tensor] | None,
     runtime: str,
 ) -> dict[str, float]:
     """Per-tensor int8 Q/DQ on the input of each of `layers`: with its trained step where `trained` (node name ->
-    (scale, on the unsigned grid)) has one, else calibrated on `batches`; and on its output where that is exact
-    (`_quantize_outputs`).
+    (scale, on the unsigned grid)) has one, else calibrated on `batches`; on each marked tensor for all its readers
+    (`marks`: a residual Add's inputs trained with steps, `_take_marks`); and on a layer's (or such an Add's) output
+    where that is exact (`_quantize_outputs`).
     Symmetric int8 (max |x| / 127, zero point 0) for TensorRT. For ONNX Runtime uint8, the type its x86 integer
     kernels take (else it converts each pair, and a tensor read by two layers then stays float): zero point 128,
     except a non-negative input, calibrated over the whole range (max x / 255, zero point 0): twice the resolution,
@@ -483,31 +505,34 @@ def _quantize_activations(
     Returns the scale of each quantized input tensor."""
     graph = model.graph
     producer = producers_of(graph)
-    reads = [(node, node.input[0]) for node in layers]
+    reads = [(node, node.input[0], trained.get(node.name)) for node in layers]
+    reads += [(reader, tensor, step) for tensor, readers, step in marks for reader in readers]
+    marked_adds = list({id(r): r for _, readers, _ in marks for r in readers if r.op_type == "Add"}.values())
     adds = []
     if batches is not None:
-        constants = {i.name for i in graph.initializer}
+        constants = {i.name for i in graph.initializer} | {tensor for tensor, _, _ in marks}  # not twice
         adds = _residual_adds(producer, [n.input[0] for n in layers], constants)
-        reads += [(add, tensor) for add in adds for tensor in dict.fromkeys(add.input)]
-    untrained = list(dict.fromkeys(tensor for node, tensor in reads if node.name not in trained))
+        reads += [(add, tensor, None) for add in adds for tensor in dict.fromkeys(add.input)]
+    untrained = list(dict.fromkeys(tensor for _, tensor, trained_step in reads if trained_step is None))
     absmax = _calibrate(model, untrained, batches) if untrained else {}
     unsigned = {t for t in untrained if runtime == "onnxruntime" and _non_negative(producer, t)}
     zero_type = np.uint8 if runtime == "onnxruntime" else np.int8
 
-    def step(node: onnx.NodeProto, tensor: str) -> tuple[float, int]:
+    def step(tensor: str, trained_step: tuple[float, bool] | None) -> tuple[float, int]:
         """(scale, zero point): int8 for TensorRT; uint8 for ONNX Runtime (the type its x86 kernels take)."""
         shift = 128 if runtime == "onnxruntime" else 0
-        if node.name in trained:
-            scale, unsigned_grid = trained[node.name]
+        if trained_step is not None:
+            scale, unsigned_grid = trained_step
             return scale, 0 if unsigned_grid else shift
         if tensor in unsigned:
             return max(absmax[tensor], 1e-12) / 255.0, 0
         return max(absmax[tensor], 1e-12) / 127.0, shift
 
-    groups: dict[tuple[str, float, int], list[onnx.NodeProto]] = defaultdict(list)
-    for node, tensor in reads:
-        groups[(tensor, *step(node, tensor))].append(node)
-    for i, ((tensor, scale, zero_point), readers) in enumerate(groups.items()):
+    groups: dict[tuple[str, float, int], dict[int, onnx.NodeProto]] = defaultdict(dict)
+    for node, tensor, trained_step in reads:  # a layer reading a marked tensor with its own (shared) step: once
+        groups[(tensor, *step(tensor, trained_step))][id(node)] = node
+    for i, ((tensor, scale, zero_point), by_id) in enumerate(groups.items()):
+        readers = list(by_id.values())
         graph.initializer.extend(
             [
                 numpy_helper.from_array(np.array(scale, np.float32), f"act{i}.scale"),
@@ -515,7 +540,7 @@ def _quantize_activations(
             ]
         )
         _insert_qdq(graph, tensor, readers, [f"act{i}.scale", f"act{i}.zero_point"], f"act{i}")
-    _quantize_outputs(graph, layers + adds)
+    _quantize_outputs(graph, layers + adds + marked_adds)
     _drop_relus_after_unsigned_pairs(graph)
     _fold_unfused_weights(graph, layers)
     return {tensor: scale for tensor, scale, _ in groups}
@@ -640,8 +665,12 @@ def export_onnx(
         float_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "float.onnx"
         with inference_form(model) as weights:
             _export_float(model, example, float_path)
-        float_bytes = float_path.stat().st_size
         onnx_model = onnx.load(str(float_path))
+        plain = onnx.ModelProto()
+        plain.CopyFrom(onnx_model)
+        if _take_marks(plain):  # the float copy reads its residual Adds' inputs unquantized
+            onnx.save(plain, str(float_path))
+        float_bytes = float_path.stat().st_size
         trained = {name: m.input_quantizer for name, m in layers.items() if _trained_input(m)}
         qdq = set(layers) if calibration is not None else set(trained)
         if runtime == "onnxruntime":
@@ -672,10 +701,10 @@ def export_onnx(
         folded = fold_batchnorm(onnx_model, fixed=set(node_steps))
         fold_reembeddings(onnx_model)
         fold_output_scales(onnx_model)
-        scales = {}
+        scales, marks = {}, _take_marks(onnx_model)
         if quantized:
             layer_nodes = _by_name(onnx_model, quantized)
-            scales = _quantize_activations(onnx_model, layer_nodes, node_steps, calibration, runtime)
+            scales = _quantize_activations(onnx_model, layer_nodes, node_steps, marks, calibration, runtime)
         onnx.checker.check_model(onnx_model, full_check=True)
         if runtime == "tensorrt":
             check_explicit_quantization(onnx_model)

@@ -41,6 +41,7 @@ from .quant import (
     selected,
 )
 from .reembed import GATHER, set_reembedding
+from .residual_steps import attach_residual_steps
 from .sparsity import DROPPED, MASK
 
 __all__ = ["Removal", "Surgeon", "SurgeryRecord", "check_optimizer", "load_compressed", "save_compressed",
@@ -625,6 +626,8 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
         key = ".input_quantizer.log2_scale"  # layers trained with int8 inputs
         int8_inputs = {k.removesuffix(key) for k in state_dict if k.endswith(key)}
         attach_activation_quantizers({name: m for name, m in layers.items() if name in int8_inputs})
+        if any(k.endswith(".output_quantizer.log2_scale") for k in state_dict):  # residual Adds trained with steps
+            attach_residual_steps(model)
     for key, buffer in ((k, b) for k in state_dict for b in (MASK, DROPPED) if k.endswith(f".{b}")):
         owner = model.get_submodule(key.removesuffix(f".{buffer}"))  # 2:4 buffers the fresh model lacks
         if not isinstance(getattr(owner, buffer, None), torch.Tensor):
