@@ -37,7 +37,6 @@ from .quant import (
     quantizer_parameters,
     snap_bits,
 )
-from .residual_steps import attach_residual_steps
 from .size import GammaSchedule, SizeModel, SizeReport, layer_shapes, weighted_sum
 from .widths import BACKENDS, latency_tables, latency_weights
 
@@ -80,7 +79,8 @@ class SelfCompressor:
             half of the phase. None: bits train to the end.
         int8_activations: also quantize each layer's input to int8 with a learned per-tensor step (LSQ), so that the
             exported file runs integer kernels (TensorRT, ONNX Runtime's QLinearConv) at the accuracy it trained with,
-            without calibration. A layer reading fewer than 4 channels (the image) keeps float inputs.
+            without calibration. A layer reading fewer than 4 channels (the image) keeps float inputs. A residual
+            Add that feeds such a layer has both its inputs stepped too (`residual_steps`), so that it adds in int8.
         activation_runtime: whom those steps are for: "tensorrt" (symmetric int8, the only form TensorRT takes) or
             "onnxruntime" (a non-negative input on the uint8 grid: twice the resolution, and ONNX Runtime fuses the
             ReLU before it into its integer kernel; such a file does not build a TensorRT engine). Export with the
@@ -179,8 +179,6 @@ class SelfCompressor:
         them); before the optimizer is built and a checkpoint's weights load. `example_input` (a sample or two of what
         forward takes; or later, `trace`) lets size accounting follow the channels: without it every input counts."""
         attach_quantizers(model, self.config)
-        if self.config.int8_activations:
-            attach_residual_steps(model, unsigned=self.config.activation_runtime == "onnxruntime")
         self.model = model
         self._original = self._original or layer_shapes(model)  # before a checkpoint's surgery history replays
         if self._size is not None and set(self._size.layers) != set(quantized_layers(model)):

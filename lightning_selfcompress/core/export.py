@@ -24,7 +24,8 @@ How it is built:
    where only ops that commute with rounding lie between, so that ONNX Runtime fuses an integer kernel. Laid out for
    TensorRT (symmetric int8) by default, or for ONNX Runtime (`runtime="onnxruntime"`: uint8, a ReLU's output over
    the whole range, zero point 0, which ONNX Runtime fuses into the kernel before it; first layers on images left
-   float). A residual Add that feeds a quantized layer gets Q/DQ on both inputs, so that it runs in int8 too.
+   float). A residual Add that feeds a quantized layer gets Q/DQ on both inputs, so that it runs in int8 too: with
+   the steps they trained with (`residual_steps`; the export's trace marks those tensors) or calibrated.
 
 A layer whose integers do not all fit int8 (a channel above 8 bits) stays float32 as a whole, holding q exactly, and
 is reported so; so does a layer whose scale 2^e is not a positive normal float32. Optional: int4 storage (opset 21)

@@ -410,7 +410,8 @@ class QuantizationConfig:
     `grid` is the quantizer's grid ("integer", the paper's, or "midrise"; see the module docstring).
     `int8_activations` also quantizes each selected layer's input to 8 bits with a learned step (`ActivationQuantizer`),
     except a layer reading fewer than 4 channels (a first convolution on an image: an integer kernel gains nothing
-    there, ONNX Runtime's is slower than its float one, and the image's levels cost accuracy). `activation_runtime`
+    there, ONNX Runtime's is slower than its float one, and the image's levels cost accuracy); and then both inputs of
+    each residual Add that feeds such a layer (`residual_steps`). `activation_runtime`
     is the runtime those steps are for: "tensorrt", symmetric int8, the only form TensorRT takes; "onnxruntime", a
     non-negative input on the uint8 grid [0, 255], which ONNX Runtime's x86 integer kernels fuse with the ReLU before.
     """
@@ -511,6 +512,9 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
     if config.int8_activations:
         reading_enough = {n: m for n, m in quantized_layers(model).items() if _input_channels(m) >= FEW_INPUT_CHANNELS}
         attach_activation_quantizers(reading_enough, unsigned=config.activation_runtime == "onnxruntime")
+        from .residual_steps import attach_residual_steps  # here, not at the top: it builds on this module
+
+        attach_residual_steps(model, unsigned=config.activation_runtime == "onnxruntime")
     return quantized_layers(model)
 
 

@@ -45,7 +45,7 @@ class _Marked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: float, unsigned: bool) -> Tensor:
-        return x
+        return x.clone()  # not x itself: a reader may add to it in place (`out += identity`)
 
     @staticmethod
     def symbolic(g, x, scale: float, unsigned: bool):

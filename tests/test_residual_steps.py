@@ -1,0 +1,114 @@
+"""Residual Adds' inputs trained with int8 steps: hooked where they are made, through surgery and checkpoints, and
+exported as Q/DQ that ONNX Runtime runs as integer Adds between integer convolutions."""
+
+from __future__ import annotations
+
+import collections
+
+import lightning.pytorch as pl
+import onnx
+import torch
+import torchvision
+
+from conftest import trainer_kwargs
+from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression
+from lightning_selfcompress.core.export import export_onnx
+from lightning_selfcompress.core.latency import ort_kernels
+from lightning_selfcompress.core.onnx_fold import producers_of
+from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers, quantized_layers
+from lightning_selfcompress.core.residual_steps import attach_residual_steps
+from lightning_selfcompress.core.surgery import load_compressed
+from lightning_selfcompress.models import ImageClassifier, ResNet9
+
+
+def optimized_ops(path, tmp_path) -> collections.Counter:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def adds_reading_steps(path) -> list[bool]:
+    """Per Add of the file, whether both its inputs come through a DequantizeLinear."""
+    graph = onnx.load(str(path)).graph
+    producer = producers_of(graph)
+    dequantized = [[getattr(producer.get(i), "op_type", None) == "DequantizeLinear" for i in n.input] for n in graph.node
+                   if n.op_type == "Add"]  # fmt: skip
+    return [all(inputs) for inputs in dequantized]
+
+
+def test_resnet9_trains_its_residual_adds_in_int8_through_surgery_and_a_checkpoint(tiny_fmnist, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(ResNet9(1, 10, width=8), optimizer="adam", lr=0.003)
+    compression = SelfCompression(gamma=0.0, init_bits=4.0, int8_activations=True, activation_runtime="onnxruntime")
+    surgeon = ChannelSurgeon(every_n_steps=4)
+    export = CompressedExport(tmp_path / "model.onnx", latency_batches=(1,), latency_runs=1, engine="never",
+                              runtime="onnxruntime")  # fmt: skip
+    saver = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+
+    class Cut(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # some channels at 0 bits, for the surgeon to cut
+            for m in quantized_layers(pl_module).values():
+                m.weight_quantizer.bits.data[:2] = -1.0
+
+    kwargs = trainer_kwargs(tmp_path, max_steps=8, enable_checkpointing=True)
+    pl.Trainer(callbacks=[compression, surgeon, Cut(), saver, export], **kwargs).fit(module, tiny_fmnist)
+    assert surgeon.surgeon.history, "channels were cut while the steps trained"
+    net = module.net
+    hooked = {n: m.output_quantizer for n, m in net.named_modules() if "output_quantizer" in m._modules}
+    assert set(hooked) == {"layer1.1", "layer1.2.res2.2", "layer3.1", "layer3.2.res2.2"}, "each Add's two inputs"
+    assert hooked["layer1.1"] is net.layer1[2].res1[0].input_quantizer, "the skip takes its reader's step"
+    assert all(q.initialized and q.unsigned for q in hooked.values()), "ReLU outputs, pooled: the uint8 grid"
+
+    assert export.report["parity"]["max_rel"] <= 5e-2 and export.report["parity"]["codes_changed"] <= 0.02
+    assert adds_reading_steps(tmp_path / "model.onnx") == [True, True]
+    ops = optimized_ops(tmp_path / "model.onnx", tmp_path)
+    assert ops["QLinearAdd"] == 2, ops
+    kernels = ort_kernels(tmp_path / "model.onnx")
+    assert list(kernels.values()).count("QLinearConv") == 7, kernels  # all but the image's first layer
+
+    restored = load_compressed(ImageClassifier(ResNet9(1, 10, width=8)), saver.last_model_path)
+    assert restored.net.layer1[1].output_quantizer is restored.net.layer1[2].res1[0].input_quantizer
+    x = next(iter(tiny_fmnist.train_dataloader()))[0]
+    assert torch.equal(restored(x), module.eval()(x)), "the checkpoint holds the Adds' steps and where they act"
+
+
+def test_a_state_from_before_the_adds_steps_loads_and_they_start_on_the_next_batch():
+    config = QuantizationConfig(int8_activations=True)
+    before = ResNet9(1, 10, width=4)
+    attach_quantizers(before, config)
+    before.train()(torch.rand(4, 1, 28, 28))
+    after = ResNet9(1, 10, width=4)
+    attach_quantizers(after, config)
+    old = {k: v for k, v in before.state_dict().items() if ".output_quantizer." not in k}  # as written before them
+    after.load_state_dict(old)  # strict
+    skip, branch = after.layer1[1].output_quantizer, after.layer1[2].res2[2].output_quantizer
+    assert skip.initialized and skip.scale == before.layer1[2].res1[0].input_quantizer.scale, "its reader's, loaded"
+    assert not branch.initialized
+    after.train()(torch.rand(4, 1, 28, 28))
+    assert branch.initialized
+
+
+def test_torchvision_resnet_hooks_only_the_adds_whose_inputs_run_once(tmp_path):
+    """torchvision's blocks apply one ReLU module twice: an Add whose skip is such a ReLU's output stays float; the
+    blocks with a downsample (the skip a BatchNorm's output) train and export both inputs' steps, for TensorRT."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    attach_quantizers(model, QuantizationConfig(int8_activations=True))
+    hooked = [n for n, m in model.named_modules() if "output_quantizer" in m._modules]
+    assert attach_residual_steps(model) == [], "once only"
+    assert hooked == ["maxpool", "layer1.0.bn2", "layer2.0.bn2", "layer2.0.downsample.1", "layer3.0.bn2",
+                      "layer3.0.downsample.1", "layer4.0.bn2", "layer4.0.downsample.1"]  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    result = export_onnx(model.eval(), torch.randn(2, 3, 32, 32), tmp_path / "r18.onnx", runtime="tensorrt")
+    assert result.parity.max_rel <= 5e-2, result.parity  # and TensorRT's rules held, else the export raised
+    assert adds_reading_steps(tmp_path / "r18.onnx") == [True, False] * 4
