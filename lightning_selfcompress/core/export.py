@@ -74,7 +74,7 @@ from .onnx_fold import (
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import FEW_INPUT_CHANNELS, QUANTIZED_CLASS, RUNTIMES, integer_bits, integer_weights, quantized_layers
-from .residual_steps import MARK_DOMAIN, MARK_OP
+from .residual_steps import MARK_DOMAIN, MARK_OP, marking_steps
 
 __all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights",
            "stored_weight_bits", "stored_weights"]
@@ -664,7 +664,7 @@ def export_onnx(
                 f"Cannot write the ONNX file '{path}': {error}. Choose a directory you can write to."
             ) from error
         float_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "float.onnx"
-        with inference_form(model) as weights:
+        with inference_form(model) as weights, marking_steps():
             _export_float(model, example, float_path)
         onnx_model = onnx.load(str(float_path))
         plain = onnx.ModelProto()

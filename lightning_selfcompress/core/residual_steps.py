@@ -6,8 +6,9 @@ A layer's `input_quantizer` covers what a convolution reads; a residual `x + f(x
 each is quantized where it is made: a forward hook (`OutputStep`) on the module that produces it passes its output
 through an `ActivationQuantizer`. The skip takes the step of the layer that reads it too (the quantizer is shared,
 registered on both modules, and quantizing an input twice with one step changes nothing); the branch learns its own,
-registered as the producer's `output_quantizer`. In an ONNX export the hook leaves a marker node (`lsc::Step`, with
-the step as attributes) on the tensor, which the export turns into QuantizeLinear/DequantizeLinear for every reader.
+registered as the producer's `output_quantizer`. In the export's trace (`marking_steps`) the hook leaves a marker node
+(`lsc::Step`, the step in its attributes) on the tensor, which the export turns into QuantizeLinear/DequantizeLinear
+for every reader.
 
 Only where it can be exact: the Add's sum reaches a quantized layer with a trained input step (through ReLU, pooling
 or reshapes), and each input is the output of a module that runs once per forward (a hook on a module called twice,
@@ -17,7 +18,10 @@ Other Adds stay float, as before.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
+from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
@@ -27,7 +31,7 @@ from torch import Tensor, nn
 from .ops import LeafTracer
 from .quant import ActivationQuantizer, quantized_layers
 
-__all__ = ["MARK_DOMAIN", "MARK_OP", "OutputStep", "attach_residual_steps"]
+__all__ = ["MARK_DOMAIN", "MARK_OP", "OutputStep", "attach_residual_steps", "marking_steps"]
 
 MARK_DOMAIN, MARK_OP = "lsc", "Step"
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -54,16 +58,30 @@ class _Marked(torch.autograd.Function):
         return marked
 
 
+_marking = contextvars.ContextVar("marking", default=False)
+
+
+@contextlib.contextmanager
+def marking_steps() -> Iterator[None]:
+    """For the duration, the hooks mark their tensors instead of quantizing them: for our export's trace. (Another
+    trace, as a user's own `torch.onnx.export`, gets the quantizer's float operations, which compute the same.)"""
+    token = _marking.set(True)
+    try:
+        yield
+    finally:
+        _marking.reset(token)
+
+
 class OutputStep:
-    """Forward hook: the module's output through `quantizer` (trained like a layer's input step; in an ONNX export,
-    marked once the step has started)."""
+    """Forward hook: the module's output through `quantizer` (trained like a layer's input step; marked where
+    `marking_steps` asks, once the step has started)."""
 
     def __init__(self, quantizer: ActivationQuantizer) -> None:
         self.quantizer = quantizer
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         quantizer = self.quantizer
-        if torch.onnx.is_in_onnx_export():
+        if _marking.get():
             return _Marked.apply(output, quantizer.scale, bool(quantizer.unsigned)) if quantizer.initialized else output
         return quantizer(output)
 
