@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import onnx
 import torch
 import torchvision
-
 from conftest import trainer_kwargs
+
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression
 from lightning_selfcompress.core.export import export_onnx
 from lightning_selfcompress.core.latency import ort_kernels

@@ -24,9 +24,8 @@ import operator
 from collections.abc import Iterator
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .ops import LeafTracer
 from .quant import ActivationQuantizer, quantized_layers
@@ -131,7 +130,9 @@ def attach_residual_steps(model: nn.Module, unsigned: bool = False) -> list[str]
         """The step the tensor's stepped readers share (None: no stepped reader), or False: it cannot be hooked."""
         if tensor.op != "call_module" or calls[tensor.target] != 1:
             return False
-        shared = {id(steps[u.target]): steps[u.target] for u in tensor.users if u.op == "call_module" and u.target in steps}
+        shared = {
+            id(steps[u.target]): steps[u.target] for u in tensor.users if u.op == "call_module" and u.target in steps
+        }
         return False if len(shared) > 1 else next(iter(shared.values()), None)
 
     hooked = []
