@@ -74,7 +74,7 @@ from .onnx_fold import (
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
 from .quant import FEW_INPUT_CHANNELS, QUANTIZED_CLASS, RUNTIMES, integer_bits, integer_weights, quantized_layers
-from .residual_steps import MARK_DOMAIN, MARK_OP, marking_steps
+from .residual_steps import MARK_DOMAIN, MARK_OP, has_output_steps, marking_steps
 
 __all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights",
            "stored_weight_bits", "stored_weights"]
@@ -237,7 +237,7 @@ def _export_float(model: nn.Module, example: Tensor, path: Path) -> None:
                 str(path),
                 dynamo=False,
                 opset_version=OPSET,
-                custom_opsets={MARK_DOMAIN: 1},  # residual Adds' trained steps, marked (`residual_steps`)
+                custom_opsets={MARK_DOMAIN: 1} if has_output_steps(model) else None,  # their marks (`residual_steps`)
                 input_names=["input"],
                 output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},

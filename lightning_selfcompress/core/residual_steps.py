@@ -30,7 +30,7 @@ from torch import Tensor, fx, nn
 from .ops import LeafTracer
 from .quant import ActivationQuantizer, quantized_layers
 
-__all__ = ["MARK_DOMAIN", "MARK_OP", "OutputStep", "attach_residual_steps", "marking_steps"]
+__all__ = ["MARK_DOMAIN", "MARK_OP", "OutputStep", "attach_residual_steps", "has_output_steps", "marking_steps"]
 
 MARK_DOMAIN, MARK_OP = "lsc", "Step"
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -83,6 +83,11 @@ class OutputStep:
         if _marking.get():
             return _Marked.apply(output, quantizer.scale, bool(quantizer.unsigned)) if quantizer.initialized else output
         return quantizer(output)
+
+
+def has_output_steps(model: nn.Module) -> bool:
+    """Whether any module of `model` passes its output through a trained step (`OutputStep`)."""
+    return any(isinstance(hook, OutputStep) for m in model.modules() for hook in m._forward_hooks.values())
 
 
 def _passes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
