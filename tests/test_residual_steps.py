@@ -7,6 +7,7 @@ import collections
 
 import lightning.pytorch as pl
 import onnx
+import pytest
 import torch
 import torchvision
 from conftest import trainer_kwargs
@@ -15,6 +16,7 @@ from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompres
 from lightning_selfcompress.core.export import export_onnx
 from lightning_selfcompress.core.latency import ort_kernels
 from lightning_selfcompress.core.onnx_fold import producers_of
+from lightning_selfcompress.core.parity import ParityError
 from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers, quantized_layers
 from lightning_selfcompress.core.residual_steps import attach_residual_steps
 from lightning_selfcompress.core.surgery import load_compressed
@@ -39,7 +41,7 @@ def adds_reading_steps(path) -> list[bool]:
     return [all(inputs) for inputs in dequantized]
 
 
-def test_resnet9_trains_its_residual_adds_in_int8_through_surgery_and_a_checkpoint(tiny_fmnist, tmp_path):
+def test_resnet9_trains_its_residual_adds_in_int8_through_surgery_and_a_checkpoint(tiny_fmnist, tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     pl.seed_everything(0, verbose=False)
@@ -71,9 +73,23 @@ def test_resnet9_trains_its_residual_adds_in_int8_through_surgery_and_a_checkpoi
     kernels = ort_kernels(tmp_path / "model.onnx")
     assert list(kernels.values()).count("QLinearConv") == 7, kernels  # all but the image's first layer
 
+    # the skip's reader's codes are compared too: its step 19% off in the file fails the export, naming it
+    import lightning_selfcompress.core.export as export_module
+
+    real = export_module._quantize_activations
+
+    def off(onnx_model, layers, trained, *args):
+        node = next(name for name in trained if "layer1.2/res1" in name)
+        return real(onnx_model, layers, {**trained, node: (trained[node][0] * 1.19, trained[node][1])}, *args)
+
+    x = next(iter(tiny_fmnist.train_dataloader()))[0]
+    with monkeypatch.context() as patched:
+        patched.setattr(export_module, "_quantize_activations", off)
+        with pytest.raises(ParityError, match=r"int8 input codes of net\.layer1\.2\.res1\.0 differ"):
+            export_onnx(module, x, tmp_path / "off.onnx", tolerance=1.0, runtime="onnxruntime")
+
     restored = load_compressed(ImageClassifier(ResNet9(1, 10, width=8)), saver.last_model_path)
     assert restored.net.layer1[1].output_quantizer is restored.net.layer1[2].res1[0].input_quantizer
-    x = next(iter(tiny_fmnist.train_dataloader()))[0]
     assert torch.equal(restored(x), module.eval()(x)), "the checkpoint holds the Adds' steps and where they act"
 
 

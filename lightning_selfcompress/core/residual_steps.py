@@ -82,7 +82,9 @@ class OutputStep:
         quantizer = self.quantizer
         if _marking.get():
             return _Marked.apply(output, quantizer.scale, bool(quantizer.unsigned)) if quantizer.initialized else output
-        return quantizer(output)
+        # forward, not __call__: a step shared with the layer that reads the skip runs as that layer's input once
+        # more, and hooks on it (the export's code check) must see one call per forward, that layer's
+        return quantizer.forward(output)
 
 
 def has_output_steps(model: nn.Module) -> bool:
