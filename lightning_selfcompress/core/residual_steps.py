@@ -62,8 +62,8 @@ _marking = contextvars.ContextVar("marking", default=False)
 
 @contextlib.contextmanager
 def marking_steps() -> Iterator[None]:
-    """For the duration, the hooks mark their tensors instead of quantizing them: for our export's trace. (Another
-    trace, as a user's own `torch.onnx.export`, gets the quantizer's float operations, which compute the same.)"""
+    """For the duration, the hooks mark their tensors instead of quantizing them: for the export's trace only (any
+    other pass, traced or not, runs the quantizer)."""
     token = _marking.set(True)
     try:
         yield
