@@ -53,7 +53,7 @@ from torch import nn
 from lightning_selfcompress.core.export import export_onnx, uint8_steps
 from lightning_selfcompress.core.latency import INTEGER_KERNELS, ort_kernels, ort_latency_side_by_side, ort_node_ms
 from lightning_selfcompress.core.parity import onnx_session
-from lightning_selfcompress.core.quant import quantized_layers
+from lightning_selfcompress.core.quant import input_steps
 
 
 def load_run(path: str) -> tuple[nn.Module, nn.Module, object]:
@@ -187,7 +187,7 @@ def main() -> None:
     layouts = {"int8 (TensorRT layout)": "tensorrt", "int8 (ONNX Runtime layout)": "onnxruntime"}
     mine: dict[str, tuple[nn.Module, str, list | None]] = {}  # file -> (network, layout, calibration)
     for label, net in ours.items():
-        has_steps = any("input_quantizer" in m._modules for m in quantized_layers(net).values())
+        has_steps = bool(input_steps(net))
         if not has_steps:
             mine[f"{label}, weights"] = net, "tensorrt", None
         steps, named = (None, ", trained steps") if has_steps else (calibration, "")  # trained steps: no calibration

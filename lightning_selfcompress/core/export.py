@@ -73,7 +73,15 @@ from .onnx_fold import (
 )
 from .onnx_rules import check_explicit_quantization
 from .parity import Parity, check_parity
-from .quant import FEW_INPUT_CHANNELS, QUANTIZED_CLASS, RUNTIMES, integer_bits, integer_weights, quantized_layers
+from .quant import (
+    FEW_INPUT_CHANNELS,
+    QUANTIZED_CLASS,
+    RUNTIMES,
+    input_steps,
+    integer_bits,
+    integer_weights,
+    quantized_layers,
+)
 from .residual_steps import MARK_DOMAIN, MARK_OP, has_output_steps, marking_steps
 
 __all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights",
@@ -202,8 +210,7 @@ def _trained_input(layer: nn.Module) -> bool:
 
 def uint8_steps(model: nn.Module) -> list[str]:
     """The layers whose int8 inputs train (or trained) on the uint8 grid (`activation_runtime="onnxruntime"`)."""
-    steps = {n: m.input_quantizer for n, m in quantized_layers(model).items() if "input_quantizer" in m._modules}
-    return sorted(n for n, q in steps.items() if q.unsigned or (q.may_be_unsigned and not q.initialized))
+    return sorted(n for n, q in input_steps(model).items() if q.unsigned or (q.may_be_unsigned and not q.initialized))
 
 
 def check_runtime_fits(model: nn.Module, runtime: str) -> None:
@@ -224,7 +231,7 @@ def _check_model(model: nn.Module) -> None:
         raise ExportError(f"{type(model).__name__} has {odd} parameters; export a float32 model (call model.float()).")
 
 
-def _export_float(model: nn.Module, example: Tensor, path: Path) -> None:
+def _export_float(model: nn.Module, example: Tensor, path: Path, marked: bool = False) -> None:
     was_training = model.training
     model.eval()
     try:
@@ -237,7 +244,7 @@ def _export_float(model: nn.Module, example: Tensor, path: Path) -> None:
                 str(path),
                 dynamo=False,
                 opset_version=OPSET,
-                custom_opsets={MARK_DOMAIN: 1} if has_output_steps(model) else None,  # their marks (`residual_steps`)
+                custom_opsets={MARK_DOMAIN: 1} if marked else None,  # residual Adds' steps (`residual_steps`)
                 input_names=["input"],
                 output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
@@ -664,12 +671,14 @@ def export_onnx(
                 f"Cannot write the ONNX file '{path}': {error}. Choose a directory you can write to."
             ) from error
         float_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "float.onnx"
+        marked = has_output_steps(model)
         with inference_form(model) as weights, marking_steps():
-            _export_float(model, example, float_path)
+            _export_float(model, example, float_path, marked)
         onnx_model = onnx.load(str(float_path))
-        plain = onnx.ModelProto()
-        plain.CopyFrom(onnx_model)
-        if _take_marks(plain):  # the float copy reads its residual Adds' inputs unquantized
+        if marked:  # the float copy reads its residual Adds' inputs unquantized
+            plain = onnx.ModelProto()
+            plain.CopyFrom(onnx_model)
+            _take_marks(plain)
             onnx.save(plain, str(float_path))
         float_bytes = float_path.stat().st_size
         trained = {name: m.input_quantizer for name, m in layers.items() if _trained_input(m)}

@@ -51,6 +51,7 @@ __all__ = [
     "check_patterns_match",
     "clamp_bits",
     "freeze_bits",
+    "input_steps",
     "integer_bits",
     "integer_weights",
     "quantize",
@@ -478,6 +479,11 @@ def selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The quantized Conv/Linear layers of `model` by qualified name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, _QuantizedWeight)}
+
+
+def input_steps(model: nn.Module) -> dict[str, ActivationQuantizer]:
+    """Each quantized layer's `input_quantizer` (int8 activations), by layer name."""
+    return {n: m.input_quantizer for n, m in quantized_layers(model).items() if "input_quantizer" in m._modules}
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .ops import LeafTracer
-from .quant import ActivationQuantizer, quantized_layers
+from .quant import ActivationQuantizer, input_steps
 
 __all__ = ["MARK_DOMAIN", "MARK_OP", "OutputStep", "attach_residual_steps", "has_output_steps", "marking_steps"]
 
@@ -87,9 +87,13 @@ class OutputStep:
         return quantizer.forward(output)
 
 
+def _hooked(module: nn.Module) -> bool:
+    return any(isinstance(hook, OutputStep) for hook in module._forward_hooks.values())
+
+
 def has_output_steps(model: nn.Module) -> bool:
     """Whether any module of `model` passes its output through a trained step (`OutputStep`)."""
-    return any(isinstance(hook, OutputStep) for m in model.modules() for hook in m._forward_hooks.values())
+    return any(_hooked(m) for m in model.modules())
 
 
 def _passes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -120,7 +124,7 @@ def attach_residual_steps(model: nn.Module, unsigned: bool = False) -> list[str]
     input step (see the module docstring); `unsigned`: a new step may take the uint8 grid (`ActivationQuantizer`).
     Idempotent (call again after a surgery or before a resume); a model torch.fx cannot trace keeps its Adds float.
     Returns the producing modules hooked, by name."""
-    steps = {n: m.input_quantizer for n, m in quantized_layers(model).items() if "input_quantizer" in m._modules}
+    steps = input_steps(model)
     if not steps:
         return []
     try:
@@ -150,7 +154,7 @@ def attach_residual_steps(model: nn.Module, unsigned: bool = False) -> list[str]
             continue
         for tensor, step in plan:
             producer = modules[tensor.target]
-            if any(isinstance(hook, OutputStep) for hook in producer._forward_hooks.values()):
+            if _hooked(producer):
                 continue
             if step is None:
                 step = ActivationQuantizer(unsigned).to(next(model.parameters()).device)
