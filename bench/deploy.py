@@ -16,7 +16,10 @@ default session options, random inputs, alternating rounds, the best of the roun
    uint8, a ReLU's output over the whole range, fused into the integer kernel; the first layer on the image float);
    for a run trained with int8 activations (`compression.int8_activations=true`) its trained steps instead, in both
    layouts (in ONNX Runtime's alone where they trained for it, `compression.activation_runtime=onnxruntime`);
-5. the float export again, timed last in every round: its speed-up over itself is this invocation's noise (two
+5. with a weight-only file among them: the float network at one channel per layer (every removable channel group
+   dead and cut), weight-only: what no channel count removes (each node's fixed cost), so the most any thinning of
+   this graph can gain on this runtime;
+6. the float export again, timed last in every round: its speed-up over itself is this invocation's noise (two
    timings of one file moved up to 30% apart at batch 1 on a 2-core host, 2026-12-04): a difference between files
    smaller than its distance from 1.00x is not one.
 
@@ -41,6 +44,7 @@ differences between runs (the float export's own latency moved 10.4-13.1 ms at b
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -51,9 +55,14 @@ from rich.table import Table
 from torch import nn
 
 from lightning_selfcompress.core.export import export_onnx, uint8_steps
+from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.latency import INTEGER_KERNELS, ort_kernels, ort_latency_side_by_side, ort_node_ms
 from lightning_selfcompress.core.parity import onnx_session
-from lightning_selfcompress.core.quant import input_steps
+from lightning_selfcompress.core.quant import attach_quantizers, input_steps
+from lightning_selfcompress.core.surgery import Surgeon
+from lightning_selfcompress.testing import choose_groups, kill_groups
+
+FLOOR = "one channel per layer, weights"
 
 
 def load_run(path: str) -> tuple[nn.Module, nn.Module, object]:
@@ -92,6 +101,18 @@ def multiply_accumulates(net: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net.eval()(x[:1])
     return counter.get_total_flops() // 2
+
+
+def narrowest(float_net: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The float network with every removable channel group dead and cut (one channel left per layer): the file
+    that bounds what any thinning of this graph can gain on this runtime."""
+    net = copy.deepcopy(float_net).eval()
+    attach_quantizers(net)
+    graph = ChannelGraph(net, x[:1])
+    kill_groups(graph, choose_groups(graph, 1.0))
+    surgeon = Surgeon(graph)
+    surgeon.remove(surgeon.find())
+    return net.eval()
 
 
 def plain_export(net: nn.Module, x: torch.Tensor, path: Path) -> None:
@@ -195,7 +216,9 @@ def main() -> None:
         mine.update({f"{label}, {key}{named}": (net, runtime, steps) for key, runtime in fitting.items()})
     with tempfile.TemporaryDirectory() as scratch:
         narrow = [f"{kind}, {run}" for run in args.narrow_run for kind in ("narrow float", "narrow ORT int8")]
-        files = {key: Path(scratch) / f"{i}.onnx" for i, key in enumerate(("float", "ORT int8", *narrow, *mine))}
+        floor = FLOOR if any(key.endswith(", weights") for key in mine) else None
+        keys = ("float", "ORT int8", *narrow, *mine, *([floor] if floor else []))
+        files = {key: Path(scratch) / f"{i}.onnx" for i, key in enumerate(keys)}
         plain_export(float_net, x, files["float"])
         ort_quantize_static(files["float"], files["ORT int8"], calibration)
         for run in args.narrow_run:
@@ -203,6 +226,9 @@ def main() -> None:
             ort_quantize_static(files[f"narrow float, {run}"], files[f"narrow ORT int8, {run}"], calibration)
         for key, (net, runtime, steps_from) in mine.items():
             export_onnx(net, x, files[key], calibration=steps_from, tolerance=None, runtime=runtime)
+        if floor:
+            floor_net = narrowest(float_net, x)
+            export_onnx(floor_net, x, files[floor], tolerance=None)
         files["float, timed again"] = files["float"]
         best = ort_latency_side_by_side(files, args.batches, tuple(x.shape[1:]), runs=runs, rounds=rounds)
         trained = set(mine) | set(narrow) | ({"float", "ORT int8"} if args.float_run else set())
@@ -228,6 +254,13 @@ def main() -> None:
                 if args.profile:
                     console.print(node_table(label, files["float"], files[f"{label}, weights"], x, max(args.batches),
                                              runs))  # fmt: skip
+        if floor:  # what no channel count removes, so what any thinning can gain
+            fewest = 1 - multiply_accumulates(floor_net, x) / multiply_accumulates(float_net, x)
+            for b in args.batches:
+                fell = 1 - best[floor][b] / best["float"][b]
+                console.print(f"{floor}, batch {b}: {fewest:.1%} of the multiply-accumulates removed, the latency fell "
+                              f"{fell:.1%}: with a fixed part and one in proportion to the multiply-accumulates, a "
+                              f"thinning's latency falls at most {fell / fewest:.0%} as much as they do here")
         for key in mine:
             console.print(f"{key}, kernel per layer: {ort_kernels(files[key])}")
     console.print(f"load average after: {os.getloadavg()}")
