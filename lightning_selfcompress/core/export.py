@@ -82,7 +82,7 @@ from .quant import (
     integer_weights,
     quantized_layers,
 )
-from .residual_steps import MARK_DOMAIN, MARK_OP, has_output_steps, marking_steps
+from .residual_steps import MARK_DOMAIN, MARK_OP, has_residual_steps, marking_steps
 
 __all__ = ["ExportError", "ExportResult", "LayerExport", "export_onnx", "inference_form", "integer_weights",
            "stored_weight_bits", "stored_weights"]
@@ -580,10 +580,10 @@ def _fold_unfused_weights(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) 
     reading = readers_of(graph)
     producer = producers_of(graph)
     initializers = {i.name: i for i in graph.initializer}
-    for layer in layers:
-        dq = producer.get(layer.input[1])
-        fused = [n.op_type for n in reading[layer.output[0]]] == ["QuantizeLinear"]
-        if fused or dq is None or dq.op_type != "DequantizeLinear":
+    fused = {id(layer): [n.op_type for n in reading[layer.output[0]]] == ["QuantizeLinear"] for layer in layers}
+    for dq in {id(d): d for layer in layers if (d := producer.get(layer.input[1])) is not None}.values():
+        # a module applied twice has one weight for two layer nodes: it folds when neither output is quantized
+        if dq.op_type != "DequantizeLinear" or any(fused.get(id(n), True) for n in reading[dq.output[0]]):
             continue
         stored, scale = initializers[dq.input[0]], initializers[dq.input[1]]
         graph.initializer.remove(scale)  # the Mul(Cast) form's scale takes its name, shaped to broadcast
@@ -671,7 +671,7 @@ def export_onnx(
                 f"Cannot write the ONNX file '{path}': {error}. Choose a directory you can write to."
             ) from error
         float_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "float.onnx"
-        marked = has_output_steps(model)
+        marked = has_residual_steps(model)
         with inference_form(model) as weights, marking_steps():
             _export_float(model, example, float_path, marked)
         onnx_model = onnx.load(str(float_path))

@@ -4,16 +4,19 @@ sides of the Add end in integer kernels.
 A layer's `input_quantizer` covers what a convolution reads; a residual `x + f(x)` reads two more tensors: the skip
 `x` (often also the input of the block's first layer) and the branch's end `f(x)`. Neither is a layer's input, so
 each is quantized where it is made: a forward hook (`OutputStep`) on the module that produces it passes its output
-through an `ActivationQuantizer`. The skip takes the step of the layer that reads it too (the quantizer is shared,
-registered on both modules, and quantizing an input twice with one step changes nothing); the branch learns its own,
-registered as the producer's `output_quantizer`. In the export's trace (`marking_steps`) the hook leaves a marker node
-(`lsc::Step`, the step in its attributes) on the tensor, which the export turns into QuantizeLinear/DequantizeLinear
-for every reader.
+through an `ActivationQuantizer`. Where that module runs more than once per forward (torchvision's blocks apply one
+ReLU module twice, so the skip is the previous block's second ReLU call) or the tensor comes from a function, the
+skip is quantized where it enters the block instead: a forward pre-hook (`InputStep`) on the block, which its
+readers inside see. The skip takes the step of the layer that reads it too (the quantizer is shared, registered on
+the producer too, and quantizing an input twice with one step changes nothing); the branch learns its own,
+registered as the producer's `output_quantizer`. In the export's trace (`marking_steps`) the
+hooks leave a marker node (`lsc::Step`, the step in its attributes) on the tensor, which the export turns into
+QuantizeLinear/DequantizeLinear for every reader.
 
 Only where it can be exact: the Add's sum reaches a quantized layer with a trained input step (through ReLU, pooling
-or reshapes), and each input is the output of a module that runs once per forward (a hook on a module called twice,
-as torchvision's ResNets reuse one ReLU, would quantize both calls) and that no two differently stepped layers read.
-Other Adds stay float, as before.
+or reshapes), each input is hooked on a module that runs once per forward (the producer, or the block it enters,
+which reads nothing else from outside), and no two differently stepped layers read it there. Other Adds stay float,
+as before.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from torch import Tensor, fx, nn
 from .ops import LeafTracer
 from .quant import ActivationQuantizer, input_steps
 
-__all__ = ["MARK_DOMAIN", "MARK_OP", "OutputStep", "attach_residual_steps", "has_output_steps", "marking_steps"]
+__all__ = ["MARK_DOMAIN", "MARK_OP", "InputStep", "OutputStep", "attach_residual_steps", "has_residual_steps",
+           "marking_steps"]
 
 MARK_DOMAIN, MARK_OP = "lsc", "Step"
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -71,6 +75,14 @@ def marking_steps() -> Iterator[None]:
         _marking.reset(token)
 
 
+def _step(quantizer: ActivationQuantizer, x: Tensor) -> Tensor:
+    if _marking.get():
+        return _Marked.apply(x, quantizer.scale, bool(quantizer.unsigned)) if quantizer.initialized else x
+    # forward, not __call__: a step shared with the layer that reads the skip runs as that layer's input once more,
+    # and hooks on it (the export's code check) must see one call per forward, that layer's
+    return quantizer.forward(x)
+
+
 class OutputStep:
     """Forward hook: the module's output through `quantizer` (trained like a layer's input step; marked where
     `marking_steps` asks, once the step has started)."""
@@ -79,20 +91,23 @@ class OutputStep:
         self.quantizer = quantizer
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        quantizer = self.quantizer
-        if _marking.get():
-            return _Marked.apply(output, quantizer.scale, bool(quantizer.unsigned)) if quantizer.initialized else output
-        # forward, not __call__: a step shared with the layer that reads the skip runs as that layer's input once
-        # more, and hooks on it (the export's code check) must see one call per forward, that layer's
-        return quantizer.forward(output)
+        return _step(self.quantizer, output)
+
+
+class InputStep(OutputStep):
+    """Forward pre-hook: the module's (only) input through `quantizer`, as `OutputStep` does with an output."""
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        return (_step(self.quantizer, args[0]), *args[1:]) if args and isinstance(args[0], Tensor) else args
 
 
 def _hooked(module: nn.Module) -> bool:
-    return any(isinstance(hook, OutputStep) for hook in module._forward_hooks.values())
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(isinstance(hook, OutputStep) for hook in hooks)
 
 
-def has_output_steps(model: nn.Module) -> bool:
-    """Whether any module of `model` passes its output through a trained step (`OutputStep`)."""
+def has_residual_steps(model: nn.Module) -> bool:
+    """Whether any module of `model` passes its output or input through a trained step (`OutputStep`, `InputStep`)."""
     return any(_hooked(m) for m in model.modules())
 
 
@@ -119,11 +134,17 @@ def _residual_add(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | Non
     return None
 
 
+def _scope(node: fx.Node) -> dict[str, tuple]:
+    """The modules a traced node runs inside, outermost first: key (a module's path, `@n` on its (n+1)-th call) ->
+    (its path, its type)."""
+    return node.meta.get("nn_module_stack", {})
+
+
 def attach_residual_steps(model: nn.Module, unsigned: bool = False) -> list[str]:
     """Hook a trained int8 step onto both inputs of each residual Add of `model` that feeds a layer with a trained
     input step (see the module docstring); `unsigned`: a new step may take the uint8 grid (`ActivationQuantizer`).
     Idempotent (call again after a surgery or before a resume); a model torch.fx cannot trace keeps its Adds float.
-    Returns the producing modules hooked, by name."""
+    Returns the modules hooked, by name."""
     steps = input_steps(model)
     if not steps:
         return []
@@ -136,29 +157,53 @@ def attach_residual_steps(model: nn.Module, unsigned: bool = False) -> list[str]
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    entered = {key for node in graph.nodes for key in _scope(node)}  # a block called twice has a key `path@1`
 
-    def step_of(tensor: fx.Node) -> ActivationQuantizer | None | bool:
-        """The step the tensor's stepped readers share (None: no stepped reader), or False: it cannot be hooked."""
-        if tensor.op != "call_module" or calls[tensor.target] != 1:
-            return False
-        shared = {
-            id(steps[u.target]): steps[u.target] for u in tensor.users if u.op == "call_module" and u.target in steps
-        }
+    def step_of(readers: list[fx.Node]) -> ActivationQuantizer | None | bool:
+        """The step the stepped readers share (None: no stepped reader), or False: two steps, no hook can serve."""
+        shared = {id(steps[u.target]): steps[u.target] for u in readers if u.op == "call_module" and u.target in steps}
         return False if len(shared) > 1 else next(iter(shared.values()), None)
+
+    def producer(tensor: fx.Node) -> tuple[str, list[fx.Node], type] | None:
+        """The module that makes `tensor`, run once per forward: every reader sees its output's step."""
+        if tensor.op == "call_module" and calls[tensor.target] == 1:
+            return tensor.target, list(tensor.users), OutputStep
+        return None
+
+    def entry(tensor: fx.Node, add: fx.Node) -> tuple[str, list[fx.Node], type] | None:
+        """The block through which `tensor` reaches the Add, called once and reading nothing else from outside: its
+        readers inside see its input's step, which must be one of theirs (nothing is registered on a block: a
+        Sequential runs every module it holds)."""
+        key = next((k for k in _scope(add) if k not in _scope(tensor)), None)
+        if key is None or "@" in key or f"{key}@1" in entered:
+            return None
+        inside = {node for node in graph.nodes if key in _scope(node)}
+        outside = {i for node in inside for i in node.all_input_nodes if i not in inside and i.op != "get_attr"}
+        return (_scope(add)[key][0], [u for u in tensor.users if u in inside], InputStep) if outside == {tensor} else None
+
+    def site(tensor: fx.Node, add: fx.Node) -> tuple[str, type, ActivationQuantizer | None] | None:
+        for where in (producer(tensor), entry(tensor, add)):
+            step = step_of(where[1]) if where is not None else False
+            if step is not False and (step is not None or where[2] is OutputStep):
+                return where[0], where[2], step
+        return None
 
     hooked = []
     for node in graph.nodes:
         add = _residual_add(node.args[0], modules) if node.op == "call_module" and node.target in steps else None
-        plan = [(tensor, step_of(tensor)) for tensor in add.args] if add is not None else []
-        if not plan or any(step is False for _, step in plan):
+        plan = [site(tensor, add) for tensor in add.args] if add is not None else [None]
+        if None in plan:
             continue
-        for tensor, step in plan:
-            producer = modules[tensor.target]
-            if _hooked(producer):
+        for name, hook, step in plan:
+            module = modules[name]
+            if _hooked(module):
                 continue
-            if step is None:
-                step = ActivationQuantizer(unsigned).to(next(model.parameters()).device)
-            producer.add_module("output_quantizer", step)  # a shared step is registered here too: its state loads
-            producer.register_forward_hook(OutputStep(step))
-            hooked.append(tensor.target)
+            if hook is InputStep:
+                module.register_forward_pre_hook(InputStep(step))
+            else:
+                if step is None:
+                    step = ActivationQuantizer(unsigned).to(next(model.parameters()).device)
+                module.add_module("output_quantizer", step)  # a shared step is registered here too: its state loads
+                module.register_forward_hook(OutputStep(step))
+            hooked.append(name)
     return hooked
