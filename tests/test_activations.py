@@ -216,3 +216,32 @@ def test_steps_trained_for_onnx_runtime_fuse_the_relus_and_refuse_tensorrt(tiny_
 def test_a_wrong_activation_runtime_is_named():
     with pytest.raises(ValueError, match="activation_runtime"):
         SelfCompression(int8_activations=True, activation_runtime="tflite")
+
+
+def test_a_deep_torchvision_network_exports_its_trained_steps_layer_for_layer(tmp_path):
+    """ResNet-50 two SGD steps after its steps started. The code check computes each layer from the file's codes
+    upstream: compared along the whole network, codes a level apart on rounding boundaries compounded to 71% of the
+    classifier's, and the export refused a correct file. A layer whose weight stays float (more than 8 bits: no size
+    term pulled them down) still reads its input through its trained step, as it trained (it read the float tensor,
+    and every layer after it moved)."""
+    import torchvision
+
+    from lightning_selfcompress.core.export import export_onnx
+    from lightning_selfcompress.core.onnx_fold import producers_of
+    from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10)
+    attach_quantizers(model, QuantizationConfig(int8_activations=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with pytest.warns(UserWarning, match=r"'layer1\.0\.conv1': .* more than 8 bits"):
+        result = export_onnx(model.eval(), torch.randn(2, 3, 64, 64), tmp_path / "r50.onnx")
+    assert result.parity.codes_changed <= 0.02, result.parity
+    graph = onnx.load(str(tmp_path / "r50.onnx")).graph
+    conv = next(n for n in graph.node if n.name == "/layer1/layer1.0/conv1/Conv")
+    assert producers_of(graph)[conv.input[0]].op_type == "DequantizeLinear"

@@ -697,6 +697,8 @@ def export_onnx(
                 stacklevel=2,
             )
         quantized = [node for name in qdq & stored for node in matches[name] if node.op_type in WEIGHT_OPS]
+        # a layer whose weight stays float still reads its input through its trained step, as in training (exact)
+        quantized += [node for name in trained.keys() - stored for node in matches[name] if node.op_type in WEIGHT_OPS]
         if calibration is not None and not stored:
             raise ExportError(
                 "calibration was given, but the model has no quantized layer to calibrate (activation Q/DQ goes on "
@@ -705,7 +707,7 @@ def export_onnx(
             )
         node_steps = {
             node.name: (trained[name].scale, bool(trained[name].unsigned))
-            for name in trained.keys() & stored
+            for name in trained
             for node in matches[name]
         }
         folded = fold_batchnorm(onnx_model, fixed=set(node_steps))
