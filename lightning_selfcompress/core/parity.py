@@ -173,20 +173,20 @@ def _compare_codes(
         helper.make_tensor_value_info(tensor, quantizing[tensor].data_type, None) for _, tensor in steps.values()
     )
     session = onnx_session(onnx_model.SerializeToString(), optimized=False)
+
+    def force(name: str, file_codes: dict, torch_codes: dict):
+        def hook(quantizer: nn.Module, args, output: Tensor) -> Tensor:
+            torch_codes[name] = torch.round(output.float() / quantizer.scale).cpu().numpy().astype(np.int32)
+            return torch.from_numpy(file_codes[name]).to(output) * quantizer.scale
+
+        return hook
+
     changed, levels = {}, {}
     for x in inputs:
-        run = session.run([tensor for _, tensor in steps.values()], {session.get_inputs()[0].name: x.detach().float().cpu().numpy()})
+        run = session.run([t for _, t in steps.values()], {session.get_inputs()[0].name: x.float().cpu().numpy()})
         file_codes = {name: codes.astype(np.int32) - zero_points[name] for name, codes in zip(steps, run)}
-        torch_codes = {}
-
-        def force(name: str):
-            def hook(quantizer: nn.Module, args, output: Tensor) -> Tensor:
-                torch_codes[name] = torch.round(output.float() / quantizer.scale).cpu().numpy().astype(np.int32)
-                return torch.from_numpy(file_codes[name]).to(output) * quantizer.scale
-
-            return hook
-
-        handles = [quantizer.register_forward_hook(force(name)) for name, (quantizer, _) in steps.items()]
+        torch_codes: dict[str, np.ndarray] = {}
+        handles = [q.register_forward_hook(force(name, file_codes, torch_codes)) for name, (q, _) in steps.items()]
         try:
             reference_output(model, x)
         finally:

@@ -8,10 +8,10 @@ through an `ActivationQuantizer`. Where that module runs more than once per forw
 ReLU module twice, so the skip is the previous block's second ReLU call) or the tensor comes from a function, the
 skip is quantized where it enters the block instead: a forward pre-hook (`InputStep`) on the block, which its
 readers inside see. The skip takes the step of the layer that reads it too (the quantizer is shared, registered on
-the producer too, and quantizing an input twice with one step changes nothing); the branch learns its own,
-registered as the producer's `output_quantizer`. In the export's trace (`marking_steps`) the
-hooks leave a marker node (`lsc::Step`, the step in its attributes) on the tensor, which the export turns into
-QuantizeLinear/DequantizeLinear for every reader.
+a producer too, and quantizing an input twice with one step changes nothing); the branch learns its own, registered
+as the producer's `output_quantizer`. In the export's trace (`marking_steps`) the hooks leave a marker node
+(`lsc::Step`, the step in its attributes) on the tensor, which the export turns into QuantizeLinear/DequantizeLinear
+for every reader.
 
 Only where it can be exact: the Add's sum reaches a quantized layer with a trained input step (through ReLU, pooling
 or reshapes), each input is hooked on a module that runs once per forward (the producer, or the block it enters,
@@ -33,8 +33,15 @@ from torch import Tensor, fx, nn
 from .ops import LeafTracer
 from .quant import ActivationQuantizer, input_steps
 
-__all__ = ["MARK_DOMAIN", "MARK_OP", "InputStep", "OutputStep", "attach_residual_steps", "has_residual_steps",
-           "marking_steps"]
+__all__ = [
+    "MARK_DOMAIN",
+    "MARK_OP",
+    "InputStep",
+    "OutputStep",
+    "attach_residual_steps",
+    "has_residual_steps",
+    "marking_steps",
+]
 
 MARK_DOMAIN, MARK_OP = "lsc", "Step"
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -179,7 +186,9 @@ def attach_residual_steps(model: nn.Module, unsigned: bool = False) -> list[str]
             return None
         inside = {node for node in graph.nodes if key in _scope(node)}
         outside = {i for node in inside for i in node.all_input_nodes if i not in inside and i.op != "get_attr"}
-        return (_scope(add)[key][0], [u for u in tensor.users if u in inside], InputStep) if outside == {tensor} else None
+        if outside != {tensor}:
+            return None
+        return _scope(add)[key][0], [u for u in tensor.users if u in inside], InputStep
 
     def site(tensor: fx.Node, add: fx.Node) -> tuple[str, type, ActivationQuantizer | None] | None:
         for where in (producer(tensor), entry(tensor, add)):
