@@ -697,8 +697,10 @@ def export_onnx(
                 stacklevel=2,
             )
         quantized = [node for name in qdq & stored for node in matches[name] if node.op_type in WEIGHT_OPS]
-        # a layer whose weight stays float still reads its input through its trained step, as in training (exact)
-        quantized += [node for name in trained.keys() - stored for node in matches[name] if node.op_type in WEIGHT_OPS]
+        # every layer trained with an input step reads its input through it in the file, as in training (exact),
+        # also where its weight stays float or a MatMul reads it (no integer kernel there)
+        integer = {node.name for node in quantized}
+        quantized += [node for name in trained for node in matches[name] if node.name not in integer]
         if calibration is not None and not stored:
             raise ExportError(
                 "calibration was given, but the model has no quantized layer to calibrate (activation Q/DQ goes on "
