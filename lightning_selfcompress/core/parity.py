@@ -182,8 +182,9 @@ def _compare_codes(
         return hook
 
     changed, levels = {}, {}
+    tensors, input_name = [tensor for _, tensor in steps.values()], session.get_inputs()[0].name
     for x in inputs:
-        run = session.run([t for _, t in steps.values()], {session.get_inputs()[0].name: x.float().cpu().numpy()})
+        run = session.run(tensors, {input_name: x.detach().float().cpu().numpy()})
         file_codes = {name: codes.astype(np.int32) - zero_points[name] for name, codes in zip(steps, run)}
         torch_codes: dict[str, np.ndarray] = {}
         handles = [q.register_forward_hook(force(name, file_codes, torch_codes)) for name, (q, _) in steps.items()]
