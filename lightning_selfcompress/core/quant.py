@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_choice
+from .ops import LeafTracer
 
 __all__ = [
     "GRIDS",
@@ -507,6 +509,14 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
             "Only exact types are quantized (a subclass may read its weight outside forward)."
         )
     check_patterns_match(model, config.include, config.exclude)
+    if functional := _read_outside_forward(model, [n for n, _ in chosen if n not in config.include]):
+        warnings.warn(
+            f"{len(functional)} layer(s) stay float: the model reads their weight without calling them (a function "
+            f"takes it, as Swin's attention does), so a quantizer on their forward would change nothing it computes: "
+            f"{sorted(functional)}. Name each in `include` to quantize it all the same.",
+            stacklevel=2,
+        )
+        chosen = [(n, m) for n, m in chosen if n not in functional]
     for _, module in chosen:
         weight = module.weight
         exponent = config.init_exponent
@@ -522,6 +532,18 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
 
         attach_residual_steps(model, unsigned=config.activation_runtime == "onnxruntime")
     return quantized_layers(model)
+
+
+def _read_outside_forward(model: nn.Module, names: list[str]) -> set[str]:
+    """Of the layers `names`, those whose weight the traced model reads as an attribute and which it never calls
+    (none where torch.fx cannot trace the model)."""
+    try:
+        graph = LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - an untraceable model: every chosen layer is quantized, as before
+        return set()
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    read = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    return {name for name in names if name in read and name not in called}
 
 
 def _input_channels(module: nn.Module) -> int:
