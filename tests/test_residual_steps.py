@@ -146,15 +146,17 @@ def test_torchvision_resnet_steps_every_add_that_feeds_a_stepped_layer(tmp_path)
 
 
 class FunctionalBlock(torch.nn.Module):
-    """The block as people write it: functional ReLUs, the skip the block's own input."""
+    """The block as people write it: functional ReLUs, the skip the block's own input, the branch through stochastic
+    depth (EfficientNet's and ConvNeXt's: a module whose output a function makes)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv1, self.bn1 = torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.BatchNorm2d(channels)
         self.conv2, self.bn2 = torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.BatchNorm2d(channels)
+        self.drop = torchvision.ops.StochasticDepth(0.2, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(torch.nn.functional.relu(self.bn1(self.conv1(x)))))
+        out = self.drop(self.bn2(self.conv2(torch.nn.functional.relu(self.bn1(self.conv1(x))))))
         return torch.nn.functional.relu(out + x)
 
 
@@ -172,13 +174,15 @@ class FunctionalNet(torch.nn.Module):
         return self.fc(torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.relu(self.head(x)), 1).flatten(1))
 
 
-def test_skips_made_by_functions_are_stepped_where_they_enter_a_block_called_once(tmp_path):
+def test_tensors_made_by_functions_are_stepped_at_the_boundary_of_a_block_called_once(tmp_path):
     torch.manual_seed(0)
     model = FunctionalNet()
     attach_quantizers(model, QuantizationConfig(int8_activations=True))
-    # the first block's skip enters through the Sequential around both blocks (what it reads from outside is that
-    # ReLU alone), the second's through its own block; the shared block's Adds stay float
-    assert hooked_modules(model) == ["blocks", "blocks.0.bn2", "blocks.1", "blocks.1.bn2"]
+    # the first block's skip is a function's at the top: it is stepped where it enters the Sequential around both
+    # blocks (which reads that ReLU alone from outside); the second's leaves the first block (its output); each
+    # branch ends in its stochastic depth; the shared block's Adds stay float (its int8 export crashed: one weight,
+    # two layer nodes)
+    assert hooked_modules(model) == ["blocks", "blocks.0", "blocks.0.drop", "blocks.1.drop"]
     train_two_steps(model, (1, 12, 12))
     x = torch.randn(2, 1, 12, 12)
     result = export_onnx(model.eval(), x, tmp_path / "net.onnx", runtime="tensorrt")

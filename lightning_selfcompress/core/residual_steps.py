@@ -4,18 +4,18 @@ sides of the Add end in integer kernels.
 A layer's `input_quantizer` covers what a convolution reads; a residual `x + f(x)` reads two more tensors: the skip
 `x` (often also the input of the block's first layer) and the branch's end `f(x)`. Neither is a layer's input, so
 each is quantized where it is made: a forward hook (`OutputStep`) on the module that produces it passes its output
-through an `ActivationQuantizer`. Where that module runs more than once per forward (torchvision's blocks apply one
-ReLU module twice, so the skip is the previous block's second ReLU call) or the tensor comes from a function, the
-skip is quantized where it enters the block instead: a forward pre-hook (`InputStep`) on the block, which its
-readers inside see. The skip takes the step of the layer that reads it too (the quantizer is shared, registered on
+through an `ActivationQuantizer`; a tensor a function makes is hooked on the block whose output it is (a branch
+ending in torchvision's stochastic depth). Where no module makes it once per forward (torchvision's blocks apply
+one ReLU module twice, so the skip is the previous block's second ReLU call), the skip is quantized where it enters
+the block instead: a forward pre-hook (`InputStep`) on the block, which its readers inside see. The skip takes the step of the layer that reads it too (the quantizer is shared, registered on
 a producer too, and quantizing an input twice with one step changes nothing); the branch learns its own, registered
 as the producer's `output_quantizer`. In the export's trace (`marking_steps`) the hooks leave a marker node
 (`lsc::Step`, the step in its attributes) on the tensor, which the export turns into QuantizeLinear/DequantizeLinear
 for every reader.
 
 Only where it can be exact: the Add's sum reaches a quantized layer with a trained input step (through ReLU, pooling
-or reshapes), each input is hooked on a module that runs once per forward (the producer, or the block it enters,
-which reads nothing else from outside), and no two differently stepped layers read it there. Other Adds stay float,
+or reshapes), each input is hooked on a module that runs once per forward (the one that makes it, or the block it
+enters, which reads nothing else from outside), and no two differently stepped layers read it there. Other Adds stay float,
 as before.
 """
 
@@ -52,6 +52,7 @@ _PASS_MODULES = (
 )  # fmt: skip
 _PASS_FUNCTIONS = (F.relu, torch.relu, torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d)
 _PASS_METHODS = ("relu", "flatten", "view", "reshape")
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # a module registered on them would run, or be iterated
 
 
 class _Marked(torch.autograd.Function):
@@ -171,27 +172,40 @@ def attach_residual_steps(model: nn.Module, unsigned: bool = False) -> list[str]
         shared = {id(steps[u.target]): steps[u.target] for u in readers if u.op == "call_module" and u.target in steps}
         return False if len(shared) > 1 else next(iter(shared.values()), None)
 
-    def producer(tensor: fx.Node) -> tuple[str, list[fx.Node], type] | None:
-        """The module that makes `tensor`, run once per forward: every reader sees its output's step."""
-        if tensor.op == "call_module" and calls[tensor.target] == 1:
-            return tensor.target, list(tensor.users), OutputStep
-        return None
+    def once(key: str | None) -> bool:
+        return key is not None and "@" not in key and f"{key}@1" not in entered
+
+    def inside(key: str) -> set[fx.Node]:
+        return {node for node in graph.nodes if key in _scope(node)}
+
+    def producer(tensor: fx.Node, add: fx.Node) -> tuple[str, list[fx.Node], type] | None:
+        """The module that makes `tensor`, run once per forward: a leaf, or the block whose output it is (a
+        function's inside it: torchvision's stochastic depth), which holds no Add reader; every reader sees its
+        output's step."""
+        if tensor.op == "call_module":
+            return (tensor.target, list(tensor.users), OutputStep) if calls[tensor.target] == 1 else None
+        key = next((k for k in _scope(tensor) if k not in _scope(add)), None)
+        if not once(key) or isinstance(modules[_scope(tensor)[key][0]], _CONTAINERS):
+            return None
+        block = inside(key)
+        leaving = {node for node in block if any(user not in block for user in node.users)}
+        return (_scope(tensor)[key][0], list(tensor.users), OutputStep) if leaving == {tensor} else None
 
     def entry(tensor: fx.Node, add: fx.Node) -> tuple[str, list[fx.Node], type] | None:
         """The block through which `tensor` reaches the Add, called once and reading nothing else from outside: its
         readers inside see its input's step, which must be one of theirs (nothing is registered on a block: a
         Sequential runs every module it holds)."""
         key = next((k for k in _scope(add) if k not in _scope(tensor)), None)
-        if key is None or "@" in key or f"{key}@1" in entered:
+        if not once(key):
             return None
-        inside = {node for node in graph.nodes if key in _scope(node)}
-        outside = {i for node in inside for i in node.all_input_nodes if i not in inside and i.op != "get_attr"}
+        block = inside(key)
+        outside = {i for node in block for i in node.all_input_nodes if i not in block and i.op != "get_attr"}
         if outside != {tensor}:
             return None
-        return _scope(add)[key][0], [u for u in tensor.users if u in inside], InputStep
+        return _scope(add)[key][0], [u for u in tensor.users if u in block], InputStep
 
     def site(tensor: fx.Node, add: fx.Node) -> tuple[str, type, ActivationQuantizer | None] | None:
-        for where in (producer(tensor), entry(tensor, add)):
+        for where in (producer(tensor, add), entry(tensor, add)):
             step = step_of(where[1]) if where is not None else False
             if step is not False and (step is not None or where[2] is OutputStep):
                 return where[0], where[2], step
