@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -226,15 +227,19 @@ def test_a_two_four_sparse_layer_counts_kept_weights_and_their_two_bit_indices()
 
 
 def test_a_quantized_layer_whose_weight_the_model_reads_itself_is_refused_by_name():
+    """attach_quantizers leaves such layers float by itself (test_quant); named whole in `include`, they are quantized,
+    and the size model refuses them by name."""
     from torchvision.models.swin_transformer import SwinTransformer
 
+    names = ["features.1.0.attn.qkv", "features.1.0.attn.proj", "features.3.0.attn.qkv", "features.3.0.attn.proj"]
     net = SwinTransformer([4, 4], 16, [1, 1], [2, 2], [2, 2], num_classes=10)  # attention gets qkv.weight, not qkv(x)
-    attach_quantizers(net)
-    names = r"\['features.1.0.attn.qkv', 'features.1.0.attn.proj', 'features.3.0.attn.qkv', 'features.3.0.attn.proj'\]"
-    with pytest.raises(ValueError, match=rf"reads the weight of the quantized layers {names} itself.*exclude="):
+    attach_quantizers(net, QuantizationConfig(include=[*names, "features.1.0.mlp.0"]))
+    listed = re.escape(str(names))
+    with pytest.raises(ValueError, match=rf"reads the weight of the quantized layers {listed} itself.*exclude="):
         SizeModel(net, torch.randn(1, 3, 16, 16))
     net = SwinTransformer([4, 4], 16, [1, 1], [2, 2], [2, 2], num_classes=10)
-    attach_quantizers(net, QuantizationConfig(exclude=["*.attn.qkv", "*.attn.proj"]))
+    with pytest.warns(UserWarning, match="4 layer"):
+        attach_quantizers(net)
     assert "features.1.0.mlp.0" in SizeModel(net, torch.randn(1, 3, 16, 16)).layers
 
 

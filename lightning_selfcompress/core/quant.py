@@ -509,11 +509,12 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
             "Only exact types are quantized (a subclass may read its weight outside forward)."
         )
     check_patterns_match(model, config.include, config.exclude)
+    # a layer named whole in `include` is quantized as asked (a checkpoint's layers are named so when it is loaded)
     if functional := _read_outside_forward(model, [n for n, _ in chosen if n not in config.include]):
         warnings.warn(
             f"{len(functional)} layer(s) stay float: the model reads their weight without calling them (a function "
             f"takes it, as Swin's attention does), so a quantizer on their forward would change nothing it computes: "
-            f"{sorted(functional)}. Name each in `include` to quantize it all the same.",
+            f"{sorted(functional)}.",
             stacklevel=2,
         )
         chosen = [(n, m) for n, m in chosen if n not in functional]
@@ -536,14 +537,14 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
 
 def _read_outside_forward(model: nn.Module, names: list[str]) -> set[str]:
     """Of the layers `names`, those whose weight the traced model reads as an attribute and which it never calls
-    (none where torch.fx cannot trace the model)."""
+    (none where torch.fx cannot trace the model; never the model itself, a layer its caller calls)."""
     try:
         graph = LeafTracer().trace(model)
     except Exception:  # noqa: BLE001 - an untraceable model: every chosen layer is quantized, as before
         return set()
     called = {node.target for node in graph.nodes if node.op == "call_module"}
     read = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
-    return {name for name in names if name in read and name not in called}
+    return {name for name in names if name and name in read and name not in called}
 
 
 def _input_channels(module: nn.Module) -> int:
