@@ -55,12 +55,9 @@ from rich.table import Table
 from torch import nn
 
 from lightning_selfcompress.core.export import export_onnx, uint8_steps
-from lightning_selfcompress.core.groups import ChannelGraph
 from lightning_selfcompress.core.latency import INTEGER_KERNELS, ort_kernels, ort_latency_side_by_side, ort_node_ms
 from lightning_selfcompress.core.parity import onnx_session
-from lightning_selfcompress.core.quant import attach_quantizers, input_steps
-from lightning_selfcompress.core.surgery import Surgeon
-from lightning_selfcompress.testing import choose_groups, kill_groups
+from lightning_selfcompress.core.quant import input_steps
 
 FLOOR = "one channel per layer, weights"
 
@@ -106,13 +103,9 @@ def multiply_accumulates(net: nn.Module, x: torch.Tensor) -> int:
 def narrowest(float_net: nn.Module, x: torch.Tensor) -> nn.Module:
     """The float network with every removable channel group dead and cut (one channel left per layer): the file
     that bounds what any thinning of this graph can gain on this runtime."""
-    net = copy.deepcopy(float_net).eval()
-    attach_quantizers(net)
-    graph = ChannelGraph(net, x[:1])
-    kill_groups(graph, choose_groups(graph, 1.0))
-    surgeon = Surgeon(graph)
-    surgeon.remove(surgeon.find())
-    return net.eval()
+    from latency import cut_dead  # bench/ is on the path when this runs as a script
+
+    return cut_dead(copy.deepcopy(float_net).eval(), x, 1.0)
 
 
 def plain_export(net: nn.Module, x: torch.Tensor, path: Path) -> None:

@@ -51,12 +51,18 @@ def synthetic(make, shape: tuple[int, ...], round_to: int, seed: int = 0) -> tup
     float_net = make().eval()
     net = make().eval()
     net.load_state_dict(float_net.state_dict())
+    return float_net, cut_dead(net, x, 0.5, round_to, seed), x
+
+
+def cut_dead(net: nn.Module, x: Tensor, fraction: float, round_to: int = 1, seed: int = 0) -> nn.Module:
+    """`net`, quantized in place, with a random `fraction` of its removable channel groups dead (0 bits, constant 0)
+    and cut, as a trained network leaves them (at 1.0, one channel left per layer)."""
     attach_quantizers(net)
     graph = ChannelGraph(net, x[:1])
-    kill_groups(graph, choose_groups(graph, 0.5, seed=seed))
+    kill_groups(graph, choose_groups(graph, fraction, seed=seed))
     surgeon = Surgeon(graph, round_to=round_to)
     surgeon.remove(surgeon.find())
-    return float_net, net.eval(), x
+    return net.eval()
 
 
 def from_run(path: str) -> tuple[nn.Module, nn.Module, Tensor]:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_choice
-from .ops import LeafTracer
+from .ops import LeafTracer, weights_read_directly
 
 __all__ = [
     "GRIDS",
@@ -536,15 +536,15 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
 
 
 def _read_outside_forward(model: nn.Module, names: list[str]) -> set[str]:
-    """Of the layers `names`, those whose weight the traced model reads as an attribute and which it never calls
-    (none where torch.fx cannot trace the model; never the model itself, a layer its caller calls)."""
+    """Of the layers `names`, those whose weight the traced model reads itself and which it never calls (none where
+    torch.fx cannot trace the model; never the model itself, a layer its caller calls)."""
     try:
         graph = LeafTracer().trace(model)
     except Exception:  # noqa: BLE001 - an untraceable model: every chosen layer is quantized, as before
         return set()
     called = {node.target for node in graph.nodes if node.op == "call_module"}
-    read = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
-    return {name for name in names if name and name in read and name not in called}
+    read = set(weights_read_directly(graph)) - called
+    return {name for name in names if name and name in read}
 
 
 def _input_channels(module: nn.Module) -> int:

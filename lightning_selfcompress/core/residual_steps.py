@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import operator
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -161,10 +162,7 @@ def attach_residual_steps(model: nn.Module, unsigned: bool = False) -> list[str]
     except Exception:  # noqa: BLE001 - any tracing failure: these Adds are an optimisation, not a requirement
         return []
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     entered = {key for node in graph.nodes for key in _scope(node)}  # a block called twice has a key `path@1`
 
     def step_of(readers: list[fx.Node]) -> ActivationQuantizer | None | bool:
