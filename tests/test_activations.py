@@ -265,3 +265,70 @@ def test_a_linear_on_tokens_keeps_its_trained_step_in_the_file(tmp_path):
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     assert len(matmuls) == 2 and all(producer[n.input[0]].op_type == "DequantizeLinear" for n in matmuls)
     assert result.parity.codes_changed == 0 and result.parity.max_rel < 1e-5, result.parity
+
+
+class Fork(torch.nn.Module):
+    """Two layers reading one tensor (an Inception block's branches, a ResNet's downsampling pair)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.narrow, self.wide = torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(torch.cat([self.narrow(x), self.wide(x)], 1))
+        return self.fc(torch.nn.functional.adaptive_max_pool2d(x, 1).flatten(1))
+
+
+def test_layers_reading_one_tensor_share_its_step_and_the_file_quantizes_it_once(tmp_path, monkeypatch):
+    """With a step each, the tensor had two QuantizeLinears and the layer making it could fuse neither (ONNX Runtime's
+    QLinearConv and QLinearAdd take one output step): torchvision's ResNets left the Add before each downsampling
+    block float. Shared, it is quantized once, and its maker runs as an integer kernel with that output step."""
+    import lightning_selfcompress.core.export as export_module
+    from lightning_selfcompress.core.export import export_onnx
+    from lightning_selfcompress.core.onnx_fold import producers_of
+    from lightning_selfcompress.core.parity import ParityError
+    from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers, input_steps
+
+    torch.manual_seed(0)
+    model = Fork()
+    attach_quantizers(model, QuantizationConfig(int8_activations=True, activation_runtime="onnxruntime"))
+    steps = input_steps(model)
+    assert steps["narrow"] is steps["wide"] and steps["stem"] is not steps["narrow"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(model.train()(torch.randn(8, 4, 12, 12)), torch.randint(0, 10, (8,))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    x = torch.randn(2, 4, 12, 12)
+    result = export_onnx(model.eval(), x, tmp_path / "fork.onnx", runtime="onnxruntime")
+    assert result.parity.codes_changed == 0 and result.parity.max_rel < 1e-5, result.parity
+    graph = onnx.load(str(tmp_path / "fork.onnx")).graph
+    producer = producers_of(graph)
+    pair = [producer[n.input[0]] for n in graph.node if n.name in ("/narrow/Conv", "/wide/Conv")]
+    assert [dq.op_type for dq in pair] == ["DequantizeLinear"] * 2 and pair[0].input[0] == pair[1].input[0]
+    kernels = ort_kernels(tmp_path / "fork.onnx")
+    assert kernels["/stem/Conv"] == "QLinearConv", kernels
+
+    real = export_module._quantize_activations  # one reader's step off in the file: the code check names the pair
+
+    def off(onnx_model, layers, trained, *args):
+        node = next(name for name in trained if "narrow" in name)
+        return real(onnx_model, layers, {**trained, node: (trained[node][0] * 1.19, trained[node][1])}, *args)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(export_module, "_quantize_activations", off)
+        with pytest.raises(ParityError, match="int8 input codes of narrow, wide differ"):
+            export_onnx(model, x, tmp_path / "off.onnx", tolerance=1.0, runtime="onnxruntime")
+
+    state = model.state_dict()
+    restored = load_compressed(Fork(), state)
+    assert input_steps(restored)["narrow"] is input_steps(restored)["wide"]
+    torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    # a state written before steps were shared holds two: each layer keeps its own, as it trained
+    state["wide.input_quantizer.log2_scale"] = state["wide.input_quantizer.log2_scale"] + 0.25
+    separate = load_compressed(Fork(), state)
+    assert input_steps(separate)["narrow"] is not input_steps(separate)["wide"]
+    assert float(input_steps(separate)["wide"].log2_scale) == float(state["wide.input_quantizer.log2_scale"])

@@ -138,11 +138,19 @@ def test_torchvision_resnet_steps_every_add_that_feeds_a_stepped_layer(tmp_path)
                                      "layer4.0.downsample.1"]  # fmt: skip
     (hook,) = model.layer2[1]._forward_pre_hooks.values()
     assert hook.quantizer is model.layer2[1].conv1.input_quantizer, "the skip shares its reader's step"
+    assert model.layer2[0].downsample[0].input_quantizer is model.layer2[0].conv1.input_quantizer, "one step a tensor"
     train_two_steps(model, (3, 32, 32))
-    result = export_onnx(model.eval(), torch.randn(2, 3, 32, 32), tmp_path / "r18.onnx", runtime="tensorrt")
+    x = torch.randn(2, 3, 32, 32)
+    result = export_onnx(model.eval(), x, tmp_path / "r18.onnx", runtime="tensorrt")
     assert result.parity.max_rel <= 5e-2, result.parity  # and TensorRT's rules held, else the export raised
     assert result.parity.codes_changed <= 0.02, result.parity
     assert adds_reading_steps(tmp_path / "r18.onnx") == [True] * 7 + [False]
+    # in ONNX Runtime's layout each stepped Add but the last block's runs in int8 (that sum also feeds the float Add)
+    export_onnx(model, x, tmp_path / "r18_ort.onnx", runtime="onnxruntime")
+    assert optimized_ops(tmp_path / "r18_ort.onnx", tmp_path)["QLinearAdd"] == 6
+    kernels = ort_kernels(tmp_path / "r18_ort.onnx")
+    assert [layer for layer, kernel in kernels.items() if kernel != "QLinearConv"] == [
+        "/conv1/Conv", "/layer4/layer4.1/conv2/Conv", "/fc/Gemm"]  # the image's; the last Add's; a Gemm  # fmt: skip
 
 
 class FunctionalBlock(torch.nn.Module):

@@ -103,6 +103,11 @@ def check_parity(
 
 
 def _check_parity(path, model, inputs, tolerance, integer_kernels, steps) -> Parity:
+    # a step its layers share (`share_input_steps`): compared once, named by them all, run once by each per forward
+    readers: dict[int, list[str]] = {}
+    for name, (quantizer, _) in steps.items():
+        readers.setdefault(id(quantizer), []).append(name)
+    steps = {", ".join(names): steps[names[0]] for names in readers.values()}
     calls = dict.fromkeys(steps, 0)
 
     def count(name: str):
@@ -128,7 +133,7 @@ def _check_parity(path, model, inputs, tolerance, integer_kernels, steps) -> Par
     kernels_rel = _deviation(onnx_session(path), arrays, expected)[1] if integer_kernels else None
     codes_tolerance = None if tolerance is None else CODES_TOLERANCE
     # a layer run twice per forward: its codes would not line up with the file's one tensor; not compared
-    once = {name: step for name, step in steps.items() if calls[name] == len(inputs)}
+    once = {name: step for name, step in steps.items() if calls[name] == len(inputs) * len(readers[id(step[0])])}
     changed, levels = _compare_codes(path, model, inputs, once, codes_tolerance) if once else (None, None)
     return Parity(max_abs, max_rel, tolerance, kernels_rel, changed, levels)
 
@@ -155,8 +160,8 @@ def _compare_codes(
 ) -> tuple[float, int]:
     """Each trained step's codes in the file (its QuantizeLinear output less its zero point, the graph as the ONNX
     standard defines each op) against PyTorch's, layer by layer, each computed by PyTorch from the file's codes
-    upstream (every step's output replaced by the file's as the model runs): a layer's codes then differ only by
-    what happens between the steps before it and its own. A float summation order other than PyTorch's moves a code
+    upstream (every step's output replaced by the file's values as the model runs): a layer's codes then differ only
+    by what happens between the steps before it and its own, and a wrong step is named where it is, not downstream. A float summation order other than PyTorch's moves a code
     by a level where a value sits on a rounding boundary, and compared along the whole model such moves compound
     (one level in 0.5% of the codes early in a ResNet-50 trained two steps moved 20-45% of the deep layers' codes,
     in PyTorch alone); a wrong step, zero point or missing ReLU moves most of one layer's codes. Raises past
@@ -167,17 +172,19 @@ def _compare_codes(
 
     onnx_model = onnx.load(str(path))
     initializers = {i.name: i for i in onnx_model.graph.initializer}
-    quantizing = {n.output[0]: initializers[n.input[2]] for n in onnx_model.graph.node if n.op_type == "QuantizeLinear"}
-    zero_points = {name: int(numpy_helper.to_array(quantizing[tensor])) for name, (_, tensor) in steps.items()}
+    quantizing = {n.output[0]: n for n in onnx_model.graph.node if n.op_type == "QuantizeLinear"}
+    scales, zero_points = ({name: numpy_helper.to_array(initializers[quantizing[tensor].input[k]]).item()
+                            for name, (_, tensor) in steps.items()} for k in (1, 2))  # fmt: skip
     onnx_model.graph.output.extend(
-        helper.make_tensor_value_info(tensor, quantizing[tensor].data_type, None) for _, tensor in steps.values()
+        helper.make_tensor_value_info(tensor, initializers[quantizing[tensor].input[2]].data_type, None)
+        for _, tensor in steps.values()
     )
     session = onnx_session(onnx_model.SerializeToString(), optimized=False)
 
     def force(name: str, file_codes: dict, torch_codes: dict):
         def hook(quantizer: nn.Module, args, output: Tensor) -> Tensor:
             torch_codes[name] = torch.round(output.float() / quantizer.scale).cpu().numpy().astype(np.int32)
-            return torch.from_numpy(file_codes[name]).to(output) * quantizer.scale
+            return torch.from_numpy(file_codes[name]).to(output) * scales[name]  # the file's values, its scale's
 
         return hook
 

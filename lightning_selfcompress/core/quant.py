@@ -27,13 +27,14 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .checks import check_choice
 from .ops import LeafTracer, weights_read_directly
@@ -59,6 +60,7 @@ __all__ = [
     "quantize",
     "quantized_layers",
     "quantizer_parameters",
+    "share_input_steps",
     "snap_bits",
 ]
 
@@ -509,8 +511,9 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
             "Only exact types are quantized (a subclass may read its weight outside forward)."
         )
     check_patterns_match(model, config.include, config.exclude)
+    graph = _trace(model)
     # a layer named whole in `include` is quantized as asked (a checkpoint's layers are named so when it is loaded)
-    if functional := _read_outside_forward(model, [n for n, _ in chosen if n not in config.include]):
+    if functional := _read_outside_forward(graph, [n for n, _ in chosen if n not in config.include]):
         warnings.warn(
             f"{len(functional)} layer(s) stay float: the model reads their weight without calling them (a function "
             f"takes it, as Swin's attention does), so a quantizer on their forward would change nothing it computes: "
@@ -529,18 +532,26 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
     if config.int8_activations:
         reading_enough = {n: m for n, m in quantized_layers(model).items() if _input_channels(m) >= FEW_INPUT_CHANNELS}
         attach_activation_quantizers(reading_enough, unsigned=config.activation_runtime == "onnxruntime")
-        from .residual_steps import attach_residual_steps  # here, not at the top: it builds on this module
+        if graph is not None:  # an untraceable model: each layer keeps its own step, its residual Adds stay float
+            from .residual_steps import attach_residual_steps  # here, not at the top: it builds on this module
 
-        attach_residual_steps(model, unsigned=config.activation_runtime == "onnxruntime")
+            share_input_steps(model, graph)
+            attach_residual_steps(model, unsigned=config.activation_runtime == "onnxruntime", graph=graph)
     return quantized_layers(model)
 
 
-def _read_outside_forward(model: nn.Module, names: list[str]) -> set[str]:
-    """Of the layers `names`, those whose weight the traced model reads itself and which it never calls (none where
-    torch.fx cannot trace the model; never the model itself, a layer its caller calls)."""
+def _trace(model: nn.Module) -> fx.Graph | None:
+    """The model's torch.fx graph, Conv/Linear layers whole; None where torch.fx cannot trace it."""
     try:
-        graph = LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - an untraceable model: every chosen layer is quantized, as before
+        return LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure: what the trace finds is an optimisation, not a requirement
+        return None
+
+
+def _read_outside_forward(graph: fx.Graph | None, names: list[str]) -> set[str]:
+    """Of the layers `names`, those whose weight the traced model reads itself and which it never calls (none where
+    torch.fx could not trace the model; never the model itself, a layer its caller calls)."""
+    if graph is None:  # an untraceable model: every chosen layer is quantized, as before
         return set()
     called = {node.target for node in graph.nodes if node.op == "call_module"}
     read = set(weights_read_directly(graph)) - called
@@ -557,3 +568,37 @@ def attach_activation_quantizers(layers: dict[str, nn.Module], unsigned: bool = 
     for module in layers.values():
         if "input_quantizer" not in module._modules:
             module.add_module("input_quantizer", ActivationQuantizer(unsigned).to(module.weight.device))
+
+
+def share_input_steps(
+    model: nn.Module, graph: fx.Graph | None = None, state: Mapping[str, Tensor] | None = None
+) -> list[tuple[str, ...]]:
+    """Layers that read the same tensor take one step, the first reader's: the file then quantizes that tensor once,
+    so its maker's output quantization fuses (ONNX Runtime's QLinearConv or QLinearAdd takes one output step; with two
+    steps on its output, a torchvision ResNet's downsampling block left the Add before it float). Steps a batch has
+    started keep their own; given `state` (a checkpoint being loaded), only where it holds one step for them all (a
+    state written before steps were shared loads as it was trained). `graph`: the model's trace, where the caller
+    has one (an untraceable model shares nothing). Returns the groups tied, by layer name."""
+    graph = graph if graph is not None else _trace(model)
+    if graph is None:
+        return []
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    steps = {name: step for name, step in input_steps(model).items() if calls[name] == 1}  # a layer run twice: its own
+    readers: dict[fx.Node, list[str]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in steps and node.args and isinstance(node.args[0], fx.Node):
+            readers[node.args[0]].append(node.target)
+    layers = quantized_layers(model)
+    shared = []
+    for names in (names for names in readers.values() if len(names) > 1):
+        if any(steps[n].initialized for n in names):
+            continue
+        if state is not None:
+            keys = [f"{n}.input_quantizer.log2_scale" for n in names]
+            if not all(k in state for k in keys) or any(not torch.equal(state[k], state[keys[0]]) for k in keys):
+                continue
+        for name in names[1:]:
+            layers[name].add_module("input_quantizer", layers[names[0]].input_quantizer)
+        shared.append(tuple(names))
+    return shared
+

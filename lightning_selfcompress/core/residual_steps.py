@@ -149,18 +149,19 @@ def _scope(node: fx.Node) -> dict[str, tuple]:
     return node.meta.get("nn_module_stack", {})
 
 
-def attach_residual_steps(model: nn.Module, unsigned: bool = False) -> list[str]:
+def attach_residual_steps(model: nn.Module, unsigned: bool = False, graph: fx.Graph | None = None) -> list[str]:
     """Hook a trained int8 step onto both inputs of each residual Add of `model` that feeds a layer with a trained
-    input step (see the module docstring); `unsigned`: a new step may take the uint8 grid (`ActivationQuantizer`).
-    Idempotent (call again after a surgery or before a resume); a model torch.fx cannot trace keeps its Adds float.
-    Returns the modules hooked, by name."""
+    input step (see the module docstring); `unsigned`: a new step may take the uint8 grid (`ActivationQuantizer`);
+    `graph`: the model's trace (`LeafTracer`), where the caller has one. Idempotent (call again after a surgery or
+    before a resume); a model torch.fx cannot trace keeps its Adds float. Returns the modules hooked, by name."""
     steps = input_steps(model)
     if not steps:
         return []
-    try:
-        graph = LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - any tracing failure: these Adds are an optimisation, not a requirement
-        return []
+    if graph is None:
+        try:
+            graph = LeafTracer().trace(model)
+        except Exception:  # noqa: BLE001 - any tracing failure: these Adds are an optimisation, not a requirement
+            return []
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     entered = {key for node in graph.nodes for key in _scope(node)}  # a block called twice has a key `path@1`

@@ -39,6 +39,7 @@ from .quant import (
     check_patterns,
     check_patterns_match,
     selected,
+    share_input_steps,
 )
 from .reembed import GATHER, set_reembedding
 from .residual_steps import attach_residual_steps
@@ -626,6 +627,7 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
         key = ".input_quantizer.log2_scale"  # layers trained with int8 inputs
         int8_inputs = {k.removesuffix(key) for k in state_dict if k.endswith(key)}
         attach_activation_quantizers({name: m for name, m in layers.items() if name in int8_inputs})
+        share_input_steps(model, state=state_dict)  # where the checkpoint holds one step for a tensor's readers
         if any(k.endswith(".output_quantizer.log2_scale") for k in state_dict):  # residual Adds trained with steps
             attach_residual_steps(model)
     for key, buffer in ((k, b) for k in state_dict for b in (MASK, DROPPED) if k.endswith(f".{b}")):
