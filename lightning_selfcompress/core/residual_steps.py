@@ -14,9 +14,10 @@ as the producer's `output_quantizer`. In the export's trace (`marking_steps`) th
 for every reader.
 
 Only where it can be exact: the Add's sum reaches a quantized layer with a trained input step (through ReLU, pooling
-or reshapes), each input is hooked on a module that runs once per forward (the one that makes it, or the block it
-enters, which reads nothing else from outside), and no two differently stepped layers read it there. Other Adds stay float,
-as before.
+or reshapes; through an average pool, which does not commute with rounding, the sum stays float in the file, and the
+inputs' steps still end the convolutions before it in integer kernels: a torchvision ResNet's last block), each input
+is hooked on a module that runs once per forward (the one that makes it, or the block it enters, which reads nothing
+else from outside), and no two differently stepped layers read it there. Other Adds stay float, as before.
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ __all__ = [
 
 MARK_DOMAIN, MARK_OP = "lsc", "Step"
 _ADDS = (operator.add, operator.iadd, torch.add)
-# ops an Add's sum may pass on its way to a stepped layer (the export's Q/DQ on the sum then stays exact or calibrated)
+# ops an Add's sum may pass on its way to a stepped layer (the export's Q/DQ on the sum then stays exact or calibrated;
+# after an average, which does not commute with rounding, the Add stays float and only its inputs are stepped)
 _PASS_MODULES = (
     nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.Flatten,
 )  # fmt: skip
-_PASS_FUNCTIONS = (F.relu, torch.relu, torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d)
+_PASS_FUNCTIONS = (
+    F.relu, torch.relu, torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+)  # fmt: skip
 _PASS_METHODS = ("relu", "flatten", "view", "reshape")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # a module registered on them would run, or be iterated
 
@@ -129,7 +135,7 @@ def _passes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def _residual_add(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """The Add of two computed tensors whose sum, through ReLU, max-pooling or reshapes, is `node`."""
+    """The Add of two computed tensors whose sum, through ReLU, pooling or reshapes, is `node`."""
     while isinstance(node, fx.Node) and _passes(node, modules):
         node = node.args[0]
     if not isinstance(node, fx.Node) or node.kwargs:
