@@ -285,7 +285,9 @@ class Fork(torch.nn.Module):
 def test_layers_reading_one_tensor_share_its_step_and_the_file_quantizes_it_once(tmp_path, monkeypatch):
     """With a step each, the tensor had two QuantizeLinears and the layer making it could fuse neither (ONNX Runtime's
     QLinearConv and QLinearAdd take one output step): torchvision's ResNets left the Add before each downsampling
-    block float. Shared, it is quantized once, and its maker runs as an integer kernel with that output step."""
+    block float. Shared, it is quantized once, and its maker runs as an integer kernel with that output step. A layer
+    whose output is a Concat's second input gets the step after the Concat too (only the first did: SqueezeNet's
+    3x3 expands ran float)."""
     import lightning_selfcompress.core.export as export_module
     from lightning_selfcompress.core.export import export_onnx
     from lightning_selfcompress.core.onnx_fold import producers_of
@@ -309,8 +311,9 @@ def test_layers_reading_one_tensor_share_its_step_and_the_file_quantizes_it_once
     producer = producers_of(graph)
     pair = [producer[n.input[0]] for n in graph.node if n.name in ("/narrow/Conv", "/wide/Conv")]
     assert [dq.op_type for dq in pair] == ["DequantizeLinear"] * 2 and pair[0].input[0] == pair[1].input[0]
-    kernels = ort_kernels(tmp_path / "fork.onnx")
-    assert kernels["/stem/Conv"] == "QLinearConv", kernels
+    kernels = ort_kernels(tmp_path / "fork.onnx")  # and the pair's outputs, through the Concat, take the fc's step
+    assert kernels == {"/stem/Conv": "QLinearConv", "/narrow/Conv": "QLinearConv", "/wide/Conv": "QLinearConv",
+                       "/fc/Gemm": "Gemm"}, kernels  # fmt: skip
 
     real = export_module._quantize_activations  # one reader's step off in the file: the code check names the pair
 

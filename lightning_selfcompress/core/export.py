@@ -435,8 +435,11 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
     outputs = {o.name for o in graph.output}
 
     def sole_reader(tensor: str) -> onnx.NodeProto | None:
+        """The one node that reads `tensor`'s values, as its data (every input of a Concat is)."""
         values = [n for n in reading[tensor] if not shape_only(n, reading)]
-        return values[0] if len(values) == 1 and tensor not in outputs and values[0].input[0] == tensor else None
+        if len(values) != 1 or tensor in outputs:
+            return None
+        return values[0] if values[0].input[0] == tensor or values[0].op_type == "Concat" else None
 
     for layer in layers:
         tensor = layer.output[0]
