@@ -554,7 +554,7 @@ def _quantize_activations(
     _quantize_outputs(graph, layers + adds + marked_adds)
     _drop_relus_after_unsigned_pairs(graph)
     if runtime == "onnxruntime":
-        _keep_float_pools_float(graph)
+        _keep_pools_float(graph)
     _fold_unfused_weights(graph, layers)
     return {tensor: scale for tensor, scale, _ in groups}
 
@@ -578,7 +578,7 @@ def _drop_relus_after_unsigned_pairs(graph: onnx.GraphProto) -> None:
         graph.node.remove(relu)
 
 
-def _keep_float_pools_float(graph: onnx.GraphProto) -> None:
+def _keep_pools_float(graph: onnx.GraphProto) -> None:
     """A QuantizeLinear on a float MaxPool's output (after a layer left float: an image's first convolution) gets one
     copy per reader, each with its own scale and zero point. ONNX Runtime moves a MaxPool's sole QuantizeLinear before
     it and then pools uint8 in NCHW, 14-28x slower than its float pool on this host (2.0 of ResNet-18's 9.1 ms at

@@ -46,6 +46,15 @@ class LeafTracer(fx.Tracer):
         return isinstance(m, PRODUCERS) or rule_of(m) is not None or super().is_leaf_module(m, qualname)
 
 
+def leaf_trace(model: nn.Module) -> fx.Graph | None:
+    """`model`'s graph by `LeafTracer`, for what a trace can add (shared steps, residual steps, functional weights);
+    None where torch.fx cannot trace it, which then goes without."""
+    try:
+        return LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure: what the trace finds is an optimisation, not a requirement
+        return None
+
+
 def op_name(node: fx.Node) -> str:
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))

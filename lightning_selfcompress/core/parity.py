@@ -161,12 +161,12 @@ def _compare_codes(
     """Each trained step's codes in the file (its QuantizeLinear output less its zero point, the graph as the ONNX
     standard defines each op) against PyTorch's, layer by layer, each computed by PyTorch from the file's codes
     upstream (every step's output replaced by the file's values as the model runs): a layer's codes then differ only
-    by what happens between the steps before it and its own, and a wrong step is named where it is, not downstream. A float summation order other than PyTorch's moves a code
-    by a level where a value sits on a rounding boundary, and compared along the whole model such moves compound
-    (one level in 0.5% of the codes early in a ResNet-50 trained two steps moved 20-45% of the deep layers' codes,
-    in PyTorch alone); a wrong step, zero point or missing ReLU moves most of one layer's codes. Raises past
-    `tolerance` (the share of one layer's codes that may differ, the layer named; None: measure only); returns the
-    largest share and the largest move in levels."""
+    by what happens between the steps before it and its own, and a wrong step is named where it is, not downstream. A
+    float summation order other than PyTorch's moves a code by a level where a value sits on a rounding boundary, and
+    compared along the whole model such moves compound (one level in 0.5% of the codes early in a ResNet-50 trained
+    two steps moved 20-45% of the deep layers' codes, in PyTorch alone); a wrong step, zero point or missing ReLU
+    moves most of one layer's codes. Raises past `tolerance` (the share of one layer's codes that may differ, the
+    layer named; None: measure only); returns the largest share and the largest move in levels."""
     import onnx
     from onnx import helper, numpy_helper
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .checks import check_choice
-from .ops import LeafTracer, weights_read_directly
+from .ops import leaf_trace, weights_read_directly
 
 __all__ = [
     "GRIDS",
@@ -511,7 +511,7 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
             "Only exact types are quantized (a subclass may read its weight outside forward)."
         )
     check_patterns_match(model, config.include, config.exclude)
-    graph = _trace(model)
+    graph = leaf_trace(model)
     # a layer named whole in `include` is quantized as asked (a checkpoint's layers are named so when it is loaded)
     if functional := _read_outside_forward(graph, [n for n, _ in chosen if n not in config.include]):
         warnings.warn(
@@ -538,14 +538,6 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
             share_input_steps(model, graph)
             attach_residual_steps(model, unsigned=config.activation_runtime == "onnxruntime", graph=graph)
     return quantized_layers(model)
-
-
-def _trace(model: nn.Module) -> fx.Graph | None:
-    """The model's torch.fx graph, Conv/Linear layers whole; None where torch.fx cannot trace it."""
-    try:
-        return LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - any tracing failure: what the trace finds is an optimisation, not a requirement
-        return None
 
 
 def _read_outside_forward(graph: fx.Graph | None, names: list[str]) -> set[str]:
@@ -579,7 +571,7 @@ def share_input_steps(
     started keep their own; given `state` (a checkpoint being loaded), only where it holds one step for them all (a
     state written before steps were shared loads as it was trained). `graph`: the model's trace, where the caller
     has one (an untraceable model shares nothing). Returns the groups tied, by layer name."""
-    graph = graph if graph is not None else _trace(model)
+    graph = graph if graph is not None else leaf_trace(model)
     if graph is None:
         return []
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
@@ -601,4 +593,3 @@ def share_input_steps(
             layers[name].add_module("input_quantizer", layers[names[0]].input_quantizer)
         shared.append(tuple(names))
     return shared
-

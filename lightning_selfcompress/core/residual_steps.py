@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .ops import LeafTracer
+from .ops import leaf_trace
 from .quant import ActivationQuantizer, input_steps
 
 __all__ = [
@@ -163,11 +163,9 @@ def attach_residual_steps(model: nn.Module, unsigned: bool = False, graph: fx.Gr
     steps = input_steps(model)
     if not steps:
         return []
+    graph = graph if graph is not None else leaf_trace(model)
     if graph is None:
-        try:
-            graph = LeafTracer().trace(model)
-        except Exception:  # noqa: BLE001 - any tracing failure: these Adds are an optimisation, not a requirement
-            return []
+        return []
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     entered = {key for node in graph.nodes for key in _scope(node)}  # a block called twice has a key `path@1`

@@ -31,7 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 from .atomic import atomic_path
 from .checkpoint import read_checkpoint
 from .groups import ChannelGraph, Cuts, GraphError, channels_of, is_grouped
-from .ops import one_channel_per_group
+from .ops import leaf_trace, one_channel_per_group
 from .quant import (
     QuantizationConfig,
     attach_activation_quantizers,
@@ -627,9 +627,10 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
         key = ".input_quantizer.log2_scale"  # layers trained with int8 inputs
         int8_inputs = {k.removesuffix(key) for k in state_dict if k.endswith(key)}
         attach_activation_quantizers({name: m for name, m in layers.items() if name in int8_inputs})
-        share_input_steps(model, state=state_dict)  # where the checkpoint holds one step for a tensor's readers
+        graph = leaf_trace(model)
+        share_input_steps(model, graph, state=state_dict)  # where the checkpoint holds one step for a tensor's readers
         if any(k.endswith(".output_quantizer.log2_scale") for k in state_dict):  # residual Adds trained with steps
-            attach_residual_steps(model)
+            attach_residual_steps(model, graph=graph)
     for key, buffer in ((k, b) for k in state_dict for b in (MASK, DROPPED) if k.endswith(f".{b}")):
         owner = model.get_submodule(key.removesuffix(f".{buffer}"))  # 2:4 buffers the fresh model lacks
         if not isinstance(getattr(owner, buffer, None), torch.Tensor):
