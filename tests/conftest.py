@@ -59,6 +59,17 @@ def _latency_cache(tmp_path_factory) -> None:
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
+def optimized_graph(path, tmp_path: Path):
+    """The graph ONNX Runtime runs from the file at `path`, default session options (an `onnx.GraphProto`)."""
+    import onnx
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath).graph
+
+
 def write_cifar10(directory: Path, per_batch: int = 20, test: int = 20) -> Path:
     """CIFAR-10's python version, in its exact format (pickled dicts with bytes keys), filled with random images:
     returns the `cifar-10-batches-py` folder inside `directory`."""

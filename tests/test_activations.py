@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import trainer_kwargs
+from conftest import optimized_graph, trainer_kwargs
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression
 from lightning_selfcompress.core.latency import ort_kernels, ort_node_ms
 from lightning_selfcompress.core.quant import ActivationQuantizer, quantized_layers
@@ -335,3 +335,32 @@ def test_layers_reading_one_tensor_share_its_step_and_the_file_quantizes_it_once
     separate = load_compressed(Fork(), state)
     assert input_steps(separate)["narrow"] is not input_steps(separate)["wide"]
     assert float(input_steps(separate)["wide"].log2_scale) == float(state["wide.input_quantizer.log2_scale"])
+
+
+def test_a_max_pool_on_the_float_first_layer_stays_float_and_concatenated_layers_run_integer(tmp_path):
+    """SqueezeNet: the image's convolution stays float in ONNX Runtime's layout, and ONNX Runtime moved the
+    QuantizeLinear after its max pool before it, pooling uint8 in NCHW (2.8 of 6.6 ms at 224x224, batch 1); a ReLU
+    between them keeps the pool float. Each fire module's 3x3 expand, the Concat's second input, ran float too."""
+    import torchvision
+
+    from lightning_selfcompress.core.export import export_onnx
+    from lightning_selfcompress.core.onnx_fold import producers_of
+    from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers
+
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_0(num_classes=10)
+    attach_quantizers(model, QuantizationConfig(int8_activations=True, activation_runtime="onnxruntime"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    result = export_onnx(model.eval(), torch.randn(2, 3, 64, 64), tmp_path / "squeeze.onnx", runtime="onnxruntime")
+    assert result.parity.max_rel <= 5e-2 and result.parity.codes_changed <= 0.02, result.parity
+    graph = optimized_graph(tmp_path / "squeeze.onnx", tmp_path)
+    first_pool = next(n for n in graph.node if "MaxPool" in n.op_type)
+    assert producers_of(graph)[first_pool.input[0]].op_type != "QuantizeLinear", first_pool
+    kernels = ort_kernels(tmp_path / "squeeze.onnx")
+    floats = [layer for layer, kernel in kernels.items() if kernel != "QLinearConv"]
+    assert floats == ["/features/features.0/Conv", "/classifier/classifier.1/Conv"], floats  # the image's; the logits'

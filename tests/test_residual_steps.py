@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 import torchvision
-from conftest import trainer_kwargs
+from conftest import optimized_graph, trainer_kwargs
 
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression
 from lightning_selfcompress.core.export import export_onnx
@@ -21,16 +21,6 @@ from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantiz
 from lightning_selfcompress.core.residual_steps import OutputStep, attach_residual_steps
 from lightning_selfcompress.core.surgery import load_compressed
 from lightning_selfcompress.models import ImageClassifier, ResNet9
-
-
-def optimized_graph(path, tmp_path) -> onnx.GraphProto:
-    """The graph ONNX Runtime runs, default session options."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return onnx.load(options.optimized_model_filepath).graph
 
 
 def optimized_ops(path, tmp_path) -> collections.Counter:
