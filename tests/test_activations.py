@@ -92,7 +92,11 @@ def test_a_run_with_int8_activations_exports_integer_kernels_and_keeps_its_steps
     assert report["activation_quantized"] and report["parity"]["max_rel"] <= 1e-2, "the graph as ONNX defines it"
     assert report["parity"]["kernels_max_rel"] >= 0, "ONNX Runtime's integer kernels measured beside it"
     kernels = ort_kernels(tmp_path / "model.onnx")
-    assert list(kernels.values()).count("QLinearConv") >= 1, kernels  # the image float; BatchNorm after a ReLU: others
+    # the image's layer float, and the logits'; the layers before a BatchNorm after a ReLU too until their readers'
+    # steps quantized around its shift (`folded_steps`), so that it folds away
+    assert [name for name, kernel in kernels.items() if kernel == "QLinearConv"] == [
+        "/net/features/features.2/Conv", "/net/features/features.6/Conv", "/net/features/features.8/Conv"], kernels
+    assert len(report["folded_batchnorm"]) == 2, report["folded_batchnorm"]
     profiled = ort_node_ms(tmp_path / "model.onnx", (1, 28, 28), batch=4, runs=3)  # where its time goes, per node
     assert [op for op, _ in profiled.values()].count("QLinearConv") == list(kernels.values()).count("QLinearConv")
     assert all(ms >= 0 for _, ms in profiled.values()), profiled
@@ -364,3 +368,36 @@ def test_a_max_pool_on_the_float_first_layer_stays_float_and_concatenated_layers
     kernels = ort_kernels(tmp_path / "squeeze.onnx")
     floats = [layer for layer, kernel in kernels.items() if kernel != "QLinearConv"]
     assert floats == ["/features/features.0/Conv", "/classifier/classifier.1/Conv"], floats  # the image's; the logits'
+
+
+def test_steps_after_a_batchnorm_after_a_relu_quantize_around_its_shift_so_that_it_folds(tmp_path):
+    """The main job's blocks: Conv -> ReLU -> BatchNorm -> MaxPool -> Conv. The export folds that BatchNorm away (its
+    scale into the first convolution, its shift into the second's bias), so the file can quantize only the pooled
+    ReLU output, less the shift; a step trained on the BatchNorm's output kept it as a node and the first convolution
+    float. A state written before such steps loads as it trained, and its file keeps the BatchNorm."""
+    from lightning_selfcompress.core.export import export_onnx
+    from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers, input_steps
+
+    torch.manual_seed(0)
+    model = BaselineCNN(1, 10, width=8)
+    attach_quantizers(model, QuantizationConfig(int8_activations=True))
+    assert {name: bool(step.shifted) for name, step in input_steps(model).items()} == {
+        "features.2": False, "features.6": True, "features.8": False, "classifier": True}  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    x = torch.randn(4, 1, 28, 28)
+    result = export_onnx(model.eval(), x, tmp_path / "cnn.onnx")
+    assert len(result.folded_batchnorm) == 2 and result.parity.max_rel < 1e-5, result
+    assert result.parity.codes_changed == 0, result.parity
+
+    restored = load_compressed(BaselineCNN(1, 10, width=8), model.state_dict())
+    assert torch.equal(restored(x), model(x)), "the checkpoint says which steps are shifted"
+    before = {k: v for k, v in model.state_dict().items() if not k.endswith(".shifted")}  # as written before them
+    old = load_compressed(BaselineCNN(1, 10, width=8), before)
+    assert not any(step.shifted for step in input_steps(old).values())
+    result = export_onnx(old, x, tmp_path / "old.onnx")
+    assert result.folded_batchnorm == [] and result.parity.max_rel < 1e-5, result

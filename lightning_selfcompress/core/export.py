@@ -745,7 +745,9 @@ def export_onnx(
             for name in trained
             for node in matches[name]
         }
-        folded = fold_batchnorm(onnx_model, fixed=set(node_steps))
+        # a step trained less a BatchNorm's shift (`folded_steps`): that shift moves into its layer's bias
+        shifted = {node.name for name, step in trained.items() if step.shifted for node in matches[name]}
+        folded = fold_batchnorm(onnx_model, fixed=set(node_steps) - shifted)
         fold_reembeddings(onnx_model)
         fold_output_scales(onnx_model)
         scales, marks = {}, _take_marks(onnx_model)

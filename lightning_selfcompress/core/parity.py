@@ -183,8 +183,9 @@ def _compare_codes(
 
     def force(name: str, file_codes: dict, torch_codes: dict):
         def hook(quantizer: nn.Module, args, output: Tensor) -> Tensor:
-            torch_codes[name] = torch.round(output.float() / quantizer.scale).cpu().numpy().astype(np.int32)
-            return torch.from_numpy(file_codes[name]).to(output) * scales[name]  # the file's values, its scale's
+            shift = quantizer.shift_of(output)  # a step quantizing around a folded BatchNorm's shift: the file's less it
+            torch_codes[name] = torch.round((output - shift).float() / quantizer.scale).cpu().numpy().astype(np.int32)
+            return torch.from_numpy(file_codes[name]).to(output) * scales[name] + shift  # the file's values
 
         return hook
 

@@ -198,6 +198,11 @@ class ActivationQuantizer(nn.Module):
     into its integer kernel and keeps the tensor uint8 through pooling and residual adds. TensorRT takes symmetric
     int8 only, so a model with such steps exports for ONNX Runtime alone. Later negative values clamp to 0, in the file
     as in training. The grid chosen travels in the state_dict (`unsigned`; a state written before it: int8).
+
+    `shifted`: the input is a BatchNorm's output after a ReLU (through max-pooling or reshapes), which the export folds
+    away (its scale into the convolution before the ReLU, its shift into this layer's bias), so the file quantizes
+    the input less that BatchNorm's shift: so does this step, x -> q(x - t) + t (`folded_steps`, which sets it and
+    `shift`, the hook that keeps t). A state written before it: not shifted.
     """
 
     def __init__(self, unsigned: bool = False) -> None:
@@ -205,8 +210,11 @@ class ActivationQuantizer(nn.Module):
         self.log2_scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("unsigned", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("shifted", torch.zeros((), dtype=torch.bool))
         self.may_be_unsigned = unsigned
+        self.shift: Any = None  # where `shifted`, the BatchNorm's hook that keeps its shift (`folded_steps`)
         self._bounds: tuple[float, float] | None = None  # the buffers read once, not on every forward (a GPU read waits)
+        self._shifted = False
 
     @property
     def scale(self) -> float:
@@ -216,10 +224,11 @@ class ActivationQuantizer(nn.Module):
         if prefix.endswith("output_quantizer.") and not any(k.startswith(prefix) for k in state_dict):
             return  # a residual Add's step, in a state written before those trained: it starts on the next batch
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
-        if prefix + "unsigned" not in state_dict:  # written before the unsigned grid existed: int8
-            self.unsigned.fill_(False)
-            if prefix + "unsigned" in missing_keys:
-                missing_keys.remove(prefix + "unsigned")
+        for name in ("unsigned", "shifted"):  # written before these existed: int8, not shifted
+            if prefix + name not in state_dict:
+                getattr(self, name).fill_(False)
+                if prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
         self._bounds = None  # the loaded buffers decide again
 
     @torch.no_grad()
@@ -235,14 +244,37 @@ class ActivationQuantizer(nn.Module):
         self.log2_scale.copy_(torch.log2(absmax / (255.0 if self.unsigned else 127.0)))
         self.initialized.fill_(True)
 
+    def quantize_around(self, shift: Any) -> None:
+        """From now on quantize x - t, t the shift that `shift` (a BatchNorm's hook: `shift.value`) keeps."""
+        self.shifted.fill_(True)
+        self.shift = shift
+        self._bounds = None
+
+    def shift_of(self, x: Tensor) -> Tensor | float:
+        """The BatchNorm's shift t the step quantizes `x` around, laid out as `x` (0 where not `shifted`)."""
+        if not self._shifted:
+            return 0.0
+        if self.shift is None or self.shift.value is None:
+            raise RuntimeError(
+                "This int8 input step quantizes around a BatchNorm's shift, and no BatchNorm hook gave one: attach "
+                "the quantizers with attach_quantizers(..., int8_activations=True) or load_compressed, which hook it."
+            )
+        t = self.shift.value.to(x.dtype)
+        t = t.repeat_interleave(x.shape[1] // t.numel())  # a flattening reshape lays each channel out in a run
+        return t.view(1, -1, *(1,) * (x.dim() - 2))
+
     def forward(self, x: Tensor) -> Tensor:
         if self._bounds is None:
+            self._shifted = bool(self.shifted)
             if not self.initialized:
                 if not self.training:
                     return x
-                self._start(x)
+                self._start(x - self.shift_of(x))
             self._bounds = (0.0, 255.0) if self.unsigned else (-128.0, 127.0)
-        return _QuantizeInt8.apply(x, self.log2_scale, *self._bounds)
+        if not self._shifted:
+            return _QuantizeInt8.apply(x, self.log2_scale, *self._bounds)
+        t = self.shift_of(x)
+        return _QuantizeInt8.apply(x - t, self.log2_scale, *self._bounds) + t
 
 
 class ChannelQuantizer(nn.Module):
@@ -533,10 +565,12 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
         reading_enough = {n: m for n, m in quantized_layers(model).items() if _input_channels(m) >= FEW_INPUT_CHANNELS}
         attach_activation_quantizers(reading_enough, unsigned=config.activation_runtime == "onnxruntime")
         if graph is not None:  # an untraceable model: each layer keeps its own step, its residual Adds stay float
-            from .residual_steps import attach_residual_steps  # here, not at the top: it builds on this module
+            from .folded_steps import attach_folded_steps  # here, not at the top: they build on this module
+            from .residual_steps import attach_residual_steps
 
             share_input_steps(model, graph)
             attach_residual_steps(model, unsigned=config.activation_runtime == "onnxruntime", graph=graph)
+            attach_folded_steps(model, graph)
     return quantized_layers(model)
 
 

@@ -41,6 +41,7 @@ from .quant import (
     selected,
     share_input_steps,
 )
+from .folded_steps import attach_folded_steps
 from .reembed import GATHER, set_reembedding
 from .residual_steps import attach_residual_steps
 from .sparsity import DROPPED, MASK
@@ -631,6 +632,7 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
         share_input_steps(model, graph, state=state_dict)  # where the checkpoint holds one step for a tensor's readers
         if any(k.endswith(".output_quantizer.log2_scale") for k in state_dict):  # residual Adds trained with steps
             attach_residual_steps(model, graph=graph)
+        attach_folded_steps(model, graph)  # where the state says shifted, loaded below
     for key, buffer in ((k, b) for k in state_dict for b in (MASK, DROPPED) if k.endswith(f".{b}")):
         owner = model.get_submodule(key.removesuffix(f".{buffer}"))  # 2:4 buffers the fresh model lacks
         if not isinstance(getattr(owner, buffer, None), torch.Tensor):
