@@ -59,6 +59,17 @@ def _latency_cache(tmp_path_factory) -> None:
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
+def sgd_steps(model: torch.nn.Module, sample_shape: tuple[int, ...], steps: int = 2, lr: float = 0.01,
+              batch: int = 8) -> None:
+    """A few plain SGD steps on random images and labels of 10 classes: the int8 steps start and move."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        x, y = torch.randn(batch, *sample_shape), torch.randint(0, 10, (batch,))
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def optimized_graph(path, tmp_path: Path):
     """The graph ONNX Runtime runs from the file at `path`, default session options (an `onnx.GraphProto`)."""
     import onnx

@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import optimized_graph, trainer_kwargs
+from conftest import optimized_graph, sgd_steps, trainer_kwargs
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression
 from lightning_selfcompress.core.latency import ort_kernels, ort_node_ms
 from lightning_selfcompress.core.quant import ActivationQuantizer, quantized_layers
@@ -237,12 +237,7 @@ def test_a_deep_torchvision_network_exports_its_trained_steps_layer_for_layer(tm
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10)
     attach_quantizers(model, QuantizationConfig(int8_activations=True))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(2):
-        x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
-        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    sgd_steps(model, (3, 64, 64))
     with pytest.warns(UserWarning, match=r"'layer1\.0\.conv1': .* more than 8 bits"):
         result = export_onnx(model.eval(), torch.randn(2, 3, 64, 64), tmp_path / "r50.onnx")
     assert result.parity.codes_changed <= 0.02, result.parity
@@ -303,11 +298,7 @@ def test_layers_reading_one_tensor_share_its_step_and_the_file_quantizes_it_once
     attach_quantizers(model, QuantizationConfig(int8_activations=True, activation_runtime="onnxruntime"))
     steps = input_steps(model)
     assert steps["narrow"] is steps["wide"] and steps["stem"] is not steps["narrow"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        torch.nn.functional.cross_entropy(model.train()(torch.randn(8, 4, 12, 12)), torch.randint(0, 10, (8,))).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    sgd_steps(model, (4, 12, 12), steps=3, lr=0.1)
     x = torch.randn(2, 4, 12, 12)
     result = export_onnx(model.eval(), x, tmp_path / "fork.onnx", runtime="onnxruntime")
     assert result.parity.codes_changed == 0 and result.parity.max_rel < 1e-5, result.parity
@@ -354,12 +345,7 @@ def test_a_max_pool_on_the_float_first_layer_stays_float_and_concatenated_layers
     torch.manual_seed(0)
     model = torchvision.models.squeezenet1_0(num_classes=10)
     attach_quantizers(model, QuantizationConfig(int8_activations=True, activation_runtime="onnxruntime"))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(2):
-        x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    sgd_steps(model, (3, 64, 64), batch=4)
     result = export_onnx(model.eval(), torch.randn(2, 3, 64, 64), tmp_path / "squeeze.onnx", runtime="onnxruntime")
     assert result.parity.max_rel <= 5e-2 and result.parity.codes_changed <= 0.02, result.parity
     graph = optimized_graph(tmp_path / "squeeze.onnx", tmp_path)
@@ -383,12 +369,7 @@ def test_steps_after_a_batchnorm_after_a_relu_quantize_around_its_shift_so_that_
     attach_quantizers(model, QuantizationConfig(int8_activations=True))
     assert {name: bool(step.shifted) for name, step in input_steps(model).items()} == {
         "features.2": False, "features.6": True, "features.8": False, "classifier": True}  # fmt: skip
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(3):
-        x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    sgd_steps(model, (1, 28, 28), steps=3, lr=0.05, batch=16)
     x = torch.randn(4, 1, 28, 28)
     result = export_onnx(model.eval(), x, tmp_path / "cnn.onnx")
     assert len(result.folded_batchnorm) == 2 and result.parity.max_rel < 1e-5, result

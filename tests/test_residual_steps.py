@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 import torchvision
-from conftest import optimized_graph, trainer_kwargs
+from conftest import optimized_graph, sgd_steps, trainer_kwargs
 
 from lightning_selfcompress import ChannelSurgeon, CompressedExport, SelfCompression
 from lightning_selfcompress.core.export import export_onnx
@@ -109,15 +109,6 @@ def hooked_modules(model: torch.nn.Module) -> list[str]:
             [*m._forward_hooks.values(), *m._forward_pre_hooks.values()])]  # fmt: skip
 
 
-def train_two_steps(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(2):
-        x, y = torch.randn(8, *shape), torch.randint(0, 10, (8,))
-        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 def test_torchvision_resnet_steps_every_add_that_feeds_a_stepped_layer(tmp_path):
     """torchvision's blocks apply one ReLU module twice, so a block's skip (the previous block's second ReLU call) has
     no module of its own to hook: it is stepped where it enters the block (a pre-hook on the block, with the step of
@@ -135,7 +126,7 @@ def test_torchvision_resnet_steps_every_add_that_feeds_a_stepped_layer(tmp_path)
     (hook,) = model.layer2[1]._forward_pre_hooks.values()
     assert hook.quantizer is model.layer2[1].conv1.input_quantizer, "the skip shares its reader's step"
     assert model.layer2[0].downsample[0].input_quantizer is model.layer2[0].conv1.input_quantizer, "one step a tensor"
-    train_two_steps(model, (3, 32, 32))
+    sgd_steps(model, (3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
     result = export_onnx(model.eval(), x, tmp_path / "r18.onnx", runtime="tensorrt")
     assert result.parity.max_rel <= 5e-2, result.parity  # and TensorRT's rules held, else the export raised
@@ -190,7 +181,7 @@ def test_tensors_made_by_functions_are_stepped_at_the_boundary_of_a_block_called
     # branch ends in its stochastic depth; the shared block's Adds stay float (its int8 export crashed: one weight,
     # two layer nodes)
     assert hooked_modules(model) == ["blocks", "blocks.0", "blocks.0.drop", "blocks.1.drop"]
-    train_two_steps(model, (1, 12, 12))
+    sgd_steps(model, (1, 12, 12))
     x = torch.randn(2, 1, 12, 12)
     result = export_onnx(model.eval(), x, tmp_path / "net.onnx", runtime="tensorrt")
     assert result.parity.max_rel <= 5e-2 and result.parity.codes_changed <= 0.02, result.parity

@@ -30,6 +30,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .atomic import atomic_path
 from .checkpoint import read_checkpoint
+from .folded_steps import attach_folded_steps
 from .groups import ChannelGraph, Cuts, GraphError, channels_of, is_grouped
 from .ops import leaf_trace, one_channel_per_group
 from .quant import (
@@ -41,7 +42,6 @@ from .quant import (
     selected,
     share_input_steps,
 )
-from .folded_steps import attach_folded_steps
 from .reembed import GATHER, set_reembedding
 from .residual_steps import attach_residual_steps
 from .sparsity import DROPPED, MASK
