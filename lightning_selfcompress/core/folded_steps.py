@@ -26,11 +26,14 @@ from .quant import input_steps
 
 __all__ = ["BatchNormShift", "attach_folded_steps"]
 
-# what a per-channel shift passes unchanged on its way to the next layer (as `onnx_fold.SHIFT_TRANSPARENT`)
-_CARRY_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten)
-_CARRY_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten)
-_CARRY_METHODS = ("flatten", "view", "reshape")
-_RELU_FUNCTIONS = (F.relu, torch.relu)
+# (modules, functions, methods): what carries a per-channel shift unchanged to the next layer (as
+# `onnx_fold.SHIFT_TRANSPARENT`), and the chain the layer's input then comes from, nearest first
+_CARRY = (
+    (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten),
+    (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten),
+    ("flatten", "view", "reshape"),
+)
+_CHAIN = (((_BatchNorm,), (), ()), ((nn.ReLU,), (F.relu, torch.relu), ("relu",)), (PRODUCERS, (), ()))
 
 
 class BatchNormShift:
@@ -56,10 +59,12 @@ class BatchNormShift:
         self.value = -a * mean if bn.bias is None else bn.bias - a * mean
 
 
-def _values_read(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read `node`'s values (not its shape: `x.shape[0]`, `x.size(0)`)."""
-    shape = {"size", "dim"}
-    return [u for u in node.users if not (u.op == "call_function" and u.target is getattr) and u.target not in shape]
+def _read_once(node: object) -> bool:
+    """Whether `node` is a traced tensor whose values one node reads (its shape may be read too: `x.shape[0]`)."""
+    if not isinstance(node, fx.Node):
+        return False
+    values = [u for u in node.users if not (u.op == "call_function" and u.target is getattr)]
+    return len([u for u in values if u.target not in ("size", "dim")]) == 1
 
 
 def _is(node: fx.Node, modules: dict[str, nn.Module], types: tuple, functions: tuple = (), methods: tuple = ()) -> bool:
@@ -81,8 +86,8 @@ def attach_folded_steps(model: nn.Module, graph: fx.Graph | None = None) -> list
     """Make each stepped layer of `model` that reads Conv -> ReLU -> BatchNorm (through max-pooling or reshapes, each
     read there alone) quantize its input less that BatchNorm's shift (see the module docstring). Only layers without
     zero padding, whose step no other layer or residual Add shares and has not started unshifted, each module run
-    once. `graph`: the
-    model's trace (`LeafTracer`), where the caller has one. Idempotent; returns the layers whose steps it shifted."""
+    once. `graph`: the model's trace (`LeafTracer`), where the caller has one. Idempotent; returns the layers whose
+    steps it shifted."""
     steps = input_steps(model)
     graph = graph if graph is not None else (leaf_trace(model) if steps else None)
     if graph is None:
@@ -101,18 +106,15 @@ def attach_folded_steps(model: nn.Module, graph: fx.Graph | None = None) -> list
         if uses[id(step)] > 1 or (step.initialized and not step.shifted) or not _unpadded(modules[node.target]):
             continue
         x = node.args[0] if node.args else None
-        while isinstance(x, fx.Node) and len(_values_read(x)) == 1 and _is(x, modules, _CARRY_MODULES,
-                                                                             _CARRY_FUNCTIONS, _CARRY_METHODS):
+        while _read_once(x) and _is(x, modules, *_CARRY):
             x = x.args[0]
         chain = []
-        for types, functions, methods in (((_BatchNorm,), (), ()), ((nn.ReLU,), _RELU_FUNCTIONS, ("relu",)),
-                                          (PRODUCERS, (), ())):  # fmt: skip
-            ok = isinstance(x, fx.Node) and len(_values_read(x)) == 1 and _is(x, modules, types, functions, methods)
-            if not ok or (x.op == "call_module" and calls[x.target] != 1):
+        for kind in _CHAIN:
+            if not (_read_once(x) and _is(x, modules, *kind)) or (x.op == "call_module" and calls[x.target] != 1):
                 break
             chain.append(x)
             x = x.args[0] if x.args else None
-        if len(chain) < 3:
+        if len(chain) < len(_CHAIN):
             continue
         bn = modules[chain[0].target]
         hook = next((h for h in bn._forward_hooks.values() if isinstance(h, BatchNormShift)), None)
