@@ -559,17 +559,23 @@ def _quantize_activations(
     return {tensor: scale for tensor, scale, _ in groups}
 
 
+def _zero_points_at_least(graph: onnx.GraphProto) -> set[str]:
+    """The activation zero points (`<name>.zero_point`) at their type's least value: a Q/DQ pair with one maps every
+    negative value to 0, a ReLU's work."""
+    zero_points = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".zero_point")}
+    return {
+        name
+        for name, zero in zero_points.items()
+        if zero.dtype.kind in "iu" and bool(np.all(zero == np.iinfo(zero.dtype).min))
+    }
+
+
 def _drop_relus_after_unsigned_pairs(graph: onnx.GraphProto) -> None:
     """A ReLU that reads a DequantizeLinear whose zero point is its type's least value is the identity (every value
     it gets is >= 0): bypassed, so that integer kernels' outputs reach the next Q/DQ through pooling and reshapes."""
-    zero_points = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".zero_point")}
-
-    def lowest(name: str) -> bool:
-        zero = zero_points.get(name)
-        return zero is not None and zero.dtype.kind in "iu" and bool(np.all(zero == np.iinfo(zero.dtype).min))
-
+    lowest = _zero_points_at_least(graph)
     dequantized = [n for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2]
-    unsigned = {n.output[0] for n in dequantized if lowest(n.input[2])}
+    unsigned = {n.output[0] for n in dequantized if n.input[2] in lowest}
     outputs = {o.name for o in graph.output}  # a ReLU that writes the graph's output keeps its name there
     bypassed = [n for n in graph.node if n.op_type == "Relu" and n.input[0] in unsigned and n.output[0] not in outputs]
     for relu in bypassed:
@@ -584,8 +590,7 @@ def _keep_pools_float(graph: onnx.GraphProto) -> None:
     14-28x slower than its float pool on this host (2.0 of ResNet-18's 9.1 ms at 224x224, batch 1); a ReLU stops it,
     and ONNX Runtime then fuses the ReLU into the QuantizeLinear. Only where the ReLU changes no value: the pool's
     output is a ReLU's (or the QuantizeLinear clamps at 0 itself, its zero point its type's least value)."""
-    producer = producers_of(graph)
-    zero_points = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer, lowest = producers_of(graph), _zero_points_at_least(graph)
 
     def quantized(tensor: str) -> bool:
         """Whether `tensor` comes from a DequantizeLinear, up through ReLUs and Concats: pooled in int8 already."""
@@ -598,9 +603,7 @@ def _keep_pools_float(graph: onnx.GraphProto) -> None:
         pool = producer.get(q.input[0])
         if pool is None or pool.op_type != "MaxPool" or quantized(pool.input[0]):
             continue
-        zero = zero_points.get(q.input[2]) if len(q.input) > 2 else None
-        clamps = zero is not None and zero.dtype.kind == "u" and bool(np.all(zero == 0))
-        if clamps or _non_negative(producer, q.input[0]):
+        if (len(q.input) > 2 and q.input[2] in lowest) or _non_negative(producer, q.input[0]):
             relu = helper.make_node("Relu", [q.input[0]], [f"{q.name}.relu"], name=f"{q.name}.relu")
             q.input[0] = relu.output[0]
             graph.node.insert(list(graph.node).index(q), relu)

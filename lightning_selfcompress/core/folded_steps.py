@@ -21,7 +21,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .ops import PRODUCERS, leaf_trace
+from .ops import PRODUCERS, leaf_trace, node_is
 from .quant import input_steps
 
 __all__ = ["BatchNormShift", "attach_folded_steps"]
@@ -67,14 +67,6 @@ def _read_once(node: object) -> bool:
     return len([u for u in values if u.target not in ("size", "dim")]) == 1
 
 
-def _is(node: fx.Node, modules: dict[str, nn.Module], types: tuple, functions: tuple = (), methods: tuple = ()) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], types)
-    return (node.op == "call_function" and node.target in functions) or (
-        node.op == "call_method" and node.target in methods
-    )
-
-
 def _unpadded(layer: nn.Module) -> bool:
     """A shift added to the input passes a layer as a bias only where it has no zero padding (which would see 0)."""
     if not isinstance(layer, _ConvNd):
@@ -106,11 +98,11 @@ def attach_folded_steps(model: nn.Module, graph: fx.Graph | None = None) -> list
         if uses[id(step)] > 1 or (step.initialized and not step.shifted) or not _unpadded(modules[node.target]):
             continue
         x = node.args[0] if node.args else None
-        while _read_once(x) and _is(x, modules, *_CARRY):
+        while _read_once(x) and node_is(x, modules, *_CARRY):
             x = x.args[0]
         chain = []
         for kind in _CHAIN:
-            if not (_read_once(x) and _is(x, modules, *kind)) or (x.op == "call_module" and calls[x.target] != 1):
+            if not (_read_once(x) and node_is(x, modules, *kind)) or (x.op == "call_module" and calls[x.target] != 1):
                 break
             chain.append(x)
             x = x.args[0] if x.args else None

@@ -55,6 +55,17 @@ def leaf_trace(model: nn.Module) -> fx.Graph | None:
         return None
 
 
+def node_is(
+    node: fx.Node, modules: dict[str, nn.Module], types: tuple, functions: tuple = (), methods: tuple = ()
+) -> bool:
+    """Whether the traced `node` calls a module of one of `types`, one of `functions` or a method named in `methods`."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], types)
+    return (node.op == "call_function" and node.target in functions) or (
+        node.op == "call_method" and node.target in methods
+    )
+
+
 def op_name(node: fx.Node) -> str:
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))

@@ -7,9 +7,9 @@ each is quantized where it is made: a forward hook (`OutputStep`) on the module 
 through an `ActivationQuantizer`; a tensor a function makes is hooked on the block whose output it is (a branch
 ending in torchvision's stochastic depth). Where no module makes it once per forward (torchvision's blocks apply
 one ReLU module twice, so the skip is the previous block's second ReLU call), the skip is quantized where it enters
-the block instead: a forward pre-hook (`InputStep`) on the block, which its readers inside see. The skip takes the step of the layer that reads it too (the quantizer is shared, registered on
-a producer too, and quantizing an input twice with one step changes nothing); the branch learns its own, registered
-as the producer's `output_quantizer`. In the export's trace (`marking_steps`) the hooks leave a marker node
+the block instead: a forward pre-hook (`InputStep`) on the block, which its readers inside see. The skip takes the
+step of the layer that reads it too (the quantizer is shared, registered on a producer too, and quantizing an input
+twice with one step changes nothing); the branch learns its own, registered as the producer's `output_quantizer`. In the export's trace (`marking_steps`) the hooks leave a marker node
 (`lsc::Step`, the step in its attributes) on the tensor, which the export turns into QuantizeLinear/DequantizeLinear
 for every reader.
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .ops import leaf_trace
+from .ops import leaf_trace, node_is
 from .quant import ActivationQuantizer, input_steps
 
 __all__ = [
@@ -126,17 +126,9 @@ def has_residual_steps(model: nn.Module) -> bool:
     return any(_hooked(m) for m in model.modules())
 
 
-def _passes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _PASS_MODULES)
-    return (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _PASS_METHODS
-    )
-
-
 def _residual_add(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
     """The Add of two computed tensors whose sum, through ReLU, pooling or reshapes, is `node`."""
-    while isinstance(node, fx.Node) and _passes(node, modules):
+    while isinstance(node, fx.Node) and node_is(node, modules, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS):
         node = node.args[0]
     if not isinstance(node, fx.Node) or node.kwargs:
         return None

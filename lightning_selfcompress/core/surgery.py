@@ -627,12 +627,13 @@ def load_compressed(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]
         layers = attach_quantizers(model, config)
         key = ".input_quantizer.log2_scale"  # layers trained with int8 inputs
         int8_inputs = {k.removesuffix(key) for k in state_dict if k.endswith(key)}
-        attach_activation_quantizers({name: m for name, m in layers.items() if name in int8_inputs})
-        graph = leaf_trace(model)
-        share_input_steps(model, graph, state=state_dict)  # where the checkpoint holds one step for a tensor's readers
-        if any(k.endswith(".output_quantizer.log2_scale") for k in state_dict):  # residual Adds trained with steps
-            attach_residual_steps(model, graph=graph)
-        attach_folded_steps(model, graph)  # where the state says shifted, loaded below
+        if int8_inputs:  # the trace is for their steps alone
+            attach_activation_quantizers({name: m for name, m in layers.items() if name in int8_inputs})
+            graph = leaf_trace(model)
+            share_input_steps(model, graph, state=state_dict)  # where the checkpoint holds one step for its readers
+            if any(k.endswith(".output_quantizer.log2_scale") for k in state_dict):  # residual Adds trained with steps
+                attach_residual_steps(model, graph=graph)
+            attach_folded_steps(model, graph)  # where the state says shifted, loaded below
     for key, buffer in ((k, b) for k in state_dict for b in (MASK, DROPPED) if k.endswith(f".{b}")):
         owner = model.get_submodule(key.removesuffix(f".{buffer}"))  # 2:4 buffers the fresh model lacks
         if not isinstance(getattr(owner, buffer, None), torch.Tensor):
