@@ -94,6 +94,7 @@ WEIGHT_OPS = ("Conv", "Gemm")
 # f(q(x)) = q(f(x)) for a per-tensor q: ops that only move, select or take the max of elements (a branch's
 # re-embedding is Concat with zeros, then Gather), and ReLU
 COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten", "Concat", "Gather")
+MAX_POOLS = ("MaxPool", "GlobalMaxPool")  # pooling a quantized tensor: its values, on its grid
 # a ReLU's output stays non-negative through these
 KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten", "Gather")
 # A model trained with int8 activations: its file's graph, run as the standard defines each op, is held to at least
@@ -452,6 +453,34 @@ def _quantize_outputs(graph: onnx.GraphProto, layers: list[onnx.NodeProto]) -> N
                         f"{layer.name}.output")  # fmt: skip
 
 
+def _pool_quantized_inputs(graph: onnx.GraphProto) -> None:
+    """A max pool whose output only a QuantizeLinear reads, with the scale and zero point of one on the pool's input
+    (layers that read a tensor and its pooling share a step: `quant.share_input_steps`), pools that Q's values
+    instead: the maxima of rounded values are the rounded maxima, so no value changes, the input is quantized once
+    (its maker's output quantization fuses: QLinearConv) and the runtimes pool in int8."""
+    reading, producer, outputs = readers_of(graph), producers_of(graph), {o.name for o in graph.output}
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith("act")}
+
+    def same_step(a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
+        arrays = [values.get(name) for name in (*a.input[1:3], *b.input[1:3])]
+        return len(arrays) == 4 and all(
+            x is not None and x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(arrays[:2], arrays[2:])
+        )
+
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        pool = producer.get(q.input[0])
+        if pool is None or pool.op_type not in MAX_POOLS or len(pool.output) > 1:
+            continue
+        if q.input[0] in outputs or [n for n in reading[q.input[0]] if not shape_only(n, reading)] != [q]:
+            continue
+        source = next((n for n in reading[pool.input[0]] if n.op_type == "QuantizeLinear" and same_step(n, q)), None)
+        if source is not None:
+            dq = helper.make_node("DequantizeLinear", [source.output[0], *source.input[1:]], [f"{pool.name}.input"],
+                                  name=f"{pool.name}.dequantize")  # fmt: skip
+            pool.input[0] = dq.output[0]
+            graph.node.insert(list(graph.node).index(pool), dq)
+
+
 def _non_negative(producer: dict[str, onnx.NodeProto], tensor: str) -> bool:
     """Whether `tensor` is a ReLU's output, through pooling, reshapes and gathers, or a sum or concatenation of
     such (and of zeros)."""
@@ -526,6 +555,11 @@ def _quantize_activations(
         reads += [(add, tensor, None) for add in adds for tensor in dict.fromkeys(add.input)]
     untrained = list(dict.fromkeys(tensor for _, tensor, trained_step in reads if trained_step is None))
     absmax = _calibrate(model, untrained, batches) if untrained else {}
+    for tensor in absmax:  # a max pool of a calibrated tensor takes its range (no wider): one Q for both
+        source = tensor
+        while (pool := producer.get(source)) is not None and pool.op_type in MAX_POOLS and pool.input[0] in absmax:
+            source = pool.input[0]
+        absmax[tensor] = absmax[source]
     unsigned = {t for t in untrained if runtime == "onnxruntime" and _non_negative(producer, t)}
     zero_type = np.uint8 if runtime == "onnxruntime" else np.int8
 
@@ -551,6 +585,7 @@ def _quantize_activations(
             ]
         )
         _insert_qdq(graph, tensor, readers, [f"act{i}.scale", f"act{i}.zero_point"], f"act{i}")
+    _pool_quantized_inputs(graph)
     _quantize_outputs(graph, layers + adds + marked_adds)
     _drop_relus_after_unsigned_pairs(graph)
     if runtime == "onnxruntime":

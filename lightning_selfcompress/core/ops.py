@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -27,6 +28,12 @@ LAYOUT_OPS = {
     "flatten", "view", "reshape", "squeeze", "unsqueeze", "getitem", "split", "chunk", "mean", "amax", "amin",
     "expand", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis",
 }  # fmt: skip
+# Max pooling commutes with every non-decreasing map (rounding to a step, a ReLU): the maxima of the mapped values are
+# the mapped maxima
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+MAX_POOL_FUNCTIONS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+)  # fmt: skip
 NON_TENSOR_OPS = {"size", "dim", "numel", "getattr"}
 MOVES = {
     "view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "flatten", "contiguous",

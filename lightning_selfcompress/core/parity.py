@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -103,20 +104,16 @@ def check_parity(
 
 
 def _check_parity(path, model, inputs, tolerance, integer_kernels, steps) -> Parity:
-    # a step its layers share (`share_input_steps`): compared once, named by them all, run once by each per forward
-    readers: dict[int, list[str]] = {}
-    for name, (quantizer, _) in steps.items():
-        readers.setdefault(id(quantizer), []).append(name)
-    steps = {", ".join(names): steps[names[0]] for names in readers.values()}
-    calls = dict.fromkeys(steps, 0)
-
-    def count(name: str):
-        def hook(quantizer: nn.Module, args, output: Tensor) -> None:
-            calls[name] += 1
-
-        return hook
-
-    handles = [quantizer.register_forward_hook(count(name)) for name, (quantizer, _) in steps.items()]
+    # layers sharing a step and the file's tensor of its codes (`share_input_steps`): compared once, named by them
+    # all; those reading the tensor through a max pool have a tensor of their own
+    groups: dict[tuple[int, str], list[str]] = {}
+    for name, (quantizer, tensor) in steps.items():
+        groups.setdefault((id(quantizer), tensor), []).append(name)
+    calls = Counter()
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+        for name in steps
+    ]
     try:  # PyTorch's outputs once, whichever sessions they are compared with
         expected = [reference_output(model, x).detach().float().cpu().numpy() for x in inputs]
     finally:
@@ -133,7 +130,11 @@ def _check_parity(path, model, inputs, tolerance, integer_kernels, steps) -> Par
     kernels_rel = _deviation(onnx_session(path), arrays, expected)[1] if integer_kernels else None
     codes_tolerance = None if tolerance is None else CODES_TOLERANCE
     # a layer run twice per forward: its codes would not line up with the file's one tensor; not compared
-    once = {name: step for name, step in steps.items() if calls[name] == len(inputs) * len(readers[id(step[0])])}
+    once = {
+        ", ".join(names): (*steps[names[0]], [model.get_submodule(n) for n in names])
+        for names in groups.values()
+        if all(calls[n] == len(inputs) for n in names)
+    }
     changed, levels = _compare_codes(path, model, inputs, once, codes_tolerance) if once else (None, None)
     return Parity(max_abs, max_rel, tolerance, kernels_rel, changed, levels)
 
@@ -155,7 +156,7 @@ def _compare_codes(
     path: str | os.PathLike,
     model: nn.Module,
     inputs: Sequence[Tensor],
-    steps: Mapping[str, tuple[nn.Module, str]],
+    steps: Mapping[str, tuple[nn.Module, str, list[nn.Module]]],
     tolerance: float | None,
 ) -> tuple[float, int]:
     """Each trained step's codes in the file (its QuantizeLinear output less its zero point, the graph as the ONNX
@@ -174,15 +175,19 @@ def _compare_codes(
     initializers = {i.name: i for i in onnx_model.graph.initializer}
     quantizing = {n.output[0]: n for n in onnx_model.graph.node if n.op_type == "QuantizeLinear"}
     scales, zero_points = ({name: numpy_helper.to_array(initializers[quantizing[tensor].input[k]]).item()
-                            for name, (_, tensor) in steps.items()} for k in (1, 2))  # fmt: skip
+                            for name, (_, tensor, _) in steps.items()} for k in (1, 2))  # fmt: skip
     onnx_model.graph.output.extend(
         helper.make_tensor_value_info(tensor, initializers[quantizing[tensor].input[2]].data_type, None)
-        for _, tensor in steps.values()
+        for _, tensor, _ in steps.values()
     )
     session = onnx_session(onnx_model.SerializeToString(), optimized=False)
+    reading: dict[int, str] = {}  # a quantizer -> the step it runs as, set while one of its compared layers runs
 
-    def force(name: str, file_codes: dict, torch_codes: dict):
-        def hook(quantizer: nn.Module, args, output: Tensor) -> Tensor:
+    def force(file_codes: dict, torch_codes: dict):
+        def hook(quantizer: nn.Module, args, output: Tensor) -> Tensor | None:
+            name = reading.get(id(quantizer))
+            if name is None:
+                return None
             shift = quantizer.shift_of(output)  # a step quantizing around a folded BatchNorm's shift: the file's less it
             torch_codes[name] = torch.round((output - shift).float() / quantizer.scale).cpu().numpy().astype(np.int32)
             return torch.from_numpy(file_codes[name]).to(output) * scales[name] + shift  # the file's values
@@ -190,12 +195,17 @@ def _compare_codes(
         return hook
 
     changed, levels = {}, {}
-    tensors, input_name = [tensor for _, tensor in steps.values()], session.get_inputs()[0].name
+    tensors, input_name = [tensor for _, tensor, _ in steps.values()], session.get_inputs()[0].name
+    quantizers = list({id(q): q for q, _, _ in steps.values()}.values())
     for x in inputs:
         run = session.run(tensors, {input_name: x.detach().float().cpu().numpy()})
         file_codes = {name: codes.astype(np.int32) - zero_points[name] for name, codes in zip(steps, run)}
         torch_codes: dict[str, np.ndarray] = {}
-        handles = [q.register_forward_hook(force(name, file_codes, torch_codes)) for name, (q, _) in steps.items()]
+        handles = [q.register_forward_hook(force(file_codes, torch_codes)) for q in quantizers]
+        for name, (q, _, layers) in steps.items():
+            for layer in layers:
+                handles.append(layer.register_forward_pre_hook(lambda *_, q=q, name=name: reading.update({id(q): name})))
+                handles.append(layer.register_forward_hook(lambda *_, q=q: reading.update({id(q): None})))
         try:
             reference_output(model, x)
         finally:

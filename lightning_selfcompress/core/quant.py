@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .checks import check_choice
-from .ops import leaf_trace, weights_read_directly
+from .ops import MAX_POOL_FUNCTIONS, MAX_POOLS, leaf_trace, node_is, weights_read_directly
 
 __all__ = [
     "GRIDS",
@@ -601,7 +601,9 @@ def share_input_steps(
 ) -> list[tuple[str, ...]]:
     """Layers that read the same tensor take one step, the first reader's: the file then quantizes that tensor once,
     so its maker's output quantization fuses (ONNX Runtime's QLinearConv or QLinearAdd takes one output step; with two
-    steps on its output, a torchvision ResNet's downsampling block left the Add before it float). Steps a batch has
+    steps on its output, a torchvision ResNet's downsampling block left the Add before it float). So do layers that
+    read it through max pools read by such layers alone (an Inception block's pool branch): max pooling commutes with
+    the rounding, so the file pools the one quantized tensor (`export._pool_quantized_inputs`). Steps a batch has
     started keep their own; given `state` (a checkpoint being loaded), only where it holds one step for them all (a
     state written before steps were shared loads as it was trained). `graph`: the model's trace, where the caller
     has one (an untraceable model shares nothing). Returns the groups tied, by layer name."""
@@ -610,10 +612,26 @@ def share_input_steps(
         return []
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     steps = {name: step for name, step in input_steps(model).items() if calls[name] == 1}  # a layer run twice: its own
+    modules = dict(model.named_modules())
+
+    def stepped(node: fx.Node) -> bool:
+        return node.op == "call_module" and node.target in steps and bool(node.args) and isinstance(node.args[0], fx.Node)
+
+    def pooled(node: fx.Node) -> bool:
+        """A max pool read by stepped layers and such pools alone."""
+        return (
+            node_is(node, modules, MAX_POOLS, MAX_POOL_FUNCTIONS)
+            and bool(node.args)
+            and isinstance(node.args[0], fx.Node)
+            and all((stepped(user) and user.args[0] is node) or pooled(user) for user in node.users)
+        )
+
     readers: dict[fx.Node, list[str]] = defaultdict(list)
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in steps and node.args and isinstance(node.args[0], fx.Node):
-            readers[node.args[0]].append(node.target)
+    for node in filter(stepped, graph.nodes):
+        source = node.args[0]
+        while pooled(source):
+            source = source.args[0]
+        readers[source].append(node.target)
     layers = quantized_layers(model)
     shared = []
     for names in (names for names in readers.values() if len(names) > 1):

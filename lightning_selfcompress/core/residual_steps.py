@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .ops import leaf_trace, node_is
+from .ops import MAX_POOL_FUNCTIONS, MAX_POOLS, leaf_trace, node_is
 from .quant import ActivationQuantizer, input_steps
 
 __all__ = [
@@ -50,13 +50,12 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 # ops an Add's sum may pass on its way to a stepped layer (the export's Q/DQ on the sum then stays exact or calibrated;
 # after an average, which does not commute with rounding, the Add stays float and only its inputs are stepped)
 _PASS_MODULES = (
-    nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.Flatten,
+    nn.ReLU, *MAX_POOLS, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.Flatten,
 )  # fmt: skip
 _PASS_FUNCTIONS = (
-    F.relu, torch.relu, torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.relu, torch.relu, torch.flatten, *MAX_POOL_FUNCTIONS, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
 )  # fmt: skip
 _PASS_METHODS = ("relu", "flatten", "view", "reshape")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # a module registered on them would run, or be iterated
