@@ -204,7 +204,7 @@ def _compare_codes(
         handles = [q.register_forward_hook(force(file_codes, torch_codes)) for q in quantizers]
         for name, (q, _, layers) in steps.items():
             for layer in layers:
-                handles.append(layer.register_forward_pre_hook(lambda *_, q=q, name=name: reading.update({id(q): name})))
+                handles.append(layer.register_forward_pre_hook(lambda *_, q=q, n=name: reading.update({id(q): n})))
                 handles.append(layer.register_forward_hook(lambda *_, q=q: reading.update({id(q): None})))
         try:
             reference_output(model, x)

@@ -596,6 +596,11 @@ def attach_activation_quantizers(layers: dict[str, nn.Module], unsigned: bool = 
             module.add_module("input_quantizer", ActivationQuantizer(unsigned).to(module.weight.device))
 
 
+def _reads_node(node: fx.Node) -> bool:
+    """Whether the traced call's first argument is a traced tensor."""
+    return bool(node.args) and isinstance(node.args[0], fx.Node)
+
+
 def share_input_steps(
     model: nn.Module, graph: fx.Graph | None = None, state: Mapping[str, Tensor] | None = None
 ) -> list[tuple[str, ...]]:
@@ -615,14 +620,13 @@ def share_input_steps(
     modules = dict(model.named_modules())
 
     def stepped(node: fx.Node) -> bool:
-        return node.op == "call_module" and node.target in steps and bool(node.args) and isinstance(node.args[0], fx.Node)
+        return node.op == "call_module" and node.target in steps and _reads_node(node)
 
     def pooled(node: fx.Node) -> bool:
         """A max pool read by stepped layers and such pools alone."""
         return (
             node_is(node, modules, MAX_POOLS, MAX_POOL_FUNCTIONS)
-            and bool(node.args)
-            and isinstance(node.args[0], fx.Node)
+            and _reads_node(node)
             and all((stepped(user) and user.args[0] is node) or pooled(user) for user in node.users)
         )
 
