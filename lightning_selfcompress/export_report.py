@@ -266,13 +266,16 @@ def export_and_report(
 
 def activations_note(report: dict[str, Any]) -> str:
     """What the parity of a file with int8 activations measured: for trained steps, the graph as ONNX defines its
-    ops, the codes layer by layer, and the runtime's own arithmetic beside them."""
+    ops run free, the codes layer by layer, the outputs computed from them (what the tolerance holds), and the
+    runtime's own arithmetic beside them."""
     parity = report["parity"]
     if parity.get("kernels_max_rel") is None:
         return " (int8 activations)" if report["activation_quantized"] else ""
     codes = ""
     if parity.get("codes_changed") is not None:
         codes = f"; {parity['codes_changed']:.2%} of a layer's codes moved at most, by up to {parity['codes_max_levels']}"
+    if parity.get("forced_max_rel") is not None:
+        codes += f"; computed from the file's codes {parity['forced_max_rel']:.2g}"
     kernels = f"a default session's integer kernels {parity['kernels_max_rel']:.3g}"
     return f" (int8 activations: the graph as ONNX defines its ops{codes}; {kernels})"
 

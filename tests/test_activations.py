@@ -332,6 +332,45 @@ def test_layers_reading_one_tensor_share_its_step_and_the_file_quantizes_it_once
     assert float(input_steps(separate)["wide"].log2_scale) == float(state["wide.input_quantizer.log2_scale"])
 
 
+def test_the_outputs_are_held_to_the_tolerance_computed_from_the_files_codes(tmp_path, monkeypatch):
+    """Inception-v3 two SGD steps in: its file's free run moved 7.8% off PyTorch's logits, one-level moves in at most
+    0.13% of a layer's codes compounding over 94 layers, and the export refused a correct file even at 5e-2. Computed
+    from the file's codes at every step, the outputs agree to 1e-6, so the tolerance (1e-4 by default) holds them,
+    with the codes layer by layer; and an error after the last step is still caught."""
+    import torchvision
+
+    import lightning_selfcompress.core.export as export_module
+    from lightning_selfcompress.core.export import export_onnx
+    from lightning_selfcompress.core.parity import ParityError
+    from lightning_selfcompress.core.quant import QuantizationConfig, attach_quantizers
+
+    torch.manual_seed(0)
+    model = torchvision.models.inception_v3(num_classes=10, aux_logits=False, init_weights=True)
+    attach_quantizers(model, QuantizationConfig(int8_activations=True, activation_runtime="onnxruntime"))
+    sgd_steps(model, (3, 96, 96))
+    result = export_onnx(model.eval(), torch.randn(2, 3, 96, 96), tmp_path / "v3.onnx", runtime="onnxruntime")
+    parity = result.parity
+    assert parity.tolerance == 1e-4 and parity.forced_max_rel < 1e-5 < parity.max_rel, parity
+    assert parity.codes_changed <= 0.02, parity
+
+    torch.manual_seed(0)
+    model = Fork()
+    attach_quantizers(model, QuantizationConfig(int8_activations=True))
+    sgd_steps(model, (4, 12, 12), steps=3, lr=0.1)
+    real = export_module._quantize_activations
+
+    def wrong_bias(onnx_model, *args):  # the logits' bias off by one in the file, after every step
+        scales = real(onnx_model, *args)
+        bias = next(i for i in onnx_model.graph.initializer if i.name == "fc.bias")
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 1, "fc.bias"))
+        return scales
+
+    monkeypatch.setattr(export_module, "_quantize_activations", wrong_bias)
+    with pytest.raises(ParityError, match="computing from the file's codes"):
+        export_onnx(model.eval(), torch.randn(2, 4, 12, 12), tmp_path / "wrong.onnx")
+    assert not (tmp_path / "wrong.onnx").exists()
+
+
 def test_a_max_pool_on_the_float_first_layer_stays_float_and_concatenated_layers_run_integer(tmp_path):
     """SqueezeNet: the image's convolution stays float in ONNX Runtime's layout, and ONNX Runtime moved the
     QuantizeLinear after its max pool before it, pooling uint8 in NCHW (2.8 of 6.6 ms at 224x224, batch 1); a ReLU

@@ -23,6 +23,16 @@ __all__ = ["Parity", "ParityError", "check_parity", "onnx_session", "reference_o
 CODES_TOLERANCE = 2e-2
 
 
+# A model trained with int8 activations whose steps could not be compared: its file's free run, as the standard defines
+# each op, is held to at least this. A convolution summing in another order now and then moves a value across a
+# rounding boundary of the next Q/DQ pair, one level, and the moves compound with depth: ResNet-9 at 0.39 bits per
+# weight, 14 of 1.6 M activations moved after its first layer and 0.5% before its last convolution, none by more than
+# 2 levels, the logits 0.4-1.7% (the main job's 0.1-0.2%; Inception-v3 two SGD steps in, 7.8%, its codes 0.13% at
+# most). Where the steps are compared, the outputs computed from the file's codes are held to the tolerance itself:
+# 2e-7 to 1.1e-6 on twelve torchvision classifiers two steps in, Inception-v3 among them
+FREE_RUN_TOLERANCE = 5e-2
+
+
 class ParityError(SelfCompressError, ValueError):
     """The exported file's outputs differ from the model's by more than the tolerance."""
 
@@ -39,6 +49,9 @@ class Parity:
     # and by how many levels at most (`check_parity`'s `steps`)
     codes_changed: float | None = None
     codes_max_levels: int | None = None
+    # and the outputs again, every compared step's values taken from the file as PyTorch runs: what the file computes
+    # after its steps, without the level moves that compound along a free run; where measured, `tolerance` holds it
+    forced_max_rel: float | None = None
 
 
 def onnx_session(path: str | os.PathLike | bytes, threads: int | None = None, optimized: bool = True):
@@ -94,7 +107,9 @@ def check_parity(
     training simulates, is measured beside it (`kernels_max_rel`): how far the runtime moves the outputs, not a
     property of the file. `steps` (layer name -> (its `ActivationQuantizer`, the file's QuantizeLinear output it
     becomes)): the trained steps' int8 codes are compared too, layer by layer (`_compare_codes`), at most
-    `CODES_TOLERANCE` of one layer's moved (where `tolerance` is not None)."""
+    `CODES_TOLERANCE` of one layer's moved (where `tolerance` is not None), and `tolerance` then holds the outputs
+    computed from the file's codes (`forced_max_rel`): the codes check each step, this what follows the last, and
+    the free run's outputs (`max_rel`), where level moves compound with depth, are reported beside them."""
     was_training = model.training
     model.eval()
     try:
@@ -121,12 +136,6 @@ def _check_parity(path, model, inputs, tolerance, integer_kernels, steps) -> Par
             handle.remove()
     arrays = [x.detach().float().cpu().numpy() for x in inputs]
     max_abs, max_rel = _deviation(onnx_session(path, optimized=not integer_kernels), arrays, expected)
-    if tolerance is not None and not max_rel <= tolerance:
-        raise ParityError(
-            f"The ONNX file's outputs differ from the PyTorch model's by {max_rel:.3g} (relative to the largest "
-            f"output, max abs {max_abs:.3g}), past the tolerance {tolerance:g}; no file was written. Raise the "
-            "tolerance if that is expected (activation quantization costs accuracy), or report the model."
-        )
     kernels_rel = _deviation(onnx_session(path), arrays, expected)[1] if integer_kernels else None
     codes_tolerance = None if tolerance is None else CODES_TOLERANCE
     # a layer run twice per forward: its codes would not line up with the file's one tensor; not compared
@@ -135,8 +144,17 @@ def _check_parity(path, model, inputs, tolerance, integer_kernels, steps) -> Par
         for names in groups.values()
         if all(calls[n] == len(inputs) for n in names)
     }
-    changed, levels = _compare_codes(path, model, inputs, once, codes_tolerance) if once else (None, None)
-    return Parity(max_abs, max_rel, tolerance, kernels_rel, changed, levels)
+    changed, levels, forced_rel = _compare_codes(path, model, inputs, once, codes_tolerance) if once else (None,) * 3
+    judged, how = (max_rel, "") if forced_rel is None else (forced_rel, ", PyTorch computing from the file's codes")
+    if tolerance is not None and integer_kernels and forced_rel is None:
+        tolerance = max(tolerance, FREE_RUN_TOLERANCE)
+    if tolerance is not None and not judged <= tolerance:
+        raise ParityError(
+            f"The ONNX file's outputs differ from the PyTorch model's by {judged:.3g} (relative to the largest "
+            f"output{how}), past the tolerance {tolerance:g}; no file was written. Raise the tolerance if that is "
+            "expected (activation quantization costs accuracy), or report the model."
+        )
+    return Parity(max_abs, max_rel, tolerance, kernels_rel, changed, levels, forced_rel)
 
 
 def _deviation(session, inputs: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> tuple[float, float]:
@@ -158,7 +176,7 @@ def _compare_codes(
     inputs: Sequence[Tensor],
     steps: Mapping[str, tuple[nn.Module, str, list[nn.Module]]],
     tolerance: float | None,
-) -> tuple[float, int]:
+) -> tuple[float, int, float]:
     """Each trained step's codes in the file (its QuantizeLinear output less its zero point, the graph as the ONNX
     standard defines each op) against PyTorch's, layer by layer, each computed by PyTorch from the file's codes
     upstream (every step's output replaced by the file's values as the model runs): a layer's codes then differ only
@@ -167,7 +185,8 @@ def _compare_codes(
     compared along the whole model such moves compound (one level in 0.5% of the codes early in a ResNet-50 trained
     two steps moved 20-45% of the deep layers' codes, in PyTorch alone); a wrong step, zero point or missing ReLU
     moves most of one layer's codes. Raises past `tolerance` (the share of one layer's codes that may differ, the
-    layer named; None: measure only); returns the largest share and the largest move in levels."""
+    layer named; None: measure only); returns the largest share, the largest move in levels, and how far the file's
+    outputs are from those PyTorch computes so (relative to the largest)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -194,11 +213,12 @@ def _compare_codes(
 
         return hook
 
-    changed, levels = {}, {}
+    changed, levels, max_abs, scale = {}, {}, 0.0, 0.0
     tensors, input_name = [tensor for _, tensor, _ in steps.values()], session.get_inputs()[0].name
+    output_name = session.get_outputs()[0].name
     quantizers = list({id(q): q for q, _, _ in steps.values()}.values())
     for x in inputs:
-        run = session.run(tensors, {input_name: x.detach().float().cpu().numpy()})
+        got, *run = session.run([output_name, *tensors], {input_name: x.detach().float().cpu().numpy()})
         file_codes = {name: codes.astype(np.int32) - zero_points[name] for name, codes in zip(steps, run)}
         torch_codes: dict[str, np.ndarray] = {}
         handles = [q.register_forward_hook(force(file_codes, torch_codes)) for q in quantizers]
@@ -207,10 +227,12 @@ def _compare_codes(
                 handles.append(layer.register_forward_pre_hook(lambda *_, q=q, n=name: reading.update({id(q): n})))
                 handles.append(layer.register_forward_hook(lambda *_, q=q: reading.update({id(q): None})))
         try:
-            reference_output(model, x)
+            want = reference_output(model, x).detach().float().cpu().numpy()
         finally:
             for handle in handles:
                 handle.remove()
+        max_abs = max(max_abs, float(np.abs(got - want).max(initial=0.0)))
+        scale = max(scale, float(np.abs(want).max(initial=0.0)))
         for name in steps:
             moved = np.abs(file_codes[name] - torch_codes[name])
             changed[name] = max(changed.get(name, 0.0), float((moved > 0).mean()))
@@ -222,4 +244,4 @@ def _compare_codes(
             f"to {levels[worst]} levels), past {tolerance:.0%}: the file's step or zero point for that layer is not "
             "the trained one. No file was written; report the model."
         )
-    return changed[worst], max(levels.values())
+    return changed[worst], max(levels.values()), max_abs / scale if scale else max_abs
