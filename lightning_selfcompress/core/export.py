@@ -94,7 +94,7 @@ WEIGHT_OPS = ("Conv", "Gemm")
 # f(q(x)) = q(f(x)) for a per-tensor q: ops that only move, select or take the max of elements (a branch's
 # re-embedding is Concat with zeros, then Gather), and ReLU
 COMMUTES_WITH_ROUNDING = ("Relu", "MaxPool", "Reshape", "Flatten", "Concat", "Gather")
-MAX_POOLS = ("MaxPool", "GlobalMaxPool")  # pooling a quantized tensor: its values, on its grid
+MAX_POOL_OPS = ("MaxPool", "GlobalMaxPool")  # pooling a quantized tensor: its values, on its grid
 # a ReLU's output stays non-negative through these
 KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten", "Gather")
 OPSET = 20  # the legacy exporter's highest; int4 storage converts the file to 21
@@ -461,7 +461,7 @@ def _pool_quantized_inputs(graph: onnx.GraphProto) -> None:
 
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         pool = producer.get(q.input[0])
-        if pool is None or pool.op_type not in MAX_POOLS or len(pool.output) > 1:
+        if pool is None or pool.op_type not in MAX_POOL_OPS or len(pool.output) > 1:
             continue
         if q.input[0] in outputs or [n for n in reading[q.input[0]] if not shape_only(n, reading)] != [q]:
             continue
@@ -549,7 +549,7 @@ def _quantize_activations(
     absmax = _calibrate(model, untrained, batches) if untrained else {}
     for tensor in absmax:  # a max pool of a calibrated tensor takes its range (no wider): one Q for both
         source = tensor
-        while (pool := producer.get(source)) is not None and pool.op_type in MAX_POOLS and pool.input[0] in absmax:
+        while (pool := producer.get(source)) is not None and pool.op_type in MAX_POOL_OPS and pool.input[0] in absmax:
             source = pool.input[0]
         absmax[tensor] = absmax[source]
     unsigned = {t for t in untrained if runtime == "onnxruntime" and _non_negative(producer, t)}
