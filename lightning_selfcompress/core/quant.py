@@ -543,9 +543,10 @@ def attach_quantizers(model: nn.Module, config: QuantizationConfig = Quantizatio
             "Only exact types are quantized (a subclass may read its weight outside forward)."
         )
     check_patterns_match(model, config.include, config.exclude)
-    graph = leaf_trace(model)
     # a layer named whole in `include` is quantized as asked (a checkpoint's layers are named so when it is loaded)
-    if functional := _read_outside_forward(graph, [n for n, _ in chosen if n not in config.include]):
+    unnamed = [n for n, _ in chosen if n not in config.include]
+    graph = leaf_trace(model) if unnamed or config.int8_activations else None  # what the trace is for
+    if functional := _read_outside_forward(graph, unnamed):
         warnings.warn(
             f"{len(functional)} layer(s) stay float: the model reads their weight without calling them (a function "
             f"takes it, as Swin's attention does), so a quantizer on their forward would change nothing it computes: "
