@@ -102,14 +102,15 @@ def check_parity(
     """Run `path` in ONNX Runtime and `model` in eval mode on the same `inputs`; raise past `tolerance` (relative).
 
     `integer_kernels`: the model computes what the file's Q/DQ pairs define (it trained with int8 activations), so
-    `tolerance` holds the file's graph run as the ONNX standard defines each op (optimizations off). The default
-    session, whose integer kernels round each bias to the int32 grid and requantize in fixed point, arithmetic no
-    training simulates, is measured beside it (`kernels_max_rel`): how far the runtime moves the outputs, not a
-    property of the file. `steps` (layer name -> (its `ActivationQuantizer`, the file's QuantizeLinear output it
+    the file's graph is run as the ONNX standard defines each op (optimizations off). The default session, whose
+    integer kernels round each bias to the int32 grid and requantize in fixed point, arithmetic no training
+    simulates, is measured beside it (`kernels_max_rel`): how far the runtime moves the outputs, not a property of the
+    file. `steps` (a layer's module name in `model` -> (its `ActivationQuantizer`, the file's QuantizeLinear output it
     becomes)): the trained steps' int8 codes are compared too, layer by layer (`_compare_codes`), at most
     `CODES_TOLERANCE` of one layer's moved (where `tolerance` is not None), and `tolerance` then holds the outputs
     computed from the file's codes (`forced_max_rel`): the codes check each step, this what follows the last, and
-    the free run's outputs (`max_rel`), where level moves compound with depth, are reported beside them."""
+    the free run's outputs (`max_rel`), where level moves compound with depth, are reported beside them (judged,
+    at least `FREE_RUN_TOLERANCE`, only where no step was compared)."""
     was_training = model.training
     model.eval()
     try:
