@@ -161,13 +161,19 @@ def _check_parity(path, model, inputs, tolerance, integer_kernels, steps) -> Par
 def _deviation(session, inputs: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> tuple[float, float]:
     """(max |ort - torch|, that relative to max |torch|) over every output of every batch."""
     name = session.get_inputs()[0].name
-    max_abs, scale = 0.0, 0.0
+    pairs = []
     for x, want in zip(inputs, expected):
         got = session.run(None, {name: x})[0]
         if got.shape != want.shape:
             raise ParityError(f"ONNX Runtime returned shape {got.shape}, PyTorch {want.shape}.")
-        max_abs = max(max_abs, float(np.abs(got - want).max(initial=0.0)))
-        scale = max(scale, float(np.abs(want).max(initial=0.0)))
+        pairs.append((got, want))
+    return _largest_difference(pairs)
+
+
+def _largest_difference(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """(max |got - want|, that relative to max |want|) over every (got, want) pair."""
+    max_abs = max((float(np.abs(got - want).max(initial=0.0)) for got, want in pairs), default=0.0)
+    scale = max((float(np.abs(want).max(initial=0.0)) for _, want in pairs), default=0.0)
     return max_abs, max_abs / scale if scale else max_abs
 
 
@@ -214,7 +220,7 @@ def _compare_codes(
 
         return hook
 
-    changed, levels, max_abs, scale = {}, {}, 0.0, 0.0
+    changed, levels, outputs = {}, {}, []
     tensors, input_name = [tensor for _, tensor, _ in steps.values()], session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
     quantizers = list({id(q): q for q, _, _ in steps.values()}.values())
@@ -232,8 +238,7 @@ def _compare_codes(
         finally:
             for handle in handles:
                 handle.remove()
-        max_abs = max(max_abs, float(np.abs(got - want).max(initial=0.0)))
-        scale = max(scale, float(np.abs(want).max(initial=0.0)))
+        outputs.append((got, want))
         for name in steps:
             moved = np.abs(file_codes[name] - torch_codes[name])
             changed[name] = max(changed.get(name, 0.0), float((moved > 0).mean()))
@@ -245,4 +250,4 @@ def _compare_codes(
             f"to {levels[worst]} levels), past {tolerance:.0%}: the file's step or zero point for that layer is not "
             "the trained one. No file was written; report the model."
         )
-    return changed[worst], max(levels.values()), max_abs / scale if scale else max_abs
+    return changed[worst], max(levels.values()), _largest_difference(outputs)[1]

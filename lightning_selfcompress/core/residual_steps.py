@@ -9,9 +9,9 @@ ending in torchvision's stochastic depth). Where no module makes it once per for
 one ReLU module twice, so the skip is the previous block's second ReLU call), the skip is quantized where it enters
 the block instead: a forward pre-hook (`InputStep`) on the block, which its readers inside see. The skip takes the
 step of the layer that reads it too (the quantizer is shared, registered on a producer too, and quantizing an input
-twice with one step changes nothing); the branch learns its own, registered as the producer's `output_quantizer`. In the export's trace (`marking_steps`) the hooks leave a marker node
-(`lsc::Step`, the step in its attributes) on the tensor, which the export turns into QuantizeLinear/DequantizeLinear
-for every reader.
+twice with one step changes nothing); the branch learns its own, registered as the producer's `output_quantizer`.
+In the export's trace (`marking_steps`) the hooks leave a marker node (`lsc::Step`, the step in its attributes) on
+the tensor, which the export turns into QuantizeLinear/DequantizeLinear for every reader.
 
 Only where it can be exact: the Add's sum reaches a quantized layer with a trained input step (through ReLU, pooling
 or reshapes; through an average pool, which does not commute with rounding, the sum stays float in the file, and the
